@@ -1,0 +1,51 @@
+"""Signals: what every score-based attack consumes (ML Privacy Meter's shape).
+
+logits[models, samples, classes] of every model on every sample of one pool, and
+member[models, samples] saying which samples each model trained on. Models on the first axis.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from crl.errors import CRLError
+
+
+@dataclass
+class Signals:
+    logits: np.ndarray            # [M, N, C] float
+    member: np.ndarray            # [M, N] bool
+    labels: np.ndarray            # [N] int
+    sample_idx: np.ndarray        # [N] dataset indices of the samples
+    logits_flip: np.ndarray | None = None   # [M, N, C] logits on horizontally flipped inputs
+
+    def __post_init__(self) -> None:
+        self.logits = np.asarray(self.logits)
+        self.member = np.asarray(self.member).astype(bool)
+        self.labels = np.asarray(self.labels).astype(np.int64)
+        self.sample_idx = np.asarray(self.sample_idx).astype(np.int64)
+        if self.logits.ndim != 3:
+            raise CRLError(f"signals logits must be [models, samples, classes], got {self.logits.shape}")
+        m, n, c = self.logits.shape
+        if self.member.shape != (m, n):
+            raise CRLError(f"membership matrix must be [{m}, {n}], got {list(self.member.shape)}")
+        if self.labels.shape != (n,) or self.sample_idx.shape != (n,):
+            raise CRLError(f"labels and sample_idx must have {n} entries, got "
+                           f"{self.labels.shape[0]} and {self.sample_idx.shape[0]}")
+        if n and (self.labels.min() < 0 or self.labels.max() >= c):
+            raise CRLError(f"labels must lie in [0, {c}), got range "
+                           f"[{self.labels.min()}, {self.labels.max()}]")
+        if self.logits_flip is not None:
+            self.logits_flip = np.asarray(self.logits_flip)
+            if self.logits_flip.shape != self.logits.shape:
+                raise CRLError(f"flipped logits {self.logits_flip.shape} differ from logits {self.logits.shape}")
+
+    @property
+    def num_models(self) -> int:
+        return int(self.logits.shape[0])
+
+    def select(self, models) -> "Signals":
+        """The signals of a subset of models (indices or boolean mask)."""
+        return Signals(self.logits[models], self.member[models], self.labels, self.sample_idx,
+                       None if self.logits_flip is None else self.logits_flip[models])
