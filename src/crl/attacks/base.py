@@ -53,6 +53,7 @@ class Attack:
 
     name: str = ""
     needs: frozenset[str] = frozenset()
+    uses: frozenset[str] = frozenset()   # optional extras (threshold attacks: shadows)
     min_references: int = 0
     defaults: dict[str, Any] = {}
 

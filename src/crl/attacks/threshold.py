@@ -1,0 +1,193 @@
+"""Threshold attacks on one model's outputs (Yeom et al. 2018; Song & Mittal 2021).
+
+Every score is oriented "higher = member" and computed in float64 from the logits with
+log-space formulas, so that confident predictions (margins of 50 and more) do not collapse
+into ties the way float32 softmax does.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from crl.attacks.base import Attack, AttackContext, AttackResult
+from crl.attacks.signals import Signals
+from crl.errors import CRLError
+from crl.metrics import fit_per_class_thresholds, thresholded_balanced_accuracy
+from crl.registry import ATTACKS
+
+
+def stable_log_probs(logits) -> tuple[np.ndarray, np.ndarray]:
+    """(log p_i, log(1 - p_i)) for every class, float64, accurate for huge margins.
+
+    The log-partition is z_max + log1p(sum_{i != argmax} exp(z_i - z_max)), so the top class's
+    log-probability keeps the tiny mass of the others instead of rounding to 0.
+    """
+    z = np.asarray(logits, dtype=np.float64)
+    if z.ndim != 2 or z.shape[1] < 2:
+        raise CRLError(f"logits must be [samples, classes>=2], got shape {list(z.shape)}")
+    top = z.argmax(1)
+    rows = np.arange(z.shape[0])
+    shifted = z - z[rows, top][:, None]
+    e = np.exp(shifted)
+    e[rows, top] = 0.0
+    rest = e.sum(1)                                 # sum of the non-top classes' exp(z - z_max)
+    log_p = shifted - np.log1p(rest)[:, None]
+    p = np.exp(log_p)
+    with np.errstate(divide="ignore"):   # only the top class can have p == 1; fixed below
+        log_1mp = np.log1p(-p)
+    # 1 - p_top = rest / (1 + rest): exact in log space even when p_top rounds to 1.
+    log_1mp[rows, top] = np.log(np.maximum(rest, 1e-320)) - np.log1p(rest)
+    return log_p, log_1mp
+
+
+def _check_labels(logits: np.ndarray, labels) -> np.ndarray:
+    y = np.asarray(labels).astype(np.int64).ravel()
+    if y.shape[0] != np.shape(logits)[0]:
+        raise CRLError(f"labels ({y.shape[0]}) and logits ({np.shape(logits)[0]}) differ in length")
+    if y.size and (y.min() < 0 or y.max() >= np.shape(logits)[1]):
+        raise CRLError(f"labels must lie in [0, {np.shape(logits)[1]}), got [{y.min()}, {y.max()}]")
+    return y
+
+
+def loss_score(logits, labels) -> np.ndarray:
+    """Negative cross-entropy, log p_y (Yeom et al.): members have lower loss."""
+    y = _check_labels(logits, labels)
+    log_p, _ = stable_log_probs(logits)
+    return log_p[np.arange(len(y)), y]
+
+
+def confidence_score(logits, labels=None) -> np.ndarray:
+    """Log of the top softmax probability (Salem et al.): members are predicted confidently."""
+    log_p, _ = stable_log_probs(logits)
+    return log_p.max(1)
+
+
+def entropy_score(logits, labels=None) -> np.ndarray:
+    """Negative prediction entropy: members have peaked posteriors."""
+    log_p, _ = stable_log_probs(logits)
+    return (np.exp(log_p) * log_p).sum(1)
+
+
+def _mentr_from_logs(log_p: np.ndarray, log_1mp: np.ndarray, y: np.ndarray) -> np.ndarray:
+    rows = np.arange(len(y))
+    p, one_minus_p = np.exp(log_p), np.exp(log_1mp)
+    other = -(p * log_1mp)
+    other[rows, y] = 0.0
+    return -one_minus_p[rows, y] * log_p[rows, y] + other.sum(1)
+
+
+def modified_entropy(probs, labels) -> np.ndarray:
+    """Song & Mittal's Mentr = -(1-p_y) log p_y - sum_{i!=y} p_i log(1-p_i), per sample.
+
+    Members tend to score LOWER. `probs` are softmax probabilities [N, C].
+    """
+    p = np.asarray(probs, dtype=np.float64)
+    if p.ndim != 2:
+        raise CRLError(f"probs must be [samples, classes], got shape {list(p.shape)}")
+    if not np.isfinite(p).all() or (p < 0).any() or not np.allclose(p.sum(1), 1.0, atol=1e-4):
+        raise CRLError("probs must be finite, non-negative rows that sum to 1")
+    y = _check_labels(p, labels)
+    tiny = np.finfo(np.float64).tiny
+    return _mentr_from_logs(np.log(np.maximum(p, tiny)), np.log(np.maximum(1.0 - p, tiny)), y)
+
+
+def mentr_score(logits, labels) -> np.ndarray:
+    """Negative modified entropy from the logits (float64, log space)."""
+    y = _check_labels(logits, labels)
+    log_p, log_1mp = stable_log_probs(logits)
+    return -_mentr_from_logs(log_p, log_1mp, y)
+
+
+SCORE_FUNCTIONS = {
+    "loss": loss_score,
+    "confidence": confidence_score,
+    "entropy": entropy_score,
+    "mentr": mentr_score,
+}
+
+
+def _pooled(signals: Signals, score_of_model) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Scores, membership and labels of all models of `signals`, stacked."""
+    scores = np.concatenate([score_of_model(k) for k in range(signals.num_models)])
+    member = signals.member.reshape(-1)
+    labels = np.tile(signals.labels, signals.num_models)
+    return scores, member, labels
+
+
+class ThresholdAttack(Attack):
+    """Score = a function of the target's own output; per-class thresholds fitted on shadows."""
+
+    score_name: str = ""
+    uses = frozenset({"shadows"})   # per-class thresholds for the paper's accuracy figure
+
+    def target_scores(self, ctx: AttackContext, model: int) -> np.ndarray:
+        return SCORE_FUNCTIONS[self.score_name](ctx.target.logits[model], ctx.target.labels)
+
+    def shadow_scores(self, ctx: AttackContext, model: int) -> np.ndarray:
+        assert ctx.shadow is not None
+        return SCORE_FUNCTIONS[self.score_name](ctx.shadow.logits[model], ctx.shadow.labels)
+
+    def run(self, ctx: AttackContext) -> AttackResult:
+        scores = self.target_scores(ctx, 0)
+        result = AttackResult(scores=scores)
+        if ctx.shadow is not None:
+            s, m, y = _pooled(ctx.shadow, lambda k: self.shadow_scores(ctx, k))
+            thresholds = fit_per_class_thresholds(s, m, y, ctx.num_classes)
+            result.per_class_thresholds = thresholds
+            result.extra["shadow_threshold_accuracy"] = thresholded_balanced_accuracy(
+                scores, ctx.target.member[0], ctx.target.labels, thresholds)
+        return result
+
+
+def _register_threshold(name: str, doc: str) -> None:
+    cls = type(f"{name.capitalize()}Attack", (ThresholdAttack,),
+               {"name": name, "score_name": name, "__doc__": doc})
+    ATTACKS.register(name)(cls)
+
+
+for _name, _fn in SCORE_FUNCTIONS.items():
+    _register_threshold(_name, _fn.__doc__ or _name)
+
+
+@ATTACKS.register("gradx")
+class GradXAttack(ThresholdAttack):
+    """Negative L2 norm of the input gradient of the cross-entropy (members: flatter loss)."""
+
+    name = "gradx"
+    needs = frozenset({"model"})
+
+    def target_scores(self, ctx: AttackContext, model: int) -> np.ndarray:
+        if ctx.gradient_scores is None:
+            raise CRLError("attack 'gradx' needs the trained models; none were given")
+        return -np.asarray(ctx.gradient_scores(model), dtype=np.float64)
+
+    def shadow_scores(self, ctx: AttackContext, model: int) -> np.ndarray:
+        if ctx.shadow_gradient_scores is None:
+            raise CRLError("attack 'gradx' needs the shadow models; none were given")
+        return -np.asarray(ctx.shadow_gradient_scores(model), dtype=np.float64)
+
+    def run(self, ctx: AttackContext) -> AttackResult:
+        if ctx.shadow is not None and ctx.shadow_gradient_scores is None:
+            ctx = AttackContext(**{**ctx.__dict__, "shadow": None})
+        return super().run(ctx)
+
+
+def input_gradient_norms(model, data, idx, *, batch_size: int = 256) -> np.ndarray:
+    """Per-sample L2 norm of d CE(model(x), y) / dx on normalised inputs (float64 result)."""
+    import torch
+    import torch.nn.functional as F
+
+    from crl.data.types import normalize
+
+    idx = torch.as_tensor(np.asarray(idx), dtype=torch.long)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = []
+    for start in range(0, idx.numel(), batch_size):
+        b = idx[start:start + batch_size]
+        x = normalize(data.x[b].to(device), data.mean, data.std).requires_grad_(True)
+        loss = F.cross_entropy(model(x).double(), data.y[b].to(device), reduction="sum")
+        (g,) = torch.autograd.grad(loss, x)
+        out.append(g.flatten(1).double().norm(dim=1).cpu())
+    model.train(was_training)
+    return torch.cat(out).numpy()

@@ -1,0 +1,124 @@
+"""Model registry: every factory takes (in_channels, image_size, num_classes).
+
+`mlp` for digits, `cnn` (the CPU stand-in that overfits like the paper's models), and 32x32
+CIFAR variants of resnet18, vgg11_bn, densenet121 (the true DenseNet-121), googlenet.
+"""
+from __future__ import annotations
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.models.googlenet import BasicConv2d
+
+from crl.errors import CRLError
+from crl.registry import MODELS
+
+
+def create_model(name: str, in_channels: int, image_size: int, num_classes: int) -> nn.Module:
+    """Build a registered model for inputs [B, in_channels, image_size, image_size]."""
+    if in_channels < 1 or image_size < 1 or num_classes < 2:
+        raise CRLError(
+            f"bad model shape: in_channels={in_channels}, image_size={image_size}, "
+            f"num_classes={num_classes}; expected positive sizes and at least 2 classes"
+        )
+    return MODELS.get(name)(in_channels, image_size, num_classes)
+
+
+@MODELS.register("mlp")
+def mlp(in_channels: int, image_size: int, num_classes: int, hidden: int = 256) -> nn.Module:
+    """Two hidden layers of `hidden` ReLU units on the flattened image."""
+    d = in_channels * image_size * image_size
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(d, hidden), nn.ReLU(inplace=True),
+        nn.Linear(hidden, hidden), nn.ReLU(inplace=True),
+        nn.Linear(hidden, num_classes),
+    )
+
+
+@MODELS.register("cnn")
+def cnn(in_channels: int, image_size: int, num_classes: int) -> nn.Module:
+    """32-64 conv trunk + 512-unit FC head: memorises CIFAR-10 like the paper's models.
+
+    See docs/models.md for why this shape (global-pooling CNNs underfit and barely leak).
+    """
+    pooled = image_size // 4
+    if pooled < 1:
+        raise CRLError(f"cnn needs images of at least 4x4 pixels, got {image_size}")
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 32, 3, padding=1), nn.ReLU(inplace=True),
+        nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(inplace=True),
+        nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64 * pooled * pooled, 512), nn.ReLU(inplace=True),
+        nn.Linear(512, num_classes),
+    )
+
+
+def _cifar_stem(in_channels: int, out: int) -> nn.Conv2d:
+    return nn.Conv2d(in_channels, out, kernel_size=3, stride=1, padding=1, bias=False)
+
+
+@MODELS.register("resnet18")
+def resnet18(in_channels: int, image_size: int, num_classes: int) -> nn.Module:
+    """torchvision ResNet-18 with a 3x3 stride-1 stem and no max-pool (CIFAR variant)."""
+    m = torchvision.models.resnet18(weights=None, num_classes=num_classes)
+    m.conv1 = _cifar_stem(in_channels, 64)
+    m.maxpool = nn.Identity()
+    return m
+
+
+@MODELS.register("vgg11_bn")
+def vgg11_bn(in_channels: int, image_size: int, num_classes: int) -> nn.Module:
+    """VGG11-BN with a 512-d hidden classifier layer (the paper's CRL features)."""
+    cfg = [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"]
+    layers: list[nn.Module] = []
+    c, size = in_channels, image_size
+    for v in cfg:
+        if v == "M":
+            if size >= 2:
+                layers.append(nn.MaxPool2d(2))
+                size //= 2
+        else:
+            layers += [nn.Conv2d(c, v, 3, padding=1), nn.BatchNorm2d(v), nn.ReLU(inplace=True)]
+            c = v
+    return nn.Sequential(
+        *layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(512, 512), nn.ReLU(inplace=True), nn.Dropout(0.5),
+        nn.Linear(512, num_classes),
+    )
+
+
+@MODELS.register("densenet121")
+def densenet121(in_channels: int, image_size: int, num_classes: int) -> nn.Module:
+    """The true DenseNet-121 (growth 32, blocks 6-12-24-16) with a 3x3 stem, no max-pool."""
+    m = torchvision.models.densenet121(weights=None, num_classes=num_classes)
+    m.features.conv0 = _cifar_stem(in_channels, 64)
+    m.features.pool0 = nn.Identity()
+    return m
+
+
+class _GoogLeNetLogits(nn.Module):
+    """torchvision GoogLeNet (no aux heads) for small images, returning plain logits."""
+
+    def __init__(self, in_channels: int, num_classes: int) -> None:
+        super().__init__()
+        net = torchvision.models.googlenet(
+            weights=None, num_classes=num_classes, aux_logits=False, init_weights=True
+        )
+        net.transform_input = False
+        net.conv1 = BasicConv2d(in_channels, 64, kernel_size=3, stride=1, padding=1)
+        net.maxpool1 = nn.Identity()
+        net.maxpool2 = nn.Identity()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x)
+        return out.logits if hasattr(out, "logits") else out
+
+
+@MODELS.register("googlenet")
+def googlenet(in_channels: int, image_size: int, num_classes: int) -> nn.Module:
+    """GoogLeNet with a 3x3 stride-1 stem and the first two max-pools removed (CIFAR variant)."""
+    return _GoogLeNetLogits(in_channels, num_classes)

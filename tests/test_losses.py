@@ -1,0 +1,364 @@
+"""CRLLoss and RelaxLoss against an independent plain-torch recomputation of SPEC sections 1-4.
+
+The reference functions below are written from the SPEC's formulas and do not call crl's helpers.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from crl.errors import CRLError
+from crl.losses import CRLLoss, RelaxLoss
+
+B, C, D = 6, 4, 5
+BIG = 1e3          # an alpha above any loss level: forces the relaxed branch on odd epochs
+
+
+# --- independent recomputation -----------------------------------------------------------------
+def ref_norm(v, t):
+    if t == 0:
+        return v
+    return v / (1 + t * torch.sqrt((v * v).sum(dim=1, keepdim=True)))
+
+
+def ref_confidence(g, y, upper, detach):
+    rows = torch.arange(g.shape[0])
+    p_y = torch.softmax(g, dim=1)[rows, y]
+    p_y = torch.minimum(p_y, torch.full_like(p_y, upper))
+    return p_y.detach() if detach else p_y
+
+
+def ref_soft_target(p_y, y, num_classes):
+    rows = torch.arange(p_y.shape[0])
+    tar = ((1 - p_y) / (num_classes - 1)).unsqueeze(1).repeat(1, num_classes)
+    tar[rows, y] = p_y
+    return tar
+
+
+def ref_crl(g, q, centers, y, epoch, *, alpha_rce, alpha_rcl, tau_rce, tau_rcl, upper=1.0,
+            detach=False):
+    """(L_rce, L_rcl, L_lce, L_ct) from SPEC sections 1 and 2."""
+    n, k = g.shape
+    rows = torch.arange(n)
+    p_y = ref_confidence(g, y, upper, detach)
+    log_pn = torch.log_softmax(ref_norm(g, tau_rce), dim=1)
+    l_lce = -log_pn[rows, y].mean()
+    l_sce = -(ref_soft_target(p_y, y, k) * log_pn).sum(dim=1).mean()
+    if epoch % 2 == 0:
+        l_rce = (l_lce - alpha_rce).abs()
+    elif l_lce.item() > alpha_rce:
+        l_rce = l_lce
+    else:
+        l_rce = l_sce
+    l_rcl = l_ct = None
+    if q is not None:
+        q_n = ref_norm(q, tau_rcl)
+        c_n = ref_norm(centers[y], tau_rcl)
+        d2 = ((q_n - c_n) ** 2).sum(dim=1)
+        l_ct = d2.sum() / (2 * n)
+        if epoch % 2 == 0:
+            l_rcl = (l_ct - alpha_rcl).abs()
+        elif l_ct.item() > alpha_rcl:
+            l_rcl = l_ct
+        else:
+            l_rcl = (p_y * d2 + (1 - p_y) * (q_n ** 2).sum(dim=1)).sum() / (2 * n)
+    return l_rce, l_rcl, l_lce, l_ct
+
+
+def ref_relaxloss(g, y, epoch, *, alpha, upper=1.0):
+    n, k = g.shape
+    rows = torch.arange(n)
+    log_p = torch.log_softmax(g, dim=1)
+    ce = -log_p[rows, y]
+    l_ce = ce.mean()
+    if epoch % 2 == 0:
+        return (l_ce - alpha).abs()
+    if l_ce.item() > alpha:
+        return l_ce
+    correct = (g.argmax(dim=1) == y).to(g.dtype)
+    soft = -(ref_soft_target(ref_confidence(g, y, upper, False), y, k) * log_p).sum(dim=1)
+    return ((1 - correct) * soft - ce).mean()
+
+
+# --- fixtures ----------------------------------------------------------------------------------
+def tol(dtype):
+    return dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
+
+
+def batch(dtype, seed=0, scale=2.0):
+    gen = torch.Generator().manual_seed(seed)
+    g = (scale * torch.randn(B, C, generator=gen)).to(dtype).requires_grad_()
+    q = torch.randn(B, D, generator=gen).to(dtype).requires_grad_()
+    y = torch.tensor([0, 1, 2, 3, 1, 2])
+    return g, q, y
+
+
+def make_crl(dtype, **kw):
+    hp = dict(alpha_rce=0.5, alpha_rcl=1.0, tau_rce=0.05, tau_rcl=0.1, lam=0.3)
+    hp.update(kw)
+    loss = CRLLoss(C, D, generator=torch.Generator().manual_seed(1), **hp)
+    return loss.to(dtype)
+
+
+def ref_hp(loss):
+    return dict(alpha_rce=loss.alpha_rce, alpha_rcl=loss.alpha_rcl, tau_rce=loss.tau_rce,
+                tau_rcl=loss.tau_rcl, upper=loss.upper, detach=loss.detach_targets)
+
+
+def grads(value, inputs):
+    return torch.autograd.grad(value, inputs, retain_graph=True, allow_unused=True)
+
+
+def assert_close_all(got, want, dtype):
+    for a, b in zip(got, want):
+        if b is None:
+            assert a is None or torch.count_nonzero(a) == 0
+        else:
+            torch.testing.assert_close(a, b, **tol(dtype))
+
+
+# (epoch, alpha_rce, alpha_rcl, expected rce branch, expected rcl branch)
+CASES = [
+    (2, 0.2, 0.1, "even", "even"),        # even epoch, loss above alpha
+    (4, BIG, BIG, "even", "even"),        # even epoch, loss below alpha: gradient reversed
+    (3, 0.0, 0.0, "fit", "fit"),
+    (3, 0.0, BIG, "fit", "relax"),
+    (3, BIG, 0.0, "relax", "fit"),
+    (1, BIG, BIG, "relax", "relax"),
+]
+DTYPES = [torch.float32, torch.float64]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("epoch,a_rce,a_rcl,b_rce,b_rcl", CASES)
+def test_crl_terms_values_and_gradients(dtype, epoch, a_rce, a_rcl, b_rce, b_rcl):
+    loss = make_crl(dtype, alpha_rce=a_rce, alpha_rcl=a_rcl)
+    g, q, y = batch(dtype)
+    c = loss.centers.detach().clone().requires_grad_()
+    r_rce, r_rcl, r_lce, r_ct = ref_crl(g, q, c, y, epoch, **ref_hp(loss))
+    l_rce, l_rcl = loss.terms(g, q, y, epoch)
+    stats = loss.last_stats
+    assert (stats["rce_branch"], stats["rcl_branch"]) == (b_rce, b_rcl)
+    torch.testing.assert_close(l_rce, r_rce, **tol(dtype))
+    torch.testing.assert_close(l_rcl, r_rcl, **tol(dtype))
+    torch.testing.assert_close(stats["l_lce"], r_lce.detach(), **tol(dtype))
+    torch.testing.assert_close(stats["l_ct"], r_ct.detach(), **tol(dtype))
+    # each term's gradient w.r.t. logits, features and centers
+    assert_close_all(grads(l_rce, (g, q, loss.centers)), grads(r_rce, (g, q, c)), dtype)
+    assert_close_all(grads(l_rcl, (g, q, loss.centers)), grads(r_rcl, (g, q, c)), dtype)
+    # the total: model sees grad(L_rce + lam L_rcl); centers (paper) see grad_c L_rcl
+    total = loss(g, q, y, epoch)
+    r_total = r_rce + loss.lam * r_rcl
+    torch.testing.assert_close(total, r_total, **tol(dtype))
+    assert_close_all(grads(total, (g, q)), grads(r_total, (g, q)), dtype)
+    assert_close_all(grads(total, (loss.centers,)), grads(r_rcl, (c,)), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("epoch,a_rce,a_rcl", [(2, 0.2, 0.1), (3, BIG, BIG), (3, 0.0, 0.0)])
+def test_paper_center_step_is_exact(dtype, epoch, a_rce, a_rcl):
+    loss = make_crl(dtype, alpha_rce=a_rce, alpha_rcl=a_rcl, lam=0.1)
+    opt = loss.make_center_optimizer()
+    g, q, y = batch(dtype, seed=3)
+    c0 = loss.centers.detach().clone()
+    c = c0.clone().requires_grad_()
+    _, r_rcl, _, _ = ref_crl(g, q, c, y, epoch, **ref_hp(loss))
+    (g_c,) = torch.autograd.grad(r_rcl, c)
+    opt.zero_grad()
+    loss(g, q, y, epoch).backward()
+    opt.step()
+    torch.testing.assert_close(loss.centers.detach(), c0 - 0.001 * g_c, **tol(dtype))
+    assert not torch.equal(loss.centers.detach(), c0)
+    # absent classes would not move; class 0..3 all present here, so every row moved
+    assert (loss.centers.detach() != c0).any(dim=1).all()
+
+
+def test_authors_center_update_uses_momentum_and_weight_decay():
+    dtype = torch.float64
+    loss = make_crl(dtype, alpha_rce=BIG, alpha_rcl=BIG, lam=0.25, center_update="authors")
+    opt = loss.make_center_optimizer()
+    group = opt.param_groups[0]
+    assert (group["lr"], group["momentum"], group["weight_decay"]) == (0.001, 0.9, 5e-4)
+    g, q, y = batch(dtype, seed=4)
+    c = loss.centers.detach().clone()
+    buf = None
+    for _ in range(2):
+        cr = c.clone().requires_grad_()
+        _, r_rcl, _, _ = ref_crl(g, q, cr, y, 1, **ref_hp(loss))
+        (g_c,) = torch.autograd.grad(r_rcl, cr)
+        opt.zero_grad()
+        loss(g, q, y, 1).backward()
+        # authors: the centers see lam * grad_c L_rcl from the total loss
+        torch.testing.assert_close(loss.centers.grad, 0.25 * g_c, **tol(dtype))
+        d = 0.25 * g_c + 5e-4 * c
+        buf = d if buf is None else 0.9 * buf + d
+        c = c - 0.001 * buf
+        opt.step()
+        torch.testing.assert_close(loss.centers.detach(), c, **tol(dtype))
+
+
+@pytest.mark.parametrize("center_update", ["paper", "authors"])
+def test_lam_zero_leaves_centers_untouched(center_update):
+    loss = make_crl(torch.float32, lam=0.0, center_update=center_update)
+    opt = loss.make_center_optimizer()
+    c0 = loss.centers.detach().clone()
+    g, q, y = batch(torch.float32)
+    r_rce, _, _, _ = ref_crl(g, None, None, y, 3, **ref_hp(loss))
+    for features in (q, None):
+        opt.zero_grad()
+        value = loss(g, features, y, 3)
+        torch.testing.assert_close(value, r_rce, **tol(torch.float32))
+        value.backward()
+        assert loss.centers.grad is None or torch.count_nonzero(loss.centers.grad) == 0
+        opt.step()
+        assert torch.equal(loss.centers.detach(), c0)
+    assert loss.last_stats["l_ct"] is None and loss.last_stats["rcl_branch"] is None
+    # without centers at all (feat_dim None) when lam == 0
+    bare = CRLLoss(C, None, alpha_rce=0.5, alpha_rcl=1.0, tau_rce=0.05, tau_rcl=0.1, lam=0.0)
+    torch.testing.assert_close(bare(g, None, y, 3), r_rce, **tol(torch.float32))
+
+
+def test_lam_positive_gives_center_gradients():
+    loss = make_crl(torch.float32, lam=0.5)
+    g, q, y = batch(torch.float32)
+    y = torch.tensor([0, 1, 1, 0, 1, 0])          # classes 2 and 3 absent
+    loss(g, q, y, 3).backward()
+    grad = loss.centers.grad
+    assert grad is not None
+    assert torch.count_nonzero(grad[:2]) > 0 and torch.count_nonzero(grad[2:]) == 0
+
+
+def test_tau_zero_means_no_normalisation():
+    loss = make_crl(torch.float64, tau_rce=0.0, tau_rcl=0.0, alpha_rce=0.0, alpha_rcl=0.0)
+    g, q, y = batch(torch.float64)
+    l_rce, l_rcl = loss.terms(g, q, y, 1)
+    torch.testing.assert_close(l_rce, torch.nn.functional.cross_entropy(g, y))
+    c = loss.centers.detach()
+    torch.testing.assert_close(l_rcl, ((q - c[y]) ** 2).sum() / (2 * B))
+    # and tau > 0 does change the value
+    l_rce2, l_rcl2 = make_crl(torch.float64, alpha_rce=0.0, alpha_rcl=0.0).terms(g, q, y, 1)
+    assert not torch.allclose(l_rce2, l_rce) and not torch.allclose(l_rcl2, l_rcl)
+
+
+def confident_batch(dtype):
+    g, q, y = batch(dtype)
+    g = g.detach().clone()
+    g[torch.arange(B), y] += torch.tensor([6.0, 6.0, 6.0, 0.0, 0.0, 0.0], dtype=dtype)
+    return g.requires_grad_(), q, y
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_upper_clamps_the_target_confidence(dtype):
+    loss = make_crl(dtype, alpha_rce=BIG, alpha_rcl=BIG, upper=0.3)
+    g, q, y = confident_batch(dtype)
+    p_y = torch.softmax(g, 1)[torch.arange(B), y]
+    assert (p_y > 0.3).any() and (p_y < 0.3).any()
+    c = loss.centers.detach().clone().requires_grad_()
+    got = loss.terms(g, q, y, 1)
+    want = ref_crl(g, q, c, y, 1, **ref_hp(loss))[:2]
+    unclamped = ref_crl(g, q, c, y, 1, **{**ref_hp(loss), "upper": 1.0})[:2]
+    for a, b, u in zip(got, want, unclamped):
+        torch.testing.assert_close(a, b, **tol(dtype))
+        assert not torch.allclose(a, u)
+        assert_close_all(grads(a, (g, q)), grads(b, (g, q)), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_detach_targets_stops_the_target_gradient(dtype):
+    loss = make_crl(dtype, alpha_rce=BIG, alpha_rcl=BIG, detach_targets=True)
+    g, q, y = batch(dtype)
+    c = loss.centers.detach().clone().requires_grad_()
+    got = loss.terms(g, q, y, 1)
+    want = ref_crl(g, q, c, y, 1, **ref_hp(loss))[:2]
+    flowing = ref_crl(g, q, c, y, 1, **{**ref_hp(loss), "detach": False})[:2]
+    for a, b, f in zip(got, want, flowing):
+        torch.testing.assert_close(a, b, **tol(dtype))
+        torch.testing.assert_close(a, f, **tol(dtype))          # same value ...
+        assert_close_all(grads(a, (g, q)), grads(b, (g, q)), dtype)
+        (ga,), (gf,) = grads(a, (g,)), grads(f, (g,))
+        ga = torch.zeros_like(g) if ga is None else ga
+        assert not torch.allclose(ga, gf)                         # ... different gradient
+    # L_rcl in the relaxed branch only touches the logits through the (now detached) targets
+    (g_rcl,) = grads(got[1], (g,))
+    assert g_rcl is None or torch.count_nonzero(g_rcl) == 0
+
+
+def bad_inputs():
+    g, q, y = batch(torch.float32)
+    loss = make_crl(torch.float32)
+    nan_g = g.detach().clone()
+    nan_g[0, 0] = float("nan")
+    inf_q = q.detach().clone()
+    inf_q[1, 1] = float("inf")
+    hp = dict(alpha_rce=0.5, alpha_rcl=1.0, tau_rce=0.05, tau_rcl=0.1, lam=0.1)
+    return {
+        "logits classes": lambda: loss(g[:, :3], q, y, 1),
+        "logits 1-d": lambda: loss(g[0], q, y, 1),
+        "logits int": lambda: loss(g.long(), q, y, 1),
+        "features dim": lambda: loss(g, q[:, :4], y, 1),
+        "features batch": lambda: loss(g, q[:5], y, 1),
+        "features none": lambda: loss(g, None, y, 1),
+        "targets float": lambda: loss(g, q, y.float(), 1),
+        "targets shape": lambda: loss(g, q, y[:5], 1),
+        "targets high": lambda: loss(g, q, torch.full((B,), C), 1),
+        "targets negative": lambda: loss(g, q, torch.full((B,), -1), 1),
+        "logits nan": lambda: loss(nan_g, q, y, 1),
+        "features inf": lambda: loss(g, inf_q, y, 1),
+        "epoch zero": lambda: loss(g, q, y, 0),
+        "epoch float": lambda: loss(g, q, y, 1.0),
+        "epoch bool": lambda: loss(g, q, y, True),
+        "alpha negative": lambda: CRLLoss(C, D, **{**hp, "alpha_rce": -0.1}),
+        "lam negative": lambda: CRLLoss(C, D, **{**hp, "lam": -1.0}),
+        "tau nan": lambda: CRLLoss(C, D, **{**hp, "tau_rcl": float("nan")}),
+        "upper above one": lambda: CRLLoss(C, D, **hp, upper=1.5),
+        "detach not bool": lambda: CRLLoss(C, D, **hp, detach_targets="yes"),
+        "center_update": lambda: CRLLoss(C, D, **hp, center_update="fast"),
+        "one class": lambda: CRLLoss(1, D, **hp),
+        "feat_dim none": lambda: CRLLoss(C, None, **hp),
+        "relax alpha": lambda: RelaxLoss(C, alpha=-1.0),
+        "relax logits": lambda: RelaxLoss(C, alpha=1.0)(g[:, :3], y, 1),
+        "relax epoch": lambda: RelaxLoss(C, alpha=1.0)(g, y, -2),
+    }
+
+
+BAD = bad_inputs()
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_inputs_raise_crlerror(case):
+    with pytest.raises(CRLError) as info:
+        BAD[case]()
+    assert "\n" not in str(info.value) and "expected" in str(info.value)
+
+
+def test_hyper_parameters_are_keyword_only():
+    with pytest.raises(TypeError):
+        CRLLoss(C, D, 0.5, 1.0, 0.05, 0.1, 0.1)  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        RelaxLoss(C, 0.5)  # type: ignore[misc]
+
+
+def test_centers_initialised_from_generator():
+    hp = dict(alpha_rce=0.5, alpha_rcl=1.0, tau_rce=0.05, tau_rcl=0.1, lam=0.1)
+    a = CRLLoss(C, D, generator=torch.Generator().manual_seed(7), **hp)
+    b = CRLLoss(C, D, generator=torch.Generator().manual_seed(7), **hp)
+    assert isinstance(a.centers, torch.nn.Parameter) and a.centers.shape == (C, D)
+    assert torch.equal(a.centers, b.centers)
+    assert torch.equal(a.centers, torch.randn(C, D, generator=torch.Generator().manual_seed(7)))
+
+
+# --- RelaxLoss ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("epoch,alpha,branch", [(2, 0.3, "even"), (6, BIG, "even"),
+                                                (3, 0.0, "fit"), (5, BIG, "relax")])
+@pytest.mark.parametrize("upper", [1.0, 0.3])
+def test_relaxloss_matches_reference(dtype, epoch, alpha, branch, upper):
+    g, _, y = confident_batch(dtype)
+    correct = g.argmax(1) == y
+    assert correct.any() and not correct.all()          # a mix of correct and incorrect samples
+    loss = RelaxLoss(C, alpha=alpha, upper=upper)
+    got = loss(g, y, epoch)
+    want = ref_relaxloss(g, y, epoch, alpha=alpha, upper=upper)
+    assert loss.last_stats["branch"] == branch
+    torch.testing.assert_close(got, want, **tol(dtype))
+    assert_close_all(grads(got, (g,)), grads(want, (g,)), dtype)

@@ -1,0 +1,130 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import crl
+from crl.data.splits import make_pool_split
+from crl.defenses.base import Defense
+from crl.errors import CRLError
+from crl.models import create_model
+from crl.train import Recipe, evaluate, fit, save_model
+
+
+@pytest.fixture
+def split(digits):
+    return make_pool_split(digits.y.numpy(), seed=0)
+
+
+def _mlp(seed=0):
+    torch.manual_seed(seed)
+    return create_model("mlp", 1, 8, 10)
+
+
+def test_fit_reaches_90pct_on_digits(digits, split, tmp_path):
+    res = fit(_mlp(), digits, split.target_members, Recipe(epochs=15, batch_size=32, lr=0.05,
+              device="cpu"), eval_idx=split.target_nonmembers, run_dir=tmp_path, progress=False)
+    _, acc = evaluate(res.model, digits, split.target_nonmembers)
+    assert acc >= 0.90
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == list(range(1, 16))
+    assert {"train_loss", "train_acc", "test_loss", "test_acc"} <= set(rows[-1])
+    assert rows[-1]["test_acc"] == pytest.approx(acc)
+
+
+class _Interrupt(Defense):
+    """Plain CE that raises after `at` epochs, as a killed process would."""
+
+    name = "ce"
+
+    def __init__(self, at):
+        super().__init__()
+        self.at = at
+
+    def end_epoch(self, ctx, epoch):
+        if epoch == self.at:
+            raise KeyboardInterrupt
+
+
+def test_resume_gives_exactly_the_uninterrupted_weights(digits, split, tmp_path):
+    recipe = Recipe(epochs=5, batch_size=64, lr=0.05, milestones=(3,), augment=True, device="cpu")
+    full = fit(_mlp(), digits, split.target_members, recipe, progress=False).model
+    with pytest.raises(KeyboardInterrupt):
+        fit(_mlp(), digits, split.target_members, recipe, _Interrupt(3), run_dir=tmp_path,
+            progress=False)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 2    # killed inside epoch 3: the last complete checkpoint is epoch 2
+    resumed = fit(_mlp(seed=123), digits, split.target_members, recipe, run_dir=tmp_path,
+                  resume=True, progress=False)
+    assert [r["epoch"] for r in resumed.history] == [1, 2, 3, 4, 5]
+    for (k, a), b in zip(full.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), k
+    interrupted_weights = state["model"]["1.weight"]
+    assert not torch.equal(interrupted_weights, resumed.model.state_dict()["1.weight"])
+
+
+def test_resume_refuses_a_different_recipe(digits, split, tmp_path):
+    fit(_mlp(), digits, split.target_members, Recipe(epochs=1, device="cpu"), run_dir=tmp_path,
+        progress=False)
+    with pytest.raises(CRLError, match="different recipe"):
+        fit(_mlp(), digits, split.target_members, Recipe(epochs=2, lr=0.1, device="cpu"),
+            run_dir=tmp_path, resume=True, progress=False)
+
+
+class _NaNLoss(Defense):
+    name = "ce"
+
+    def loss(self, logits, features, targets, epoch):
+        return logits.sum() * float("nan")
+
+
+def test_nan_loss_is_a_clear_error(digits, split):
+    with pytest.raises(CRLError, match=r"training loss became nan at epoch 1, step 1"):
+        fit(_mlp(), digits, split.target_members, Recipe(epochs=1, device="cpu"), _NaNLoss(),
+            progress=False)
+
+
+@pytest.mark.parametrize("field,value", [("epochs", 0), ("epochs", -3), ("batch_size", 0),
+                                         ("lr", 0.0), ("lr", float("nan"))])
+def test_bad_recipe_values(field, value):
+    with pytest.raises(CRLError, match=field):
+        Recipe(**{field: value})
+
+
+def test_save_and_load_model_roundtrip(digits, split, tmp_path):
+    model = fit(_mlp(), digits, split.target_members, Recipe(epochs=2, device="cpu"),
+                progress=False).model
+    path = tmp_path / "m.pt"
+    save_model(path, model, arch="mlp", in_channels=1, image_size=8, num_classes=10,
+               mean=digits.mean, std=digits.std)
+    loaded = crl.load_model(path)
+    x = torch.randn(5, 1, 8, 8)
+    torch.testing.assert_close(loaded(x), model.eval()(x))
+
+
+def test_load_model_refuses_code_and_garbage(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": "crl-model-1", "x": Evil()}, evil)
+    with pytest.raises(CRLError, match="cannot read model file"):
+        crl.load_model(evil)
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(CRLError, match="cannot read model file"):
+        crl.load_model(junk)
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(2)}, other)
+    with pytest.raises(CRLError, match="not a crl model file"):
+        crl.load_model(other)
+    with pytest.raises(CRLError, match="does not exist"):
+        crl.load_model(tmp_path / "missing.pt")
+
+
+def test_empty_training_split(digits):
+    with pytest.raises(CRLError, match="empty"):
+        fit(_mlp(), digits, np.array([], dtype=np.int64), Recipe(epochs=1, device="cpu"),
+            progress=False)
