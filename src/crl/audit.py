@@ -175,7 +175,7 @@ class Auditor:
         shadow_models: list[torch.nn.Module] = []
         wants_shadows = "shadows" in self.needs or any(
             "shadows" in a.uses for a in self.attacks.values())
-        if wants_shadows:
+        if wants_shadows and cfg.shadows > 0:
             shadow_defense = defense_name if cfg.shadow_defense == "same" else "ce"
             shadow_member = []
             for i in tqdm(range(1, cfg.shadows + 1), desc=f"[{tag}] shadows", leave=False,
@@ -279,6 +279,8 @@ def run_audit(cfg: AuditConfig, *, echo: Callable[[str], None] = print) -> dict[
     needs = set().union(*(build_attack(a, cfg.set.get(a)).needs for a in cfg.attacks))
     if "references" in needs and cfg.references < 2:
         raise CRLError(f"--references {cfg.references}: LiRA/RMIA need at least 2 reference models")
+    if "shadows" in needs and cfg.shadows < 1:
+        raise CRLError(f"--shadows {cfg.shadows}: the nn attack needs at least 1 shadow model")
     data = load_dataset(cfg.dataset, data_root=cfg.data_root, download=cfg.download)
     splits = {s: make_pool_split(data.y.numpy(), seed=s, subset=cfg.subset) for s in cfg.seeds}
 

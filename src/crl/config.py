@@ -62,10 +62,12 @@ class AuditConfig:
         return cfg
 
     def validate(self) -> None:
-        for name in ("epochs", "batch_size", "shadows", "references"):
+        for name in ("epochs", "batch_size", "references"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
                 raise CRLError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
+        if not isinstance(self.shadows, int) or isinstance(self.shadows, bool) or self.shadows < 0:
+            raise CRLError(f"--shadows must be a non-negative integer, got {self.shadows!r}")
         if self.lr is not None and (not isinstance(self.lr, (int, float)) or self.lr <= 0):
             raise CRLError(f"--lr must be a positive number, got {self.lr!r}")
         if self.subset is not None and (not isinstance(self.subset, int) or self.subset <= 0):

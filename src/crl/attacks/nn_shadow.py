@@ -52,22 +52,29 @@ def attack_features(logits, labels, num_classes: int | None = None) -> np.ndarra
     return feats.astype(np.float32)
 
 
-def build_attack_mlp(in_dim: int, hidden=(128, 64), dropout: float = 0.2) -> nn.Sequential:
-    """Linear/ReLU/Dropout stack ending in one logit; all layers registered in an nn.Sequential."""
+def _check_arch(in_dim, hidden, dropout) -> tuple[int, list[int], float]:
     if isinstance(in_dim, bool) or not isinstance(in_dim, (int, np.integer)) or in_dim < 1:
         raise CRLError(f"NN attack input size must be a positive integer, got {in_dim!r}")
     try:
-        hidden = [int(h) for h in hidden]
+        sizes = [int(h) for h in hidden]
     except (TypeError, ValueError):
         raise CRLError(f"NN attack hidden must be a list of positive integers, got {hidden!r}") from None
-    if not hidden or min(hidden) < 1:
+    if not sizes or min(sizes) < 1:
         raise CRLError(f"NN attack hidden must be a non-empty list of positive integers, got {hidden!r}")
-    if not isinstance(dropout, (int, float)) or not 0.0 <= float(dropout) < 1.0:
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= float(dropout) < 1.0:
         raise CRLError(f"NN attack dropout must be in [0, 1), got {dropout!r}")
+    return int(in_dim), sizes, float(dropout)
+
+
+def build_attack_mlp(in_dim: int, hidden=(128, 64), dropout: float = 0.2) -> nn.Sequential:
+    """Linear/ReLU/Dropout stack ending in one logit; all layers registered in an nn.Sequential.
+
+    Initialised from the global torch RNG (train_nn_attack calls it under its own seed).
+    """
+    width, hidden, dropout = _check_arch(in_dim, hidden, dropout)
     layers: list[nn.Module] = []
-    width = int(in_dim)
     for h in hidden:
-        layers += [nn.Linear(width, h), nn.ReLU(), nn.Dropout(float(dropout))]
+        layers += [nn.Linear(width, h), nn.ReLU(), nn.Dropout(dropout)]
         width = h
     layers.append(nn.Linear(width, 1))
     return nn.Sequential(*layers)
@@ -195,7 +202,7 @@ class NNAttack(Attack):
 
     def __init__(self, **params) -> None:
         super().__init__(**params)
-        build_attack_mlp(2, self.params["hidden"], self.params["dropout"])   # validate early
+        _check_arch(2, self.params["hidden"], self.params["dropout"])   # validate early
 
     def run(self, ctx: AttackContext) -> AttackResult:
         if ctx.shadow is None:

@@ -49,28 +49,29 @@ def check_epoch(epoch: object) -> int:
     return int(epoch)
 
 
+def _shape(t: object) -> object:
+    return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
 def check_batch(logits: torch.Tensor, targets: torch.Tensor, num_classes: int,
                 features: torch.Tensor | None = None, feat_dim: int | None = None) -> None:
     """Shapes, dtypes, finiteness and label range of one mini-batch (one device sync)."""
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2 \
             or logits.shape[1] != num_classes or logits.shape[0] == 0:
-        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise CRLError(f"logits have shape {shape}; expected [B, {num_classes}] with B >= 1")
+        raise CRLError(f"logits have shape {_shape(logits)}; expected [B, {num_classes}], B >= 1")
     if not logits.is_floating_point():
         raise CRLError(f"logits have dtype {logits.dtype}; expected a floating dtype")
     batch = logits.shape[0]
     if not isinstance(targets, torch.Tensor) or tuple(targets.shape) != (batch,):
-        shape = tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__
-        raise CRLError(f"targets have shape {shape}; expected [{batch}] (one label per logit row)")
+        raise CRLError(f"targets have shape {_shape(targets)}; expected [{batch}] (one per row)")
     if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
         raise CRLError(f"targets have dtype {targets.dtype}; expected an integer dtype")
     checks = [torch.isfinite(logits).all(), (targets >= 0).all(), (targets < num_classes).all()]
     if features is not None:
         if not isinstance(features, torch.Tensor) or features.dim() != 2 \
                 or tuple(features.shape) != (batch, feat_dim):
-            shape = (tuple(features.shape) if isinstance(features, torch.Tensor)
-                     else type(features).__name__)
-            raise CRLError(f"features have shape {shape}; expected [{batch}, {feat_dim}]")
+            raise CRLError(f"features have shape {_shape(features)}; "
+                           f"expected [{batch}, {feat_dim}]")
         if not features.is_floating_point():
             raise CRLError(f"features have dtype {features.dtype}; expected a floating dtype")
         checks.append(torch.isfinite(features).all())
@@ -80,7 +81,8 @@ def check_batch(logits: torch.Tensor, targets: torch.Tensor, num_classes: int,
         raise CRLError("logits contain NaN or inf; expected finite values")
     if not bool(checks[1] & checks[2]):
         lo, hi = int(targets.min()), int(targets.max())
-        raise CRLError(f"targets range over [{lo}, {hi}]; expected labels in [0, {num_classes - 1}]")
+        raise CRLError(f"targets range over [{lo}, {hi}]; "
+                       f"expected labels in [0, {num_classes - 1}]")
     raise CRLError("features contain NaN or inf; expected finite values")
 
 
@@ -107,7 +109,7 @@ def target_confidence(logits: torch.Tensor, targets: torch.Tensor, *, upper: flo
     Gradient flows through it unless `detach`.
     """
     p_y = F.softmax(logits, dim=1).gather(1, targets.long().unsqueeze(1)).squeeze(1)
-    p_y = p_y
+    p_y = p_y.clamp(max=upper)
     return p_y.detach() if detach else p_y
 
 

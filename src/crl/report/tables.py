@@ -31,8 +31,7 @@ def format_table(rows: list[dict[str, Any]], metric: str = "auc") -> str:
         return "(no results)"
     attacks = list(rows[0]["attacks"])
     pct = metric != "auc"
-    head = ["Defense", "Train acc %", "Test acc %"] + [
-        f"{a} {'AUC' if metric == 'auc' else metric}" for a in attacks]
+    head = ["Defense", "Train acc %", "Test acc %"] + attacks
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for defense, group in _grouped(rows).items():
         cells = [defense, _mean_std([r["train_acc"] for r in group], pct=True),
