@@ -130,7 +130,8 @@ def test_lira_fixed_variance_is_pooled_within_sample():
     var = ss / (out.sum(0) - 1).sum()
     z = (logit_confidence(sig.logits, sig.labels)[0] - mu) / math.sqrt(var)
     expect = norm.logcdf(z) - norm.logsf(z)
-    np.testing.assert_allclose(lira_scores(sig, 0, online=False, fixed_variance=True), expect, atol=1e-9)
+    got = lira_scores(sig, 0, online=False, fixed_variance=True)
+    np.testing.assert_allclose(got, expect, atol=1e-9)
 
 
 def test_lira_offline_has_no_ties_in_the_tails():
@@ -145,11 +146,13 @@ def test_lira_offline_has_no_ties_in_the_tails():
 def test_lira_flip_is_mean_of_queries():
     sig = _small_signals(m=9, flip=True)
     same = Signals(sig.logits, sig.member, sig.labels, sig.sample_idx, sig.logits.copy())
-    np.testing.assert_allclose(lira_scores(same, 0, use_flip=True), lira_scores(same, 0), atol=1e-12)
+    np.testing.assert_allclose(lira_scores(same, 0, use_flip=True), lira_scores(same, 0),
+                               atol=1e-12)
     flipped_only = Signals(sig.logits_flip, sig.member, sig.labels, sig.sample_idx)
     for online in (True, False):
         both = lira_scores(sig, 0, use_flip=True, online=online)
-        expect = 0.5 * (lira_scores(sig, 0, online=online) + lira_scores(flipped_only, 0, online=online))
+        expect = 0.5 * (lira_scores(sig, 0, online=online)
+                        + lira_scores(flipped_only, 0, online=online))
         np.testing.assert_allclose(both, expect, atol=1e-12)
 
 
@@ -174,7 +177,8 @@ def test_lira_too_few_references_names_the_counts():
     with pytest.raises(CRLError, match="needs >= 2 OUT"):
         lira_scores(sig, 0, online=False)
     # fixed variance needs 1 and 1: sample 4 has 2 IN and 0 OUT among models 1..3
-    with pytest.raises(CRLError, match=r"needs >= 1 IN and >= 1 OUT.*sample 4 .* has 3 IN and 0 OUT"):
+    with pytest.raises(CRLError,
+                       match=r"needs >= 1 IN and >= 1 OUT.*sample 4 .* has 3 IN and 0 OUT"):
         lira_scores(sig, 0, fixed_variance=True)
 
 
@@ -186,7 +190,8 @@ def test_lira_fixed_variance_with_one_reference_each_falls_back_to_total_varianc
     member[2] = ~member[1]
     member[0] = rng.random(n) < 0.5
     sig = Signals(rng.normal(size=(3, n, 3)), member, rng.integers(0, 3, n), np.arange(n))
-    res = build_attack("lira", {"fixed_variance": True}).run(AttackContext(target=sig, num_classes=3))
+    attack = build_attack("lira", {"fixed_variance": True})
+    res = attack.run(AttackContext(target=sig, num_classes=3))
     assert res.extra["variance"] == "total" and np.isfinite(res.scores).all()
 
 
@@ -217,7 +222,8 @@ def test_registered_lira_attacks():
 def test_lira_loo_skipped_is_reported_not_hidden():
     rng = np.random.default_rng(2)
     n = 6
-    member = np.array([[1, 0, 1, 0, 1, 0]] + [[1, 1, 1, 0, 0, 0]] * 2 + [[0, 0, 0, 1, 1, 1]] * 2, bool)
+    member = np.array([[1, 0, 1, 0, 1, 0]] + [[1, 1, 1, 0, 0, 0]] * 2
+                      + [[0, 0, 0, 1, 1, 1]] * 2, bool)
     sig = Signals(rng.normal(size=(5, n, 3)), member, np.zeros(n, int), np.arange(n))
     res = build_attack("lira").run(AttackContext(target=sig, num_classes=3))
     assert res.scores.shape == (n,) and res.loo_scores is None

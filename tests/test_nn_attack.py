@@ -61,7 +61,8 @@ def test_all_layers_registered_and_trained():
     params = list(model.parameters())
     # [in, 128, 64, 1]: three Linear layers, a weight and a bias each
     assert len(params) == 6
-    assert [tuple(p.shape) for p in params] == [(128, 2 * C), (128,), (64, 128), (64,), (1, 64), (1,)]
+    assert [tuple(p.shape) for p in params] == [(128, 2 * C), (128,), (64, 128), (64,),
+                                                (1, 64), (1,)]
     assert isinstance(model, nn.Sequential)
     assert sum(isinstance(m, nn.Dropout) and m.p == 0.2 for m in model) == 2
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
@@ -89,7 +90,8 @@ def test_target_ground_truth_is_never_used():
     t = c.target
     flipped = Signals(t.logits, ~t.member, t.labels, t.sample_idx)
     a = build_attack("nn", FAST).run(c)
-    b = build_attack("nn", FAST).run(AttackContext(target=flipped, num_classes=C, seed=2, shadow=c.shadow))
+    b = build_attack("nn", FAST).run(AttackContext(target=flipped, num_classes=C, seed=2,
+                                                   shadow=c.shadow))
     np.testing.assert_array_equal(a.scores, b.scores)
     assert a.extra == b.extra
 
@@ -114,8 +116,9 @@ def test_nn_attack_errors():
         build_attack("nn", {"layers": 3})
     with pytest.raises(CRLError, match="dropout must be in"):
         build_attack("nn", {"dropout": 1.0})
-    with pytest.raises(CRLError, match="hidden must be"):
-        build_attack("nn", {"hidden": ()})
+    for bad in ((), (128, 0), "128", (64.5,)):
+        with pytest.raises(CRLError, match="hidden must be"):
+            build_attack("nn", {"hidden": bad})
     all_members = separable_signals(2, 10, 1, member_frac=1.0)
     with pytest.raises(CRLError, match="shadow non-members .* got 0"):
         build_attack("nn").run(AttackContext(target=separable_signals(1, 10, 0), num_classes=C,

@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--milestones", type=_int_list, help="epochs at which the lr is multiplied by 0.1")
     a.add_argument("--augment", action="store_true", default=None, help="random crop + flip")
     a.add_argument("--bf16", action="store_true", default=None, help="bfloat16 autocast")
+    a.add_argument("--channels-last", action="store_true", default=None,
+                   help="channels_last memory format (faster convolutions on CPU)")
     a.add_argument("--subset", type=int, help="use N samples in total (stratified)")
     a.add_argument("--seeds", type=_int_list, help="comma-separated seeds (default 0,1,2)")
     a.add_argument("--shadows", type=int, help="shadow models per target (default 5)")

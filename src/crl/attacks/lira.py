@@ -43,13 +43,14 @@ VAR_FLOOR = 1e-8
 
 
 def lira_statistic(signals: Signals, use_flip: bool = False) -> np.ndarray:
-    """Logit-scaled confidence of the true label, [models, samples, queries] float64 (Q = 1 or 2)."""
+    """Logit-scaled true-label confidence [models, samples, queries] float64; Q = 1 or 2."""
     if not isinstance(signals, Signals):
         raise CRLError(f"LiRA needs a Signals object, got {type(signals).__name__}")
     stats = [logit_confidence(signals.logits, signals.labels)]
     if use_flip:
         if signals.logits_flip is None:
-            raise CRLError("LiRA flip=True needs logits on flipped inputs, but signals.logits_flip is None")
+            raise CRLError("LiRA flip=True needs logits on flipped inputs, "
+                           "but signals.logits_flip is None")
         stats.append(logit_confidence(signals.logits_flip, signals.labels))
     return np.stack(stats, axis=-1)
 
@@ -74,7 +75,8 @@ def _check_counts(n_in: np.ndarray, n_out: np.ndarray, need_in: int, need_out: i
             f"{num_refs} models other than target {target} ({int(bad.sum())} samples fall short)")
 
 
-def _group_fit(stat: np.ndarray, mask: np.ndarray, fixed_variance: bool) -> tuple[np.ndarray, np.ndarray, str]:
+def _group_fit(stat: np.ndarray, mask: np.ndarray,
+               fixed_variance: bool) -> tuple[np.ndarray, np.ndarray, str]:
     """Per-sample means [N, Q] and variances ([N, Q] or [1, Q]) of the masked reference stats."""
     w = mask[:, :, None].astype(np.float64)                 # [R, N, 1]
     n = w.sum(0)                                            # [N, 1], >= 1 checked by the caller
@@ -180,7 +182,8 @@ class _LiRABase(Attack):
                  "num_references": sig.num_models - 1}
         rows = [scores]
         try:
-            rows += [_lira_from_stat(stat, sig.member, t, **kw)[0] for t in range(1, sig.num_models)]
+            rows += [_lira_from_stat(stat, sig.member, t, **kw)[0]
+                     for t in range(1, sig.num_models)]
             loo = np.stack(rows)
         except CRLError as e:   # model 0 is scorable but some other model lacks references
             loo = None

@@ -40,7 +40,7 @@ from crl.registry import ATTACKS
 
 
 def attack_features(logits, labels, num_classes: int | None = None) -> np.ndarray:
-    """[softmax posterior, one-hot label] as float32 rows; logits [..., N, C] -> [prod(...)*N, 2C]."""
+    """[softmax posterior, one-hot label] as float32 rows: logits [..., N, C] -> [rows, 2C]."""
     z, y = check_logits(logits, labels)
     c = z.shape[-1]
     if num_classes is not None and c != num_classes:
@@ -55,15 +55,15 @@ def attack_features(logits, labels, num_classes: int | None = None) -> np.ndarra
 def _check_arch(in_dim, hidden, dropout) -> tuple[int, list[int], float]:
     if isinstance(in_dim, bool) or not isinstance(in_dim, (int, np.integer)) or in_dim < 1:
         raise CRLError(f"NN attack input size must be a positive integer, got {in_dim!r}")
-    try:
-        sizes = [int(h) for h in hidden]
-    except (TypeError, ValueError):
-        raise CRLError(f"NN attack hidden must be a list of positive integers, got {hidden!r}") from None
-    if not sizes or min(sizes) < 1:
-        raise CRLError(f"NN attack hidden must be a non-empty list of positive integers, got {hidden!r}")
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= float(dropout) < 1.0:
+    ok = isinstance(hidden, (list, tuple)) and len(hidden) > 0 and all(
+        isinstance(h, (int, np.integer)) and not isinstance(h, bool) and h >= 1 for h in hidden)
+    if not ok:
+        raise CRLError("NN attack hidden must be a non-empty list of positive integers, "
+                       f"got {hidden!r}")
+    if (isinstance(dropout, bool) or not isinstance(dropout, (int, float))
+            or not 0.0 <= float(dropout) < 1.0):
         raise CRLError(f"NN attack dropout must be in [0, 1), got {dropout!r}")
-    return int(in_dim), sizes, float(dropout)
+    return int(in_dim), [int(h) for h in hidden], float(dropout)
 
 
 def build_attack_mlp(in_dim: int, hidden=(128, 64), dropout: float = 0.2) -> nn.Sequential:
@@ -91,8 +91,9 @@ class NNAttackFit:
     history: list[float] = field(default_factory=list)
 
 
-def stratified_holdout(is_member: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train_idx, val_idx): `fraction` of each class held out, >= 1 row of each class on each side."""
+def stratified_holdout(is_member: np.ndarray, fraction: float,
+                       seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train_idx, val_idx): `fraction` of each class held out; >= 1 row per class on each side."""
     y = np.asarray(is_member).astype(bool)
     rng = np.random.default_rng(seed)
     tr, va = [], []
@@ -129,7 +130,8 @@ def train_nn_attack(x: np.ndarray, is_member: np.ndarray, *, seed: int = 0, hidd
     if x.ndim != 2 or y.shape != (x.shape[0],):
         raise CRLError(f"NN attack rows must be x [R, D] and is_member [R], got {list(x.shape)} "
                        f"and {list(y.shape)}")
-    for name, v, lo in (("epochs", epochs, 1), ("patience", patience, 1), ("batch_size", batch_size, 1)):
+    for name, v, lo in (("epochs", epochs, 1), ("patience", patience, 1),
+                        ("batch_size", batch_size, 1)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
             raise CRLError(f"NN attack {name} must be an integer >= {lo}, got {v!r}")
     if not isinstance(lr, (int, float)) or not lr > 0:
@@ -146,7 +148,8 @@ def train_nn_attack(x: np.ndarray, is_member: np.ndarray, *, seed: int = 0, hidd
             model = build_attack_mlp(x.shape[1], hidden, dropout)
         if (not isinstance(model, nn.Sequential) or len(model) == 0
                 or not isinstance(model[0], nn.Linear) or model[0].in_features != x.shape[1]):
-            raise CRLError(f"NN attack model must start with a Linear layer taking {x.shape[1]} inputs")
+            raise CRLError("NN attack model must be an nn.Sequential starting with a Linear "
+                           f"layer taking {x.shape[1]} inputs")
         model = model.cpu().float()
         gen = torch.Generator().manual_seed(seed)
         xt, yt = torch.from_numpy(x[tr_idx]), torch.from_numpy(y[tr_idx].astype(np.float32))
@@ -217,7 +220,8 @@ class NNAttack(Attack):
         x_shadow = attack_features(ctx.shadow.logits, ctx.shadow.labels, c)
         fit = train_nn_attack(x_shadow, ctx.shadow.member.reshape(-1), seed=int(ctx.seed),
                               **{k: self.params[k] for k in self.defaults})
-        scores = nn_attack_scores(fit.model, attack_features(ctx.target.logits[0], ctx.target.labels, c))
+        x_target = attack_features(ctx.target.logits[0], ctx.target.labels, c)
+        scores = nn_attack_scores(fit.model, x_target)
         extra = {"best_epoch": fit.best_epoch, "epochs_run": fit.epochs_run,
                  "shadow_val_loss": fit.val_loss, "shadow_val_auc": fit.val_auc,
                  "pos_weight": fit.pos_weight, "shadow_models": ctx.shadow.num_models,

@@ -53,7 +53,8 @@ def _first_k(mask: np.ndarray, k: int) -> np.ndarray:
 def _check_params(num_refs, a, gamma) -> tuple[int, float, float]:
     if isinstance(num_refs, bool) or not isinstance(num_refs, (int, np.integer)) or num_refs < 1:
         raise CRLError(f"RMIA num_refs must be an integer >= 1, got {num_refs!r}")
-    if isinstance(a, bool) or not isinstance(a, (int, float, np.number)) or not 0.0 <= float(a) <= 1.0:
+    if (isinstance(a, bool) or not isinstance(a, (int, float, np.number))
+            or not 0.0 <= float(a) <= 1.0):
         raise CRLError(f"RMIA a must be a number in [0, 1], got {a!r}")
     if (isinstance(gamma, bool) or not isinstance(gamma, (int, float, np.number))
             or not math.isfinite(float(gamma)) or float(gamma) <= 0):
@@ -79,7 +80,8 @@ def _check_population(signals: Signals, population: Signals) -> None:
                        f"training member of model {m}; expected samples no model trained on")
 
 
-def _log_ref_prob(logp_refs: np.ndarray, sel: np.ndarray, k: int, offline: bool, a: float) -> np.ndarray:
+def _log_ref_prob(logp_refs: np.ndarray, sel: np.ndarray, k: int, offline: bool,
+                  a: float) -> np.ndarray:
     """log p(x) from the selected references' log p(y|x) [R, N] (sel: exactly k per column)."""
     log_mean = logsumexp(np.where(sel, logp_refs, -np.inf), axis=0) - math.log(k)
     if not offline:
@@ -90,7 +92,8 @@ def _log_ref_prob(logp_refs: np.ndarray, sel: np.ndarray, k: int, offline: bool,
 
 
 def _rmia_one(logp: np.ndarray, member: np.ndarray, logp_pop: np.ndarray, target: int, *,
-              num_refs: int, a: float, gamma: float, offline: bool, sample_idx: np.ndarray) -> np.ndarray:
+              num_refs: int, a: float, gamma: float, offline: bool,
+              sample_idx: np.ndarray) -> np.ndarray:
     m = logp.shape[0]
     if num_refs > m - 1:
         raise CRLError(f"RMIA num_refs={num_refs} but only {m - 1} reference models exist besides "
@@ -132,7 +135,8 @@ def rmia_scores(signals: Signals, population: Signals, target: int, *, num_refs:
     _check_population(signals, population)
     if isinstance(target, bool) or not isinstance(target, (int, np.integer)) \
             or not 0 <= int(target) < signals.num_models:
-        raise CRLError(f"target model {target!r} out of range; expected 0..{signals.num_models - 1}")
+        raise CRLError(f"target model {target!r} out of range; "
+                       f"expected 0..{signals.num_models - 1}")
     logp = log_prob_true(signals.logits, signals.labels)
     logp_pop = log_prob_true(population.logits, population.labels)
     return _rmia_one(logp, signals.member, logp_pop, int(target), num_refs=num_refs, a=a,
@@ -164,7 +168,8 @@ class RMIAAttack(Attack):
         super().__init__(**params)
         k, _, _ = _check_params(self.params["num_refs"], self.params["a"], self.params["gamma"])
         if not isinstance(self.params["offline"], (bool, np.bool_)):
-            raise CRLError(f"parameter 'rmia.offline' must be true or false, got {self.params['offline']!r}")
+            raise CRLError("parameter 'rmia.offline' must be true or false, "
+                           f"got {self.params['offline']!r}")
         # Reference models needed when each sample is IN for half of them.
         self.min_references = 2 * k if self.params["offline"] else 2 * (k - k // 2)
 
@@ -181,11 +186,13 @@ class RMIAAttack(Attack):
         scores = _rmia_one(logp, sig.member, logp_pop, 0, **kw)
         extra = {"offline": offline, "num_refs": k, "a": a if offline else None, "gamma": gamma,
                  "population_size": int(pop.logits.shape[1]),
-                 "reference_choice": "first num_refs OUT models in cyclic order after the target"
-                 if offline else "first k//2 IN and k-k//2 OUT models in cyclic order after the target"}
+                 "reference_choice": (
+                     "first num_refs OUT models in cyclic order after the target" if offline else
+                     "first k//2 IN and k-k//2 OUT models in cyclic order after the target")}
         rows = [scores]
         try:
-            rows += [_rmia_one(logp, sig.member, logp_pop, t, **kw) for t in range(1, sig.num_models)]
+            rows += [_rmia_one(logp, sig.member, logp_pop, t, **kw)
+                     for t in range(1, sig.num_models)]
             loo = np.stack(rows)
         except CRLError as e:   # model 0 is scorable but some other model lacks references
             loo = None

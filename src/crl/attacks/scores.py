@@ -20,7 +20,8 @@ def check_logits(logits, labels) -> tuple[np.ndarray, np.ndarray]:
         raise CRLError(f"logits must be [..., samples, classes>=2], got shape {list(z.shape)}")
     y = np.asarray(labels)
     if y.ndim != 1 or y.shape[0] != z.shape[-2]:
-        raise CRLError(f"labels must be [{z.shape[-2]}] (one per sample), got shape {list(y.shape)}")
+        raise CRLError(f"labels must be [{z.shape[-2]}] (one per sample), "
+                       f"got shape {list(y.shape)}")
     if y.size and not np.issubdtype(y.dtype, np.integer):
         raise CRLError(f"labels must be integers, got dtype {y.dtype}")
     y = y.astype(np.int64)

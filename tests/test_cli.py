@@ -1,0 +1,108 @@
+"""End-to-end `crl audit` on a tiny digits run, and every bad input the CLI must refuse."""
+import json
+import subprocess
+import sys
+import tarfile
+
+import pytest
+
+from crl.cli import main
+
+TINY = ["--epochs", "3", "--subset", "200", "--seeds", "0", "--quiet", "--shadows", "2",
+        "--references", "4"]
+
+
+def _run(args, capsys):
+    code = main(args)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_audit_end_to_end_writes_everything(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, stdout, _ = _run(["audit", *TINY, "--attacks", "loss,mentr,gradx", "--out", str(out)],
+                           capsys)
+    assert code == 0
+    assert "| ce |" in stdout
+    rows = json.loads((out / "results.json").read_text())
+    assert len(rows) == 1
+    row = rows[0]
+    for key in ("dataset", "model", "defense", "params", "seed", "train_acc", "test_acc", "attacks"):
+        assert key in row
+    assert set(row["attacks"]) == {"loss", "mentr", "gradx"}
+    for m in row["attacks"].values():
+        assert 0.0 <= m["auc"] <= 1.0 and "tpr_at_1pct_fpr" in m and "tpr_at_0.1pct_fpr" in m
+        assert "shadow_threshold_accuracy" in m
+    for f in ("config.yaml", "version.json", "report.md", "splits/seed0.json",
+              "figures/margins.png", "figures/roc.png", "vulnerability/ce_seed0.csv",
+              "models/ce/seed0/metrics.jsonl", "models/ce/seed0/model.pt"):
+        assert (out / f).is_file(), f
+    split = json.loads((out / "splits" / "seed0.json").read_text())
+    assert not set(split["target_members"]) & set(split["target_nonmembers"])
+    assert "| Defense | Train acc % | Test acc % |" in (out / "report.md").read_text()
+
+
+def test_yaml_recipe_and_set(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("epochs: 2\nsubset: 200\nseeds: [1]\nattacks: loss\nshadows: 0\n"
+                      "quiet: true\n".replace("quiet: true\n", "progress: false\n"))
+    out = tmp_path / "run"
+    code, _, _ = _run(["audit", "--config", str(recipe), "--epochs", "1", "--out", str(out)], capsys)
+    assert code == 0
+    cfg = (out / "config.yaml").read_text()
+    assert "epochs: 1" in cfg and "subset: 200" in cfg      # the flag overrides the recipe
+    assert json.loads((out / "results.json").read_text())[0]["seed"] == 1
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--dataset", "mnist"], "unknown dataset 'mnist'; expected one of: cifar10, cifar100, digits"),
+    (["--model", "vit"], "unknown model 'vit'; expected one of:"),
+    (["--defenses", "magic"], "unknown defense 'magic'; expected one of:"),
+    (["--attacks", "loss,oracle"], "unknown attack 'oracle'; expected one of:"),
+    (["--epochs", "0"], "--epochs must be a positive integer, got 0"),
+    (["--batch-size", "-1"], "--batch-size must be a positive integer, got -1"),
+    (["--subset", "3"], "subset N=3"),
+    (["--subset", "100000"], "subset N=100000"),
+    (["--dataset", "cifar10"], "cifar10 needs --data-root"),
+    (["--set", "ce.alpha=1"], "unknown parameter 'ce.alpha'"),
+    (["--set", "zzz.alpha=1"], "'zzz', which is neither a defense nor an attack"),
+    (["--set", "noequals"], "expected NAME.PARAM=VALUE"),
+    (["--attacks", "nn", "--shadows", "0"], "nn attack needs at least 1 shadow"),
+    (["--seeds", "0,0"], "--seeds has duplicates"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, args, message):
+    out = tmp_path / "run"
+    code, _, err = _run(["audit", *args, "--quiet", "--out", str(out)], capsys)
+    assert code == 2
+    assert message in err
+    assert err.startswith("crl: error:") and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_bad_archive_and_missing_config(tmp_path, capsys):
+    bad = tmp_path / "bad.tar.gz"
+    with tarfile.open(bad, "w:gz") as tar:
+        src = tmp_path / "x.txt"
+        src.write_text("hi")
+        tar.add(src, arcname="../x.txt")
+    code, _, err = _run(["audit", "--dataset", f"imagefolder:{bad}", "--out", str(tmp_path / "o")],
+                        capsys)
+    assert code == 2 and "../x.txt" in err and not (tmp_path / "o").exists()
+    corrupt = tmp_path / "corrupt.tar.gz"
+    corrupt.write_bytes(b"\x1f\x8b not really gzip")
+    code, _, err = _run(["audit", "--dataset", f"imagefolder:{corrupt}"], capsys)
+    assert code == 2 and "corrupt.tar.gz" in err
+    code, _, err = _run(["audit", "--config", str(tmp_path / "none.yaml")], capsys)
+    assert code == 2 and "no such file" in err
+
+
+def test_console_script_exit_code(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "crl.cli", "audit", "--model", "nope", "--quiet"],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.strip().startswith("crl: error: unknown model 'nope'")
+
+
+def test_list(capsys):
+    code, out, _ = _run(["list"], capsys)
+    assert code == 0 and "digits" in out and "ce" in out and "loss" in out
