@@ -9,7 +9,7 @@ import pytest
 from crl.cli import main
 
 TINY = ["--epochs", "3", "--subset", "200", "--seeds", "0", "--quiet", "--shadows", "2",
-        "--references", "4"]
+        "--references", "8"]
 
 
 def _run(args, capsys):
@@ -20,8 +20,8 @@ def _run(args, capsys):
 
 def test_audit_end_to_end_writes_everything(tmp_path, capsys):
     out = tmp_path / "run"
-    code, stdout, _ = _run(["audit", *TINY, "--attacks", "loss,mentr,gradx", "--out", str(out)],
-                           capsys)
+    code, stdout, _ = _run(["audit", *TINY, "--attacks", "loss,mentr,gradx,nn,lira,rmia",
+                            "--out", str(out)], capsys)
     assert code == 0
     assert "| ce |" in stdout
     rows = json.loads((out / "results.json").read_text())
@@ -29,10 +29,14 @@ def test_audit_end_to_end_writes_everything(tmp_path, capsys):
     row = rows[0]
     for key in ("dataset", "model", "defense", "params", "seed", "train_acc", "test_acc", "attacks"):
         assert key in row
-    assert set(row["attacks"]) == {"loss", "mentr", "gradx"}
-    for m in row["attacks"].values():
+    assert set(row["attacks"]) == {"loss", "mentr", "gradx", "nn", "lira", "rmia"}
+    for name, m in row["attacks"].items():
         assert 0.0 <= m["auc"] <= 1.0 and "tpr_at_1pct_fpr" in m and "tpr_at_0.1pct_fpr" in m
-        assert "shadow_threshold_accuracy" in m
+        if name in ("loss", "mentr", "gradx"):
+            assert "shadow_threshold_accuracy" in m
+    assert 0.0 <= row["attacks"]["lira"]["leave_one_out"]["auc"] <= 1.0
+    rmia = row["attacks"]["rmia"]     # 8 references are too few for RMIA's leave-one-out
+    assert "leave_one_out" in rmia or "needs 4 OUT reference models" in rmia["loo_skipped"]
     for f in ("config.yaml", "version.json", "report.md", "splits/seed0.json",
               "figures/margins.png", "figures/roc.png", "vulnerability/ce_seed0.csv",
               "models/ce/seed0/metrics.jsonl", "models/ce/seed0/model.pt"):
@@ -69,6 +73,8 @@ def test_yaml_recipe_and_set(tmp_path, capsys):
     (["--set", "noequals"], "expected NAME.PARAM=VALUE"),
     (["--attacks", "nn", "--shadows", "0"], "nn attack needs at least 1 shadow"),
     (["--seeds", "0,0"], "--seeds has duplicates"),
+    (["--attacks", "rmia", "--references", "4"], "attack 'rmia' needs at least 8 reference"),
+    (["--attacks", "lira", "--references", "3"], "attack 'lira' needs at least 4 reference"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, args, message):
     out = tmp_path / "run"

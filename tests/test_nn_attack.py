@@ -74,9 +74,9 @@ def test_all_layers_registered_and_trained():
 
 
 def test_deterministic_and_leaves_global_rng_alone():
-    state = torch.get_rng_state()
+    state, threads = torch.get_rng_state(), torch.get_num_threads()
     a = build_attack("nn", FAST).run(ctx(seed=3))
-    assert torch.equal(state, torch.get_rng_state())
+    assert torch.equal(state, torch.get_rng_state()) and torch.get_num_threads() == threads
     b = build_attack("nn", FAST).run(ctx(seed=3))
     np.testing.assert_array_equal(a.scores, b.scores)
     assert a.extra == b.extra

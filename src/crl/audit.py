@@ -276,9 +276,12 @@ def run_audit(cfg: AuditConfig, *, echo: Callable[[str], None] = print) -> dict[
 
     cfg = cfg.resolved()
     validate_names(cfg)
-    needs = set().union(*(build_attack(a, cfg.set.get(a)).needs for a in cfg.attacks))
-    if "references" in needs and cfg.references < 2:
-        raise CRLError(f"--references {cfg.references}: LiRA/RMIA need at least 2 reference models")
+    attacks = [build_attack(a, cfg.set.get(a)) for a in cfg.attacks]
+    needs = set().union(*(a.needs for a in attacks))
+    for a in attacks:
+        if "references" in a.needs and cfg.references < max(2, a.min_references):
+            raise CRLError(f"--references {cfg.references}: attack '{a.name}' needs at least "
+                           f"{max(2, a.min_references)} reference models")
     if "shadows" in needs and cfg.shadows < 1:
         raise CRLError(f"--shadows {cfg.shadows}: the nn attack needs at least 1 shadow model")
     data = load_dataset(cfg.dataset, data_root=cfg.data_root, download=cfg.download)

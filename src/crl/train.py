@@ -116,7 +116,7 @@ def fit(
         model=model, optimizer=optimizer, x=data.x, y=data.y, train_idx=train_idx,
         num_classes=data.num_classes, feat_dim=last_linear(model)[1].in_features,
         device=device, epochs=recipe.epochs, batch_size=recipe.batch_size, seed=recipe.seed,
-        mean=data.mean, std=data.std, generator=generator,
+        mean=data.mean, std=data.std, generator=generator, recipe=recipe,
     )
     defense.prepare(ctx)
     model, optimizer = ctx.model, ctx.optimizer

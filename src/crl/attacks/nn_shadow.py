@@ -20,10 +20,13 @@ Guards against the bugs of published code (SPEC section 6): every layer lives in
 nn.Sequential (registered and trained: tests check that every parameter tensor changes), the
 epoch is never chosen on the target, and the scores are this attack's own.
 Deterministic given ctx.seed: initialisation, dropout and shuffling draw from seeded generators
-inside a forked torch RNG, so the global RNG state is left untouched.
+inside a forked torch RNG, so the global RNG state is left untouched. Training and scoring run on
+one CPU thread (restored afterwards): the MLP is tiny, and the result then does not depend on the
+machine's thread count.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass, field
 
@@ -109,6 +112,22 @@ def stratified_holdout(is_member: np.ndarray, fraction: float,
     return np.sort(np.concatenate(tr)), np.sort(np.concatenate(va))
 
 
+@contextlib.contextmanager
+def _one_thread():
+    """Run torch on one intra-op thread, then restore the caller's setting.
+
+    The attack MLP's matrices are tiny: on shared CPUs extra threads only spin (measured: a
+    40k-row epoch took 0.14 s on one thread and 10 s on two under load), and one thread also
+    makes the result independent of the machine's core count.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _predict_logits(model: nn.Module, x: torch.Tensor, batch: int = 8192) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
@@ -142,7 +161,7 @@ def train_nn_attack(x: np.ndarray, is_member: np.ndarray, *, seed: int = 0, hidd
     n_pos = int(y[tr_idx].sum())
     pos_weight = float((len(tr_idx) - n_pos) / n_pos)
 
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), _one_thread():
         torch.manual_seed(seed)
         if model is None:
             model = build_attack_mlp(x.shape[1], hidden, dropout)
@@ -190,7 +209,8 @@ def train_nn_attack(x: np.ndarray, is_member: np.ndarray, *, seed: int = 0, hidd
 
 def nn_attack_scores(model: nn.Module, x: np.ndarray) -> np.ndarray:
     """Predicted member probability (float64) of each feature row."""
-    logit = _predict_logits(model, torch.from_numpy(np.asarray(x, dtype=np.float32)))
+    with _one_thread():
+        logit = _predict_logits(model, torch.from_numpy(np.asarray(x, dtype=np.float32)))
     return torch.sigmoid(logit.double()).numpy()
 
 

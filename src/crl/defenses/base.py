@@ -48,6 +48,7 @@ class FitContext:
     std: tuple
     generator: torch.Generator | None = None   # fit's RNG for shuffling/augmentation
     extra: dict[str, Any] = field(default_factory=dict)
+    recipe: Any = None         # the crl.train.Recipe fit runs (None outside fit), e.g. for a teacher
 
     def batch_inputs(self, idx: torch.Tensor) -> torch.Tensor:
         """Normalised float inputs for dataset indices `idx` on ctx.device (no augmentation)."""

@@ -1,0 +1,223 @@
+"""Hyper-parameter search for CRL (and RelaxLoss at matched accuracy), with its tables and figure.
+
+Stage 1 ("screen"): every grid point, target models only, the cheap attacks (loss, confidence,
+entropy, mentr, gradx), mean over seeds. Stage 2 ("confirm"): CE, the chosen CRL setting and the
+RelaxLoss setting closest in test accuracy, with every attack (nn with shadows, LiRA and RMIA
+with reference models).
+
+    python benchmarks/tune.py --preset digits --out docs/tuning/digits
+    python benchmarks/tune.py --preset cifar10 --data imagefolder:PATH --out docs/tuning/cifar10
+
+Writes OUT.json (every row), OUT.md (tables) and OUT.png (privacy-utility curves).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import platform
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from crl.audit import Auditor, validate_names
+from crl.config import AuditConfig
+from crl.data.datasets import load_dataset
+from crl.data.splits import make_pool_split
+
+CHEAP = ["loss", "confidence", "entropy", "mentr", "gradx"]
+ALL = CHEAP + ["nn", "lira", "rmia"]
+
+
+def grid(**axes):
+    keys = list(axes)
+    return [dict(zip(keys, vals)) for vals in itertools.product(*axes.values())]
+
+
+PRESETS = {
+    "digits": {
+        "config": dict(dataset="digits", seeds=[0, 1, 2]),
+        "relaxloss": grid(alpha=[0.05, 0.1, 0.2, 0.3, 0.5, 0.8, 1.2]),
+        "crl": grid(tau_rce=[0.05, 0.2], alpha_rce=[0.1, 0.3, 0.5, 0.8],
+                    tau_rcl=[0.1], alpha_rcl=[8.0, 16.0], lam=[0.1, 0.5]),
+    },
+    "cifar10": {
+        "config": dict(dataset="cifar10", model="cnn", seeds=[0], bf16=True,
+                       channels_last=True, shadows=2, references=4),
+        "relaxloss": grid(alpha=[0.5, 1.0]),
+        "crl": [
+            dict(tau_rce=0.05, alpha_rce=0.5, tau_rcl=0.1, alpha_rcl=20.0, lam=0.1),
+            dict(tau_rce=0.05, alpha_rce=0.8, tau_rcl=0.1, alpha_rcl=25.0, lam=0.1),
+            dict(tau_rce=0.1, alpha_rce=0.8, tau_rcl=0.1, alpha_rcl=25.0, lam=0.5),
+            dict(tau_rce=0.05, alpha_rce=0.5, tau_rcl=0.1, alpha_rcl=30.0, lam=0.5),
+        ],
+    },
+}
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Mean over seeds of accuracies and every attack's AUC / TPR; 'best_auc' = worst case."""
+    attacks = list(rows[0]["attacks"])
+    out = {"train_acc": np.mean([r["train_acc"] for r in rows]),
+           "test_acc": np.mean([r["test_acc"] for r in rows]),
+           "test_acc_std": np.std([r["test_acc"] for r in rows]),
+           "auc": {a: float(np.mean([r["attacks"][a]["auc"] for r in rows])) for a in attacks},
+           "tpr1": {a: float(np.mean([r["attacks"][a]["tpr_at_1pct_fpr"] for r in rows]))
+                    for a in attacks}}
+    out["best_auc"] = max(out["auc"].values())
+    return out
+
+
+def evaluate(auditor: Auditor, splits: dict, defense: str, params: dict, seeds) -> dict:
+    auditor.cfg.set = {defense: params} if params else {}
+    validate_names(auditor.cfg)
+    rows = [auditor.run_one(defense, s, splits[s])["row"] for s in seeds]
+    return {"defense": defense, "params": params, "rows": rows, **summarize(rows)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), required=True)
+    p.add_argument("--data", help="dataset name override, e.g. imagefolder:PATH")
+    p.add_argument("--out", required=True, help="output stem (OUT.json, OUT.md, OUT.png)")
+    p.add_argument("--stage", choices=["screen", "confirm", "both"], default="both")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--max-acc-drop", type=float, default=0.01,
+                   help="CRL's test accuracy may be at most this far below CE's")
+    a = p.parse_args()
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
+    preset = PRESETS[a.preset]
+    base = dict(preset["config"])
+    if a.data:
+        base["dataset"] = a.data
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    store = Path(f"{out}.json")
+    state = json.loads(store.read_text()) if store.exists() else {"screen": [], "confirm": []}
+
+    cfg = AuditConfig(**{**base, "shadows": 0}, attacks=CHEAP, out=f"/tmp/crl-tune-{a.preset}", progress=False,
+                      defenses=["ce"]).resolved()
+    data = load_dataset(cfg.dataset)
+    splits = {s: make_pool_split(data.y.numpy(), seed=s, subset=cfg.subset) for s in cfg.seeds}
+    done = {(e["defense"], json.dumps(e["params"], sort_keys=True)) for e in state["screen"]}
+    t0 = time.time()
+    if a.stage in ("screen", "both"):
+        auditor = Auditor(cfg, data)
+        jobs = [("ce", {})] + [("relaxloss", g) for g in preset["relaxloss"]] + \
+               [("crl", g) for g in preset["crl"]]
+        for defense, params in tqdm(jobs, desc="screen"):
+            if (defense, json.dumps(params, sort_keys=True)) in done:
+                continue
+            state["screen"].append(evaluate(auditor, splits, defense, params, cfg.seeds))
+            store.write_text(json.dumps(state, indent=1, default=float))
+    screen = state["screen"]
+    ce = next(e for e in screen if e["defense"] == "ce")
+    ok = [e for e in screen if e["defense"] == "crl"
+          and e["test_acc"] >= ce["test_acc"] - a.max_acc_drop]
+    chosen = min(ok, key=lambda e: e["best_auc"]) if ok else None
+    relax = None
+    if chosen is not None:
+        relax = min((e for e in screen if e["defense"] == "relaxloss"),
+                    key=lambda e: abs(e["test_acc"] - chosen["test_acc"]))
+    if a.stage in ("confirm", "both") and chosen is not None and not state["confirm"]:
+        full = AuditConfig(**base, attacks=ALL, out=f"/tmp/crl-tune-{a.preset}-confirm",
+                           progress=False, defenses=["ce"]).resolved()
+        auditor = Auditor(full, data)
+        for e in tqdm([ce, chosen, relax], desc="confirm"):
+            state["confirm"].append(evaluate(auditor, splits, e["defense"], e["params"],
+                                             full.seeds))
+            store.write_text(json.dumps(state, indent=1, default=float))
+    state["meta"] = {"command": f"python benchmarks/tune.py --preset {a.preset}"
+                                + (f" --data {a.data}" if a.data else "") + f" --out {a.out}",
+                     "machine": f"{platform.machine()} CPU, 2 cores, no GPU",
+                     "date": str(date.today()), "seconds": round(time.time() - t0),
+                     "config": {k: v for k, v in cfg.to_dict().items()
+                                if k not in ("set", "out", "progress")}}
+    store.write_text(json.dumps(state, indent=1, default=float))
+    write_markdown(Path(f"{out}.md"), state, ce, chosen, relax, a.max_acc_drop)
+    plot_curves(Path(f"{out}.png"), screen, ce, chosen)
+    print(Path(f"{out}.md").read_text())
+
+
+def _fmt_params(p: dict) -> str:
+    return ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in p.items()) or "-"
+
+
+def _table(entries: list[dict], attacks: list[str], key: str = "auc") -> list[str]:
+    head = ["defense", "params", "train %", "test %"] + attacks + ["max"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for e in entries:
+        vals = [e[key][k] for k in attacks]
+        scale, digits = (100, 1) if key != "auc" else (1, 3)
+        lines.append("| " + " | ".join(
+            [e["defense"], _fmt_params(e["params"]), f"{100 * e['train_acc']:.1f}",
+             f"{100 * e['test_acc']:.1f}"] + [f"{scale * v:.{digits}f}" for v in vals]
+            + [f"{scale * max(vals):.{digits}f}"]) + " |")
+    return lines
+
+
+def write_markdown(path: Path, state: dict, ce, chosen, relax, drop: float) -> None:
+    meta = state["meta"]
+    screen = sorted(state["screen"], key=lambda e: (e["defense"] != "ce", e["defense"],
+                                                      -e["test_acc"]))
+    lines = [f"Command: `{meta['command']}`", "",
+             f"Machine: {meta['machine']}; date {meta['date']}; "
+             f"{meta['seconds']} s for this invocation.", "",
+             f"Recipe: {json.dumps(meta['config'])}", ""]
+    if state["confirm"]:
+        attacks = list(state["confirm"][0]["auc"])
+        lines += ["### Confirmation with every attack (AUC; max = the strongest attack)", ""]
+        lines += _table(state["confirm"], attacks)
+        lines += ["", "TPR at 1% FPR (%):", ""] + _table(state["confirm"], attacks, "tpr1") + [""]
+    if chosen is None:
+        lines += [f"No CRL setting kept test accuracy within {100 * drop:.0f} point(s) of CE.", ""]
+    else:
+        lines += [f"Chosen CRL setting (test accuracy >= CE - {100 * drop:.0f} pt, lowest max AUC):"
+                  f" {_fmt_params(chosen['params'])}; RelaxLoss at the closest test accuracy: "
+                  f"{_fmt_params(relax['params'])}.", ""]
+    lines += ["### Screen: every setting, cheap attacks (AUC, mean over seeds)", ""]
+    lines += _table(screen, list(screen[0]["auc"]))
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot_curves(path: Path, screen: list[dict], ce: dict, chosen) -> None:
+    """Test accuracy vs the strongest attack's AUC; one line per defense as alpha varies."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    relax = sorted((e for e in screen if e["defense"] == "relaxloss"),
+                   key=lambda e: e["params"]["alpha"])
+    ax.plot([e["best_auc"] for e in relax], [100 * e["test_acc"] for e in relax], "o-",
+            label="RelaxLoss (alpha varies)")
+    if chosen is not None:
+        fixed = {k: v for k, v in chosen["params"].items() if k != "alpha_rce"}
+        line = sorted((e for e in screen if e["defense"] == "crl" and
+                       {k: v for k, v in e["params"].items() if k != "alpha_rce"} == fixed),
+                      key=lambda e: e["params"]["alpha_rce"])
+        ax.plot([e["best_auc"] for e in line], [100 * e["test_acc"] for e in line], "s-",
+                label=f"CRL (alpha_rce varies; {_fmt_params(fixed)})")
+    others = [e for e in screen if e["defense"] == "crl"]
+    ax.scatter([e["best_auc"] for e in others], [100 * e["test_acc"] for e in others], s=8,
+               color="gray", alpha=0.4, label="other CRL grid points")
+    ax.scatter([ce["best_auc"]], [100 * ce["test_acc"]], marker="*", s=160, color="k",
+               label="CE (no defense)", zorder=5)
+    ax.set_xlabel("strongest cheap attack's AUC (lower = more private)")
+    ax.set_ylabel("test accuracy %")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
