@@ -40,9 +40,16 @@ def grid(**axes):
 PRESETS = {
     "digits": {
         "config": dict(dataset="digits", seeds=[0, 1, 2]),
-        "relaxloss": grid(alpha=[0.05, 0.1, 0.2, 0.3, 0.5, 0.8, 1.2]),
+        "relaxloss": grid(alpha=[0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.8, 1.2]),
+        # L_ct (tau_rcl 0.1) falls from ~20 to ~11 over training here, L_lce to 0.02 (tau_rce
+        # 0.05) or 0.14 (tau_rce 0.2): alpha_rcl between 8 and 16 decides when centers relax.
         "crl": grid(tau_rce=[0.05, 0.2], alpha_rce=[0.1, 0.3, 0.5, 0.8],
-                    tau_rcl=[0.1], alpha_rcl=[8.0, 16.0], lam=[0.1, 0.5]),
+                    tau_rcl=[0.1], alpha_rcl=[8.0, 16.0], lam=[0.1, 0.5])
+        + grid(tau_rce=[0.2, 0.5], alpha_rce=[0.2, 0.3, 0.5], tau_rcl=[0.1],
+               alpha_rcl=[10.0, 12.0, 14.0], lam=[0.03, 0.1, 0.2])
+        # lam = 0: ImpRelaxLoss alone, to see what the centers add
+        + grid(tau_rce=[0.05, 0.2, 0.5], alpha_rce=[0.1, 0.3, 0.5, 0.8], tau_rcl=[0.1],
+               alpha_rcl=[0.0], lam=[0.0]),
     },
     "cifar10": {
         "config": dict(dataset="cifar10", model="cnn", seeds=[0], bf16=True,

@@ -152,8 +152,10 @@ def fit(
             row = _train_one_epoch(ctx, defense, tap, recipe, epoch)
             row.update({k: float(v) for k, v in defense.extra_metrics().items()})
             if eval_idx is not None and eval_idx.numel():
+                # monitoring only: same precision as training (attacks use fp32 logits)
                 row["test_loss"], row["test_acc"] = evaluate(model, data, eval_idx,
-                                                             batch_size=max(recipe.batch_size, 256))
+                                                             batch_size=max(recipe.batch_size, 256),
+                                                             bf16=recipe.bf16)
             row["lr"] = optimizer.param_groups[0]["lr"]
             history.append(row)
             bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc=f"{row['train_acc']:.3f}",
@@ -225,8 +227,11 @@ def _train_one_epoch(ctx: FitContext, defense: Defense, tap: FeatureTap | None,
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, data: ImageData, idx, *, batch_size: int = 512,
-                   flip: bool = False) -> torch.Tensor:
-    """float32 logits [len(idx), C] on the CPU, in eval mode (optionally on flipped inputs)."""
+                   flip: bool = False, bf16: bool = False) -> torch.Tensor:
+    """float32 logits [len(idx), C] on the CPU, in eval mode (optionally on flipped inputs).
+
+    bf16=True computes under bfloat16 autocast (fast monitoring; attacks keep the default).
+    """
     idx = torch.as_tensor(np.asarray(idx), dtype=torch.long)
     device = next(model.parameters()).device
     was_training = model.training
@@ -237,14 +242,16 @@ def predict_logits(model: nn.Module, data: ImageData, idx, *, batch_size: int = 
         xb = normalize(data.x[b].to(device), data.mean, data.std)
         if flip:
             xb = xb.flip(-1)
-        out.append(model(xb).float().cpu())
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+            out.append(model(xb).float().cpu())
     model.train(was_training)
     return torch.cat(out) if out else torch.empty(0, data.num_classes)
 
 
-def evaluate(model: nn.Module, data: ImageData, idx, *, batch_size: int = 512) -> tuple[float, float]:
+def evaluate(model: nn.Module, data: ImageData, idx, *, batch_size: int = 512,
+             bf16: bool = False) -> tuple[float, float]:
     """(mean cross-entropy, accuracy) of `model` on data[idx]."""
-    logits = predict_logits(model, data, idx, batch_size=batch_size).double()
+    logits = predict_logits(model, data, idx, batch_size=batch_size, bf16=bf16).double()
     y = data.y[torch.as_tensor(np.asarray(idx), dtype=torch.long)]
     return float(F.cross_entropy(logits, y)), float((logits.argmax(1) == y).float().mean())
 

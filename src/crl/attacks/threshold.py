@@ -126,9 +126,17 @@ class ThresholdAttack(Attack):
         assert ctx.shadow is not None
         return SCORE_FUNCTIONS[self.score_name](ctx.shadow.logits[model], ctx.shadow.labels)
 
+    #: whether scores of every model of ctx.target are cheap enough to pool (leave-one-out)
+    pool_all_models: bool = True
+
     def run(self, ctx: AttackContext) -> AttackResult:
         scores = self.target_scores(ctx, 0)
         result = AttackResult(scores=scores)
+        if self.pool_all_models and ctx.target.num_models > 1:
+            # every reference model as the target too, with ONE global threshold: the
+            # baseline LiRA/RMIA's leave-one-out rows are compared against at low FPR.
+            result.loo_scores = np.stack([scores] + [self.target_scores(ctx, k)
+                                                     for k in range(1, ctx.target.num_models)])
         if ctx.shadow is not None:
             s, m, y = _pooled(ctx.shadow, lambda k: self.shadow_scores(ctx, k))
             thresholds = fit_per_class_thresholds(s, m, y, ctx.num_classes)
@@ -154,6 +162,7 @@ class GradXAttack(ThresholdAttack):
 
     name = "gradx"
     needs = frozenset({"model"})
+    pool_all_models = False   # one backward pass per sample per model: target only
 
     def target_scores(self, ctx: AttackContext, model: int) -> np.ndarray:
         if ctx.gradient_scores is None:

@@ -47,7 +47,8 @@ class EarlyStopping(Defense):
         self.stopped_epoch: int | None = None
         self.best_state: dict[str, torch.Tensor] | None = None
         self.n_train = 0
-        self._last: dict[str, float] = {}
+        self._pending: tuple[float, float] | None = None   # this epoch's validation, if measured
+        self._ctx: FitContext | None = None
 
     @property
     def by_patience(self) -> bool:
@@ -65,6 +66,7 @@ class EarlyStopping(Defense):
                 seed=ctx.seed, salt=_SALT, owner=self.name, param="val_fraction")
             ctx.train_idx = kept
         self.n_train = int(ctx.train_idx.numel())
+        self._ctx = ctx
 
     @torch.no_grad()
     def validation(self, ctx: FitContext) -> tuple[float, float]:
@@ -95,8 +97,8 @@ class EarlyStopping(Defense):
                 self._snapshot(ctx)
                 return True
             return False
-        val_loss, val_acc = self.validation(ctx)
-        self._last = {"val_loss": val_loss, "val_acc": val_acc}
+        val_loss, val_acc = self._pending or self.validation(ctx)
+        self._pending = None
         if val_loss < self.best_loss:
             self.best_loss, self.best_epoch, self.bad_epochs = val_loss, epoch, 0
             self._snapshot(ctx)
@@ -112,8 +114,12 @@ class EarlyStopping(Defense):
             ctx.model.load_state_dict(self.best_state)
 
     def extra_metrics(self) -> dict[str, float]:
-        out, self._last = self._last, {}
-        return out
+        """fit reads this right after each epoch's steps (before end_epoch): the validation is
+        measured here so it lands in that epoch's row, and end_epoch reuses it."""
+        if not self.by_patience or self._ctx is None or self.val_idx is None:
+            return {}
+        self._pending = self.validation(self._ctx)
+        return {"val_loss": self._pending[0], "val_acc": self._pending[1]}
 
     def report(self) -> dict[str, Any]:
         out: dict[str, Any] = {"mode": "patience" if self.by_patience else "stop_epoch",
