@@ -163,7 +163,7 @@ def test_advreg_inference_model_learns_and_all_params_change(digits, members):
     gen = torch.Generator().manual_seed(0)
     noisy = ImageData("digits-random", digits.x, torch.randint(0, 10, (len(digits),), generator=gen),
                       10, digits.mean, digits.std)
-    d = build_defense("advreg", {"alpha": 0.0, "k": 2, "attack_lr": 1e-3, "ref_fraction": 0.3})
+    d = build_defense("advreg", {"alpha": 0.0, "k": 2, "attack_lr": 2e-3, "ref_fraction": 0.3})
     before = {}
     orig_prepare = d.prepare
 
@@ -172,7 +172,7 @@ def test_advreg_inference_model_learns_and_all_params_change(digits, members):
         before.update({n: p.detach().clone() for n, p in d.attack.named_parameters()})
 
     d.prepare = spy
-    res = fit(mlp(), noisy, members[0], recipe(25, lr=0.1), d, progress=False)
+    res = fit(mlp(), noisy, members[0], recipe(30, lr=0.1), d, progress=False)
     after = dict(d.attack.named_parameters())
     assert len(before) == len(after) == 18
     unchanged = [n for n in before if torch.equal(before[n], after[n].detach())]
@@ -189,8 +189,7 @@ def test_advreg_inference_model_learns_and_all_params_change(digits, members):
             return d.attack(torch.softmax(res.model(x), 1), noisy.y[idx])
 
         acc = 0.5 * (float((h(mem) > 0).float().mean()) + float((h(ref) <= 0).float().mean()))
-    print("ADVREG_ACC", acc)
-    assert acc > 0.7
+    assert acc > 0.7                                  # 0.85 with torch 2.14 on CPU
     assert d.report()["n_reference"] == 30 and d.report()["n_train"] == 70
 
 
