@@ -76,7 +76,7 @@ def main() -> None:
         _, train_acc = evaluate(res.model, data, split.target_members)
         _, test_acc = evaluate(res.model, data, split.target_nonmembers)
         rel = f"{secs / base:.1f}" if base else "-"
-        print(f"| {name} | {secs:.1f} | {rel} | {len(res.train_idx)} | {train_acc:.3f} | "
+        print(f"| {name} | {secs:.2f} | {rel} | {len(res.train_idx)} | {train_acc:.3f} | "
               f"{test_acc:.3f} | {_short(defense.report())} |", flush=True)
 
 
