@@ -23,9 +23,10 @@ def test_audit_end_to_end_writes_everything(tmp_path, capsys):
     code, stdout, _ = _run(["audit", *TINY, "--attacks", "loss,mentr,gradx,nn,lira,rmia",
                             "--out", str(out)], capsys)
     assert code == 0
-    assert "| ce |" in stdout
+    assert "| ce |" in stdout and "| crl |" in stdout        # default defenses: ce, crl
     rows = json.loads((out / "results.json").read_text())
-    assert len(rows) == 1
+    assert [r["defense"] for r in rows] == ["ce", "crl"]
+    assert rows[1]["params"]["lam"] > 0
     row = rows[0]
     for key in ("dataset", "model", "defense", "params", "seed", "train_acc", "test_acc", "attacks"):
         assert key in row
@@ -39,7 +40,8 @@ def test_audit_end_to_end_writes_everything(tmp_path, capsys):
     assert "leave_one_out" in rmia or "needs 4 OUT reference models" in rmia["loo_skipped"]
     for f in ("config.yaml", "version.json", "report.md", "splits/seed0.json",
               "figures/margins.png", "figures/roc.png", "vulnerability/ce_seed0.csv",
-              "models/ce/seed0/metrics.jsonl", "models/ce/seed0/model.pt"):
+              "vulnerability/crl_seed0.csv", "models/ce/seed0/metrics.jsonl",
+              "models/ce/seed0/model.pt", "models/crl/seed0/model.pt"):
         assert (out / f).is_file(), f
     split = json.loads((out / "splits" / "seed0.json").read_text())
     assert not set(split["target_members"]) & set(split["target_nonmembers"])

@@ -47,7 +47,7 @@ def test_huge_margins_still_rank(score):
 
 
 def test_threshold_input_errors():
-    with pytest.raises(CRLError, match="differ in length"):
+    with pytest.raises(CRLError, match=r"labels must be \[3\] \(one per sample\)"):
         loss_score(np.zeros((3, 2)), [0, 1])
     with pytest.raises(CRLError, match=r"labels must lie in \[0, 2\)"):
         loss_score(np.zeros((2, 2)), [0, 2])

@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--config", help="YAML recipe whose keys mirror these flags")
     a.add_argument("--dataset", help="digits (default) | cifar10 | cifar100 | svhn | imagefolder:PATH")
     a.add_argument("--model", help="mlp | cnn | resnet18 | vgg11_bn | densenet121 | googlenet")
-    a.add_argument("--defenses", type=_names, help="comma-separated defense names (default: ce)")
+    a.add_argument("--defenses", type=_names, help="comma-separated defense names (default: ce,crl)")
     a.add_argument("--attacks", type=_names, help="comma-separated attack names (default: all)")
     a.add_argument("--epochs", type=int)
     a.add_argument("--batch-size", type=int)

@@ -25,7 +25,7 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
 class AuditConfig:
     dataset: str = "digits"
     model: str | None = None
-    defenses: list[str] = field(default_factory=lambda: ["ce"])
+    defenses: list[str] = field(default_factory=lambda: ["ce", "crl"])
     attacks: list[str] = field(default_factory=lambda: list(DEFAULT_ATTACKS))
     epochs: int | None = None
     batch_size: int | None = None
@@ -53,11 +53,13 @@ class AuditConfig:
     def resolved(self) -> "AuditConfig":
         """A copy with per-dataset defaults filled in and every value checked."""
         key = self.dataset if self.dataset in DATASET_DEFAULTS else "*"
-        filled = {k: v for k, v in DATASET_DEFAULTS[key].items()
-                  if getattr(self, k) is None and k != "subset"}
-        if self.subset is None and "subset" in DATASET_DEFAULTS[key]:
-            filled["subset"] = DATASET_DEFAULTS[key]["subset"]
-        cfg = dataclasses.replace(self, **filled)
+        defaults = DATASET_DEFAULTS[key]
+        filled = {k: v for k, v in defaults.items() if k != "set" and getattr(self, k) is None}
+        # defense hyper-parameters tuned for this kind of data; the user's --set wins
+        merged = {owner: dict(params) for owner, params in defaults.get("set", {}).items()}
+        for owner, params in self.set.items():
+            merged.setdefault(owner, {}).update(params)
+        cfg = dataclasses.replace(self, **filled, set=merged)
         cfg.validate()
         return cfg
 

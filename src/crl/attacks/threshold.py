@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from crl.attacks.base import Attack, AttackContext, AttackResult
+from crl.attacks.scores import check_logits, log_prob_true
 from crl.attacks.signals import Signals
 from crl.errors import CRLError
 from crl.metrics import fit_per_class_thresholds, thresholded_balanced_accuracy
@@ -39,20 +40,9 @@ def stable_log_probs(logits) -> tuple[np.ndarray, np.ndarray]:
     return log_p, log_1mp
 
 
-def _check_labels(logits: np.ndarray, labels) -> np.ndarray:
-    y = np.asarray(labels).astype(np.int64).ravel()
-    if y.shape[0] != np.shape(logits)[0]:
-        raise CRLError(f"labels ({y.shape[0]}) and logits ({np.shape(logits)[0]}) differ in length")
-    if y.size and (y.min() < 0 or y.max() >= np.shape(logits)[1]):
-        raise CRLError(f"labels must lie in [0, {np.shape(logits)[1]}), got [{y.min()}, {y.max()}]")
-    return y
-
-
 def loss_score(logits, labels) -> np.ndarray:
     """Negative cross-entropy, log p_y (Yeom et al.): members have lower loss."""
-    y = _check_labels(logits, labels)
-    log_p, _ = stable_log_probs(logits)
-    return log_p[np.arange(len(y)), y]
+    return log_prob_true(logits, labels)
 
 
 def confidence_score(logits, labels=None) -> np.ndarray:
@@ -85,14 +75,14 @@ def modified_entropy(probs, labels) -> np.ndarray:
         raise CRLError(f"probs must be [samples, classes], got shape {list(p.shape)}")
     if not np.isfinite(p).all() or (p < 0).any() or not np.allclose(p.sum(1), 1.0, atol=1e-4):
         raise CRLError("probs must be finite, non-negative rows that sum to 1")
-    y = _check_labels(p, labels)
+    _, y = check_logits(p, labels)
     tiny = np.finfo(np.float64).tiny
     return _mentr_from_logs(np.log(np.maximum(p, tiny)), np.log(np.maximum(1.0 - p, tiny)), y)
 
 
 def mentr_score(logits, labels) -> np.ndarray:
     """Negative modified entropy from the logits (float64, log space)."""
-    y = _check_labels(logits, labels)
+    _, y = check_logits(logits, labels)
     log_p, log_1mp = stable_log_probs(logits)
     return -_mentr_from_logs(log_p, log_1mp, y)
 

@@ -1,4 +1,4 @@
-"""Confidence penalty (Pereyra et al. 2017): cross-entropy minus beta times the posterior entropy."""
+"""Confidence penalty (Pereyra et al. 2017): cross-entropy minus beta times posterior entropy."""
 from __future__ import annotations
 
 from typing import Any

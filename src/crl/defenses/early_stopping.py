@@ -1,4 +1,4 @@
-"""Early stopping: end training at a fixed epoch, or by patience on a validation split of the members.
+"""Early stopping: end at a fixed epoch, or by patience on a validation split of the members.
 
 Patience mode holds out `val_fraction` of the MEMBERS (ctx.train_idx) as a validation set, so the
 model trains on fewer samples; the target pool's non-members are never touched (they are the
