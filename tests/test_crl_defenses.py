@@ -60,7 +60,7 @@ def test_builds_prepares_and_trains(name):
 
 def test_params_and_fixed_values():
     assert build_defense("crl").params == {
-        "alpha_rce": 0.5, "alpha_rcl": 1.0, "tau_rce": 0.05, "tau_rcl": 0.1, "lam": 0.1,
+        "alpha_rce": 0.5, "alpha_rcl": 14.0, "tau_rce": 0.2, "tau_rcl": 0.1, "lam": 0.1,
         "upper": 1.0, "detach_targets": False, "center_update": "paper"}
     assert build_defense("imprelaxloss").params["lam"] == 0.0
     rcl = build_defense("rcl", {"lam": 0.5})

@@ -159,13 +159,15 @@ class Auditor:
                    in_channels=self.data.x.shape[1], image_size=self.image_size,
                    num_classes=self.data.num_classes, mean=self.data.mean, std=self.data.std)
 
+        # shadow and reference models: the target's defense (adaptive attacker) or none
+        attacker_defense = defense_name if cfg.shadow_defense == "same" else "ce"
         models = [target.model]
         member = [np.isin(pool, split.target_members)]
         if "references" in self.needs:
             halves = random_halves(len(pool), cfg.references, seed=seed * 1000 + 500)
             for j in tqdm(range(cfg.references), desc=f"[{tag}] references", leave=False,
                           disable=not cfg.progress):
-                ref = self.train(defense_name, pool[halves[j]], seed * 1000 + 500 + j,
+                ref = self.train(attacker_defense, pool[halves[j]], seed * 1000 + 500 + j,
                                  desc=f"[{tag}] reference {j + 1}")
                 models.append(ref.model)
                 member.append(halves[j])
@@ -176,13 +178,12 @@ class Auditor:
         wants_shadows = "shadows" in self.needs or any(
             "shadows" in a.uses for a in self.attacks.values())
         if wants_shadows and cfg.shadows > 0:
-            shadow_defense = defense_name if cfg.shadow_defense == "same" else "ce"
             shadow_member = []
             for i in tqdm(range(1, cfg.shadows + 1), desc=f"[{tag}] shadows", leave=False,
                           disable=not cfg.progress):
                 members, _ = half_split(split.shadow_pool, self.data.y.numpy(),
                                         seed=seed * 1000 + i)
-                sh = self.train(shadow_defense, members, seed * 1000 + i,
+                sh = self.train(attacker_defense, members, seed * 1000 + i,
                                 desc=f"[{tag}] shadow {i}")
                 shadow_models.append(sh.model)
                 shadow_member.append(np.isin(split.shadow_pool, members))

@@ -49,3 +49,30 @@ class Signals:
         """The signals of a subset of models (indices or boolean mask)."""
         return Signals(self.logits[models], self.member[models], self.labels, self.sample_idx,
                        None if self.logits_flip is None else self.logits_flip[models])
+
+    @staticmethod
+    def merge(parts: list["Signals"]) -> "Signals":
+        """Stack the models of several Signals over the SAME samples in the SAME order.
+
+        Signals computed on a different sample order (or other samples) are refused: pairing
+        logits with another sample's membership would silently corrupt every attack.
+        """
+        if not parts:
+            raise CRLError("Signals.merge needs at least one Signals")
+        first = parts[0]
+        for k, p in enumerate(parts[1:], start=1):
+            if p.sample_idx.shape != first.sample_idx.shape or not np.array_equal(
+                    p.sample_idx, first.sample_idx):
+                raise CRLError(f"signals part {k} covers other samples or another sample order "
+                               f"than part 0; expected the same sample_idx")
+            if not np.array_equal(p.labels, first.labels):
+                raise CRLError(f"signals part {k} has other labels than part 0 for the same samples")
+            if p.logits.shape[2] != first.logits.shape[2]:
+                raise CRLError(f"signals part {k} has {p.logits.shape[2]} classes, "
+                               f"expected {first.logits.shape[2]}")
+        flips = [p.logits_flip for p in parts]
+        if any(f is None for f in flips) and not all(f is None for f in flips):
+            raise CRLError("some signals parts have flipped logits and some do not")
+        return Signals(np.concatenate([p.logits for p in parts]),
+                       np.concatenate([p.member for p in parts]), first.labels, first.sample_idx,
+                       None if flips[0] is None else np.concatenate(flips))

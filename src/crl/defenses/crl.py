@@ -19,11 +19,12 @@ from crl.losses.crl import CRLLoss, check_crl_params
 from crl.losses.relaxloss import BRANCHES
 from crl.registry import DEFENSES
 
-# The one place the CRL defaults live (initial values; a hyper-parameter search replaces them).
+# The one place the CRL defaults live: chosen by the search in docs/tuning.md (digits default;
+# crl.config.DATASET_DEFAULTS adjusts alpha_rcl to the feature scale of image datasets).
 CRL_DEFAULTS: dict[str, Any] = {
     "alpha_rce": 0.5,
-    "alpha_rcl": 1.0,
-    "tau_rce": 0.05,
+    "alpha_rcl": 14.0,
+    "tau_rce": 0.2,
     "tau_rcl": 0.1,
     "lam": 0.1,
     "upper": 1.0,
