@@ -114,3 +114,13 @@ def test_console_script_exit_code(tmp_path):
 def test_list(capsys):
     code, out, _ = _run(["list"], capsys)
     assert code == 0 and "digits" in out and "ce" in out and "loss" in out
+
+
+def test_dataset_defaults_fill_only_what_the_user_left_unset():
+    from crl.config import AuditConfig
+
+    cfg = AuditConfig(set={"crl": {"lam": 0.5}}).resolved()
+    assert (cfg.model, cfg.subset, cfg.epochs) == ("mlp", 400, 60)
+    assert cfg.set["crl"]["lam"] == 0.5
+    cfg = AuditConfig(dataset="cifar10", epochs=3).resolved()
+    assert (cfg.model, cfg.epochs, cfg.subset) == ("cnn", 3, None)

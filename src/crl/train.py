@@ -225,6 +225,21 @@ def _train_one_epoch(ctx: FitContext, defense: Defense, tap: FeatureTap | None,
     return {"epoch": epoch, "train_loss": tot_loss / n, "train_acc": tot_correct / n}
 
 
+def eval_batches(model: nn.Module, data: ImageData, idx, batch_size: int):
+    """Yield (dataset indices, normalised inputs on the model's device) with the model in eval
+    mode; its train/eval mode is restored afterwards."""
+    idx = torch.as_tensor(np.asarray(idx), dtype=torch.long)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, idx.numel(), batch_size):
+            b = idx[start:start + batch_size]
+            yield b, normalize(data.x[b].to(device), data.mean, data.std)
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def predict_logits(model: nn.Module, data: ImageData, idx, *, batch_size: int = 512,
                    flip: bool = False, bf16: bool = False) -> torch.Tensor:
@@ -232,19 +247,12 @@ def predict_logits(model: nn.Module, data: ImageData, idx, *, batch_size: int = 
 
     bf16=True computes under bfloat16 autocast (fast monitoring; attacks keep the default).
     """
-    idx = torch.as_tensor(np.asarray(idx), dtype=torch.long)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     out = []
-    for start in range(0, idx.numel(), batch_size):
-        b = idx[start:start + batch_size]
-        xb = normalize(data.x[b].to(device), data.mean, data.std)
+    for _, xb in eval_batches(model, data, idx, batch_size):
         if flip:
             xb = xb.flip(-1)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device_type=xb.device.type, dtype=torch.bfloat16, enabled=bf16):
             out.append(model(xb).float().cpu())
-    model.train(was_training)
     return torch.cat(out) if out else torch.empty(0, data.num_classes)
 
 

@@ -70,3 +70,14 @@ class Attack:
 
 def build_attack(name: str, params: dict[str, Any] | None = None) -> Attack:
     return ATTACKS.get(name)(**(params or {}))
+
+
+def leave_one_out(score_of: Callable[[int], np.ndarray], num_models: int,
+                  target_scores: np.ndarray, extra: dict[str, Any]) -> np.ndarray | None:
+    """Scores of every model as the target, [M, N]; None (reason in extra['loo_skipped']) when
+    some model other than model 0 lacks the references an attack needs."""
+    try:
+        return np.stack([target_scores] + [score_of(t) for t in range(1, num_models)])
+    except CRLError as e:
+        extra["loo_skipped"] = str(e)
+        return None

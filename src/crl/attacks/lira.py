@@ -33,7 +33,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.special import log_ndtr
 
-from crl.attacks.base import Attack, AttackContext, AttackResult
+from crl.attacks.base import Attack, AttackContext, AttackResult, leave_one_out
 from crl.attacks.scores import logit_confidence
 from crl.attacks.signals import Signals
 from crl.errors import CRLError
@@ -180,14 +180,8 @@ class _LiRABase(Attack):
         scores, how = _lira_from_stat(stat, sig.member, 0, **kw)
         extra = {"online": self.online, "fixed_variance": fixed, "flip": flip, "variance": how,
                  "num_references": sig.num_models - 1}
-        rows = [scores]
-        try:
-            rows += [_lira_from_stat(stat, sig.member, t, **kw)[0]
-                     for t in range(1, sig.num_models)]
-            loo = np.stack(rows)
-        except CRLError as e:   # model 0 is scorable but some other model lacks references
-            loo = None
-            extra["loo_skipped"] = str(e)
+        loo = leave_one_out(lambda t: _lira_from_stat(stat, sig.member, t, **kw)[0],
+                            sig.num_models, scores, extra)
         return AttackResult(scores=scores, extra=extra, loo_scores=loo)
 
 

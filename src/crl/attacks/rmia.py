@@ -34,7 +34,7 @@ import math
 import numpy as np
 from scipy.special import logsumexp
 
-from crl.attacks.base import Attack, AttackContext, AttackResult
+from crl.attacks.base import Attack, AttackContext, AttackResult, leave_one_out
 from crl.attacks.scores import log_prob_true
 from crl.attacks.signals import Signals
 from crl.errors import CRLError
@@ -189,12 +189,6 @@ class RMIAAttack(Attack):
                  "reference_choice": (
                      "first num_refs OUT models in cyclic order after the target" if offline else
                      "first k//2 IN and k-k//2 OUT models in cyclic order after the target")}
-        rows = [scores]
-        try:
-            rows += [_rmia_one(logp, sig.member, logp_pop, t, **kw)
-                     for t in range(1, sig.num_models)]
-            loo = np.stack(rows)
-        except CRLError as e:   # model 0 is scorable but some other model lacks references
-            loo = None
-            extra["loo_skipped"] = str(e)
+        loo = leave_one_out(lambda t: _rmia_one(logp, sig.member, logp_pop, t, **kw),
+                            sig.num_models, scores, extra)
         return AttackResult(scores=scores, extra=extra, loo_scores=loo)

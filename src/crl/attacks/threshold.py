@@ -175,18 +175,12 @@ def input_gradient_norms(model, data, idx, *, batch_size: int = 256) -> np.ndarr
     import torch
     import torch.nn.functional as F
 
-    from crl.data.types import normalize
+    from crl.train import eval_batches
 
-    idx = torch.as_tensor(np.asarray(idx), dtype=torch.long)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     out = []
-    for start in range(0, idx.numel(), batch_size):
-        b = idx[start:start + batch_size]
-        x = normalize(data.x[b].to(device), data.mean, data.std).requires_grad_(True)
-        loss = F.cross_entropy(model(x).double(), data.y[b].to(device), reduction="sum")
+    for b, x in eval_batches(model, data, idx, batch_size):
+        x.requires_grad_(True)
+        loss = F.cross_entropy(model(x).double(), data.y[b].to(x.device), reduction="sum")
         (g,) = torch.autograd.grad(loss, x)
         out.append(g.flatten(1).double().norm(dim=1).cpu())
-    model.train(was_training)
     return torch.cat(out).numpy()
