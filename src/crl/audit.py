@@ -35,7 +35,7 @@ from crl.errors import CRLError
 from crl.metrics import attack_metrics
 from crl.models import create_model
 from crl.registry import ATTACKS, DEFENSES
-from crl.train import Recipe, evaluate, fit, load_model, predict_logits, save_model
+from crl.train import Recipe, evaluate, fit, load_model_file, predict_logits, save_model
 from crl.utils import cache_dir, code_version, write_json_atomic, write_text_atomic
 
 
@@ -66,10 +66,9 @@ class ModelCache:
         if p is None or not p.exists():
             return None
         try:
-            model = load_model(p)
-            extra = torch.load(p, map_location="cpu", weights_only=True)["extra"]
-        except CRLError:
-            return None   # a corrupt cache entry is retrained, not trusted
+            model, extra = load_model_file(p)
+        except (CRLError, KeyError, RuntimeError):
+            return None   # a corrupt or stale cache entry is retrained, not trusted
         return TrainedModel(model, np.asarray(extra["train_idx"]), extra.get("report", {}),
                             extra.get("history", []))
 

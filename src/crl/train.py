@@ -296,6 +296,11 @@ def save_model(path: str | Path, model: nn.Module, *, arch: str, in_channels: in
 
 def load_model(path: str | Path) -> nn.Module:
     """The trained nn.Module saved by `save_model` (weights_only=True: a file cannot run code)."""
+    return load_model_file(path)[0]
+
+
+def load_model_file(path: str | Path) -> tuple[nn.Module, dict]:
+    """(model, the `extra` dict stored with it) from a file written by `save_model`."""
     from crl.models import create_model
 
     path = Path(path)
@@ -310,4 +315,4 @@ def load_model(path: str | Path) -> nn.Module:
     model = create_model(blob["arch"], blob["in_channels"], blob["image_size"], blob["num_classes"])
     model.load_state_dict(blob["state_dict"])
     model.crl_normalization = (tuple(blob["mean"]), tuple(blob["std"]))  # type: ignore[attr-defined]
-    return model.eval()
+    return model.eval(), blob.get("extra", {})

@@ -13,7 +13,7 @@ import os
 import re
 import warnings
 from collections import Counter
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
