@@ -62,7 +62,13 @@ PRESETS = {
                     lam=[0.1])
         + [dict(tau_rce=0.1, alpha_rce=0.5, tau_rcl=0.1, alpha_rcl=30.0, lam=0.1),
            dict(tau_rce=0.2, alpha_rce=0.5, tau_rcl=0.1, alpha_rcl=25.0, lam=0.1),
-           dict(tau_rce=0.2, alpha_rce=0.5, tau_rcl=0.1, alpha_rcl=0.0, lam=0.0)],
+           dict(tau_rce=0.2, alpha_rce=0.5, tau_rcl=0.1, alpha_rcl=0.0, lam=0.0)]
+        # Second round. The first showed L_ct starts near 24 here: with alpha_rcl >= 25 the
+        # center term relaxes from epoch 1, its (1 - p_y) ||q||^2 part drives the ReLU features
+        # to zero and training collapses to chance. So alpha_rcl below the starting level:
+        + grid(tau_rce=[0.2], alpha_rce=[0.3, 0.5, 0.8], tau_rcl=[0.1], alpha_rcl=[20.0],
+               lam=[0.1])
+        + [dict(tau_rce=0.2, alpha_rce=0.5, tau_rcl=0.1, alpha_rcl=14.0, lam=0.1)],
     },
 }
 
@@ -134,11 +140,16 @@ def main() -> None:
     if chosen is not None:
         relax = min((e for e in screen if e["defense"] == "relaxloss"),
                     key=lambda e: abs(e["test_acc"] - chosen["test_acc"]))
+    from crl.defenses.crl import CRL_DEFAULTS
+
+    default = next((e for e in screen if e["defense"] == "crl" and
+                    e["params"] == {k: CRL_DEFAULTS[k] for k in e["params"]}), None)
     if a.stage in ("confirm", "both") and chosen is not None and not state["confirm"]:
         full = AuditConfig(**base, attacks=preset.get("confirm_attacks", ALL), out=f"/tmp/crl-tune-{a.preset}-confirm",
                            progress=False, defenses=["ce"]).resolved()
         auditor = Auditor(full, data)
-        for e in tqdm([ce, chosen, relax], desc="confirm"):
+        todo = [ce, chosen] + ([default] if default not in (None, chosen) else []) + [relax]
+        for e in tqdm(todo, desc="confirm"):
             state["confirm"].append(evaluate(auditor, splits, e["defense"], e["params"],
                                              full.seeds))
             store.write_text(json.dumps(state, indent=1, default=float))
@@ -151,8 +162,8 @@ def main() -> None:
                      "config": {k: v for k, v in cfg.to_dict().items()
                                 if k not in ("set", "out", "progress")}}
     store.write_text(json.dumps(state, indent=1, default=float))
-    write_markdown(Path(f"{out}.md"), state, ce, chosen, relax, a.max_acc_drop)
-    plot_curves(Path(f"{out}.png"), screen, ce, chosen)
+    write_markdown(Path(f"{out}.md"), state, ce, chosen, relax, a.max_acc_drop, default)
+    plot_curves(Path(f"{out}.png"), screen, ce, chosen, default)
     print(Path(f"{out}.md").read_text())
 
 
@@ -173,7 +184,7 @@ def _table(entries: list[dict], attacks: list[str], key: str = "auc") -> list[st
     return lines
 
 
-def write_markdown(path: Path, state: dict, ce, chosen, relax, drop: float) -> None:
+def write_markdown(path: Path, state: dict, ce, chosen, relax, drop: float, default) -> None:
     meta = state["meta"]
     screen = sorted(state["screen"], key=lambda e: (e["defense"] != "ce", e["defense"],
                                                       -e["test_acc"]))
@@ -192,12 +203,17 @@ def write_markdown(path: Path, state: dict, ce, chosen, relax, drop: float) -> N
         lines += [f"Chosen CRL setting (test accuracy >= CE - {100 * drop:.0f} pt, lowest max AUC):"
                   f" {_fmt_params(chosen['params'])}; RelaxLoss at the closest test accuracy: "
                   f"{_fmt_params(relax['params'])}.", ""]
+    if default is not None:
+        lines += [f"The library's default CRL setting ({_fmt_params(default['params'])}): "
+                  f"train {100 * default['train_acc']:.1f}%, test {100 * default['test_acc']:.1f}%,"
+                  f" max cheap-attack AUC {default['best_auc']:.3f} (CE: test "
+                  f"{100 * ce['test_acc']:.1f}%, AUC {ce['best_auc']:.3f}).", ""]
     lines += ["### Screen: every setting, cheap attacks (AUC, mean over seeds)", ""]
     lines += _table(screen, list(screen[0]["auc"]))
     path.write_text("\n".join(lines) + "\n")
 
 
-def plot_curves(path: Path, screen: list[dict], ce: dict, chosen) -> None:
+def plot_curves(path: Path, screen: list[dict], ce: dict, chosen, default) -> None:
     """Test accuracy vs the strongest attack's AUC; one line per defense as alpha varies."""
     import matplotlib
 
@@ -209,8 +225,14 @@ def plot_curves(path: Path, screen: list[dict], ce: dict, chosen) -> None:
                    key=lambda e: e["params"]["alpha"])
     ax.plot([e["best_auc"] for e in relax], [100 * e["test_acc"] for e in relax], "o-",
             label="RelaxLoss (alpha varies)")
-    if chosen is not None:
-        fixed = {k: v for k, v in chosen["params"].items() if k != "alpha_rce"}
+    lines = []
+    for anchor in (chosen, default):
+        if anchor is None:
+            continue
+        fixed = {k: v for k, v in anchor["params"].items() if k != "alpha_rce"}
+        if fixed not in lines:
+            lines.append(fixed)
+    for fixed in lines:
         line = sorted((e for e in screen if e["defense"] == "crl" and
                        {k: v for k, v in e["params"].items() if k != "alpha_rce"} == fixed),
                       key=lambda e: e["params"]["alpha_rce"])
