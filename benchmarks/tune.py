@@ -40,6 +40,7 @@ def grid(**axes):
 PRESETS = {
     "digits": {
         "config": dict(dataset="digits", seeds=[0, 1, 2]),
+        "full": dict(shadows=2, references=8),
         "curves": [dict(tau_rce=0.2, tau_rcl=0.1, alpha_rcl=0.0, lam=0.0)],   # ImpRelaxLoss
         "relaxloss": grid(alpha=[0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.8, 1.2]),
         # L_ct (tau_rcl 0.1) falls from ~20 to ~11 over training here, L_lce to 0.02 (tau_rce
@@ -57,6 +58,10 @@ PRESETS = {
         "config": dict(dataset="cifar10", model="cnn", seeds=[0], bf16=True,
                        channels_last=True, subset=20000, shadows=1),
         "confirm_attacks": CHEAP + ["nn"],
+        # every attack per setting on a CPU budget: 1 shadow, 4 reference models (LiRA with the
+        # fixed variance Carlini et al. use for few references, RMIA with 2 of them)
+        "full": dict(shadows=1, references=4,
+                     set={"lira": {"fixed_variance": True}, "rmia": {"num_refs": 2}}),
         "curves": [dict(tau_rce=0.2, tau_rcl=0.1, alpha_rcl=20.0, lam=0.1)],
         "relaxloss": grid(alpha=[0.3, 0.5, 1.0]),
         # tau_rce 0.2 caps logit norms near 5; L_ct (tau_rcl 0.1, 512-d features) sits near 30
@@ -100,7 +105,11 @@ def main() -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), required=True)
     p.add_argument("--data", help="dataset name override, e.g. imagefolder:PATH")
     p.add_argument("--out", required=True, help="output stem (OUT.json, OUT.md, OUT.png)")
-    p.add_argument("--stage", choices=["screen", "confirm", "both"], default="both")
+    p.add_argument("--stage", choices=["screen", "confirm", "both", "full"], default="both",
+                   help="full: every screened setting again with EVERY attack, on the preset's "
+                        "'full' budget of shadow/reference models (cheap presets only)")
+    p.add_argument("--shard", default="0/1", help="K/N: in --stage full, do every N-th setting "
+                                                 "from K (run N processes side by side)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--max-acc-drop", type=float, default=0.01,
                    help="CRL's test accuracy may be at most this far below CE's")
@@ -134,6 +143,9 @@ def main() -> None:
             state["screen"].append(evaluate(auditor, splits, defense, params, cfg.seeds))
             ran += 1
             store.write_text(json.dumps(state, indent=1, default=float))
+    if a.stage == "full":
+        run_full(a, preset, base, data, splits, state["screen"], Path(f"{out}.full"))
+    state["full"] = merge_full(Path(f"{out}.full"))
     screen = state["screen"]
     ce = next(e for e in screen if e["defense"] == "ce")
     ok = [e for e in screen if e["defense"] == "crl"
@@ -165,12 +177,41 @@ def main() -> None:
                                 + (f" --data {a.data}" if a.data else "") + f" --out {a.out}",
                      "machine": f"{platform.machine()} CPU, 2 cores, no GPU",
                      "date": str(date.today()), "seconds": seconds,
+                     "full_budget": preset.get("full", {}),
                      "config": {k: v for k, v in cfg.to_dict().items()
                                 if k not in ("set", "out", "progress")}}
     store.write_text(json.dumps(state, indent=1, default=float))
     write_markdown(Path(f"{out}.md"), state, ce, chosen, relax, a.max_acc_drop, default)
     plot_curves(Path(f"{out}.png"), screen, ce, chosen, default, preset.get("curves", []))
     print(Path(f"{out}.md").read_text())
+
+
+def run_full(a, preset: dict, base: dict, data, splits: dict, screen: list[dict],
+             stem: Path) -> None:
+    """Every screened setting with every attack; shard K/N writes STEM.K.json."""
+    if "full" not in preset:
+        raise SystemExit(f"preset {a.preset} has no 'full' budget (too costly on CPU)")
+    k, n = (int(v) for v in a.shard.split("/"))
+    path = Path(f"{stem}.{k}.json")
+    rows = json.loads(path.read_text()) if path.exists() else []
+    done = {(e["defense"], json.dumps(e["params"], sort_keys=True)) for e in rows}
+    cfg = AuditConfig(**{**base, **preset["full"]}, attacks=ALL, progress=False,
+                      out=f"/tmp/crl-tune-{a.preset}-full{k}", defenses=["ce"]).resolved()
+    auditor = Auditor(cfg, data)
+    for e in tqdm(screen[k::n], desc=f"full {k}/{n}"):
+        if (e["defense"], json.dumps(e["params"], sort_keys=True)) in done:
+            continue
+        if e["test_acc"] < 1.5 / data.num_classes:   # collapsed to chance in the screen
+            continue
+        rows.append(evaluate(auditor, splits, e["defense"], e["params"], cfg.seeds))
+        path.write_text(json.dumps(rows, indent=1, default=float))
+
+
+def merge_full(stem: Path) -> list[dict]:
+    rows: list[dict] = []
+    for path in sorted(stem.parent.glob(f"{stem.name}.*.json")):
+        rows += json.loads(path.read_text())
+    return rows
 
 
 def _fmt_params(p: dict) -> str:
@@ -214,6 +255,12 @@ def write_markdown(path: Path, state: dict, ce, chosen, relax, drop: float, defa
                   f"train {100 * default['train_acc']:.1f}%, test {100 * default['test_acc']:.1f}%,"
                   f" max cheap-attack AUC {default['best_auc']:.3f} (CE: test "
                   f"{100 * ce['test_acc']:.1f}%, AUC {ce['best_auc']:.3f}).", ""]
+    if state.get("full"):
+        full = sorted(state["full"], key=lambda e: (e["defense"] != "ce", e["defense"],
+                                                    -e["test_acc"]))
+        budget = meta.get("full_budget", {})
+        lines += [f"### Every setting, every attack (AUC, mean over seeds; {budget})", ""]
+        lines += _table(full, list(full[0]["auc"])) + [""]
     lines += ["### Screen: every setting, cheap attacks (AUC, mean over seeds)", ""]
     lines += _table(screen, list(screen[0]["auc"]))
     path.write_text("\n".join(lines) + "\n")
