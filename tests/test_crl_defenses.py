@@ -171,3 +171,24 @@ def test_relaxloss_metrics():
     step(defense, ctx, 2)
     m = defense.extra_metrics()
     assert m["frac_ce_relax"] == 0.5 and m["frac_ce_even"] == 0.5 and m["l_ce"] > 0
+
+
+def test_warns_when_the_center_term_relaxes_from_the_start():
+    import warnings
+
+    from crl.data.datasets import load_dataset
+    from crl.models import create_model
+    from crl.train import Recipe, fit
+
+    data = load_dataset("digits")
+    idx = torch.arange(64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.manual_seed(0)
+        fit(create_model("mlp", 1, 8, 10), data, idx, Recipe(epochs=1, device="cpu"),
+            build_defense("crl", {"alpha_rcl": 1e6}), progress=False)
+        torch.manual_seed(0)
+        fit(create_model("mlp", 1, 8, 10), data, idx, Recipe(epochs=1, device="cpu"),
+            build_defense("crl"), progress=False)
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1 and "alpha_rcl=1000000.0 is above" in messages[0]

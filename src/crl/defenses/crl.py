@@ -9,6 +9,7 @@ Passing a fixed parameter raises a CRLError. The defaults live in `CRL_DEFAULTS`
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 import torch
@@ -134,7 +135,20 @@ class CRLDefense(Defense):
         return [self.center_optimizer]
 
     def extra_metrics(self) -> dict[str, float]:
-        return self._means.means()
+        self._last_means = self._means.means()
+        return self._last_means
+
+    def end_epoch(self, ctx: FitContext, epoch: int) -> bool:
+        """After epoch 1, warn when the center term relaxed on every batch: alpha_rcl is above
+        the level L_ct starts at, which can drive the features to zero (docs/tuning.md)."""
+        last = getattr(self, "_last_means", {})
+        if epoch == 1 and self.params["lam"] > 0 and last.get("frac_rcl_relax") == 1.0:
+            warnings.warn(
+                f"{self.name}: alpha_rcl={self.params['alpha_rcl']} is above the center loss's "
+                f"first-epoch level (l_ct={last.get('l_ct', float('nan')):.3g}), so the center "
+                "term relaxes from the start and training may collapse; expected alpha_rcl "
+                "below that level", RuntimeWarning, stacklevel=2)
+        return False
 
     def state_dict(self) -> dict[str, Any]:
         if self.crl_loss is None:
