@@ -48,6 +48,19 @@ def test_audit_end_to_end_writes_everything(tmp_path, capsys):
     assert "| Defense | Train acc % | Test acc % |" in (out / "report.md").read_text()
 
 
+def test_second_audit_reuses_cached_models_and_still_writes_metrics(tmp_path, capsys):
+    args = ["audit", *TINY, "--attacks", "loss", "--defenses", "ce"]
+    assert _run([*args, "--out", str(tmp_path / "a")], capsys)[0] == 0
+    first = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert _run([*args, "--out", str(tmp_path / "b")], capsys)[0] == 0
+    second = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert first[0]["attacks"]["loss"] == {**second[0]["attacks"]["loss"],
+                                           "seconds": first[0]["attacks"]["loss"]["seconds"]}
+    assert (tmp_path / "b" / "models" / "ce" / "seed0" / "metrics.jsonl").read_text() == \
+        (tmp_path / "a" / "models" / "ce" / "seed0" / "metrics.jsonl").read_text()
+    assert not (tmp_path / "b" / "models" / "ce" / "seed0" / "checkpoint.pt").exists()
+
+
 def test_yaml_recipe_and_set(tmp_path, capsys):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("epochs: 2\nsubset: 200\nseeds: [1]\nattacks: loss\nshadows: 0\n"

@@ -35,7 +35,8 @@ from crl.errors import CRLError
 from crl.metrics import attack_metrics
 from crl.models import create_model
 from crl.registry import ATTACKS, DEFENSES
-from crl.train import Recipe, evaluate, fit, load_model_file, predict_logits, save_model
+from crl.train import (Recipe, evaluate, fit, load_model_file, predict_logits, save_model,
+                       write_metrics)
 from crl.utils import cache_dir, code_version, write_json_atomic, write_text_atomic
 
 
@@ -154,6 +155,7 @@ class Auditor:
                             desc=f"[{tag}] target")
         _, train_acc = evaluate(target.model, self.data, split.target_members)
         _, test_acc = evaluate(target.model, self.data, split.target_nonmembers)
+        write_metrics(run_dir / "metrics.jsonl", target.history)   # also when from the cache
         save_model(run_dir / "model.pt", target.model, arch=cfg.model,
                    in_channels=self.data.x.shape[1], image_size=self.image_size,
                    num_classes=self.data.num_classes, mean=self.data.mean, std=self.data.std)

@@ -163,7 +163,7 @@ def fit(
             scheduler.step()
             stop = defense.end_epoch(ctx, epoch)
             if run_dir is not None:
-                _write_metrics(Path(run_dir) / "metrics.jsonl", history)
+                write_metrics(Path(run_dir) / "metrics.jsonl", history)
                 torch_save_atomic({
                     "format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "epoch": epoch,
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -264,7 +264,8 @@ def evaluate(model: nn.Module, data: ImageData, idx, *, batch_size: int = 512,
     return float(F.cross_entropy(logits, y)), float((logits.argmax(1) == y).float().mean())
 
 
-def _write_metrics(path: Path, history: list[dict[str, float]]) -> None:
+def write_metrics(path: Path, history: list[dict[str, float]]) -> None:
+    """The per-epoch metrics as JSON lines (atomic)."""
     write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in history))
 
 
