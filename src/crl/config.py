@@ -53,13 +53,8 @@ class AuditConfig:
     def resolved(self) -> "AuditConfig":
         """A copy with per-dataset defaults filled in and every value checked."""
         key = self.dataset if self.dataset in DATASET_DEFAULTS else "*"
-        defaults = DATASET_DEFAULTS[key]
-        filled = {k: v for k, v in defaults.items() if k != "set" and getattr(self, k) is None}
-        # defense hyper-parameters tuned for this kind of data; the user's --set wins
-        merged = {owner: dict(params) for owner, params in defaults.get("set", {}).items()}
-        for owner, params in self.set.items():
-            merged.setdefault(owner, {}).update(params)
-        cfg = dataclasses.replace(self, **filled, set=merged)
+        filled = {k: v for k, v in DATASET_DEFAULTS[key].items() if getattr(self, k) is None}
+        cfg = dataclasses.replace(self, **filled)
         cfg.validate()
         return cfg
 
