@@ -367,3 +367,26 @@ def test_tiny_audit_rows_carry_reports(tmp_path):
     assert by["advreg"]["defense_report"]["n_reference"] > 0
     assert by["dmp"]["defense_report"]["n_student"] > 0
     assert by["early_stopping"]["defense_report"]["stopped_epoch"] == 1
+
+
+def test_dpsgd_batchnorm_model_saves_and_loads(tmp_path):
+    """A BatchNorm model trained with DP-SGD (GroupNorm after Opacus's fix) reloads exactly."""
+    import crl
+    from crl.data.datasets import load_dataset
+    from crl.defenses.base import build_defense
+    from crl.models import create_model
+    from crl.train import Recipe, fit, save_model
+
+    data = load_dataset("digits")
+    torch.manual_seed(0)
+    res = fit(create_model("vgg11_bn", 1, 8, 10), data, torch.arange(64),
+              Recipe(epochs=1, batch_size=32, device="cpu"), build_defense("dpsgd"),
+              progress=False)
+    assert res.defense.report()["opacus_fixed_modules"] is True
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in res.model.modules())
+    path = tmp_path / "dp.pt"
+    save_model(path, res.model, arch="vgg11_bn", in_channels=1, image_size=8, num_classes=10,
+               mean=data.mean, std=data.std, opacus_fixed=True)
+    loaded = crl.load_model(path)
+    x = torch.randn(3, 1, 8, 8)
+    torch.testing.assert_close(loaded(x), res.model.eval()(x))

@@ -123,13 +123,16 @@ class Auditor:
         trained = TrainedModel(result.model.eval(), result.train_idx, defense.report(),
                                result.history)
         if self.cache.root is not None:
-            save_model(self.cache.path(key), result.model, arch=self.cfg.model,
-                       in_channels=self.data.x.shape[1], image_size=self.image_size,
-                       num_classes=self.data.num_classes, mean=self.data.mean,
-                       std=self.data.std,
-                       extra={"train_idx": result.train_idx.tolist(), "report": defense.report(),
-                              "history": result.history})
+            self.save(self.cache.path(key), trained,
+                      extra={"train_idx": result.train_idx.tolist(), "report": trained.report,
+                             "history": result.history})
         return trained
+
+    def save(self, path: Path, trained: TrainedModel, extra: dict | None = None) -> None:
+        save_model(path, trained.model, arch=self.cfg.model, in_channels=self.data.x.shape[1],
+                   image_size=self.image_size, num_classes=self.data.num_classes,
+                   mean=self.data.mean, std=self.data.std, extra=extra,
+                   opacus_fixed=bool(trained.report.get("opacus_fixed_modules")))
 
     def logits(self, model: torch.nn.Module, idx: np.ndarray, flip: bool = False) -> np.ndarray:
         return predict_logits(model, self.data, idx, flip=flip).numpy()
@@ -156,9 +159,7 @@ class Auditor:
         _, train_acc = evaluate(target.model, self.data, split.target_members)
         _, test_acc = evaluate(target.model, self.data, split.target_nonmembers)
         write_metrics(run_dir / "metrics.jsonl", target.history)   # also when from the cache
-        save_model(run_dir / "model.pt", target.model, arch=cfg.model,
-                   in_channels=self.data.x.shape[1], image_size=self.image_size,
-                   num_classes=self.data.num_classes, mean=self.data.mean, std=self.data.std)
+        self.save(run_dir / "model.pt", target)
 
         # shadow and reference models: the target's defense (adaptive attacker) or none
         attacker_defense = defense_name if cfg.shadow_defense == "same" else "ce"

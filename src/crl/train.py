@@ -284,10 +284,15 @@ def _load_checkpoint(path: Path) -> dict:
 
 
 def save_model(path: str | Path, model: nn.Module, *, arch: str, in_channels: int,
-               image_size: int, num_classes: int, mean, std, extra: dict | None = None) -> None:
-    """Write a self-describing model file (weights + how to rebuild the architecture)."""
+               image_size: int, num_classes: int, mean, std, extra: dict | None = None,
+               opacus_fixed: bool = False) -> None:
+    """Write a self-describing model file (weights + how to rebuild the architecture).
+
+    opacus_fixed: the model went through Opacus's ModuleValidator.fix (BatchNorm -> GroupNorm),
+    so loading must rebuild it the same way.
+    """
     torch_save_atomic({
-        "format": MODEL_FORMAT, "arch": arch, "in_channels": in_channels,
+        "format": MODEL_FORMAT, "arch": arch, "in_channels": in_channels, "opacus_fixed": opacus_fixed,
         "image_size": image_size, "num_classes": num_classes,
         "mean": list(map(float, mean)), "std": list(map(float, std)),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -314,6 +319,10 @@ def load_model_file(path: str | Path) -> tuple[nn.Module, dict]:
     if not isinstance(blob, dict) or blob.get("format") != MODEL_FORMAT:
         raise CRLError(f"{path} is not a crl model file (expected format {MODEL_FORMAT})")
     model = create_model(blob["arch"], blob["in_channels"], blob["image_size"], blob["num_classes"])
+    if blob.get("opacus_fixed"):
+        from crl.defenses.dpsgd import opacus_compatible
+
+        model = opacus_compatible(model)
     model.load_state_dict(blob["state_dict"])
     model.crl_normalization = (tuple(blob["mean"]), tuple(blob["std"]))  # type: ignore[attr-defined]
     return model.eval(), blob.get("extra", {})

@@ -15,6 +15,8 @@ import math
 import warnings
 from typing import Any
 
+from torch import nn
+
 from crl.defenses._common import check_number
 from crl.defenses.base import Defense, FitContext
 from crl.errors import CRLError
@@ -47,6 +49,23 @@ def rdp_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: 
     return float(acc.get_epsilon(delta=delta))
 
 
+def opacus_compatible(model: nn.Module) -> nn.Module:
+    """`model` made acceptable to Opacus: BatchNorm -> GroupNorm etc. (a new module when anything
+    had to change) and in-place activations switched off (Opacus's hooks forbid them)."""
+    _, _, ModuleValidator = _opacus()
+    if ModuleValidator.validate(model, strict=False):
+        fixed = ModuleValidator.fix(model)
+        errors = ModuleValidator.validate(fixed, strict=False)
+        if errors:
+            raise CRLError(f"dpsgd cannot make {type(model).__name__} Opacus-compatible: "
+                           f"{str(errors[0]).splitlines()[0]}")
+        model = fixed
+    for m in model.modules():
+        if getattr(m, "inplace", False) is True:
+            m.inplace = False
+    return model
+
+
 @DEFENSES.register("dpsgd")
 class DPSGD(Defense):
     """DP-SGD with clipping norm `max_grad_norm`, noise std noise_multiplier * max_grad_norm,
@@ -70,18 +89,9 @@ class DPSGD(Defense):
         self.replaced_modules = False
 
     def prepare(self, ctx: FitContext) -> None:
-        GradSampleModule, DPOptimizer, ModuleValidator = _opacus()
-        model = ctx.model
-        if ModuleValidator.validate(model, strict=False):
-            model = ModuleValidator.fix(model)
-            self.replaced_modules = True
-            errors = ModuleValidator.validate(model, strict=False)
-            if errors:
-                raise CRLError(f"dpsgd cannot make {type(ctx.model).__name__} Opacus-compatible: "
-                               f"{str(errors[0]).splitlines()[0]}")
-        for m in model.modules():       # Opacus's backward hooks forbid in-place ops on outputs
-            if getattr(m, "inplace", False) is True:
-                m.inplace = False
+        GradSampleModule, DPOptimizer, _ = _opacus()
+        model = opacus_compatible(ctx.model)
+        self.replaced_modules = model is not ctx.model
         model = model.to(ctx.device)
         optimizer = ctx.optimizer
         if model is not ctx.model:      # new parameters: a fresh optimizer with the same settings
