@@ -90,6 +90,8 @@ class Auditor:
             name: build_attack(name, cfg.set.get(name)) for name in cfg.attacks
         }
         self.needs = set().union(*(a.needs for a in self.attacks.values()))
+        self.wants_shadows = "shadows" in self.needs or any(
+            "shadows" in a.uses for a in self.attacks.values())
         self.device = cfg.device
         self.image_size = data.x.shape[-1]
 
@@ -177,9 +179,7 @@ class Auditor:
 
         shadow_signals = None
         shadow_models: list[torch.nn.Module] = []
-        wants_shadows = "shadows" in self.needs or any(
-            "shadows" in a.uses for a in self.attacks.values())
-        if wants_shadows and cfg.shadows > 0:
+        if self.wants_shadows and cfg.shadows > 0:
             shadow_member = []
             for i in tqdm(range(1, cfg.shadows + 1), desc=f"[{tag}] shadows", leave=False,
                           disable=not cfg.progress):
@@ -254,14 +254,21 @@ def _margins(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 
 def validate_names(cfg: AuditConfig) -> None:
-    """Fail fast, before any training or writing, on unknown names or parameters."""
+    """Fail fast, before any training or writing, on unknown names or parameters and on too
+    few shadow or reference models for an attack."""
     from crl.models.zoo import MODELS
 
     MODELS.get(cfg.model)
     for d in cfg.defenses:
         build_defense(d, cfg.set.get(d))
-    for a in cfg.attacks:
-        build_attack(a, cfg.set.get(a))
+    for attack in (build_attack(a, cfg.set.get(a)) for a in cfg.attacks):
+        need = max(2, attack.min_references)
+        if "references" in attack.needs and cfg.references is not None and cfg.references < need:
+            raise CRLError(f"--references {cfg.references}: attack '{attack.name}' needs at "
+                           f"least {need} reference models")
+        if "shadows" in attack.needs and cfg.shadows < 1:
+            raise CRLError(f"--shadows {cfg.shadows}: the {attack.name} attack needs at least "
+                           "1 shadow model")
     known = set(DEFENSES.names()) | set(ATTACKS.names())
     for owner in cfg.set:
         if owner not in known:
@@ -279,14 +286,6 @@ def run_audit(cfg: AuditConfig, *, echo: Callable[[str], None] = print) -> dict[
 
     cfg = cfg.resolved()
     validate_names(cfg)
-    attacks = [build_attack(a, cfg.set.get(a)) for a in cfg.attacks]
-    needs = set().union(*(a.needs for a in attacks))
-    for a in attacks:
-        if "references" in a.needs and cfg.references < max(2, a.min_references):
-            raise CRLError(f"--references {cfg.references}: attack '{a.name}' needs at least "
-                           f"{max(2, a.min_references)} reference models")
-    if "shadows" in needs and cfg.shadows < 1:
-        raise CRLError(f"--shadows {cfg.shadows}: the nn attack needs at least 1 shadow model")
     data = load_dataset(cfg.dataset, data_root=cfg.data_root, download=cfg.download)
     splits = {s: make_pool_split(data.y.numpy(), seed=s, subset=cfg.subset) for s in cfg.seeds}
 

@@ -6,6 +6,8 @@ into ties the way float32 softmax does.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from crl.attacks.base import Attack, AttackContext, AttackResult
@@ -166,7 +168,7 @@ class GradXAttack(ThresholdAttack):
 
     def run(self, ctx: AttackContext) -> AttackResult:
         if ctx.shadow is not None and ctx.shadow_gradient_scores is None:
-            ctx = AttackContext(**{**ctx.__dict__, "shadow": None})
+            ctx = dataclasses.replace(ctx, shadow=None)
         return super().run(ctx)
 
 
