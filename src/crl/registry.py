@@ -19,6 +19,8 @@ class Registry(Generic[T]):
         def decorator(obj: T) -> T:
             if name in self._items:
                 raise RuntimeError(f"{self.kind} '{name}' registered twice")
+            if isinstance(obj, type):
+                obj.name = name   # the registry is the one place a component's name is written
             self._items[name] = obj
             return obj
 

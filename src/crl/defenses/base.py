@@ -1,111 +1,165 @@
-"""The Defense interface: everything a defense may change, without touching `fit`'s loop.
+"""The Defense protocol: everything a defense may change, without touching `fit`'s loop.
 
 `fit` calls, in order:
-    defense.prepare(ctx)                    once, before training (may change ctx.train_idx,
-                                            ctx.model, ctx.optimizer, add data to ctx.extra)
-    for each epoch (1-based):
-        for each mini-batch:
-            defense.before_step(ctx, x, y, epoch)        e.g. AdvReg's inner attack steps
-            logits = model(x); features = tap (if defense.needs_features)
-            loss = defense.loss(logits, features, y, epoch)
-            backward; model optimizer step; each of defense.optimizers() steps
-            defense.after_step(ctx, epoch)
-        stop = defense.end_epoch(ctx, epoch)            True -> stop training (early stopping)
-    defense.finish(ctx)                    after training (e.g. restore best weights)
 
-Extra learnable parameters (CRL's centers) live on the defense, with their own optimizers
-returned by `optimizers()`; `fit` zeroes and steps them, and checkpoints them through
-`state_dict()` / `load_state_dict()`. `report()` adds fields to the results row (e.g. DP epsilon).
+    defense.check(recipe, n_train)             before anything trains (config-time checks)
+    defense.prepare(ctx)                       once: may change ctx.train_idx (held-out data),
+                                               ctx.model / ctx.optimizer (Opacus), ctx.sampler
+    for each epoch (1-based):
+        for each batch from ctx.sampler:
+            step = Step(x, y, idx, logits, features, epoch, step)
+            loss = defense.loss(ctx, step)     -> backward; model and defense.optimizers() step
+        end = defense.end_epoch(ctx, epoch)    -> EpochEnd(metrics for this epoch, stop?)
+    defense.finish(ctx)                        after training (e.g. restore the best weights)
+
+The context carries the data, the typed recipe and batched evaluation (`ctx.predict`,
+`ctx.evaluate`), named random streams (`ctx.stream("name")`, derived from the model's seed) and
+`ctx.train_submodel` to train another model (DMP's teacher) without importing the loop.
+Everything a hook needs arrives as an argument: no state is passed between hooks in hidden
+fields. State that lives across steps (CRL's centers, AdvReg's inference model) belongs to the
+defense and is checkpointed through `state_dict()` / `load_state_dict()`.
+
+Membership ground truth: after `prepare`, `ctx.train_idx` is exactly what the released model
+trains on. Samples a defense holds out are not members; `evaluation_groups()` may name extra
+groups of training-pool samples to attack separately (DMP's teacher-only half).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from crl.data.types import ImageData, normalize
+from crl.evaluation import evaluate, predict_logits
+from crl.params import ParamSpec
+from crl.recipe import Recipe
 from crl.registry import DEFENSES
+from crl.sampling import BatchSampler, ShuffledBatches
+from crl.seeding import numpy_rng, torch_generator
 
 
 @dataclass
-class FitContext:
-    """What a defense can see and change during `fit`."""
+class Step:
+    """Everything one training step knows."""
 
+    x: torch.Tensor                 # normalised (and augmented) inputs on the device
+    y: torch.Tensor                 # labels on the device
+    idx: torch.Tensor               # dataset indices of the batch (CPU)
+    logits: torch.Tensor            # float32 logits of the model on x (train mode)
+    features: torch.Tensor | None   # penultimate features (only if defense.needs_features)
+    epoch: int                      # 1-based
+    step: int                       # 1-based within the epoch
+
+
+@dataclass
+class EpochEnd:
+    """What a defense reports after an epoch: metrics for that epoch's row, and whether to stop."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    stop: bool = False
+
+
+SubTrainer = Callable[..., nn.Module]
+
+
+@dataclass
+class TrainContext:
+    """What a defense sees and may change during `fit`."""
+
+    data: ImageData
+    recipe: Recipe
     model: nn.Module
     optimizer: torch.optim.Optimizer
-    x: torch.Tensor            # uint8 images of the whole dataset handed to fit [N, C, H, W]
-    y: torch.Tensor            # labels [N]
-    train_idx: torch.Tensor    # indices into x/y the model trains on (a defense may change it)
-    num_classes: int
-    feat_dim: int | None
+    train_idx: torch.Tensor         # dataset indices the model trains on
     device: torch.device
-    epochs: int
-    batch_size: int
-    seed: int
-    mean: tuple
-    std: tuple
-    generator: torch.Generator | None = None   # fit's RNG for shuffling/augmentation
-    extra: dict[str, Any] = field(default_factory=dict)
-    recipe: Any = None         # the crl.train.Recipe fit runs (None outside fit), e.g. for a teacher
+    feat_dim: int | None            # width of the penultimate features (None if not needed)
+    sampler: BatchSampler
+    trainer: SubTrainer | None = None
 
-    def batch_inputs(self, idx: torch.Tensor) -> torch.Tensor:
-        """Normalised float inputs for dataset indices `idx` on ctx.device (no augmentation)."""
-        from crl.data.types import normalize
+    @property
+    def num_classes(self) -> int:
+        return self.data.num_classes
 
-        return normalize(self.x[idx].to(self.device), self.mean, self.std)
+    @property
+    def seed(self) -> int:
+        return self.recipe.seed
+
+    def stream(self, *names: str | int) -> torch.Generator:
+        """A CPU torch.Generator on this model's stream `names` (e.g. 'centers')."""
+        return torch_generator(self.recipe.seed, *names)
+
+    def numpy_stream(self, *names: str | int) -> np.random.Generator:
+        return numpy_rng(self.recipe.seed, *names)
+
+    def inputs(self, idx: torch.Tensor) -> torch.Tensor:
+        """Normalised float inputs for dataset indices `idx` on the device (no augmentation)."""
+        return normalize(self.data.x[idx].to(self.device), self.data.mean, self.data.std)
+
+    def predict(self, idx, model: nn.Module | None = None) -> torch.Tensor:
+        """float32 logits of `model` (default: ctx.model) on data[idx], eval mode, on the device."""
+        return predict_logits(model or self.model, self.data, idx).to(self.device)
+
+    def evaluate(self, idx, model: nn.Module | None = None) -> tuple[float, float]:
+        """(mean cross-entropy, accuracy) of `model` (default: ctx.model) on data[idx]."""
+        return evaluate(model or self.model, self.data, idx)
+
+    def train_submodel(self, model: nn.Module, idx, *, defense: "Defense | None" = None,
+                       stream: str = "submodel") -> nn.Module:
+        """Train `model` on data[idx] with this recipe (its seed derived by `stream`) and
+        `defense` (default: plain cross-entropy); returns the trained module."""
+        if self.trainer is None:
+            from crl.errors import CRLError
+
+            raise CRLError("this context cannot train sub-models (no trainer); run through fit")
+        return self.trainer(model, idx, defense=defense, stream=stream)
 
 
 class Defense:
-    """Base class: plain cross-entropy and no-op hooks. Subclasses override what they need."""
+    """Base class: plain cross-entropy and no-op hooks. Subclasses override what they need.
 
-    name: str = "ce"
-    needs_features: bool = False
-    # Parameter names and defaults; `params` holds the resolved values.
-    defaults: dict[str, Any] = {}
+    `name` is set by the registry; `spec` declares the parameters (resolved into `params`).
+    `batchable`: whether the ensemble engine may train this defense K models at a time.
+    """
 
-    def __init__(self, **params: Any) -> None:
-        from crl.errors import CRLError
+    name: ClassVar[str] = "ce"
+    spec: ClassVar[ParamSpec] = ParamSpec()
+    needs_features: ClassVar[bool] = False
+    batchable: ClassVar[bool] = True
 
-        unknown = sorted(set(params) - set(self.defaults))
-        if unknown:
-            valid = ", ".join(sorted(self.defaults)) or "none"
-            raise CRLError(
-                f"unknown parameter '{self.name}.{unknown[0]}'; {self.name} takes: {valid}"
-            )
-        self.params: dict[str, Any] = {**self.defaults, **params}
+    def __init__(self, params: dict[str, Any] | None = None) -> None:
+        self.params: dict[str, Any] = self.spec.resolve(self.name, params)
 
     # --- hooks -----------------------------------------------------------------------------
-    def prepare(self, ctx: FitContext) -> None:
+    def check(self, recipe: Recipe, n_train: int) -> None:
+        """Checks that depend on the recipe or the data; raise CRLError before any training."""
+
+    def prepare(self, ctx: TrainContext) -> None:
         """Called once before training."""
 
-    def loss(self, logits: torch.Tensor, features: torch.Tensor | None, targets: torch.Tensor,
-             epoch: int) -> torch.Tensor:
-        return F.cross_entropy(logits, targets)
+    def loss(self, ctx: TrainContext, step: Step) -> torch.Tensor:
+        return F.cross_entropy(step.logits, step.y)
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
+        """Optimizers of the defense's own parameters; fit zeroes and steps them."""
         return []
 
-    def before_step(self, ctx: FitContext, x: torch.Tensor, y: torch.Tensor, epoch: int) -> None:
-        """Called before each model step (x already normalised and augmented)."""
+    def end_epoch(self, ctx: TrainContext, epoch: int) -> EpochEnd:
+        return EpochEnd()
 
-    def after_step(self, ctx: FitContext, epoch: int) -> None:
-        """Called after each model step."""
-
-    def end_epoch(self, ctx: FitContext, epoch: int) -> bool:
-        """Called after each epoch; return True to stop training."""
-        return False
-
-    def finish(self, ctx: FitContext) -> None:
+    def finish(self, ctx: TrainContext) -> None:
         """Called once after training."""
 
-    def extra_metrics(self) -> dict[str, float]:
-        """Per-epoch values to log beside loss/accuracy (e.g. CRL's two terms); reset by fit."""
+    def report(self) -> dict[str, Any]:
+        """Fields added to the results row (e.g. DP epsilon)."""
         return {}
 
-    def report(self) -> dict[str, Any]:
-        """Fields added to the results row."""
+    def evaluation_groups(self) -> dict[str, np.ndarray]:
+        """Extra groups of held-out training-pool samples to attack separately (name -> dataset
+        indices), e.g. DMP's teacher-only half."""
         return {}
 
     # --- checkpointing ---------------------------------------------------------------------
@@ -120,10 +174,11 @@ class Defense:
 class CrossEntropy(Defense):
     """No defense: ordinary cross-entropy."""
 
-    name = "ce"
-
 
 def build_defense(name: str, params: dict[str, Any] | None = None) -> Defense:
     """Create a registered defense by name with hyper-parameters `params`."""
-    cls = DEFENSES.get(name)
-    return cls(**(params or {}))
+    return DEFENSES.get(name)(params)
+
+
+def default_sampler(recipe: Recipe) -> BatchSampler:
+    return ShuffledBatches(recipe.batch_size)

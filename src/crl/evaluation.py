@@ -1,0 +1,57 @@
+"""Batched evaluation of a model on dataset indices: the one place inputs are batched for
+inference (training, defenses, attacks and the audit all use it)."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from crl.data.types import ImageData, normalize
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def eval_batches(model: nn.Module, data: ImageData, idx, batch_size: int = 512
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (dataset indices, normalised inputs on the model's device) with the model in eval
+    mode; its train/eval mode is restored afterwards."""
+    idx = torch.as_tensor(np.asarray(idx), dtype=torch.long)
+    device = _device_of(model)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, idx.numel(), batch_size):
+            b = idx[start:start + batch_size]
+            yield b, normalize(data.x[b].to(device), data.mean, data.std)
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, data: ImageData, idx, *, batch_size: int = 512,
+                   flip: bool = False, bf16: bool = False) -> torch.Tensor:
+    """float32 logits [len(idx), C] on the CPU, in eval mode (optionally on flipped inputs).
+
+    bf16=True computes under bfloat16 autocast (fast monitoring; attacks keep the default).
+    """
+    out = []
+    for _, xb in eval_batches(model, data, idx, batch_size):
+        if flip:
+            xb = xb.flip(-1)
+        with torch.autocast(device_type=xb.device.type, dtype=torch.bfloat16, enabled=bf16):
+            out.append(model(xb).float().cpu())
+    return torch.cat(out) if out else torch.empty(0, data.num_classes)
+
+
+def evaluate(model: nn.Module, data: ImageData, idx, *, batch_size: int = 512,
+             bf16: bool = False) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of `model` on data[idx]."""
+    logits = predict_logits(model, data, idx, batch_size=batch_size, bf16=bf16).double()
+    y = data.y[torch.as_tensor(np.asarray(idx), dtype=torch.long)]
+    return float(F.cross_entropy(logits, y)), float((logits.argmax(1) == y).float().mean())
