@@ -23,10 +23,11 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from crl.audit import Auditor, validate_names
+import yaml
+
+from crl.audit import Audit, DefenseChoice
+from crl.audit.run import prepare
 from crl.config import AuditConfig
-from crl.data.datasets import load_dataset
-from crl.data.splits import make_pool_split
 
 CHEAP = ["loss", "confidence", "entropy", "mentr", "gradx"]
 ALL = CHEAP + ["nn", "lira", "rmia"]
@@ -93,14 +94,33 @@ def summarize(rows: list[dict]) -> dict:
     return out
 
 
-def evaluate(auditor: Auditor, splits: dict, defense: str, params: dict, seeds) -> dict:
-    auditor.cfg.set = {defense: params} if params else {}
-    validate_names(auditor.cfg)
-    rows = [auditor.run_one(defense, s, splits[s])["row"] for s in seeds]
+def evaluate(audit: Audit, splits: dict, defense: str, params: dict, seeds) -> dict:
+    """Audit one setting on every seed through the audit's stages (no config is mutated)."""
+    choice = DefenseChoice(defense, params)
+    for s in seeds:
+        audit.check(choice, splits[s])
+    rows = [audit.audit_one(choice, s, splits[s]).row() for s in seeds]
     return {"defense": defense, "params": params, "rows": rows, **summarize(rows)}
 
 
-def main() -> None:
+def session(overrides: dict, **fields) -> tuple[AuditConfig, Audit, dict]:
+    """A resolved config, its Audit and the splits, for one stage."""
+    cfg, audit, splits = prepare(AuditConfig(**{**fields, **overrides}), echo=lambda _: None)
+    return cfg, audit, splits
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """KEY=VALUE config fields (YAML values), e.g. epochs=2 seeds=[0] subset=300."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--override {item!r}: expected KEY=VALUE")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), required=True)
     p.add_argument("--data", help="dataset name override, e.g. imagefolder:PATH")
@@ -113,13 +133,17 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--max-acc-drop", type=float, default=0.01,
                    help="CRL's test accuracy may be at most this far below CE's")
-    a = p.parse_args()
+    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="audit config field for every stage, e.g. epochs=2 (tiny test budgets)")
+    p.add_argument("--max-settings", type=int, default=0,
+                   help="keep only the first N grid settings per defense (0: all)")
+    a = p.parse_args(argv)
     if a.threads:
         import torch
 
         torch.set_num_threads(a.threads)
     preset = PRESETS[a.preset]
-    base = dict(preset["config"])
+    base = {**preset["config"], **parse_overrides(a.override)}
     if a.data:
         base["dataset"] = a.data
     out = Path(a.out)
@@ -127,24 +151,23 @@ def main() -> None:
     store = Path(f"{out}.json")
     state = json.loads(store.read_text()) if store.exists() else {"screen": [], "confirm": []}
 
-    cfg = AuditConfig(**{**base, "shadows": 0}, attacks=CHEAP, out=f"/tmp/crl-tune-{a.preset}", progress=False,
-                      defenses=["ce"]).resolved()
-    data = load_dataset(cfg.dataset)
-    splits = {s: make_pool_split(data.y.numpy(), seed=s, subset=cfg.subset) for s in cfg.seeds}
+    cfg, audit, splits = session({**base, "shadows": 0}, attacks=CHEAP,
+                                 out=f"/tmp/crl-tune-{a.preset}", progress=False,
+                                 defenses=["ce"])
+    cut = a.max_settings or None
     done = {(e["defense"], json.dumps(e["params"], sort_keys=True)) for e in state["screen"]}
     t0, ran = time.time(), 0
     if a.stage in ("screen", "both"):
-        auditor = Auditor(cfg, data)
-        jobs = [("ce", {})] + [("relaxloss", g) for g in preset["relaxloss"]] + \
-               [("crl", g) for g in preset["crl"]]
+        jobs = [("ce", {})] + [("relaxloss", g) for g in preset["relaxloss"][:cut]] + \
+               [("crl", g) for g in preset["crl"][:cut]]
         for defense, params in tqdm(jobs, desc="screen"):
             if (defense, json.dumps(params, sort_keys=True)) in done:
                 continue
-            state["screen"].append(evaluate(auditor, splits, defense, params, cfg.seeds))
+            state["screen"].append(evaluate(audit, splits, defense, params, cfg.seeds))
             ran += 1
             store.write_text(json.dumps(state, indent=1, default=float))
     if a.stage == "full":
-        run_full(a, preset, base, data, splits, state["screen"], Path(f"{out}.full"))
+        run_full(a, preset, base, state["screen"], Path(f"{out}.full"))
     state["full"] = merge_full(Path(f"{out}.full"))
     screen = state["screen"]
     ce = next(e for e in screen if e["defense"] == "ce")
@@ -155,17 +178,19 @@ def main() -> None:
     if chosen is not None:
         relax = min((e for e in screen if e["defense"] == "relaxloss"),
                     key=lambda e: abs(e["test_acc"] - chosen["test_acc"]))
-    from crl.defenses.crl import CRL_DEFAULTS
+    from crl.defenses.crl import CRLDefense
+
+    CRL_DEFAULTS = CRLDefense.spec.defaults()
 
     default = next((e for e in screen if e["defense"] == "crl" and
                     e["params"] == {k: CRL_DEFAULTS[k] for k in e["params"]}), None)
     if a.stage in ("confirm", "both") and chosen is not None and not state["confirm"]:
-        full = AuditConfig(**base, attacks=preset.get("confirm_attacks", ALL), out=f"/tmp/crl-tune-{a.preset}-confirm",
-                           progress=False, defenses=["ce"]).resolved()
-        auditor = Auditor(full, data)
+        full, audit, splits = session(base, attacks=preset.get("confirm_attacks", ALL),
+                                      out=f"/tmp/crl-tune-{a.preset}-confirm", progress=False,
+                                      defenses=["ce"])
         todo = [ce, chosen] + ([default] if default not in (None, chosen) else []) + [relax]
         for e in tqdm(todo, desc="confirm"):
-            state["confirm"].append(evaluate(auditor, splits, e["defense"], e["params"],
+            state["confirm"].append(evaluate(audit, splits, e["defense"], e["params"],
                                              full.seeds))
             ran += 1
             store.write_text(json.dumps(state, indent=1, default=float))
@@ -186,8 +211,7 @@ def main() -> None:
     print(Path(f"{out}.md").read_text())
 
 
-def run_full(a, preset: dict, base: dict, data, splits: dict, screen: list[dict],
-             stem: Path) -> None:
+def run_full(a, preset: dict, base: dict, screen: list[dict], stem: Path) -> None:
     """Every screened setting with every attack; shard K/N writes STEM.K.json."""
     if "full" not in preset:
         raise SystemExit(f"preset {a.preset} has no 'full' budget (too costly on CPU)")
@@ -195,15 +219,15 @@ def run_full(a, preset: dict, base: dict, data, splits: dict, screen: list[dict]
     path = Path(f"{stem}.{k}.json")
     rows = json.loads(path.read_text()) if path.exists() else []
     done = {(e["defense"], json.dumps(e["params"], sort_keys=True)) for e in rows}
-    cfg = AuditConfig(**{**base, **preset["full"]}, attacks=ALL, progress=False,
-                      out=f"/tmp/crl-tune-{a.preset}-full{k}", defenses=["ce"]).resolved()
-    auditor = Auditor(cfg, data)
+    full = {**base, **preset["full"], **parse_overrides(a.override)}
+    cfg, audit, splits = session(full, attacks=ALL, progress=False,
+                                 out=f"/tmp/crl-tune-{a.preset}-full{k}", defenses=["ce"])
     for e in tqdm(screen[k::n], desc=f"full {k}/{n}"):
         if (e["defense"], json.dumps(e["params"], sort_keys=True)) in done:
             continue
-        if e["test_acc"] < 1.5 / data.num_classes:   # collapsed to chance in the screen
+        if e["test_acc"] < 1.5 / audit.data.num_classes:   # collapsed to chance in the screen
             continue
-        rows.append(evaluate(auditor, splits, e["defense"], e["params"], cfg.seeds))
+        rows.append(evaluate(audit, splits, e["defense"], e["params"], cfg.seeds))
         path.write_text(json.dumps(rows, indent=1, default=float))
 
 

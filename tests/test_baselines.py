@@ -4,6 +4,8 @@ Tiny CPU fits on digits (mlp, a few epochs); each test checks the defense does w
 """
 from __future__ import annotations
 
+import copy
+import itertools
 import math
 import sys
 
@@ -16,13 +18,16 @@ from torch import nn
 import crl.defenses  # noqa: F401  (registers every defense)
 from crl.data.splits import make_pool_split
 from crl.data.types import ImageData
-from crl.defenses.base import FitContext, build_defense
+from crl.defenses.base import Step, TrainContext, build_defense, default_sampler
 from crl.errors import CRLError
 from crl.models import create_model
+from crl.recipe import Recipe
 from crl.registry import DEFENSES
-from crl.train import Recipe, fit
+from crl.sampling import PoissonBatches
+from crl.train import fit
 
 NAMES = ["label_smoothing", "confidence_penalty", "early_stopping", "advreg", "dmp", "dpsgd"]
+HELD_OUT = ["early_stopping", "advreg", "dmp"]
 
 
 @pytest.fixture(scope="module")
@@ -37,32 +42,65 @@ def mlp(seed=0):
     return create_model("mlp", 1, 8, 10)
 
 
+def conv_bn(seed=0):
+    """A tiny Conv+BatchNorm model (Opacus must replace the BatchNorm)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=True),
+                         nn.Flatten(), nn.Linear(4 * 64, 16), nn.ReLU(inplace=True),
+                         nn.Linear(16, 10))
+
+
 def recipe(epochs, batch=32, lr=0.05, seed=0):
     return Recipe(epochs=epochs, batch_size=batch, lr=lr, seed=seed, device="cpu")
 
 
-def run(data, idx, name, params=None, epochs=3, model=None, **kw):
+def run(data, idx, name, params=None, epochs=3, model=None, batch=32, **kw):
     defense = build_defense(name, params)
-    res = fit(model or mlp(), data, idx, recipe(epochs), defense, progress=False, **kw)
+    res = fit(model or mlp(), data, idx, recipe(epochs, batch), defense, progress=False, **kw)
     return res, defense
 
 
 def make_ctx(data, idx, model=None, epochs=3, batch=32):
     model = model or mlp()
     rec = recipe(epochs, batch)
-    return FitContext(
-        model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
-        x=data.x, y=data.y, train_idx=torch.as_tensor(idx), num_classes=data.num_classes,
-        feat_dim=256, device=torch.device("cpu"), epochs=epochs, batch_size=batch, seed=0,
-        mean=data.mean, std=data.std, generator=torch.Generator().manual_seed(0), recipe=rec)
+    return TrainContext(data=data, recipe=rec, model=model,
+                        optimizer=torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+                        train_idx=torch.as_tensor(np.asarray(idx)), device=torch.device("cpu"),
+                        feat_dim=None, sampler=default_sampler(rec))
 
 
-# --- registry, parameters --------------------------------------------------------------------
-def test_all_registered_with_defaults():
+def make_step(ctx, idx, epoch=1, logits=None):
+    idx = torch.as_tensor(np.asarray(idx))
+    x = ctx.inputs(idx)
+    logits = ctx.model(x) if logits is None else logits
+    return Step(x=x, y=ctx.data.y[idx], idx=idx, logits=logits, features=None, epoch=epoch,
+                step=1)
+
+
+def record_steps(defense, sink):
+    """Wrap defense.loss to record every Step it sees."""
+    orig = defense.loss
+
+    def spy(ctx, step):
+        sink.append(step)
+        return orig(ctx, step)
+
+    defense.loss = spy
+    return defense
+
+
+# --- registry, parameters, checks --------------------------------------------------------------
+def test_all_registered_with_spec_defaults():
     for name in NAMES:
         assert name in DEFENSES
         d = build_defense(name)
-        assert d.name == name and set(d.params) == set(type(d).defaults)
+        assert d.name == name and d.params == type(d).spec.defaults()
+        assert all(p.help for p in type(d).spec)
+        assert type(d).batchable == (name not in ("dpsgd", "advreg", "dmp", "early_stopping"))
+    for name, param in [("label_smoothing", "epsilon"), ("confidence_penalty", "beta"),
+                        ("advreg", "alpha"), ("dpsgd", "noise_multiplier")]:
+        lo, hi, scale = DEFENSES.get(name).spec[param].search
+        assert lo <= DEFENSES.get(name).spec[param].default <= hi and scale in ("linear", "log")
 
 
 @pytest.mark.parametrize("name,params", [
@@ -79,25 +117,48 @@ def test_bad_params_raise_crlerror(name, params):
     with pytest.raises(CRLError) as e:
         build_defense(name, params)
     msg = str(e.value)
-    assert "\n" not in msg and name in msg and next(iter(params)) in msg
+    assert "\n" not in msg and f"{name}.{next(iter(params))}" in msg and "expected" in msg
 
 
-def test_fractions_that_leave_nothing_raise(digits, members):
-    ctx = make_ctx(digits, members[0][:3])
-    with pytest.raises(CRLError, match="ref_fraction"):
-        build_defense("advreg", {"ref_fraction": 0.1}).prepare(ctx)   # rounds to 0 held out
-    with pytest.raises(CRLError, match="stop_epoch=9"):
-        build_defense("early_stopping", {"stop_epoch": 9}).prepare(make_ctx(digits, members[0]))
+class _Untrainable(nn.Module):
+    """A model whose forward pass fails the test: check() must stop fit before it runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x):
+        raise AssertionError("a model trained before the defense's check()")
+
+
+@pytest.mark.parametrize("name,params,n,epochs,batch,match", [
+    ("advreg", {"ref_fraction": 0.1}, 3, 3, 2, "advreg.ref_fraction = 0.1: holds out 0 of 3"),
+    ("early_stopping", {"val_fraction": 0.95}, 10, 3, 2, "keeps at least 1"),
+    ("early_stopping", {"stop_epoch": 9}, 100, 3, 32, "early_stopping.stop_epoch = 9"),
+    ("dmp", {"ref_size": 99}, 100, 3, 32, "dmp.ref_size = 99: more than the 50"),
+    ("dmp", {"ref_fraction": 0.01}, 20, 3, 4, "dmp.ref_fraction = 0.01: holds out 0 of 20"),
+    ("dpsgd", {}, 20, 3, 32, "batch_size = 32 with 20 training samples"),
+])
+def test_check_errors_before_training(digits, members, name, params, n, epochs, batch, match):
+    d = build_defense(name, params)
+    with pytest.raises(CRLError, match=match) as e:
+        d.check(recipe(epochs, batch), n)
+    assert "\n" not in str(e.value)
+    with pytest.raises(CRLError, match=match):
+        fit(_Untrainable(), digits, members[0][:n], recipe(epochs, batch), build_defense(
+            name, params), progress=False)
 
 
 # --- label smoothing, confidence penalty --------------------------------------------------------
 def test_label_smoothing_loss_matches_plain_torch(digits, members):
     torch.manual_seed(1)
-    logits, y = torch.randn(7, 10), torch.randint(0, 10, (7,))
+    ctx = make_ctx(digits, members[0])
+    logits = torch.randn(7, 10)
+    step = make_step(ctx, members[0][:7], logits=logits)
     eps = 0.2
-    target = torch.full((7, 10), eps / 10).scatter_(1, y[:, None], 1 - eps + eps / 10)
+    target = torch.full((7, 10), eps / 10).scatter_(1, step.y[:, None], 1 - eps + eps / 10)
     expected = -(target * torch.log_softmax(logits, 1)).sum(1).mean()
-    got = build_defense("label_smoothing", {"epsilon": eps}).loss(logits, None, y, 1)
+    got = build_defense("label_smoothing", {"epsilon": eps}).loss(ctx, step)
     assert torch.allclose(got, expected, atol=1e-6)
     res, _ = run(digits, members[0], "label_smoothing", epochs=2)
     assert len(res.history) == 2 and math.isfinite(res.history[-1]["train_loss"])
@@ -105,16 +166,55 @@ def test_label_smoothing_loss_matches_plain_torch(digits, members):
 
 def test_confidence_penalty_matches_plain_torch(digits, members):
     torch.manual_seed(2)
-    logits, y = torch.randn(5, 10), torch.randint(0, 10, (5,))
+    ctx = make_ctx(digits, members[0])
+    logits = torch.randn(5, 10)
+    step = make_step(ctx, members[0][:5], logits=logits)
     p = torch.softmax(logits, 1)
     ent = -(p * p.log()).sum(1).mean()
-    ce = F.cross_entropy(logits, y)
+    ce = F.cross_entropy(logits, step.y)
     d = build_defense("confidence_penalty", {"beta": 0.3})
-    assert torch.allclose(d.loss(logits, None, y, 1), ce - 0.3 * ent, atol=1e-6)
-    m = d.extra_metrics()
-    assert m["entropy"] == pytest.approx(float(ent), abs=1e-5) and d.extra_metrics() == {}
+    assert torch.allclose(d.loss(ctx, step), ce - 0.3 * ent, atol=1e-6)
+    m = d.end_epoch(ctx, 1).metrics
+    assert m["entropy"] == pytest.approx(float(ent), abs=1e-5)
+    assert m["l_ce"] == pytest.approx(float(ce), abs=1e-5) and d.end_epoch(ctx, 2).metrics == {}
     res, _ = run(digits, members[0], "confidence_penalty", epochs=2)
     assert {"entropy", "l_ce"} <= set(res.history[-1])
+
+
+# --- membership ground truth of the held-out defenses -------------------------------------------
+def _held_out(name, d):
+    if name == "early_stopping":
+        return d.val_idx.numpy()
+    if name == "advreg":
+        return d.ref_idx.numpy()
+    return np.setdiff1d(d.ref_pool.numpy(), d.ref_idx.numpy()).tolist() + d.teacher_idx.tolist()
+
+
+@pytest.mark.parametrize("name", HELD_OUT)
+def test_train_idx_excludes_exactly_the_held_out_samples(digits, members, name):
+    steps = []
+    d = record_steps(build_defense(name, {"patience": 10} if name == "early_stopping" else None),
+                     steps)
+    res = fit(mlp(), digits, members[0], recipe(2), d, progress=False)
+    trained, held = np.sort(res.train_idx), np.sort(np.asarray(_held_out(name, d)))
+    assert held.size > 0 and np.intersect1d(trained, held).size == 0
+    assert np.array_equal(np.sort(np.concatenate([trained, held])), np.sort(members[0]))
+    # exactly what the model trained on: every sample fit drew, and nothing else
+    seen = np.unique(torch.cat([s.idx for s in steps]).numpy())
+    assert np.array_equal(seen, trained)
+    assert np.intersect1d(held, members[1]).size == 0        # non-members never drawn on
+
+
+def test_held_out_splits_come_from_named_streams(digits, members):
+    a = build_defense("advreg")
+    a.prepare(make_ctx(digits, members[0]))
+    b = build_defense("advreg")
+    b.prepare(make_ctx(digits, members[0]))
+    e = build_defense("early_stopping", {"val_fraction": 0.2})
+    e.prepare(make_ctx(digits, members[0]))
+    assert torch.equal(a.ref_idx, b.ref_idx)                  # same seed, same split
+    assert not torch.equal(a.ref_idx, e.val_idx)              # another name, another split
+    assert all(torch.equal(p, q) for p, q in zip(a.attack.parameters(), b.attack.parameters()))
 
 
 # --- early stopping ----------------------------------------------------------------------------
@@ -128,7 +228,13 @@ def test_early_stopping_at_stop_epoch(digits, members):
 def test_early_stopping_by_patience_restores_best(digits, members, monkeypatch):
     d = build_defense("early_stopping", {"patience": 2, "val_fraction": 0.2})
     scripted = iter([1.0, 0.5, 0.6, 0.7, 0.1, 0.1])
-    monkeypatch.setattr(d, "validation", lambda ctx: (next(scripted), 0.0))
+    evaluated = []
+
+    def fake_evaluate(model, data, idx, **kw):
+        evaluated.append(np.asarray(idx).copy())
+        return next(scripted), 0.25
+
+    monkeypatch.setattr("crl.defenses.base.evaluate", fake_evaluate)
     states = []
     orig_end = d.end_epoch
 
@@ -139,22 +245,26 @@ def test_early_stopping_by_patience_restores_best(digits, members, monkeypatch):
     monkeypatch.setattr(d, "end_epoch", spy)
     res = fit(mlp(), digits, members[0], recipe(6), d, progress=False)
     assert len(res.history) == 4                      # best at 2, no improvement at 3 and 4
+    assert [r["val_loss"] for r in res.history] == [1.0, 0.5, 0.6, 0.7]
+    assert all(r["val_acc"] == 0.25 for r in res.history)
     rep = d.report()
     assert rep["best_epoch"] == 2 and rep["stopped_epoch"] == 4
     for k, v in res.model.state_dict().items():       # weights of epoch 2 restored
         assert torch.equal(v, states[1][k])
-    # the validation split: drawn only from the members, disjoint from what the model trained on
-    val, trained = d.val_idx.numpy(), res.train_idx
-    assert np.intersect1d(val, trained).size == 0
-    assert np.array_equal(np.sort(np.concatenate([val, trained])), np.sort(members[0]))
-    assert np.intersect1d(val, members[1]).size == 0
+    val = d.val_idx.numpy()
+    assert all(np.array_equal(idx, val) for idx in evaluated)   # validated on its split only
     assert rep["n_val"] == 20 and rep["n_train"] == 80
 
 
 def test_early_stopping_real_validation_runs(digits, members):
+    from crl.evaluation import evaluate
+
     res, d = run(digits, members[0], "early_stopping", {"patience": 1}, epochs=4)
     assert "val_loss" in res.history[0] and 1 <= len(res.history) <= 4
-    assert d.report()["best_epoch"] >= 1
+    best = d.report()["best_epoch"]
+    assert best >= 1 and res.history[best - 1]["val_loss"] == d.report()["best_val_loss"]
+    # the restored model is the best epoch's: its validation loss is the one logged then
+    assert evaluate(res.model, digits, d.val_idx)[0] == pytest.approx(d.best_loss, abs=1e-6)
 
 
 # --- AdvReg ------------------------------------------------------------------------------------
@@ -179,8 +289,6 @@ def test_advreg_inference_model_learns_and_all_params_change(digits, members):
     assert unchanged == []
     # fresh measurement: members vs reference on the final model
     ref, mem = d.ref_idx, torch.as_tensor(res.train_idx)
-    assert np.intersect1d(ref.numpy(), res.train_idx).size == 0
-    assert set(ref.tolist()) | set(res.train_idx.tolist()) == set(members[0].tolist())
     with torch.no_grad():
         res.model.eval()
 
@@ -193,39 +301,34 @@ def test_advreg_inference_model_learns_and_all_params_change(digits, members):
     assert d.report()["n_reference"] == 30 and d.report()["n_train"] == 70
 
 
-def test_advreg_loss_is_ce_plus_alpha_member_gain(digits, members):
-    d = build_defense("advreg", {"alpha": 2.0})
+def test_advreg_loss_trains_attack_first_then_is_ce_plus_alpha_member_gain(digits, members):
+    d = build_defense("advreg", {"alpha": 2.0, "k": 3})
     ctx = make_ctx(digits, members[0])
     d.prepare(ctx)
-    idx = ctx.train_idx[:8]
-    x, y = ctx.batch_inputs(idx), ctx.y[idx]
-    d.before_step(ctx, x, y, 1)
-    logits = ctx.model(x)
-    loss = d.loss(logits, None, y, 1)
-    with torch.no_grad():
-        z = d.attack(torch.softmax(logits, 1), y)
-    expected = F.cross_entropy(logits, y) + 2.0 * F.logsigmoid(z).mean()
+    step = make_step(ctx, ctx.train_idx[:8])
+    before = [p.detach().clone() for p in d.attack.parameters()]
+    loss = d.loss(ctx, step)
+    assert all(not torch.equal(a, b) for a, b in zip(before, d.attack.parameters()))
+    with torch.no_grad():            # the member term uses the inference model after its steps
+        z = d.attack(torch.softmax(step.logits, 1), step.y)
+    expected = F.cross_entropy(step.logits, step.y) + 2.0 * F.logsigmoid(z).mean()
     assert torch.allclose(loss, expected, atol=1e-6)
+    assert ctx.model.training                         # inner steps left the model's mode alone
     for p in d.attack.parameters():
         p.grad = None
     loss.backward()
     assert all(p.grad is None for p in d.attack.parameters())   # classifier step only
-    assert {"attack_acc", "attack_gain", "l_ce", "member_log_h"} <= set(d.extra_metrics())
+    m = d.end_epoch(ctx, 1).metrics
+    assert {"attack_acc", "attack_gain", "l_ce", "member_log_h"} <= set(m)
     state = d.state_dict()
     assert {"attack", "attack_opt", "gen"} <= set(state) and state["attack_opt"]["state"]
 
 
 # --- DMP ---------------------------------------------------------------------------------------
 def test_dmp_student_trains_only_on_low_entropy_reference(digits, members):
-    d = build_defense("dmp", {"ref_fraction": 0.5, "ref_size": 30, "temperature": 2.0})
-    seen = []
-    orig = d.before_step
-
-    def spy(ctx, x, y, epoch):
-        seen.append(x.clone())
-        orig(ctx, x, y, epoch)
-
-    d.before_step = spy
+    steps = []
+    d = record_steps(build_defense("dmp", {"ref_fraction": 0.5, "ref_size": 30,
+                                           "temperature": 2.0}), steps)
     res = fit(mlp(), digits, members[0], recipe(3), d, progress=False)
     ref, teach = d.ref_idx.numpy(), d.teacher_idx.numpy()
     assert np.array_equal(np.sort(res.train_idx), ref) and ref.size == 30
@@ -234,18 +337,15 @@ def test_dmp_student_trains_only_on_low_entropy_reference(digits, members):
     # lowest teacher entropy kept
     chosen = np.isin(d.ref_pool.numpy(), ref)
     assert d.ref_entropy[chosen].max() <= d.ref_entropy[~chosen].min()
-    # every training input the student saw is a reference sample
-    ref_x = ((digits.x[d.ref_idx].float() / 255 - digits.mean[0]) / digits.std[0]).flatten(1)
-    for x in seen:
-        gap = (x.flatten(1)[:, None] - ref_x[None]).abs().amax(-1)   # [batch, n_ref]
-        assert gap.min(1).values.max() < 1e-5
+    # every training batch the student saw holds reference samples only
+    assert all(np.isin(s.idx.numpy(), ref).all() for s in steps)
     # the loss is KL to the teacher's temperature-softened posteriors; hard labels are ignored
-    x = seen[0]
-    logits = res.model(x)
-    d.before_step = orig
     ctx = make_ctx(digits, members[0])
-    d.before_step(ctx, x, None, 1)
-    got = d.loss(logits, None, torch.zeros(len(x), dtype=torch.long), 1)
+    x = steps[0].x
+    logits = res.model(x)
+    fake = Step(x=x, y=torch.zeros(len(x), dtype=torch.long), idx=steps[0].idx, logits=logits,
+                features=None, epoch=1, step=1)
+    got = d.loss(ctx, fake)
     q = torch.softmax(d.teacher(x) / 2.0, 1)
     expected = (q * (q.log() - torch.log_softmax(logits, 1))).sum(1).mean()
     assert torch.allclose(got, expected, atol=1e-5)
@@ -253,15 +353,22 @@ def test_dmp_student_trains_only_on_low_entropy_reference(digits, members):
     assert rep["n_teacher"] == 50 and rep["n_student"] == 30
 
 
+def test_dmp_teacher_only_group_is_disjoint_from_the_student(digits, members):
+    res, d = run(digits, members[0], "dmp", epochs=2)
+    groups = d.evaluation_groups()
+    assert set(groups) == {"teacher_only"} and set(res.groups) == {"teacher_only"}
+    teacher_only = groups["teacher_only"]
+    assert teacher_only.size == 50 and np.intersect1d(teacher_only, res.train_idx).size == 0
+    assert np.isin(teacher_only, members[0]).all()
+    assert np.array_equal(np.sort(teacher_only), np.sort(d.teacher_idx.numpy()))
+
+
 def test_dmp_errors(digits, members):
+    with pytest.raises(CRLError, match="no trainer"):
+        build_defense("dmp").prepare(make_ctx(digits, members[0]))
     ctx = make_ctx(digits, members[0])
-    ctx.recipe = None
-    with pytest.raises(CRLError, match="recipe"):
-        build_defense("dmp").prepare(ctx)
-    with pytest.raises(CRLError, match="ref_size=99"):
-        build_defense("dmp", {"ref_size": 99}).prepare(make_ctx(digits, members[0]))
-    with pytest.raises(CRLError, match="before_step"):
-        build_defense("dmp").loss(torch.zeros(2, 10), None, torch.zeros(2, dtype=torch.long), 1)
+    with pytest.raises(CRLError, match="prepare"):
+        build_defense("dmp").loss(ctx, make_step(ctx, members[0][:2]))
 
 
 # --- DP-SGD ------------------------------------------------------------------------------------
@@ -269,12 +376,13 @@ def test_dpsgd_epsilon_grows_and_model_unwrapped(digits, members):
     res1, d1 = run(digits, members[0], "dpsgd", epochs=1)
     res2, d2 = run(digits, members[0], "dpsgd", epochs=3)
     e1, e2 = d1.report()["epsilon"], d2.report()["epsilon"]
-    assert 0 < e1 < e2 and d2.report()["steps"] == 3 * d1.report()["steps"] == 12
+    assert 0 < e1 < e2 and d2.report()["batches_drawn"] == 3 * d1.report()["batches_drawn"] == 12
+    assert e2 == d2.epsilon(12) and d1.epsilon(12) == e2
     eps = [d1.epsilon(s) for s in (1, 10, 100, 1000)]
-    assert all(a < b for a, b in zip(eps, eps[1:]))
+    assert all(a < b for a, b in itertools.pairwise(eps))
     rep = d2.report()
-    assert rep["delta"] == 1e-5 and "not Poisson" in rep["sampling"]
-    assert rep["sample_rate"] == pytest.approx(32 / 100)
+    assert rep["delta"] == 1e-5 and rep["sampling"] == "poisson" and rep["accountant"] == "rdp"
+    assert rep["sample_rate"] == pytest.approx(32 / 100) and rep["model_transforms"] == []
     for res in (res1, res2):
         assert type(res.model) is nn.Sequential
         assert not any(k.startswith("_module") for k in res.model.state_dict())
@@ -282,39 +390,100 @@ def test_dpsgd_epsilon_grows_and_model_unwrapped(digits, members):
     from crl.defenses.dpsgd import rdp_epsilon
 
     assert rdp_epsilon(0.0, 0.3, 10, 1e-5) == math.inf and rdp_epsilon(1.0, 0.3, 0, 1e-5) == 0
+    assert build_defense("dpsgd", {"noise_multiplier": 0.0}).params["noise_multiplier"] == 0.0
 
 
-def test_dpsgd_batchnorm_and_feature_tap(digits, members):
+def test_dpsgd_poisson_batches_vary_and_epsilon_matches_opacus(digits, members):
+    from opacus.accountants import RDPAccountant
+
+    n, batch, epochs = 20, 2, 3
+    drawn, steps = [], []
+    d = record_steps(build_defense("dpsgd", {"noise_multiplier": 1.3}), steps)
+    orig_prepare = d.prepare
+
+    def spy(ctx):
+        orig_prepare(ctx)
+        assert isinstance(ctx.sampler, PoissonBatches) and ctx.sampler is d.sampler
+        inner = ctx.sampler
+
+        class Recorder:
+            def batches(self, idx, gen):
+                for b in inner.batches(idx, gen):
+                    drawn.append(b.numel())
+                    yield b
+
+        ctx.sampler = Recorder()
+
+    d.prepare = spy
+    fit(mlp(), digits, members[0][:n], recipe(epochs, batch), d, progress=False)
+    rep = d.report()
+    assert rep["sample_rate"] == pytest.approx(batch / n)
+    assert len(drawn) == rep["batches_drawn"] == epochs * math.ceil(n / batch)
+    assert len(set(drawn)) >= 3                                # batch sizes vary
+    empty = drawn.count(0)
+    assert empty > 0 and rep["steps"] == len(steps) == len(drawn) - empty   # empty: skipped
+    acc = RDPAccountant()
+    for _ in range(len(drawn)):                                # every draw, empty ones too
+        acc.step(noise_multiplier=1.3, sample_rate=batch / n)
+    assert rep["epsilon"] == pytest.approx(acc.get_epsilon(delta=1e-5), rel=1e-9)
+    bound = len(drawn) * (1 - batch / n) ** (n - 1)       # > 1 here: tiny data, no guarantee
+    assert rep["empty_batch_bound"] == min(1.0, bound) == 1.0
+
+
+def test_dpsgd_averages_over_the_expected_batch_size(digits, members):
+    """Poisson batches vary in size: the update is the sum of per-sample gradients divided by
+    the expected batch size (no noise and no clipping here, to compare with plain torch)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    plain = copy.deepcopy(model)
+    d = build_defense("dpsgd", {"noise_multiplier": 0.0, "max_grad_norm": 1e6})
+    ctx = make_ctx(digits, members[0], model=model, batch=32)
+    d.prepare(ctx)
+    step = make_step(ctx, members[0][:8])
+    ctx.optimizer.zero_grad(set_to_none=True)
+    d.loss(ctx, step).backward()
+    ctx.optimizer.step()
+    F.cross_entropy(plain(step.x), step.y).backward()
+    for p, q in zip(ctx.model.parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, q.grad * 8 / 32)
+
+
+def test_dpsgd_batchnorm_model_is_fixed_steps_and_unwraps(digits, members):
     from crl.models.features import FeatureTap
 
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=True),
-                          nn.Flatten(), nn.Linear(4 * 64, 16), nn.ReLU(inplace=True),
-                          nn.Linear(16, 10))
     d = build_defense("dpsgd")
-    ctx = make_ctx(digits, members[0], model=model)
+    ctx = make_ctx(digits, members[0], model=conv_bn())
     d.prepare(ctx)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in ctx.model.modules())
     assert {id(p) for p in ctx.model.parameters()} == \
         {id(p) for g in ctx.optimizer.param_groups for p in g["params"]}
     tap = FeatureTap(ctx.model)
-    x, y = ctx.batch_inputs(members[0][:8]), ctx.y[members[0][:8]]
+    step = make_step(ctx, members[0][:8])
     before = [p.detach().clone() for p in ctx.model.parameters()]
     ctx.optimizer.zero_grad(set_to_none=True)
-    F.cross_entropy(ctx.model(x), y).backward()
+    d.loss(ctx, step).backward()
     assert tap.pop().shape == (8, 16)
     ctx.optimizer.step()
-    d.after_step(ctx, 1)
     assert any(not torch.equal(a, b) for a, b in zip(before, ctx.model.parameters()))
     tap.remove()
     d.finish(ctx)
     assert type(ctx.model) is nn.Sequential           # unwrapped, GroupNorm in place of BatchNorm
     assert any(isinstance(m, nn.GroupNorm) for m in ctx.model.modules())
-    assert d.report()["opacus_fixed_modules"] is True and d.report()["steps"] == 1
-    res, _ = run(digits, members[0][:40], "dpsgd", epochs=1, model=nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
-        nn.Linear(256, 10)))
+    assert d.report()["model_transforms"] == ["opacus_fix"] and d.report()["steps"] == 1
+
+
+def test_dpsgd_batchnorm_model_reloads_through_its_recorded_transforms(digits, members):
+    from crl.models.transforms import apply_transforms
+
+    res, d = run(digits, members[0][:40], "dpsgd", epochs=1, batch=8, model=conv_bn())
+    transforms = res.report["model_transforms"]
+    assert transforms == ["opacus_fix"] and d.report()["steps"] > 0
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in res.model.modules())
     assert not any(k.startswith("_module") for k in res.model.state_dict())
+    rebuilt = apply_transforms(conv_bn(seed=3), transforms)
+    rebuilt.load_state_dict(res.model.state_dict())
+    x = torch.randn(3, 1, 8, 8)
+    torch.testing.assert_close(rebuilt.eval()(x), res.model.eval()(x))
 
 
 def test_dpsgd_without_opacus_raises(digits, members, monkeypatch):
@@ -336,20 +505,21 @@ def test_resume_is_exact(digits, members, tmp_path, name, params):
     idx = members[0][:64]
     full, _ = run(digits, idx, name, params, epochs=4)
     d = build_defense(name, params)
-    orig = d.before_step
+    orig = d.loss
 
-    def crash(ctx, x, y, epoch):
-        if epoch == 3:
+    def crash(ctx, step):
+        if step.epoch == 3:
             raise _Stop
-        orig(ctx, x, y, epoch)
+        return orig(ctx, step)
 
-    d.before_step = crash
+    d.loss = crash
     with pytest.raises(_Stop):
         fit(mlp(), digits, idx, recipe(4), d, run_dir=tmp_path, progress=False)
     resumed = fit(mlp(seed=5), digits, idx, recipe(4), build_defense(name, params),
                   run_dir=tmp_path, resume=True, progress=False)
     for k, v in full.model.state_dict().items():
         assert torch.equal(v, resumed.model.state_dict()[k]), k
+    assert full.report == resumed.report
 
 
 def test_tiny_audit_rows_carry_reports(tmp_path):
@@ -367,26 +537,8 @@ def test_tiny_audit_rows_carry_reports(tmp_path):
     assert by["advreg"]["defense_report"]["n_reference"] > 0
     assert by["dmp"]["defense_report"]["n_student"] > 0
     assert by["early_stopping"]["defense_report"]["stopped_epoch"] == 1
-
-
-def test_dpsgd_batchnorm_model_saves_and_loads(tmp_path):
-    """A BatchNorm model trained with DP-SGD (GroupNorm after Opacus's fix) reloads exactly."""
-    import crl
-    from crl.data.datasets import load_dataset
-    from crl.defenses.base import build_defense
-    from crl.models import create_model
-    from crl.train import Recipe, fit, save_model
-
-    data = load_dataset("digits")
-    torch.manual_seed(0)
-    res = fit(create_model("vgg11_bn", 1, 8, 10), data, torch.arange(64),
-              Recipe(epochs=1, batch_size=32, device="cpu"), build_defense("dpsgd"),
-              progress=False)
-    assert res.defense.report()["opacus_fixed_modules"] is True
-    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in res.model.modules())
-    path = tmp_path / "dp.pt"
-    save_model(path, res.model, arch="vgg11_bn", in_channels=1, image_size=8, num_classes=10,
-               mean=data.mean, std=data.std, opacus_fixed=True)
-    loaded = crl.load_model(path)
-    x = torch.randn(3, 1, 8, 8)
-    torch.testing.assert_close(loaded(x), res.model.eval()(x))
+    # membership ground truth: held-out samples are not members; DMP's teacher half is a group
+    assert by["advreg"]["n_members"] == by["advreg"]["defense_report"]["n_train"]
+    assert by["advreg"]["n_held_out"] == by["advreg"]["defense_report"]["n_reference"]
+    assert by["dmp"]["n_members"] == by["dmp"]["defense_report"]["n_student"]
+    assert "teacher_only" in by["dmp"]["attacks"]["loss"]

@@ -78,16 +78,27 @@ def test_yaml_recipe_and_set(tmp_path, capsys):
     (["--model", "vit"], "unknown model 'vit'; expected one of:"),
     (["--defenses", "magic"], "unknown defense 'magic'; expected one of:"),
     (["--attacks", "loss,oracle"], "unknown attack 'oracle'; expected one of:"),
-    (["--epochs", "0"], "--epochs must be a positive integer, got 0"),
-    (["--batch-size", "-1"], "--batch-size must be a positive integer, got -1"),
+    (["--epochs", "0"], "epochs = 0: expected an integer >= 1"),
+    (["--epochs", "1.5"], "epochs = 1.5: expected an integer >= 1"),
+    (["--batch-size", "-1"], "batch_size = -1: expected an integer >= 1"),
+    (["--lr", "0"], "lr = 0: expected a number > 0"),
+    (["--lr", "nan"], "lr = nan: expected a number > 0"),
+    (["--lr", "inf"], "lr = inf: expected a number > 0"),
+    (["--lr", "fast"], "lr = 'fast': expected a number > 0"),
+    (["--milestones", "abc"], "milestones = ['abc']: expected a list of positive integers"),
+    (["--device", "gpu"], "device = 'gpu': expected auto, cpu, cuda or cuda:N"),
+    (["--device", "cuda:x"], "device = 'cuda:x': expected auto, cpu, cuda or cuda:N"),
+    (["--shadow-defense", "some"], "shadow_defense = 'some': expected one of: same, none"),
+    (["--seeds", "a"], "seeds = ['a']: expected a non-empty list of distinct integers >= 0"),
+    (["--defenses", ","], "defenses = []: expected a non-empty list of distinct defense names"),
     (["--subset", "3"], "subset N=3"),
     (["--subset", "100000"], "subset N=100000"),
     (["--dataset", "cifar10"], "cifar10 needs --data-root"),
-    (["--set", "ce.alpha=1"], "unknown parameter 'ce.alpha'"),
+    (["--set", "ce.alpha=1"], "ce.alpha: unknown parameter"),
     (["--set", "zzz.alpha=1"], "'zzz', which is neither a defense nor an attack"),
     (["--set", "noequals"], "expected NAME.PARAM=VALUE"),
-    (["--attacks", "nn", "--shadows", "0"], "nn attack needs at least 1 shadow"),
-    (["--seeds", "0,0"], "--seeds has duplicates"),
+    (["--attacks", "nn", "--shadows", "0"], "attack 'nn' needs at least 1 shadow"),
+    (["--seeds", "0,0"], "seeds = [0, 0]: expected a non-empty list of distinct integers"),
     (["--attacks", "rmia", "--references", "4"], "attack 'rmia' needs at least 8 reference"),
     (["--attacks", "lira", "--references", "3"], "attack 'lira' needs at least 4 reference"),
 ])
@@ -125,8 +136,47 @@ def test_console_script_exit_code(tmp_path):
 
 
 def test_list(capsys):
+    from crl.registry import DEFENSES
+
     code, out, _ = _run(["list"], capsys)
     assert code == 0 and "digits" in out and "ce" in out and "loss" in out
+    for name in DEFENSES.names():
+        assert f"\n  {name} (engine: " in out
+        for p in DEFENSES.get(name).spec:
+            assert p.describe() in out
+
+
+def test_list_shows_parameters_and_engine_of_each_component():
+    from crl.cli import list_lines
+    from crl.params import Param, ParamSpec
+    from crl.registry import Registry
+
+    defenses, attacks, datasets = Registry("defense"), Registry("attack"), Registry("dataset")
+    alpha = Param("alpha", 0.5, low=0, search=(0.1, 1.0, "linear"), help="relaxation level")
+    defenses.register("slow")(type("Slow", (), {"spec": ParamSpec(alpha), "batchable": False}))
+    defenses.register("plain")(type("Plain", (), {"spec": ParamSpec()}))
+    attacks.register("old")(type("Old", (), {}))             # not ported to a spec yet
+    datasets.register("toy")(object())
+    assert list_lines([datasets, defenses, attacks]) == [
+        "datasets: toy, imagefolder:PATH",
+        "defenses:",
+        "  plain (engine: ensemble; no parameters)",
+        "  slow (engine: sequential)",
+        "      alpha = 0.5 (a number >= 0) [tune 0.1..1.0 linear] - relaxation level",
+        "attacks:",
+        "  old",
+    ]
+
+
+def test_set_outside_the_run_warns_and_the_audit_runs(tmp_path, capsys):
+    out = tmp_path / "o"
+    code, _, err = _run(["audit", "--defenses", "ce", "--attacks", "loss", "--epochs", "2.0",
+                         "--subset", "200", "--seeds", "0", "--shadows", "0", "--quiet",
+                         "--set", "relaxloss.alpha=0.05", "--out", str(out)], capsys)
+    assert code == 0
+    assert err.count("crl: warning: --set relaxloss.alpha: relaxloss is not among "
+                     "--defenses/--attacks of this run; ignored") == 1
+    assert "epochs: 2\n" in (out / "config.yaml").read_text()
 
 
 def test_dataset_defaults_fill_only_what_the_user_left_unset():

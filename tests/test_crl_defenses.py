@@ -1,4 +1,4 @@
-"""The crl, imprelaxloss, rcl and relaxloss defenses on a tiny model and FitContext."""
+"""The crl, imprelaxloss, rcl and relaxloss defenses on a tiny model and TrainContext."""
 from __future__ import annotations
 
 import math
@@ -7,34 +7,40 @@ import pytest
 import torch
 from torch import nn
 
-import crl.defenses.crl  # noqa: F401  (registers crl, imprelaxloss, rcl)
-import crl.defenses.relaxloss  # noqa: F401  (registers relaxloss)
-from crl.defenses.base import FitContext, build_defense
+import crl.defenses  # noqa: F401  (registers every defense)
+from crl.data.types import ImageData
+from crl.defenses.base import Step, TrainContext, build_defense, default_sampler
 from crl.errors import CRLError
+from crl.params import Param
+from crl.recipe import Recipe
 from crl.registry import DEFENSES
+from crl.seeding import torch_generator
 
 NAMES = ["crl", "imprelaxloss", "rcl", "relaxloss"]
 N, IN, HID, K = 12, 8, 6, 3
 
 
-def make_ctx(seed=0):
+def make_ctx(seed=0, feat_dim=HID):
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(IN, HID), nn.ReLU(), nn.Linear(HID, K))
-    return FitContext(
-        model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        x=torch.zeros(N, 1, 1, IN, dtype=torch.uint8), y=torch.arange(N) % K,
-        train_idx=torch.arange(N), num_classes=K, feat_dim=HID, device=torch.device("cpu"),
-        epochs=2, batch_size=4, seed=seed, mean=(0.0,), std=(1.0,))
+    model = nn.Sequential(nn.Flatten(), nn.Linear(IN, HID), nn.ReLU(), nn.Linear(HID, K))
+    data = ImageData("tiny", torch.zeros(N, 1, 1, IN, dtype=torch.uint8), torch.arange(N) % K,
+                     K, (0.0,), (1.0,))
+    recipe = Recipe(epochs=2, batch_size=4, seed=seed, device="cpu")
+    return TrainContext(data=data, recipe=recipe, model=model,
+                        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                        train_idx=torch.arange(N), device=torch.device("cpu"),
+                        feat_dim=feat_dim, sampler=default_sampler(recipe))
 
 
 def step(defense, ctx, epoch, seed=0):
     """One fit-like training step; returns the loss value."""
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(4, IN, generator=gen)
+    x = torch.randn(4, 1, 1, IN, generator=torch.Generator().manual_seed(seed))
     y = torch.tensor([0, 1, 2, 1])
-    feats = ctx.model[:2](x)
-    logits = ctx.model[2](feats)
-    loss = defense.loss(logits, feats if defense.needs_features else None, y, epoch)
+    feats = ctx.model[:3](x)
+    logits = ctx.model[3](feats)
+    s = Step(x=x, y=y, idx=torch.arange(4), logits=logits,
+             features=feats if defense.needs_features else None, epoch=epoch, step=1)
+    loss = defense.loss(ctx, s)
     opts = [ctx.optimizer, *defense.optimizers()]
     for opt in opts:
         opt.zero_grad()
@@ -46,16 +52,18 @@ def step(defense, ctx, epoch, seed=0):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_builds_prepares_and_trains(name):
-    assert name in DEFENSES
+    assert name in DEFENSES and DEFENSES.get(name).name == name
     defense = build_defense(name)
     ctx = make_ctx()
+    defense.check(ctx.recipe, N)
     defense.prepare(ctx)
     for epoch in (1, 2):
         assert math.isfinite(float(step(defense, ctx, epoch)))
-    metrics = defense.extra_metrics()
-    assert metrics and all(math.isfinite(v) for v in metrics.values())
-    assert defense.extra_metrics() == {}                 # reset by the call
-    assert defense.report() == {}
+    end = defense.end_epoch(ctx, 2)
+    assert end.metrics and all(math.isfinite(v) for v in end.metrics.values()) and not end.stop
+    assert defense.end_epoch(ctx, 3).metrics == {}        # the means restart every epoch
+    assert defense.report() == {} and defense.evaluation_groups() == {}
+    assert type(defense).batchable
 
 
 def test_params_and_fixed_values():
@@ -68,49 +76,78 @@ def test_params_and_fixed_values():
     assert build_defense("relaxloss").params == {"alpha": 0.5, "upper": 1.0}
     assert build_defense("crl").needs_features and build_defense("rcl").needs_features
     assert not build_defense("relaxloss").needs_features
+    assert not build_defense("imprelaxloss").needs_features
+
+
+def test_specs_declare_search_ranges_and_ablations_drop_fixed_params():
+    crl_spec = DEFENSES.get("crl").spec
+    for name in ("alpha_rce", "alpha_rcl", "tau_rce", "tau_rcl", "lam"):
+        p = crl_spec[name]
+        assert isinstance(p, Param) and p.search is not None and p.help
+        lo, hi, scale = p.search
+        assert lo <= p.default <= hi and scale in ("linear", "log")
+    assert DEFENSES.get("relaxloss").spec["alpha"].search is not None
+    assert "lam" not in DEFENSES.get("imprelaxloss").spec
+    assert not {"tau_rce", "tau_rcl"} & set(DEFENSES.get("rcl").spec.names())
+    assert set(DEFENSES.get("rcl").spec.names()) | {"tau_rce", "tau_rcl"} == set(crl_spec.names())
 
 
 @pytest.mark.parametrize("name,params", [
     ("imprelaxloss", {"lam": 0.1}), ("rcl", {"tau_rce": 0.1}), ("rcl", {"tau_rcl": 0.0})])
 def test_fixed_param_raises(name, params):
-    with pytest.raises(CRLError, match="fixed"):
+    with pytest.raises(CRLError, match="fixed") as e:
         build_defense(name, params)
+    key = next(iter(params))
+    assert f"{name}.{key}" in str(e.value) and "'crl'" in str(e.value)
 
 
-@pytest.mark.parametrize("name,params", [
-    ("crl", {"beta": 1}), ("crl", {"lam": -0.1}), ("crl", {"center_update": "x"}),
-    ("relaxloss", {"alpha": -1}), ("relaxloss", {"lam": 0.1})])
-def test_bad_params_raise(name, params):
-    with pytest.raises(CRLError):
+@pytest.mark.parametrize("name,params,expected", [
+    ("crl", {"beta": 1}, "unknown parameter"), ("crl", {"lam": -0.1}, "crl.lam = -0.1"),
+    ("crl", {"center_update": "x"}, "one of: paper, authors"),
+    ("crl", {"upper": 1.5}, "crl.upper"), ("crl", {"detach_targets": 1}, "true or false"),
+    ("relaxloss", {"alpha": -1}, "relaxloss.alpha = -1"), ("relaxloss", {"lam": 0.1}, "lam")])
+def test_bad_params_raise(name, params, expected):
+    with pytest.raises(CRLError, match=expected) as e:
         build_defense(name, params)
+    assert "\n" not in str(e.value)
 
 
 def test_loss_before_prepare_raises():
-    with pytest.raises(CRLError, match="prepare"):
-        build_defense("crl").loss(torch.zeros(2, K), torch.zeros(2, HID), torch.zeros(2).long(), 1)
+    ctx = make_ctx()
+    s = Step(x=torch.zeros(2, 1, 1, IN), y=torch.zeros(2).long(), idx=torch.arange(2),
+             logits=torch.zeros(2, K), features=torch.zeros(2, HID), epoch=1, step=1)
+    for name in ("crl", "relaxloss"):
+        with pytest.raises(CRLError, match="prepare"):
+            build_defense(name).loss(ctx, s)
 
 
-def test_centers_seeded_from_ctx_and_optimizer_is_the_centers():
+def test_centers_come_from_the_centers_stream_and_optimizer_is_the_centers():
     a, b, c = (build_defense("crl") for _ in range(3))
     a.prepare(make_ctx(seed=0))
     b.prepare(make_ctx(seed=0))
     c.prepare(make_ctx(seed=1))
     assert torch.equal(a.crl_loss.centers, b.crl_loss.centers)
     assert not torch.equal(a.crl_loss.centers, c.crl_loss.centers)
+    expected = torch.randn(K, HID, generator=torch_generator(0, "centers"))
+    assert torch.equal(a.crl_loss.centers.detach(), expected)
+    shuffle = torch.randn(K, HID, generator=torch_generator(0, "shuffle"))
+    assert not torch.equal(expected, shuffle)                     # a stream of its own
     (opt,) = a.optimizers()
     assert opt.param_groups[0]["params"][0] is a.crl_loss.centers
     assert opt.param_groups[0]["lr"] == 0.001
 
 
-def test_imprelaxloss_without_features():
+def test_crl_without_features_raises_and_imprelaxloss_needs_none():
+    with pytest.raises(CRLError, match="feat_dim"):
+        build_defense("crl").prepare(make_ctx(feat_dim=None))
     defense = build_defense("imprelaxloss")
-    ctx = make_ctx()
-    ctx.feat_dim = None
+    ctx = make_ctx(feat_dim=None)
     defense.prepare(ctx)
     assert defense.optimizers() == []
     step(defense, ctx, 1)
-    metrics = defense.extra_metrics()
+    metrics = defense.end_epoch(ctx, 1).metrics
     assert "l_ct" not in metrics and "l_rce" in metrics and "frac_rce_fit" in metrics
+    assert not any(k.startswith("frac_rcl") for k in metrics)
     assert defense.state_dict()["centers"] is None
 
 
@@ -118,33 +155,29 @@ def test_imprelaxloss_without_features():
 @pytest.mark.parametrize("center_update", ["paper", "authors"])
 def test_state_dict_round_trip_resumes_exactly(name, center_update):
     params = {} if name == "relaxloss" else {"center_update": center_update}
-    ctx_a, ctx_b = make_ctx(seed=0), make_ctx(seed=0)
+    ctx_a, ctx_b = make_ctx(seed=0), make_ctx(seed=5)   # b: other centers, overwritten by the state
     a = build_defense(name, params)
     a.prepare(ctx_a)
     step(a, ctx_a, 1, seed=1)
     state = a.state_dict()
-    model_state = {k: v.clone() for k, v in ctx_a.model.state_dict().items()}
-    opt_state = ctx_a.optimizer.state_dict()
     b = build_defense(name, params)
-    b.load_state_dict(state)                       # before prepare: applied by prepare
-    ctx_b.seed = 5                                 # different init, overwritten by the state
-    b.prepare(ctx_b)
-    ctx_b.model.load_state_dict(model_state)
-    ctx_b.optimizer.load_state_dict(opt_state)
+    b.prepare(ctx_b)                               # fit: load_state_dict comes after prepare
+    b.load_state_dict(state)
+    ctx_b.model.load_state_dict(ctx_a.model.state_dict())
+    ctx_b.optimizer.load_state_dict(ctx_a.optimizer.state_dict())
     for epoch in (2, 3):
         la, lb = step(a, ctx_a, epoch, seed=epoch), step(b, ctx_b, epoch, seed=epoch)
         assert torch.equal(la, lb)
     if name != "relaxloss":
         assert torch.equal(a.crl_loss.centers, b.crl_loss.centers)
         assert not torch.equal(a.crl_loss.centers, state["centers"])     # centers moved
-        # load after prepare works too
-        c = build_defense(name, params)
-        c.prepare(make_ctx(seed=9))
-        c.load_state_dict(a.state_dict())
-        assert torch.equal(c.crl_loss.centers, a.crl_loss.centers)
+        with pytest.raises(CRLError, match="prepare"):
+            build_defense(name, params).load_state_dict(state)
+        with pytest.raises(CRLError, match="shape"):
+            b.load_state_dict({"centers": torch.zeros(K + 1, HID)})
 
 
-def test_extra_metrics_are_epoch_means():
+def test_epoch_means_are_returned_by_end_epoch():
     defense = build_defense("crl", {"alpha_rce": 1e3, "alpha_rcl": 0.0})
     ctx = make_ctx()
     defense.prepare(ctx)
@@ -152,15 +185,15 @@ def test_extra_metrics_are_epoch_means():
     for s in range(3):
         step(defense, ctx, 1, seed=s)
         seen.append(dict(defense.crl_loss.last_stats))
-    m = defense.extra_metrics()
+    m = defense.end_epoch(ctx, 1).metrics
     for key in ("l_rce", "l_rcl", "l_lce", "l_ct"):
         assert m[key] == pytest.approx(sum(float(st[key]) for st in seen) / 3, rel=1e-6)
     assert (m["frac_rce_relax"], m["frac_rce_fit"], m["frac_rce_even"]) == (1.0, 0.0, 0.0)
     assert (m["frac_rcl_fit"], m["frac_rcl_relax"], m["frac_rcl_even"]) == (1.0, 0.0, 0.0)
     step(defense, ctx, 2)
-    m2 = defense.extra_metrics()
+    m2 = defense.end_epoch(ctx, 2).metrics
     assert m2["frac_rce_even"] == 1.0 and m2["frac_rcl_even"] == 1.0
-    assert defense.extra_metrics() == {}
+    assert defense.end_epoch(ctx, 3).metrics == {}
 
 
 def test_relaxloss_metrics():
@@ -169,7 +202,7 @@ def test_relaxloss_metrics():
     defense.prepare(ctx)
     step(defense, ctx, 1)
     step(defense, ctx, 2)
-    m = defense.extra_metrics()
+    m = defense.end_epoch(ctx, 2).metrics
     assert m["frac_ce_relax"] == 0.5 and m["frac_ce_even"] == 0.5 and m["l_ce"] > 0
 
 
@@ -178,17 +211,19 @@ def test_warns_when_the_center_term_relaxes_from_the_start():
 
     from crl.data.datasets import load_dataset
     from crl.models import create_model
-    from crl.train import Recipe, fit
+    from crl.train import fit
 
     data = load_dataset("digits")
     idx = torch.arange(64)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.manual_seed(0)
-        fit(create_model("mlp", 1, 8, 10), data, idx, Recipe(epochs=1, device="cpu"),
-            build_defense("crl", {"alpha_rcl": 1e6}), progress=False)
+        res = fit(create_model("mlp", 1, 8, 10), data, idx, Recipe(epochs=1, device="cpu"),
+                  build_defense("crl", {"alpha_rcl": 1e6}), progress=False)
         torch.manual_seed(0)
         fit(create_model("mlp", 1, 8, 10), data, idx, Recipe(epochs=1, device="cpu"),
             build_defense("crl"), progress=False)
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(messages) == 1 and "alpha_rcl=1000000.0 is above" in messages[0]
+    assert res.history[0]["frac_rcl_relax"] == 1.0 and f"{res.history[0]['l_ct']:.3g}" in \
+        messages[0]

@@ -1,8 +1,12 @@
-"""Tests for crl.data: splits, datasets (digits, imagefolder, cache), safe archives, augmentation."""
+"""Tests for crl.data: splits, datasets (digits, imagefolder, cache, content hash), safe and
+hostile archives, size caps, the synthetic digit dataset, augmentation."""
 from __future__ import annotations
 
+import gzip
 import io
 import json
+import os
+import re
 import tarfile
 from pathlib import Path
 
@@ -11,12 +15,15 @@ import pytest
 import torch
 from PIL import Image
 
-import crl.data.datasets as ds
+import crl.data.imagefolder as imf
 from crl.data import (
     PoolSplit, augment_batch, check_disjoint, flip_batch, half_split, load_dataset,
     make_pool_split, random_halves,
 )
-from crl.data.archive import open_archive
+from crl.data.archive import SafeArchive, open_archive
+from crl.data.synthetic import main as synthetic_main
+from crl.data.synthetic import make_digit_folder
+from crl.data.types import ImageData, content_digest
 from crl.errors import CRLError
 
 
@@ -213,7 +220,7 @@ def test_imagefolder_targz_and_cache_hit(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("decoded again")
 
-    monkeypatch.setattr(ds, "_decode_images", boom)
+    monkeypatch.setattr(imf, "decode_images", boom)
     again = load_dataset(f"imagefolder:{arc}")
     assert torch.equal(again.x, d.x) and again.classes == d.classes
     # A corrupt cache file is ignored and rebuilt (rebuilding calls the decoder).
@@ -239,7 +246,7 @@ def test_imagefolder_wrong_layouts(tmp_path):
     _write_tree(tmp_path / "c", spec={"train": {"cat": 1, "dog": 1}, "test": {"cat": 1, "cow": 1}})
     with pytest.raises(CRLError, match="test classes differ"):
         load_dataset(f"imagefolder:{tmp_path / 'c'}")
-    _write_tree(tmp_path / "e", spec={"train": {"cat": 1}, "test": {"cat": 1}})
+    _write_tree(tmp_path / "e", spec={"train": {"cat": 1, "dog": 1}, "test": {"cat": 1, "dog": 1}})
     (tmp_path / "e" / "test" / "cat" / "broken.jpg").write_bytes(b"\xff\xd8garbage")
     with pytest.raises(CRLError, match="broken.jpg"):
         load_dataset(f"imagefolder:{tmp_path / 'e'}")
@@ -300,6 +307,257 @@ def test_archive_missing_test_split(tmp_path):
     arc = _targz(tmp_path / "t", tmp_path / "t.tar", "only")
     with pytest.raises(CRLError, match=r"found: only \(inside it: train\)"):
         load_dataset(f"imagefolder:{arc}")
+
+
+def _many_pngs(n: int = 120) -> list[tuple[str, bytes]]:
+    """n small random greyscale PNGs in data/{train,test}/{a,b}/ (n // 4 per folder)."""
+    rng = np.random.default_rng(0)
+    out = []
+    for k in range(n):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8), "L").save(buf, "PNG")
+        out.append((f"data/{('train', 'test')[k % 2]}/{'ab'[(k // 2) % 2]}/{k:03d}.png",
+                    buf.getvalue()))
+    return out
+
+
+def _tar_bytes(files: list[tuple[str, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, data in files:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_gzip_corrupted_late_fails_instead_of_dropping_images(tmp_path):
+    good = gzip.compress(_tar_bytes(_many_pngs()), mtime=0)
+    path = tmp_path / "good.tar.gz"
+    path.write_bytes(good)
+    assert len(load_dataset(f"imagefolder:{path}")) == 120
+    # tarfile alone stops at the first unreadable header and keeps the members before it, and
+    # never reaches the CRC when the damage is inside member data: both must be errors (a
+    # damaged header may also decode as an invalid member, e.g. a name listed twice).
+    for pos in range(len(good) // 2, len(good), 29):
+        bad = bytearray(good)
+        bad[pos] ^= 0x5A
+        arc = tmp_path / f"bad{pos}.tar.gz"
+        arc.write_bytes(bytes(bad))
+        with pytest.raises(CRLError, match=rf"archive .*bad{pos}\.tar\.gz"):
+            load_dataset(f"imagefolder:{arc}")
+
+
+def test_damaged_tar_inside_valid_gzip_and_truncated_tar(tmp_path):
+    raw = bytearray(_tar_bytes(_many_pngs()))
+    with tarfile.open(fileobj=io.BytesIO(bytes(raw))) as tf:
+        headers = [m.offset for m in tf.getmembers()]
+    raw[headers[100] + 148:headers[100] + 156] = b"garbage!"  # the 101st header's checksum
+    arc = tmp_path / "hdr.tgz"
+    arc.write_bytes(gzip.compress(bytes(raw)))
+    with pytest.raises(CRLError, match=r"hdr\.tgz: it is damaged after member '.*099\.png'"):
+        load_dataset(f"imagefolder:{arc}")
+    whole = _tar_bytes(_many_pngs())
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(whole[:headers[100]])  # ends on a member boundary, no end marker
+    with pytest.raises(CRLError, match=r"cut\.tar: it ends after member .*end-of-archive"):
+        load_dataset(f"imagefolder:{cut}")
+
+
+def test_archive_folders_include_parents_of_explicit_folders(tmp_path):
+    path = tmp_path / "x.tar"
+    with tarfile.open(path, "w") as tf:
+        folder = tarfile.TarInfo("a/b/c")
+        folder.type = tarfile.DIRTYPE
+        tf.addfile(folder)
+        f = tarfile.TarInfo("a/b/c/x.png")
+        f.size = 1
+        tf.addfile(f, io.BytesIO(b"x"))
+    with open_archive(path) as arc:
+        assert arc.dirs == {"a", "a/b", "a/b/c"} and list(arc.files) == ["a/b/c/x.png"]
+
+
+def test_decoded_count_must_match_listing(tmp_path, monkeypatch):
+    _write_tree(tmp_path / "tree")
+    arc = _targz(tmp_path / "tree", tmp_path / "data.tar.gz", "data")
+    real = SafeArchive.read
+    monkeypatch.setattr(SafeArchive, "read", lambda self, names: list(real(self, names))[1:])
+    with pytest.raises(CRLError, match=r"data\.tar\.gz: read 7 images; expected the 8"):
+        load_dataset(f"imagefolder:{arc}")
+
+
+def _huge_member_tgz(path: Path, size: int, data: bytes) -> Path:
+    """A tar.gz whose member data/train/a/big.png claims `size` bytes and holds `data`."""
+    info = tarfile.TarInfo("data/train/a/big.png")
+    info.size = size
+    payload = info.tobuf(format=tarfile.GNU_FORMAT) + data
+    payload += b"\0" * (-len(payload) % 512) + b"\0" * 1024
+    path.write_bytes(gzip.compress(payload))
+    return path
+
+
+def test_member_size_cap_fails_from_the_header(tmp_path, monkeypatch):
+    monkeypatch.setenv("CRL_MAX_MEMBER_BYTES", "1M")
+    honest = _huge_member_tgz(tmp_path / "zeros.tgz", 4 << 20, b"\0" * (4 << 20))
+    with pytest.raises(CRLError, match=r"member 'data/train/a/big.png' is 4194304 bytes; "
+                                       r"expected at most 1048576 \(raise CRL_MAX_MEMBER_BYTES"):
+        load_dataset(f"imagefolder:{honest}")
+    # A header claiming 3 GiB in a 2 KB file: any read of the member's data would fail with a
+    # different error (missing data), so the cap is checked from the header alone.
+    monkeypatch.delenv("CRL_MAX_MEMBER_BYTES")
+    liar = _huge_member_tgz(tmp_path / "liar.tgz", 3 << 30, b"")
+    with pytest.raises(CRLError, match=r"is 3221225472 bytes; expected at most 67108864"):
+        open_archive(liar)
+
+
+def test_decoded_size_cap(tmp_path, monkeypatch):
+    _write_tree(tmp_path / "tree")               # 8 images decode to 8 x 3 x 5 x 6 = 720 bytes
+    monkeypatch.setenv("CRL_MAX_DECODED_BYTES", "700")
+    with pytest.raises(CRLError, match=r"8 images of 3x5x6 takes 720 bytes; expected at most "
+                                       r"700 \(raise CRL_MAX_DECODED_BYTES"):
+        load_dataset(f"imagefolder:{tmp_path / 'tree'}")
+    monkeypatch.setenv("CRL_MAX_DECODED_BYTES", "100")
+    with pytest.raises(CRLError, match=r"image '.*' in .* takes \d+ bytes; expected at most 100"):
+        load_dataset(f"imagefolder:{tmp_path / 'tree'}")
+    arc = _targz(tmp_path / "tree", tmp_path / "data.tar.gz", "data")
+    with pytest.raises(CRLError, match=r"the 8 files to read takes \d+ bytes; expected at most"):
+        load_dataset(f"imagefolder:{arc}")
+    monkeypatch.setenv("CRL_MAX_DECODED_BYTES", "lots")
+    with pytest.raises(CRLError, match=r"CRL_MAX_DECODED_BYTES = 'lots': expected a number of "
+                                       "bytes >= 1"):
+        load_dataset(f"imagefolder:{tmp_path / 'tree'}")
+    monkeypatch.setenv("CRL_MAX_DECODED_BYTES", "1k")
+    assert len(load_dataset(f"imagefolder:{tmp_path / 'tree'}")) == 8
+
+
+def test_single_class_refused(tmp_path):
+    _write_tree(tmp_path / "one", spec={"train": {"cat": 2}, "test": {"cat": 1}})
+    with pytest.raises(CRLError, match=r"found 1 class \('cat'\); expected at least 2 class"):
+        load_dataset(f"imagefolder:{tmp_path / 'one'}")
+    arc = _targz(tmp_path / "one", tmp_path / "one.tar.gz", "one")
+    with pytest.raises(CRLError, match=r"one\.tar\.gz: found 1 class"):
+        load_dataset(f"imagefolder:{arc}")
+
+
+# --------------------------------------------------------------------------- content identity
+
+def test_content_hash_for_every_loader(tmp_path, digits):
+    d = load_dataset("digits")
+    assert re.fullmatch(r"[0-9a-f]{64}", d.content_hash)
+    assert d.content_hash == content_digest(d.x, d.y, d.classes, d.num_classes)
+    assert d.content_hash == digits.content_hash
+    _write_tree(tmp_path / "tree")
+    folder = load_dataset(f"imagefolder:{tmp_path / 'tree'}")
+    arc = load_dataset(f"imagefolder:{_targz(tmp_path / 'tree', tmp_path / 'a.tar.gz', 'a')}")
+    assert folder.content_hash == arc.content_hash != d.content_hash
+    # Built by hand, an ImageData computes its own; other labels give another hash.
+    y = torch.roll(d.y, 1)
+    assert ImageData("x", d.x, y, 10, d.mean, d.std, d.classes).content_hash == \
+        content_digest(d.x, y, d.classes, 10) != d.content_hash
+
+
+def test_overwritten_archive_is_never_served_stale(tmp_path):
+    a = make_digit_folder(tmp_path / "a.tar.gz", n_per_class=3, seed=0).read_bytes()
+    b = make_digit_folder(tmp_path / "b.tar.gz", n_per_class=3, seed=1).read_bytes()
+    size = max(len(a), len(b))             # gzip allows zero padding: make the sizes equal
+    arc = tmp_path / "d.tar.gz"
+    arc.write_bytes(a.ljust(size, b"\0"))
+    first = load_dataset(f"imagefolder:{arc}")
+    st = arc.stat()
+    with open(arc, "r+b") as f:            # in place: same inode and size, old mtime put back
+        f.write(b.ljust(size, b"\0"))
+    os.utime(arc, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert arc.stat().st_size == st.st_size and arc.stat().st_ino == st.st_ino
+    second = load_dataset(f"imagefolder:{arc}")
+    assert len(second) == len(first) == 30
+    assert second.content_hash != first.content_hash and not torch.equal(second.x, first.x)
+    assert second.content_hash == load_dataset(f"imagefolder:{tmp_path / 'b.tar.gz'}").content_hash
+
+
+def test_edited_folder_is_never_served_stale(tmp_path, monkeypatch):
+    _write_tree(tmp_path / "t", gray=True)
+    img = tmp_path / "t" / "train" / "cat" / "00.png"
+    _img((6, 5), "L", 1).save(img.with_suffix(".bmp"))
+    img.unlink()
+    bmp = img.with_suffix(".bmp")
+    first = load_dataset(f"imagefolder:{tmp_path / 't'}")
+    with monkeypatch.context() as m:  # an unchanged folder is served from the cache
+        m.setattr(imf, "decode_images", None)
+        assert load_dataset(f"imagefolder:{tmp_path / 't'}").content_hash == first.content_hash
+    st = bmp.stat()
+    other = tmp_path / "other.bmp"
+    _img((6, 5), "L", 99).save(other)
+    assert other.stat().st_size == st.st_size
+    bmp.write_bytes(other.read_bytes())  # same size, same inode, old mtime put back
+    os.utime(bmp, ns=(st.st_atime_ns, st.st_mtime_ns))
+    second = load_dataset(f"imagefolder:{tmp_path / 't'}")
+    assert second.content_hash != first.content_hash
+
+
+def _cache_file(tmp_path: Path, stem: str) -> Path:
+    return next((tmp_path / "cache" / "datasets").glob(f"{stem}-*.pt"))
+
+
+def test_cache_entry_verified_and_old_entries_upgraded(tmp_path):
+    d = load_dataset("digits")
+    path = _cache_file(tmp_path, "digits")
+    entry = torch.load(path, weights_only=True)
+    assert entry["content_hash"] == d.content_hash
+    old = {k: v for k, v in entry.items() if k not in ("content_hash", "check")}
+    torch.save(old, path)
+    assert load_dataset("digits").content_hash == d.content_hash
+    assert torch.load(path, weights_only=True)["content_hash"] == d.content_hash  # rewritten
+    damaged = dict(entry, x=entry["x"].clone())
+    damaged["x"][0, 0, 0, 0] ^= 1
+    torch.save(damaged, path)
+    with pytest.warns(UserWarning, match="does not match its content hash"):
+        again = load_dataset("digits")
+    assert torch.equal(again.x, d.x) and again.content_hash == d.content_hash
+    torch.save(dict(entry, mean=[0.5]), path)
+    with pytest.warns(UserWarning, match="does not match its content hash"):
+        assert load_dataset("digits").mean == d.mean
+
+
+# --------------------------------------------------------------------------- synthetic
+
+def test_make_digit_folder_loads_and_is_deterministic(tmp_path):
+    arc = make_digit_folder(tmp_path / "d.tar.gz", n_per_class=12, seed=3)
+    d = load_dataset(f"imagefolder:{arc}")
+    assert d.x.shape == (120, 1, 28, 28) and d.num_classes == 10
+    assert d.classes == [str(c) for c in range(10)]
+    assert torch.bincount(d.y).tolist() == [12] * 10
+    with open_archive(arc) as a:
+        assert sum(n.startswith("test/") for n in a.files) == 10 * 2  # round(12 * 0.2) each
+    ink, corners = d.x[:, 0, 9:19, 9:19].float().mean(), d.x[:, 0, :3, :3].float().mean()
+    assert ink > corners + 30                              # a digit in the middle, dark border
+    assert len({img.tobytes() for img in d.x.numpy()}) == 120  # every image distinct
+    again = make_digit_folder(tmp_path / "again.tar.gz", n_per_class=12, seed=3)
+    assert again.read_bytes() == arc.read_bytes()
+    folder = make_digit_folder(tmp_path / "folder", n_per_class=12, seed=3, archive=False)
+    assert load_dataset(f"imagefolder:{folder}").content_hash == d.content_hash
+    other = make_digit_folder(tmp_path / "other.tar.gz", n_per_class=12, seed=4)
+    assert load_dataset(f"imagefolder:{other}").content_hash != d.content_hash
+
+
+def test_make_digit_folder_bad_input_and_cli(tmp_path, capsys):
+    with pytest.raises(CRLError, match=r"make_digit_folder.n_per_class = 1: expected an integer"):
+        make_digit_folder(tmp_path / "x.tar.gz", n_per_class=1)
+    with pytest.raises(CRLError, match=r"fmt = 'gif': expected one of: png, bmp, jpg"):
+        make_digit_folder(tmp_path / "x.tar.gz", fmt="gif")
+    with pytest.raises(CRLError, match=r"x\.zip must end in \.tar\.gz"):
+        make_digit_folder(tmp_path / "x.zip")
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(CRLError, match="already exists"):
+        make_digit_folder(tmp_path / "taken", n_per_class=2, archive=False)
+    assert synthetic_main([str(tmp_path / "c.tgz"), "--per-class", "3", "--seed", "3"]) == 0
+    assert "wrote 30 images" in capsys.readouterr().out
+    assert len(load_dataset(f"imagefolder:{tmp_path / 'c.tgz'}")) == 30
+    assert synthetic_main([str(tmp_path / "s"), "--folder", "--per-class", "2", "--size", "32",
+                           "--format", "bmp"]) == 0
+    assert load_dataset(f"imagefolder:{tmp_path / 's'}").x.shape == (20, 1, 32, 32)
+    assert synthetic_main([str(tmp_path / "c.tgz"), "--per-class", "0"]) == 2
+    assert "n_per_class = 0" in capsys.readouterr().err
+    assert not list(tmp_path.glob(".*"))  # nothing half-written left behind
 
 
 # --------------------------------------------------------------------------- augment

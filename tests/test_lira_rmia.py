@@ -205,12 +205,18 @@ def test_registered_lira_attacks():
             np.testing.assert_allclose(res.scores, expect[0])
             np.testing.assert_allclose(res.loo_scores, expect)
             assert res.loo_scores.shape == (9, 12)
-    assert build_attack("lira").needs == frozenset({"references"})
-    assert build_attack("lira").min_references == 4
-    assert build_attack("lira", {"fixed_variance": True}).min_references == 2
-    with pytest.raises(CRLError, match="lira.fixed_variance"):
+    for name in ("lira", "lira_offline"):
+        assert build_attack(name).requirements() == frozenset({"references"})
+        assert build_attack(name, {"flip": True}).requirements() == frozenset({"references",
+                                                                               "flip"})
+        assert build_attack(name).optional_inputs() == frozenset()
+        assert build_attack(name).min_references == 4
+        assert build_attack(name, {"fixed_variance": True}).min_references == 2
+    assert build_attack("lira").params == {"fixed_variance": False, "flip": False}
+    with pytest.raises(CRLError, match="lira.fixed_variance = 'yes': expected true or false"):
         build_attack("lira", {"fixed_variance": "yes"})
-    with pytest.raises(CRLError, match="unknown parameter 'lira.online'"):
+    with pytest.raises(CRLError, match="lira.online: unknown parameter; expected one of: "
+                                       "fixed_variance, flip"):
         build_attack("lira", {"online": False})
     with pytest.raises(CRLError, match="target model 9 out of range"):
         lira_scores(sig, 9)
@@ -320,14 +326,16 @@ def test_rmia_uses_only_the_documented_references():
 
 def test_rmia_num_refs_bounds_and_params():
     sig, pop = rmia_setup(m=5, n=20, z=10)
-    with pytest.raises(CRLError, match="num_refs must be an integer >= 1, got 0"):
+    with pytest.raises(CRLError, match="rmia.num_refs = 0: expected an integer >= 1"):
         rmia_scores(sig, pop, 0, num_refs=0)
     with pytest.raises(CRLError, match="num_refs=5 but only 4 reference models"):
         rmia_scores(sig, pop, 0, num_refs=5)
     with pytest.raises(CRLError, match=r"needs 3 OUT reference models per sample; sample \d+"):
         rmia_scores(sig, pop, 0, num_refs=3)                 # each sample is OUT for ~2 of 4
-    for kw, msg in (({"a": 1.5}, "a must be"), ({"gamma": 0.0}, "gamma must be"),
-                    ({"gamma": float("inf")}, "gamma must be")):
+    for kw, msg in (({"a": 1.5}, r"rmia.a = 1.5: expected a number in \[0.0, 1.0\]"),
+                    ({"gamma": 0.0}, "rmia.gamma = 0.0: expected a number > 0.0"),
+                    ({"gamma": float("inf")}, "rmia.gamma = inf: expected a number > 0.0"),
+                    ({"ref": 2}, "rmia.ref: unknown parameter")):
         with pytest.raises(CRLError, match=msg):
             rmia_scores(sig, pop, 0, num_refs=1, **kw)
 
@@ -351,11 +359,13 @@ def test_registered_rmia():
     res = build_attack("rmia").run(AttackContext(target=sig, num_classes=5, population=pop))
     np.testing.assert_allclose(res.scores, rmia_scores(sig, pop, 0))
     np.testing.assert_allclose(res.loo_scores, rmia_loo(sig, pop))
-    assert build_attack("rmia").needs == frozenset({"references"})
+    assert build_attack("rmia").requirements() == frozenset({"references", "population"})
+    assert build_attack("rmia").min_references == 8
     assert build_attack("rmia", {"num_refs": 2}).min_references == 4
+    assert build_attack("rmia", {"num_refs": 3, "offline": False}).min_references == 4
     with pytest.raises(CRLError, match="needs population signals"):
         build_attack("rmia").run(AttackContext(target=sig, num_classes=5))
-    with pytest.raises(CRLError, match="num_refs must be"):
+    with pytest.raises(CRLError, match="rmia.num_refs = 0: expected an integer >= 1"):
         build_attack("rmia", {"num_refs": 0})
     with pytest.raises(CRLError, match="rmia.offline"):
         build_attack("rmia", {"offline": "no"})

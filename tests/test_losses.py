@@ -6,9 +6,19 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from crl.errors import CRLError
-from crl.losses import CRLLoss, RelaxLoss
+from crl.losses import (
+    BRANCHES,
+    CRLLoss,
+    LossStats,
+    RelaxLoss,
+    branch_code,
+    crl_batched,
+    relaxed_objective,
+    relaxloss_batched,
+)
 
 B, C, D = 6, 4, 5
 BIG = 1e3          # an alpha above any loss level: forces the relaxed branch on odd epochs
@@ -82,7 +92,7 @@ def ref_relaxloss(g, y, epoch, *, alpha, upper=1.0):
 
 # --- fixtures ----------------------------------------------------------------------------------
 def tol(dtype):
-    return dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
+    return {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-12}
 
 
 def batch(dtype, seed=0, scale=2.0):
@@ -94,15 +104,15 @@ def batch(dtype, seed=0, scale=2.0):
 
 
 def make_crl(dtype, **kw):
-    hp = dict(alpha_rce=0.5, alpha_rcl=1.0, tau_rce=0.05, tau_rcl=0.1, lam=0.3)
+    hp = {"alpha_rce": 0.5, "alpha_rcl": 1.0, "tau_rce": 0.05, "tau_rcl": 0.1, "lam": 0.3}
     hp.update(kw)
     loss = CRLLoss(C, D, generator=torch.Generator().manual_seed(1), **hp)
     return loss.to(dtype)
 
 
 def ref_hp(loss):
-    return dict(alpha_rce=loss.alpha_rce, alpha_rcl=loss.alpha_rcl, tau_rce=loss.tau_rce,
-                tau_rcl=loss.tau_rcl, upper=loss.upper, detach=loss.detach_targets)
+    return {"alpha_rce": loss.alpha_rce, "alpha_rcl": loss.alpha_rcl, "tau_rce": loss.tau_rce,
+                "tau_rcl": loss.tau_rcl, "upper": loss.upper, "detach": loss.detach_targets}
 
 
 def grads(value, inputs):
@@ -290,7 +300,7 @@ def bad_inputs():
     nan_g[0, 0] = float("nan")
     inf_q = q.detach().clone()
     inf_q[1, 1] = float("inf")
-    hp = dict(alpha_rce=0.5, alpha_rcl=1.0, tau_rce=0.05, tau_rcl=0.1, lam=0.1)
+    hp = {"alpha_rce": 0.5, "alpha_rcl": 1.0, "tau_rce": 0.05, "tau_rcl": 0.1, "lam": 0.1}
     return {
         "logits classes": lambda: loss(g[:, :3], q, y, 1),
         "logits 1-d": lambda: loss(g[0], q, y, 1),
@@ -339,7 +349,7 @@ def test_hyper_parameters_are_keyword_only():
 
 
 def test_centers_initialised_from_generator():
-    hp = dict(alpha_rce=0.5, alpha_rcl=1.0, tau_rce=0.05, tau_rcl=0.1, lam=0.1)
+    hp = {"alpha_rce": 0.5, "alpha_rcl": 1.0, "tau_rce": 0.05, "tau_rcl": 0.1, "lam": 0.1}
     a = CRLLoss(C, D, generator=torch.Generator().manual_seed(7), **hp)
     b = CRLLoss(C, D, generator=torch.Generator().manual_seed(7), **hp)
     assert isinstance(a.centers, torch.nn.Parameter) and a.centers.shape == (C, D)
@@ -362,3 +372,211 @@ def test_relaxloss_matches_reference(dtype, epoch, alpha, branch, upper):
     assert loss.last_stats["branch"] == branch
     torch.testing.assert_close(got, want, **tol(dtype))
     assert_close_all(grads(got, (g,)), grads(want, (g,)), dtype)
+
+
+# --- K models at once: branch-free batched forms -----------------------------------------------
+K = 4
+F64 = torch.float64
+
+
+def model_batches(seed=5):
+    """Logits [K, B, C] (leaf), features [K, B, D] (leaf) and targets [K, B], float64."""
+    gen = torch.Generator().manual_seed(seed)
+    g = (2.0 * torch.randn(K, B, C, generator=gen, dtype=F64)).requires_grad_()
+    q = torch.randn(K, B, D, generator=gen, dtype=F64).requires_grad_()
+    y = torch.randint(0, C, (K, B), generator=gen)
+    return g, q, y
+
+
+def split(t, k):
+    """Model k's slice as its own leaf (for the single-model reference)."""
+    return t[k].detach().clone().requires_grad_()
+
+
+def as_kind(values, kind):
+    return {"list": list(values), "tensor": torch.tensor(values, dtype=F64)}[kind]
+
+
+# odd epoch: every model in another branch; even epoch: above and below alpha
+RELAX_ALPHAS = {3: [0.0, BIG, 0.0, BIG], 2: [0.0, BIG, 0.3, BIG]}
+RELAX_WANT = {3: ("fit", "relax", "fit", "relax"), 2: ("even",) * K}
+
+
+@pytest.mark.parametrize("kind", ["list", "tensor"])
+@pytest.mark.parametrize("epoch", [2, 3])
+def test_relaxloss_batched_equals_k_single_calls(epoch, kind):
+    g, _, y = model_batches()
+    alphas = RELAX_ALPHAS[epoch]
+    stats = LossStats()
+    got = relaxloss_batched(g, y, as_kind(alphas, kind), epoch, upper=0.7, stats=stats)
+    assert got.shape == (K,) and stats["branch"] == RELAX_WANT[epoch]
+    (g_grad,) = torch.autograd.grad(got.sum(), g)
+    for k in range(K):
+        gk = split(g, k)
+        single = RelaxLoss(C, alpha=alphas[k], upper=0.7)
+        want = single(gk, y[k], epoch)
+        assert single.last_stats["branch"] == RELAX_WANT[epoch][k]
+        torch.testing.assert_close(got[k], want, **tol(F64))
+        torch.testing.assert_close(stats["l_ce"][k], single.last_stats["l_ce"], **tol(F64))
+        torch.testing.assert_close(g_grad[k], torch.autograd.grad(want, gk)[0], **tol(F64))
+
+
+# (alpha_rce, alpha_rcl) per model: odd epochs cover all four branch pairs
+CRL_ALPHAS = ([0.0, BIG, BIG, 0.0], [0.0, 0.0, BIG, BIG])
+CRL_WANT = {3: (("fit", "relax", "relax", "fit"), ("fit", "fit", "relax", "relax")),
+            2: (("even",) * K, ("even",) * K)}
+
+
+def single_crl(centers_k, alpha_rce, alpha_rcl, center_update):
+    loss = make_crl(F64, alpha_rce=alpha_rce, alpha_rcl=alpha_rcl, center_update=center_update)
+    with torch.no_grad():
+        loss.centers.copy_(centers_k)
+    return loss
+
+
+@pytest.mark.parametrize("center_update", ["paper", "authors"])
+@pytest.mark.parametrize("epoch,kind", [(3, "list"), (3, "tensor"), (2, "list")])
+def test_crl_batched_equals_k_single_calls(epoch, kind, center_update):
+    g, q, y = model_batches()
+    centers = torch.randn(K, C, D, generator=torch.Generator().manual_seed(2), dtype=F64)
+    centers.requires_grad_()
+    a_rce, a_rcl = CRL_ALPHAS
+    stats = LossStats()
+    got = crl_batched(g, q, y, centers, epoch, alpha_rce=as_kind(a_rce, kind),
+                      alpha_rcl=as_kind(a_rcl, kind), tau_rce=0.05, tau_rcl=0.1, lam=0.3,
+                      center_update=center_update, stats=stats)
+    assert (stats["rce_branch"], stats["rcl_branch"]) == CRL_WANT[epoch]
+    batched_grads = torch.autograd.grad(got.sum(), (g, q, centers))
+    for k in range(K):
+        single = single_crl(centers[k].detach(), a_rce[k], a_rcl[k], center_update)
+        gk, qk = split(g, k), split(q, k)
+        want = single(gk, qk, y[k], epoch)
+        got_k = (single.last_stats["rce_branch"], single.last_stats["rcl_branch"])
+        assert got_k == (CRL_WANT[epoch][0][k], CRL_WANT[epoch][1][k])
+        torch.testing.assert_close(got[k], want, **tol(F64))
+        for key in ("l_rce", "l_rcl", "l_lce", "l_ct"):
+            torch.testing.assert_close(stats[key][k], single.last_stats[key], **tol(F64))
+        single_grads = torch.autograd.grad(want, (gk, qk, single.centers))
+        for batched, one in zip(batched_grads, single_grads):
+            torch.testing.assert_close(batched[k], one, **tol(F64))
+
+
+def test_crl_batched_shared_alphas_and_lam_zero():
+    g, q, y = model_batches(seed=8)
+    centers = torch.randn(K, C, D, dtype=F64)
+    hp = {"alpha_rce": 0.5, "alpha_rcl": 1.0, "tau_rce": 0.05, "tau_rcl": 0.1}
+    for lam in (0.3, 0.0):
+        got = crl_batched(g, q if lam else None, y, centers if lam else None, 1, lam=lam, **hp)
+        for k in range(K):
+            single = make_crl(F64, lam=lam, **hp)
+            with torch.no_grad():
+                single.centers.copy_(centers[k])
+            want = single(g[k], q[k] if lam else None, y[k], 1)
+            torch.testing.assert_close(got[k], want, **tol(F64))
+
+
+class CountSyncs(TorchDispatchMode):
+    """Counts the ops that copy a tensor's value to the host (.item(), bool(), float(), int())."""
+
+    def __init__(self):
+        super().__init__()
+        self.syncs = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.syncs += 1
+        return func(*args, **(kwargs or {}))
+
+
+def run_batched(name, validate, stats):
+    g, q, y = model_batches()
+    if name == "relaxloss":
+        return relaxloss_batched(g, y, torch.tensor(RELAX_ALPHAS[3], dtype=F64), 3,
+                                 validate=validate, stats=stats)
+    centers = torch.randn(K, C, D, dtype=F64, requires_grad=True)
+    return crl_batched(g, q, y, centers, 3, alpha_rce=0.5, alpha_rcl=1.0, tau_rce=0.05,
+                       tau_rcl=0.1, lam=0.3, validate=validate, stats=stats)
+
+
+@pytest.mark.parametrize("name", ["relaxloss", "crl"])
+def test_batched_forward_and_backward_never_wait_for_the_device(name):
+    for validate, syncs in ((False, 0), (True, 1)):        # the value checks: one sync
+        stats = LossStats()
+        with CountSyncs() as counter:
+            run_batched(name, validate, stats).sum().backward()
+            branches = {key: stats.code(key) for key in stats if key.endswith("branch")}
+        assert counter.syncs == syncs
+        assert all(code.shape == (K,) and code.dtype == torch.int64 for code in branches.values())
+
+
+def test_single_model_stats_sync_only_when_read():
+    loss = make_crl(torch.float32, alpha_rce=BIG, alpha_rcl=0.0)
+    g, q, y = batch(torch.float32)
+    with CountSyncs() as counter:
+        loss(g, q, y, 3).backward()
+        assert counter.syncs == 1                             # the input check only
+        assert isinstance(loss.last_stats["l_ct"], torch.Tensor)
+        assert counter.syncs == 1
+        assert loss.last_stats["rce_branch"] == "relax" and loss.last_stats["rcl_branch"] == "fit"
+        assert counter.syncs == 3                             # reading a branch name syncs
+    assert int(loss.last_stats.code("rce_branch")) == BRANCHES.index("relax")
+
+
+def test_relaxed_objective_selects_per_model():
+    level = torch.tensor([0.2, 0.8, 0.5], dtype=F64, requires_grad=True)
+    relaxed = torch.tensor([10.0, 20.0, 30.0], dtype=F64, requires_grad=True)
+    alpha = torch.tensor([0.5, 0.5, 0.1], dtype=F64)
+    value = relaxed_objective(level, alpha, 1, relaxed)
+    torch.testing.assert_close(value, torch.tensor([10.0, 0.8, 0.5], dtype=F64))
+    assert branch_code(level, alpha, 1).tolist() == [2, 1, 1]
+    g_level, g_relaxed = torch.autograd.grad(value.sum(), (level, relaxed))
+    assert g_level.tolist() == [0.0, 1.0, 1.0] and g_relaxed.tolist() == [1.0, 0.0, 0.0]
+    even = relaxed_objective(level, alpha, 4, relaxed)
+    torch.testing.assert_close(even, torch.tensor([0.3, 0.3, 0.4], dtype=F64))
+    assert branch_code(level, alpha, 4).tolist() == [0, 0, 0]
+
+
+def bad_batched_inputs():
+    g, q, y = model_batches()
+    centers = torch.randn(K, C, D, dtype=F64)
+    nan_g = g.detach().clone()
+    nan_g[1, 2, 0] = float("nan")
+    hp = {"alpha_rce": 0.5, "alpha_rcl": 1.0, "tau_rce": 0.05, "tau_rcl": 0.1, "lam": 0.1}
+
+    def crl(**kw):
+        args = dict(logits=g, features=q, targets=y, centers=centers, epoch=1, **hp)
+        args.update(kw)
+        return lambda: crl_batched(**args)
+
+    return {
+        "relax 2-d logits": lambda: relaxloss_batched(g[0], y[0], 0.5, 1),
+        "relax targets shape": lambda: relaxloss_batched(g, y[:2], 0.5, 1),
+        "relax alpha count": lambda: relaxloss_batched(g, y, [0.5, 0.5], 1),
+        "relax alpha negative": lambda: relaxloss_batched(g, y, [0.5, -1.0, 0.5, 0.5], 1),
+        "relax alpha tensor negative": lambda: relaxloss_batched(
+            g, y, torch.tensor([0.5, -1.0, 0.5, 0.5]), 1),
+        "relax alpha tensor shape": lambda: relaxloss_batched(g, y, torch.ones(K, 1), 1),
+        "relax logits nan": lambda: relaxloss_batched(nan_g, y, 0.5, 1),
+        "relax targets high": lambda: relaxloss_batched(g, torch.full((K, B), C), 0.5, 1),
+        "relax epoch": lambda: relaxloss_batched(g, y, 0.5, 0),
+        "relax upper": lambda: relaxloss_batched(g, y, 0.5, 1, upper=2.0),
+        "crl centers shape": crl(centers=centers[:, :3]),
+        "crl centers none": crl(centers=None),
+        "crl features none": crl(features=None),
+        "crl features dim": crl(features=q[..., :3]),
+        "crl alpha_rcl count": crl(alpha_rcl=[1.0] * (K + 1)),
+        "crl alpha_rce nan tensor": crl(alpha_rce=torch.full((K,), float("nan"))),
+        "crl lam negative": crl(lam=-0.1),
+        "crl center_update": crl(center_update="fast"),
+        "crl logits nan": crl(logits=nan_g),
+    }
+
+
+BAD_BATCHED = bad_batched_inputs()
+
+
+@pytest.mark.parametrize("case", sorted(BAD_BATCHED))
+def test_bad_batched_inputs_raise_crlerror(case):
+    with pytest.raises(CRLError) as info:
+        BAD_BATCHED[case]()
+    assert "\n" not in str(info.value) and "expected" in str(info.value)

@@ -9,7 +9,7 @@ from torch import nn
 
 from crl.attacks.base import AttackContext, build_attack
 from crl.attacks.nn_shadow import (attack_features, build_attack_mlp, nn_attack_scores,
-                                   train_nn_attack)
+                                   sample_holdout, train_nn_attack)
 from crl.attacks.signals import Signals
 from crl.errors import CRLError
 
@@ -112,19 +112,55 @@ def test_nn_attack_errors():
     with pytest.raises(CRLError, match="shadow logits have 4 classes, expected num_classes=5"):
         build_attack("nn").run(AttackContext(target=separable_signals(1, 10, 0), num_classes=5,
                                              shadow=separable_signals(2, 10, 1)))
-    with pytest.raises(CRLError, match="unknown parameter 'nn.layers'"):
+    with pytest.raises(CRLError, match="nn.layers: unknown parameter; expected one of: hidden"):
         build_attack("nn", {"layers": 3})
-    with pytest.raises(CRLError, match="dropout must be in"):
+    with pytest.raises(CRLError, match=r"nn.dropout = 1.0: expected a number in \[0.0, 1.0\)"):
         build_attack("nn", {"dropout": 1.0})
-    for bad in ((), (128, 0), "128", (64.5,)):
-        with pytest.raises(CRLError, match="hidden must be"):
+    for bad in ((), (128, 0), "12a", (64.5,), True, "", None):
+        with pytest.raises(CRLError, match=r"nn.hidden = .*: expected layer widths"):
             build_attack("nn", {"hidden": bad})
     all_members = separable_signals(2, 10, 1, member_frac=1.0)
     with pytest.raises(CRLError, match="shadow non-members .* got 0"):
         build_attack("nn").run(AttackContext(target=separable_signals(1, 10, 0), num_classes=C,
                                              shadow=all_members))
-    with pytest.raises(CRLError, match="epochs must be an integer >= 1"):
+    with pytest.raises(CRLError, match="nn.epochs = 0: expected an integer >= 1"):
         train_nn_attack(np.zeros((10, 8)), np.arange(10) % 2, epochs=0)
     with pytest.raises(CRLError, match="Linear layer taking 8 inputs"):
         train_nn_attack(np.zeros((10, 8)), np.arange(10) % 2, model=build_attack_mlp(6))
-    assert build_attack("nn").needs == frozenset({"shadows"})
+    with pytest.raises(CRLError, match="sample_ids must be \\[10\\]"):
+        train_nn_attack(np.zeros((10, 8)), np.arange(10) % 2, sample_ids=np.arange(9))
+
+
+def test_params_and_requirements():
+    attack = build_attack("nn")
+    assert attack.requirements() == frozenset({"shadows"})
+    assert attack.optional_inputs() == frozenset() and attack.min_references == 0
+    assert attack.params["hidden"] == "128,64" and attack.params["epochs"] == 100
+    for given in ([32, 16], (32, 16), "32, 16", "32,16"):
+        assert build_attack("nn", {"hidden": given}).params["hidden"] == "32,16"
+    assert build_attack("nn", {"hidden": 32}).params["hidden"] == "32"
+    model = build_attack_mlp(2 * C, "32,16", 0.1)
+    assert [m.out_features for m in model if isinstance(m, nn.Linear)] == [32, 16, 1]
+    with pytest.raises(CRLError, match="nn.input size = 0: expected an integer >= 1"):
+        build_attack_mlp(0)
+
+
+def test_model_selection_holds_out_whole_samples():
+    sh = separable_signals(4, 300, 5)
+    rows_member = sh.member.reshape(-1)
+    ids = np.tile(sh.sample_idx, sh.num_models)            # the attack's row -> sample map
+    tr, va = sample_holdout(rows_member, ids, 0.2, np.random.default_rng(0))
+    assert len(np.intersect1d(tr, va)) == 0 and len(tr) + len(va) == len(ids)
+    assert len(np.intersect1d(ids[tr], ids[va])) == 0     # no sample on both sides
+    assert len(np.unique(ids[va])) == pytest.approx(60, abs=5)
+    for part in (tr, va):
+        assert rows_member[part].any() and (~rows_member[part]).any()
+    # one shadow model: a split of the samples stratified by membership
+    one = separable_signals(1, 200, 6)
+    tr, va = sample_holdout(one.member[0], one.sample_idx, 0.2, np.random.default_rng(0))
+    assert int(one.member[0][va].sum()) == round(0.2 * one.member[0].sum())
+    # the registered attack holds out ~20% of the shadow-pool samples, every row of each
+    res = build_attack("nn", FAST).run(AttackContext(target=separable_signals(1, 50, 1),
+                                                     num_classes=C, shadow=sh))
+    assert res.extra["shadow_val_samples"] == pytest.approx(60, abs=5)
+    assert res.extra["shadow_rows"] == 4 * 300

@@ -28,12 +28,16 @@ def test_merge_refuses_another_data_order():
 
 
 @pytest.mark.parametrize("kwargs,msg", [
-    (dict(logits=np.zeros((2, 5)), member=np.zeros((2, 5))), "must be \\[models, samples, classes\\]"),
-    (dict(logits=np.zeros((2, 5, 3)), member=np.zeros((3, 5))), "membership matrix must be \\[2, 5\\]"),
+    (dict(logits=np.zeros((2, 5)), member=np.zeros((2, 5))),
+     "must be \\[models, samples, classes\\], got \\[2, 5\\]"),
+    (dict(logits=np.zeros((2, 5, 3)), member=np.zeros((3, 5))),
+     "membership matrix must be \\[2, 5\\]"),
     (dict(logits=np.zeros((2, 5, 3)), member=np.zeros((2, 5)), labels=np.zeros(4, int)),
      "must have 5 entries"),
     (dict(logits=np.zeros((2, 5, 3)), member=np.zeros((2, 5)), labels=np.full(5, 3)),
      "labels must lie in \\[0, 3\\)"),
+    (dict(logits=np.zeros((2, 5, 3)), member=np.zeros((2, 5)), logits_flip=np.zeros((2, 5, 2))),
+     "flipped logits \\[2, 5, 2\\] differ from logits \\[2, 5, 3\\]"),
 ])
 def test_mismatched_shapes_are_clear_errors(kwargs, msg):
     args = dict(labels=np.zeros(5, int), sample_idx=np.arange(5))

@@ -1,10 +1,16 @@
 import numpy as np
 import pytest
 import torch
+from scipy.stats import norm
 
-from crl.attacks.threshold import (confidence_score, entropy_score, input_gradient_norms,
-                                   loss_score, mentr_score, modified_entropy)
+from crl.attacks.base import REQUIREMENTS, AttackContext, build_attack
+from crl.attacks.signals import Signals
+from crl.attacks.threshold import (SCORE_FUNCTIONS, confidence_score, entropy_score,
+                                   fit_per_class_thresholds, input_gradient_norms, loss_score,
+                                   mentr_score, modified_entropy)
 from crl.errors import CRLError
+from crl.metrics import thresholded_balanced_accuracy
+from crl.registry import ATTACKS
 
 
 def test_modified_entropy_hand_computed():
@@ -68,3 +74,85 @@ def test_input_gradient_norms_match_autograd(digits):
         loss = torch.nn.functional.cross_entropy(model(x).double(), digits.y[i:i + 1])
         (g,) = torch.autograd.grad(loss, x)
         assert got[i] == pytest.approx(float(g.norm()), rel=1e-5)
+
+
+def test_per_class_thresholds_transfer():
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 3, 6000)
+    member = rng.random(6000) < 0.5
+    shift = np.array([0.0, 5.0, -5.0])[labels]     # each class lives at its own level
+    scores = rng.normal(size=6000) + 2.0 * member + shift
+    t = fit_per_class_thresholds(scores[:3000], member[:3000], labels[:3000], 3)
+    acc = thresholded_balanced_accuracy(scores[3000:], member[3000:], labels[3000:], t)
+    assert acc == pytest.approx(norm.cdf(1.0), abs=0.03)   # per-class optimum Phi(d/2)
+    one = np.full(3, fit_per_class_thresholds(scores[:3000], member[:3000],
+                                              np.zeros(3000, int), 1)[0])
+    assert thresholded_balanced_accuracy(scores[3000:], member[3000:], labels[3000:],
+                                         one) < acc - 0.05
+    with pytest.raises(CRLError, match="both members and non-members"):
+        fit_per_class_thresholds(scores[:10], np.ones(10, bool), labels[:10], 3)
+    with pytest.raises(CRLError, match="differ in length: 10, 10 and 9"):
+        fit_per_class_thresholds(scores[:10], member[:10], labels[:9], 3)
+    with pytest.raises(CRLError, match="labels must be 10 integers"):
+        thresholded_balanced_accuracy(scores[:10], member[:10], labels[:9], t)
+    with pytest.raises(CRLError, match=r"labels must lie in \[0, 2\)"):
+        thresholded_balanced_accuracy(scores[:10], member[:10], labels[:10] * 0 + 2, t[:2])
+
+
+def _signals(models, n, seed):
+    rng = np.random.default_rng(seed)
+    member = rng.random((models, n)) < 0.5
+    labels = rng.integers(0, 3, n)
+    logits = rng.normal(0, 1, (models, n, 3))
+    logits[:, np.arange(n), labels] += 3.0 * member
+    return Signals(logits, member, labels, np.arange(n))
+
+
+def test_threshold_attacks_declare_inputs_and_use_shadows_when_present():
+    target, shadow = _signals(3, 300, 0), _signals(2, 300, 1)
+    for name in SCORE_FUNCTIONS:
+        attack = build_attack(name)
+        assert attack.name == name and type(attack).name == name
+        assert attack.params == {} and attack.requirements() == frozenset()
+        assert attack.optional_inputs() == frozenset({"shadows"}) and attack.min_references == 0
+        alone = attack.run(AttackContext(target=target, num_classes=3))
+        np.testing.assert_array_equal(alone.scores,
+                                      SCORE_FUNCTIONS[name](target.logits[0], target.labels))
+        assert alone.loo_scores.shape == (3, 300) and alone.per_class_thresholds is None
+        both = attack.run(AttackContext(target=target, num_classes=3, shadow=shadow))
+        np.testing.assert_array_equal(both.scores, alone.scores)
+        assert both.per_class_thresholds.shape == (3,)
+        acc = thresholded_balanced_accuracy(both.scores, target.member[0], target.labels,
+                                            both.per_class_thresholds)
+        assert 0.6 < acc <= 1.0                    # members have a 3-logit higher true class
+    with pytest.raises(CRLError, match="loss.alpha: unknown parameter; expected one of: none"):
+        build_attack("loss", {"alpha": 1})
+
+
+def test_gradx_requires_input_gradients_and_uses_shadow_gradients():
+    target, shadow = _signals(2, 50, 0), _signals(2, 60, 1)
+    grads = {k: np.random.default_rng(k).random(50) for k in range(2)}
+    attack = build_attack("gradx")
+    assert attack.requirements() == frozenset({"input_gradients"})
+    assert attack.optional_inputs() == frozenset({"shadows"})
+    res = attack.run(AttackContext(target=target, num_classes=3, shadow=shadow,
+                                   gradient_scores=grads.__getitem__))
+    np.testing.assert_array_equal(res.scores, -grads[0])
+    assert res.loo_scores is None and res.per_class_thresholds is None   # no shadow gradients
+    shadow_grads = lambda k: 1.0 + 2.0 * ~shadow.member[k]   # noqa: E731 (members: flatter)
+    res = attack.run(AttackContext(target=target, num_classes=3, shadow=shadow,
+                                   gradient_scores=grads.__getitem__,
+                                   shadow_gradient_scores=shadow_grads))
+    assert res.per_class_thresholds.shape == (3,)
+    with pytest.raises(CRLError, match="needs input-gradient norms"):
+        attack.run(AttackContext(target=target, num_classes=3))
+
+
+def test_every_registered_attack_declares_known_requirements():
+    for name in ATTACKS.names():
+        attack = build_attack(name)
+        assert attack.name == name
+        assert attack.requirements() <= REQUIREMENTS, name
+        assert attack.optional_inputs() <= REQUIREMENTS, name
+        assert set(attack.params) == set(type(attack).spec.names())
+        assert ("references" in attack.requirements()) == (attack.min_references > 0)

@@ -3,13 +3,16 @@ import json
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
-import crl
 from crl.data.splits import make_pool_split
 from crl.defenses.base import Defense
 from crl.errors import CRLError
+from crl.evaluation import evaluate
+from crl.integrity import load_verified
 from crl.models import create_model
-from crl.train import Recipe, evaluate, fit, save_model
+from crl.recipe import Recipe
+from crl.train import fit
 
 
 @pytest.fixture
@@ -36,8 +39,6 @@ def test_fit_reaches_90pct_on_digits(digits, split, tmp_path):
 class _Interrupt(Defense):
     """Plain CE that raises after `at` epochs, as a killed process would."""
 
-    name = "ce"
-
     def __init__(self, at):
         super().__init__()
         self.at = at
@@ -45,6 +46,7 @@ class _Interrupt(Defense):
     def end_epoch(self, ctx, epoch):
         if epoch == self.at:
             raise KeyboardInterrupt
+        return super().end_epoch(ctx, epoch)
 
 
 def test_resume_gives_exactly_the_uninterrupted_weights(digits, split, tmp_path):
@@ -53,7 +55,7 @@ def test_resume_gives_exactly_the_uninterrupted_weights(digits, split, tmp_path)
     with pytest.raises(KeyboardInterrupt):
         fit(_mlp(), digits, split.target_members, recipe, _Interrupt(3), run_dir=tmp_path,
             progress=False)
-    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    state = load_verified(tmp_path / "checkpoint.pt")
     assert state["epoch"] == 2    # killed inside epoch 3: the last complete checkpoint is epoch 2
     resumed = fit(_mlp(seed=123), digits, split.target_members, recipe, run_dir=tmp_path,
                   resume=True, progress=False)
@@ -67,20 +69,18 @@ def test_resume_gives_exactly_the_uninterrupted_weights(digits, split, tmp_path)
 def test_resume_refuses_a_different_recipe(digits, split, tmp_path):
     fit(_mlp(), digits, split.target_members, Recipe(epochs=1, device="cpu"), run_dir=tmp_path,
         progress=False)
-    with pytest.raises(CRLError, match="different recipe"):
+    with pytest.raises(CRLError, match="written for another recipe"):
         fit(_mlp(), digits, split.target_members, Recipe(epochs=2, lr=0.1, device="cpu"),
             run_dir=tmp_path, resume=True, progress=False)
 
 
 class _NaNLoss(Defense):
-    name = "ce"
-
-    def loss(self, logits, features, targets, epoch):
-        return logits.sum() * float("nan")
+    def loss(self, ctx, step):
+        return step.logits.sum() * float("nan")
 
 
 def test_nan_loss_is_a_clear_error(digits, split):
-    with pytest.raises(CRLError, match=r"training loss became nan at epoch 1, step 1"):
+    with pytest.raises(CRLError, match=r"training loss = nan at epoch 1, step 1"):
         fit(_mlp(), digits, split.target_members, Recipe(epochs=1, device="cpu"), _NaNLoss(),
             progress=False)
 
@@ -92,36 +92,31 @@ def test_bad_recipe_values(field, value):
         Recipe(**{field: value})
 
 
-def test_save_and_load_model_roundtrip(digits, split, tmp_path):
-    model = fit(_mlp(), digits, split.target_members, Recipe(epochs=2, device="cpu"),
-                progress=False).model
-    path = tmp_path / "m.pt"
-    save_model(path, model, arch="mlp", in_channels=1, image_size=8, num_classes=10,
-               mean=digits.mean, std=digits.std)
-    loaded = crl.load_model(path)
-    x = torch.randn(5, 1, 8, 8)
-    torch.testing.assert_close(loaded(x), model.eval()(x))
+def test_resume_refuses_other_training_indices(digits, split, tmp_path):
+    recipe = Recipe(epochs=1, device="cpu")
+    fit(_mlp(), digits, split.target_members, recipe, run_dir=tmp_path, progress=False)
+    other = np.sort(split.target_nonmembers)[: len(split.target_members)]
+    with pytest.raises(CRLError, match="written for another train"):
+        fit(_mlp(), digits, other, recipe, run_dir=tmp_path, resume=True, progress=False)
 
 
-def test_load_model_refuses_code_and_garbage(tmp_path):
-    class Evil:
-        def __reduce__(self):
-            return (print, ("pwned",))
+def test_plain_cross_entropy_needs_no_linear_head(digits, split):
+    """A model without any nn.Linear trains with CE (only feature-using defenses need a head)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 10, 8), nn.Flatten())
+    res = fit(model, digits, split.target_members, Recipe(epochs=2, device="cpu"),
+              progress=False)
+    assert res.history[-1]["train_acc"] > 0.5
 
-    evil = tmp_path / "evil.pt"
-    torch.save({"format": "crl-model-1", "x": Evil()}, evil)
-    with pytest.raises(CRLError, match="cannot read model file"):
-        crl.load_model(evil)
-    junk = tmp_path / "junk.pt"
-    junk.write_bytes(b"not a checkpoint")
-    with pytest.raises(CRLError, match="cannot read model file"):
-        crl.load_model(junk)
-    other = tmp_path / "other.pt"
-    torch.save({"weights": torch.zeros(2)}, other)
-    with pytest.raises(CRLError, match="not a crl model file"):
-        crl.load_model(other)
-    with pytest.raises(CRLError, match="does not exist"):
-        crl.load_model(tmp_path / "missing.pt")
+
+def test_fit_reports_exactly_the_indices_it_trained_on(digits, split):
+    class HoldOut(Defense):
+        def prepare(self, ctx):
+            ctx.train_idx = ctx.train_idx[::2]
+
+    res = fit(_mlp(), digits, split.target_members, Recipe(epochs=1, device="cpu"), HoldOut(),
+              progress=False)
+    assert res.train_idx.tolist() == np.asarray(split.target_members)[::2].tolist()
 
 
 def test_empty_training_split(digits):

@@ -4,9 +4,10 @@ __version__ = "0.1.0"
 from crl.errors import CRLError  # noqa: E402
 
 
-def load_model(path):  # noqa: D401
-    """Return the trained nn.Module saved at `path` (loaded with weights_only=True)."""
-    from crl.train import load_model as _load
+def load_model(path):
+    """The model saved at `path` (weights_only=True: a file cannot run code), in eval mode: a
+    crl.models.NormalizedModel that takes float images in [0, 1] (uint8 pixels / 255)."""
+    from crl.models.io import load_model as _load
 
     return _load(path)
 

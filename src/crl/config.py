@@ -1,14 +1,22 @@
-"""The audit recipe: YAML keys mirror the CLI flags; the resolved recipe is saved with each run."""
+"""The audit recipe: YAML keys mirror the CLI flags; the resolved recipe is saved with each run.
+
+Every AuditConfig field declares its check once, next to its default, with `option(...)`: the
+type and range (a `crl.params.Param`, so errors read `epochs = 1.5: expected an integer >= 1`),
+whether it is a list, its CLI help and flag. `AuditConfig.resolved()` checks every value before
+anything is written; `crl.cli` builds its parser from the same declarations (`cli_fields()`).
+"""
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import yaml
 
 from crl.errors import CRLError
+from crl.params import Param
 
 DEFAULT_ATTACKS = ["loss", "confidence", "entropy", "mentr", "gradx", "nn", "lira", "rmia"]
 
@@ -21,70 +29,164 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+@dataclass(frozen=True)
+class FieldSpec(Param):
+    """A config field's check: a `Param` (each item's check when `many`), plus
+    many:    the value is a list of such items (`unique`: no repeats; `nonempty`: >= 1 item)
+    pattern: a regular expression a str value must match in full
+    words:   what a valid value looks like, when Param.expected() cannot say it
+    flag:    the CLI flag when not --name-with-dashes (cli=False: a YAML key only)."""
+
+    many: bool = False
+    unique: bool = False
+    nonempty: bool = False
+    pattern: str | None = None
+    words: str | None = None
+    flag: str | None = None
+    cli: bool = True
+
+    def expected(self) -> str:
+        return self.words or super().expected()
+
+    @property
+    def flags(self) -> str:
+        return self.flag or "--" + self.name.replace("_", "-")
+
+    def check_field(self, value: Any) -> Any:
+        """`value` converted to this field's type, else a one-line CRLError."""
+        if value is None and self.nullable:
+            return None
+        if not self.many:
+            if self._item_ok(value):
+                return self.kind(value)
+        elif isinstance(value, (list, tuple)) and all(self._item_ok(v) for v in value):
+            items = [self.kind(v) for v in value]
+            if (items or not self.nonempty) and (len(set(items)) == len(items) or not self.unique):
+                return items
+        raise CRLError(f"{self.name} = {value!r}: expected {self.expected()}")
+
+    def _item_ok(self, v: Any) -> bool:
+        if not self._valid(v):
+            return False
+        return self.pattern is None or re.fullmatch(self.pattern, v) is not None
+
+
+def option(default: Any = None, *, factory: Any = None, **check: Any) -> Any:
+    """A dataclass field whose metadata holds its check (the keywords of FieldSpec)."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"check": check})
+    return field(default=default, metadata={"check": check})
+
+
+_NAMES = dict(kind=str, many=True, unique=True, nonempty=True, pattern=r"[^,\s]+")
+_FILL = "(default per dataset)"
+
+
 @dataclass
 class AuditConfig:
-    dataset: str = "digits"
-    model: str | None = None
-    defenses: list[str] = field(default_factory=lambda: ["ce", "crl"])
-    attacks: list[str] = field(default_factory=lambda: list(DEFAULT_ATTACKS))
-    epochs: int | None = None
-    batch_size: int | None = None
-    lr: float | None = None
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    milestones: list[int] = field(default_factory=list)
-    augment: bool = False
-    bf16: bool = False
-    channels_last: bool = False
-    subset: int | None = None
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    shadows: int = 5
-    references: int | None = None
-    shadow_defense: str = "same"
-    out: str = "runs/audit"
-    device: str = "auto"
-    data_root: str | None = None
-    download: bool = False
-    resume: bool = False
-    cache: bool = True
-    progress: bool = True
+    dataset: str = option("digits", kind=str, pattern=r"(?s).+", words="a dataset name",
+                          help="digits (default) | cifar10 | cifar100 | svhn | imagefolder:PATH")
+    model: str | None = option(None, kind=str, nullable=True,
+                               help="mlp | cnn | resnet18 | vgg11_bn | densenet121 | googlenet")
+    defenses: list[str] = option(factory=lambda: ["ce", "crl"], **_NAMES,
+                                 words="a non-empty list of distinct defense names",
+                                 help="comma-separated defense names (default: ce,crl)")
+    attacks: list[str] = option(factory=lambda: list(DEFAULT_ATTACKS), **_NAMES,
+                                words="a non-empty list of distinct attack names",
+                                help="comma-separated attack names (default: all)")
+    epochs: int | None = option(None, kind=int, low=1, nullable=True, help=f"epochs {_FILL}")
+    batch_size: int | None = option(None, kind=int, low=1, nullable=True,
+                                    help=f"batch size {_FILL}")
+    lr: float | None = option(None, kind=float, low=0, low_open=True, nullable=True,
+                              help=f"SGD learning rate {_FILL}")
+    momentum: float = option(0.9, kind=float, low=0, cli=False)
+    weight_decay: float = option(5e-4, kind=float, low=0, cli=False)
+    milestones: list[int] = option(factory=list, kind=int, low=1, many=True,
+                                   words="a list of positive integers",
+                                   help="epochs at which the lr is multiplied by 0.1")
+    augment: bool = option(False, kind=bool, help="random crop + flip")
+    bf16: bool = option(False, kind=bool, help="bfloat16 autocast")
+    channels_last: bool = option(False, kind=bool,
+                                 help="channels_last memory format (faster convolutions on CPU)")
+    subset: int | None = option(None, kind=int, low=1, nullable=True,
+                                help="use N samples in total (stratified)")
+    seeds: list[int] = option(factory=lambda: [0, 1, 2], kind=int, low=0, many=True,
+                              unique=True, nonempty=True,
+                              words="a non-empty list of distinct integers >= 0",
+                              help="comma-separated seeds (default 0,1,2)")
+    shadows: int = option(5, kind=int, low=0, help="shadow models per target (default 5)")
+    references: int | None = option(None, kind=int, low=1, nullable=True,
+                                    help=f"LiRA/RMIA reference models {_FILL}")
+    bootstrap: int = option(200, kind=int, low=50,
+                            help="bootstrap resamples behind every 95%% interval (default 200)")
+    shadow_defense: str = option("same", kind=str, choices=("same", "none"),
+                                 help="train shadows with the target's defense (same, default) "
+                                      "or none")
+    out: str = option("runs/audit", kind=str, pattern=r"(?s).+", words="a non-empty path",
+                      help="run directory (default runs/audit)")
+    device: str = option("auto", kind=str, pattern=r"auto|cpu|cuda(:\d+)?",
+                         words="auto, cpu, cuda or cuda:N",
+                         help="auto (default) | cpu | cuda | cuda:N")
+    data_root: str | None = option(None, kind=str, nullable=True,
+                                   help="folder holding torchvision dataset files")
+    download: bool = option(False, kind=bool, help="allow torchvision to download the dataset")
+    resume: bool = option(False, kind=bool, help="continue an interrupted run in --out")
+    cache: bool = option(True, kind=bool, flag="--no-cache",
+                         help="do not reuse or store trained models in the model cache")
+    progress: bool = option(True, kind=bool, flag="--quiet", help="no progress bars")
     set: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def resolved(self) -> "AuditConfig":
-        """A copy with per-dataset defaults filled in and every value checked."""
-        key = self.dataset if self.dataset in DATASET_DEFAULTS else "*"
-        filled = {k: v for k, v in DATASET_DEFAULTS[key].items() if getattr(self, k) is None}
-        cfg = dataclasses.replace(self, **filled)
-        cfg.validate()
-        return cfg
+        """A copy with every value checked (and converted, e.g. 2.0 -> 2) and the per-dataset
+        defaults filled into the fields the user left unset."""
+        cfg = dataclasses.replace(self, **self.checked())
+        key = cfg.dataset if cfg.dataset in DATASET_DEFAULTS else "*"
+        filled = {k: v for k, v in DATASET_DEFAULTS[key].items() if getattr(cfg, k) is None}
+        return dataclasses.replace(cfg, **filled)
 
     def validate(self) -> None:
-        for name in ("epochs", "batch_size", "references"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
-                raise CRLError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
-        if not isinstance(self.shadows, int) or isinstance(self.shadows, bool) or self.shadows < 0:
-            raise CRLError(f"--shadows must be a non-negative integer, got {self.shadows!r}")
-        if self.lr is not None and (not isinstance(self.lr, (int, float)) or self.lr <= 0):
-            raise CRLError(f"--lr must be a positive number, got {self.lr!r}")
-        if self.subset is not None and (not isinstance(self.subset, int) or self.subset <= 0):
-            raise CRLError(f"--subset must be a positive integer, got {self.subset!r}")
-        if not self.seeds or any(not isinstance(s, int) or s < 0 for s in self.seeds):
-            raise CRLError(f"--seeds must be non-negative integers, got {self.seeds!r}")
-        if len(set(self.seeds)) != len(self.seeds):
-            raise CRLError(f"--seeds has duplicates: {self.seeds!r}")
-        if self.shadow_defense not in ("same", "none"):
-            raise CRLError(f"--shadow-defense must be 'same' or 'none', got {self.shadow_defense!r}")
-        if not self.defenses:
-            raise CRLError("--defenses is empty; expected at least one defense name")
-        if not self.attacks:
-            raise CRLError("--attacks is empty; expected at least one attack name")
+        """Raise a one-line CRLError on the first bad value."""
+        self.checked()
+
+    def checked(self) -> dict[str, Any]:
+        """Every field's value, checked and converted to its declared type."""
+        values = {name: spec.check_field(getattr(self, name)) for name, spec in FIELD_SPECS.items()}
+        values["set"] = check_set(self.set)
+        return values
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
+def _field_specs() -> dict[str, FieldSpec]:
+    specs = {}
+    for f in dataclasses.fields(AuditConfig):
+        if "check" in f.metadata:
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            specs[f.name] = FieldSpec(f.name, default, **f.metadata["check"])
+    return specs
+
+
+FIELD_SPECS: dict[str, FieldSpec] = _field_specs()
 FIELDS = {f.name for f in dataclasses.fields(AuditConfig)}
+
+
+def cli_fields() -> list[FieldSpec]:
+    """The fields with a CLI flag, in declaration order (crl.cli builds its parser from them)."""
+    return [spec for spec in FIELD_SPECS.values() if spec.cli]
+
+
+def check_set(value: Any) -> dict[str, dict[str, Any]]:
+    """`set` maps a defense/attack name to {PARAM: VALUE}; the values are checked later by the
+    component's own ParamSpec."""
+    if not isinstance(value, dict) or not all(isinstance(k, str) and k for k in value):
+        raise CRLError(f"set = {value!r}: expected a mapping of defense/attack names to "
+                       "{PARAM: VALUE}")
+    for owner, params in value.items():
+        if not isinstance(params, dict) or not all(isinstance(k, str) for k in params):
+            raise CRLError(f"set.{owner} = {params!r}: expected a mapping of parameter names "
+                           "to values")
+    return {owner: dict(params) for owner, params in value.items()}
 
 
 def load_yaml_recipe(path: str | Path) -> dict[str, Any]:
@@ -108,7 +210,7 @@ def load_yaml_recipe(path: str | Path) -> dict[str, Any]:
     for key in ("defenses", "attacks"):
         if isinstance(out.get(key), str):
             out[key] = split_names(out[key])
-    if isinstance(out.get("seeds"), int):
+    if isinstance(out.get("seeds"), int) and not isinstance(out["seeds"], bool):
         out["seeds"] = [out["seeds"]]
     return out
 
@@ -121,9 +223,10 @@ def parse_set(items: list[str]) -> dict[str, dict[str, Any]]:
     """`crl.alpha_rce=0.5` -> {'crl': {'alpha_rce': 0.5}} (values parsed as YAML scalars)."""
     out: dict[str, dict[str, Any]] = {}
     for item in items:
-        if "=" not in item or "." not in item.split("=", 1)[0]:
+        lhs = item.split("=", 1)[0]
+        if "=" not in item or "." not in lhs or "" in (p.strip() for p in lhs.split(".", 1)):
             raise CRLError(f"--set '{item}': expected NAME.PARAM=VALUE, e.g. crl.alpha_rce=0.5")
-        lhs, value = item.split("=", 1)
+        value = item.split("=", 1)[1]
         owner, param = lhs.split(".", 1)
         try:
             parsed = yaml.safe_load(value)
@@ -131,3 +234,44 @@ def parse_set(items: list[str]) -> dict[str, dict[str, Any]]:
             parsed = value
         out.setdefault(owner.strip(), {})[param.strip()] = parsed
     return out
+
+
+def unused_set_owners(cfg: AuditConfig, defenses: Iterable[str] | None = None,
+                      attacks: Iterable[str] | None = None) -> list[str]:
+    """The `--set` owners that are real defenses or attacks but not part of this run (their
+    values are ignored); a CRLError for an owner that is neither. `defenses`/`attacks` are the
+    known names (default: the registries)."""
+    if not cfg.set:
+        return []
+    defenses, attacks = _known_names(defenses, attacks)
+    known = set(defenses) | set(attacks)
+    for owner in cfg.set:
+        if owner not in known:
+            raise CRLError(f"--set names '{owner}', which is neither a defense nor an attack; "
+                           f"expected one of: {', '.join(sorted(known))}")
+    in_run = set(cfg.defenses) | set(cfg.attacks)
+    return [owner for owner in cfg.set if owner not in in_run]
+
+
+def set_warnings(cfg: AuditConfig, defenses: Iterable[str] | None = None,
+                 attacks: Iterable[str] | None = None) -> list[str]:
+    """One line per ignored `--set` owner, e.g. `--set relaxloss.alpha: relaxloss is not among
+    --defenses/--attacks of this run; ignored` (for the caller to print)."""
+    lines = []
+    for owner in unused_set_owners(cfg, defenses, attacks):
+        names = ", ".join(f"{owner}.{param}" for param in cfg.set[owner]) or owner
+        lines.append(f"--set {names}: {owner} is not among --defenses/--attacks of this run; "
+                     "ignored")
+    return lines
+
+
+def _known_names(defenses: Iterable[str] | None,
+                 attacks: Iterable[str] | None) -> tuple[list[str], list[str]]:
+    if defenses is None or attacks is None:
+        import crl.attacks  # noqa: F401  (registers the attacks)
+        import crl.defenses  # noqa: F401  (registers the defenses)
+        from crl.registry import ATTACKS, DEFENSES
+
+        defenses = DEFENSES.names() if defenses is None else defenses
+        attacks = ATTACKS.names() if attacks is None else attacks
+    return list(defenses), list(attacks)

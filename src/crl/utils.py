@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import random
@@ -85,7 +86,7 @@ def code_version() -> dict:
     """The package version and, when run from a git checkout, the commit and dirty flag."""
     from crl import __version__
 
-    info: dict[str, Any] = {"crl": __version__, "torch": torch.__version__}
+    info: dict[str, Any] = {"crl": __version__, "source": code_hash(), "torch": torch.__version__}
     here = Path(__file__).resolve().parent
     try:
         commit = subprocess.run(
@@ -101,6 +102,27 @@ def code_version() -> dict:
     except (OSError, subprocess.SubprocessError):
         pass
     return info
+
+
+def source_hash(root: str | os.PathLike) -> str:
+    """sha256 (16 hex) over every .py file under `root`: relative path and bytes."""
+    import hashlib
+
+    root = Path(root)
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(str(f.relative_to(root)).encode() + b"\0")
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=1)
+def code_hash() -> str:
+    """The package version plus the hash of the installed `crl` package's source: any edit
+    anywhere in src/crl changes it, so cached models retrain (the safe side)."""
+    from crl import __version__
+
+    return f"{__version__}+{source_hash(Path(__file__).resolve().parent)}"
 
 
 def cache_dir() -> Path:

@@ -1,19 +1,33 @@
-"""The Attack interface: every attack is a function of Signals (plus, for Grad-x, the model).
+"""The Attack interface: every attack is a function of Signals (plus, for Grad-x, gradient norms).
 
-`crl audit` builds one AttackContext per (defense, seed) and runs each requested attack on it.
-An attack returns membership scores (higher = member) for the target pool's samples for one
-or more target models; metrics are computed by the caller.
+An attack declares its parameters once (`spec`, a crl.params.ParamSpec) and what the signal
+stage must extract for it (`requirements()`, from REQUIREMENTS) or may extract to improve it
+(`optional_inputs()`), so the caller never inspects an attack's internals. The caller builds one
+AttackContext per (defense, seed) holding what was asked for and runs each attack on it. An
+attack returns membership scores (higher = member) for the target pool's samples for one or more
+target models; metrics are computed by the caller (crl.metrics).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 
 from crl.attacks.signals import Signals
 from crl.errors import CRLError
+from crl.params import ParamSpec
 from crl.registry import ATTACKS
+
+#: What an attack can ask the signal stage for:
+#:   references       reference models trained on random halves of the target pool (ctx.target
+#:                    models 1..; how many: Attack.min_references)
+#:   shadows          shadow models on the shadow pool (ctx.shadow)
+#:   population       the target-pool models' logits on samples none trained on (ctx.population)
+#:   flip             logits on horizontally flipped inputs (Signals.logits_flip) for every pool
+#:   input_gradients  per-sample input-gradient norms (ctx.gradient_scores, and
+#:                    ctx.shadow_gradient_scores when shadows are extracted too)
+REQUIREMENTS = frozenset({"references", "shadows", "population", "flip", "input_gradients"})
 
 
 @dataclass
@@ -22,11 +36,13 @@ class AttackContext:
 
     target: signals on the target pool. Model 0 is THE target (trained on the target members);
         models 1.. are reference models trained on random halves of the target pool (present
-        only when some attack needs references). member[0] is the ground truth to evaluate.
-    shadow: k shadow models on the shadow pool (the paper's protocol), when an attack needs them.
+        only when some attack requires references). member[0] is the ground truth to evaluate.
+    shadow: k shadow models on the shadow pool (the paper's protocol), when an attack uses them.
     population: logits of the target-pool models on population samples that none of them
         trained on (the shadow pool), same model order as `target`; for RMIA.
     gradient_scores: callable(model_index) -> per-sample Grad-x norms on the target pool.
+    shadow_gradient_scores: the same for the shadow models on the shadow pool.
+    seed: the run seed; an attack that draws randomness derives its streams from it by name.
     """
 
     target: Signals
@@ -49,27 +65,35 @@ class AttackResult:
 
 
 class Attack:
-    """Base class. `needs` lists what the context must hold: 'shadows', 'references', 'model'."""
+    """Base class. `name` is set by the registry; `spec` declares the parameters, resolved into
+    `params` (unknown names and bad values raise a one-line CRLError)."""
 
-    name: str = ""
-    needs: frozenset[str] = frozenset()
-    uses: frozenset[str] = frozenset()   # optional extras (threshold attacks: shadows)
-    min_references: int = 0
-    defaults: dict[str, Any] = {}
+    name: ClassVar[str] = ""
+    spec: ClassVar[ParamSpec] = ParamSpec()
 
-    def __init__(self, **params: Any) -> None:
-        unknown = sorted(set(params) - set(self.defaults))
-        if unknown:
-            valid = ", ".join(sorted(self.defaults)) or "none"
-            raise CRLError(f"unknown parameter '{self.name}.{unknown[0]}'; {self.name} takes: {valid}")
-        self.params: dict[str, Any] = {**self.defaults, **params}
+    def __init__(self, params: dict[str, Any] | None = None) -> None:
+        self.params: dict[str, Any] = self.spec.resolve(self.name, params)
+
+    def requirements(self) -> frozenset[str]:
+        """What the signal stage must extract for this attack (a subset of REQUIREMENTS)."""
+        return frozenset()
+
+    def optional_inputs(self) -> frozenset[str]:
+        """What this attack uses when present but can run without (a subset of REQUIREMENTS)."""
+        return frozenset()
+
+    @property
+    def min_references(self) -> int:
+        """Reference models needed (0 unless 'references' is required), given the params."""
+        return 0
 
     def run(self, ctx: AttackContext) -> AttackResult:
         raise NotImplementedError
 
 
 def build_attack(name: str, params: dict[str, Any] | None = None) -> Attack:
-    return ATTACKS.get(name)(**(params or {}))
+    """Create a registered attack by name with parameters `params` (checked by its spec)."""
+    return ATTACKS.get(name)(params)
 
 
 def leave_one_out(score_of: Callable[[int], np.ndarray], num_models: int,

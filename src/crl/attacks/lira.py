@@ -30,6 +30,8 @@ Every variance is floored at VAR_FLOOR so that identical reference statistics gi
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 from scipy.special import log_ndtr
 
@@ -37,6 +39,7 @@ from crl.attacks.base import Attack, AttackContext, AttackResult, leave_one_out
 from crl.attacks.scores import logit_confidence
 from crl.attacks.signals import Signals
 from crl.errors import CRLError
+from crl.params import Param, ParamSpec
 from crl.registry import ATTACKS
 
 VAR_FLOOR = 1e-8
@@ -146,26 +149,27 @@ def lira_loo(signals: Signals, *, online: bool = True, fixed_variance: bool = Fa
         for t in range(signals.num_models)])
 
 
-def _check_bool(name: str, attack: str, value) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise CRLError(f"parameter '{attack}.{name}' must be true or false, got {value!r}")
-    return bool(value)
+LIRA_SPEC = ParamSpec(
+    Param("fixed_variance", False, bool,
+          help="one pooled variance per group instead of per-sample variances (few references)"),
+    Param("flip", False, bool, help="also query every model on horizontally flipped inputs"),
+)
 
 
 class _LiRABase(Attack):
     """Registered LiRA. Scores of model 0 against models 1..M-1; loo_scores for every model."""
 
-    online: bool = True
-    needs = frozenset({"references"})
-    defaults = {"fixed_variance": False, "flip": False}
+    online: ClassVar[bool] = True
+    spec = LIRA_SPEC
 
-    def __init__(self, **params) -> None:
-        super().__init__(**params)
-        fixed = _check_bool("fixed_variance", self.name, self.params["fixed_variance"])
-        _check_bool("flip", self.name, self.params["flip"])
+    def requirements(self) -> frozenset[str]:
+        return frozenset({"references", "flip"} if self.params["flip"] else {"references"})
+
+    @property
+    def min_references(self) -> int:
         # Reference models needed when each sample is IN for half of them: enough for
         # 2 IN and 2 OUT per sample (1 and 1 with a fixed variance).
-        self.min_references = 2 if fixed else 4
+        return 2 if self.params["fixed_variance"] else 4
 
     def run(self, ctx: AttackContext) -> AttackResult:
         sig = ctx.target
@@ -174,7 +178,7 @@ class _LiRABase(Attack):
         if sig.num_models < 2:
             raise CRLError(f"attack '{self.name}' needs reference models; the target signals hold "
                            f"{sig.num_models} model(s), expected >= {self.min_references + 1}")
-        fixed, flip = bool(self.params["fixed_variance"]), bool(self.params["flip"])
+        fixed, flip = self.params["fixed_variance"], self.params["flip"]
         stat = lira_statistic(sig, flip)
         kw = dict(online=self.online, fixed_variance=fixed, sample_idx=sig.sample_idx)
         scores, how = _lira_from_stat(stat, sig.member, 0, **kw)
@@ -189,7 +193,6 @@ class _LiRABase(Attack):
 class LiRAOnline(_LiRABase):
     """LiRA online: Gaussian likelihood ratio of IN vs OUT reference statistics."""
 
-    name = "lira"
     online = True
 
 
@@ -197,5 +200,4 @@ class LiRAOnline(_LiRABase):
 class LiRAOffline(_LiRABase):
     """LiRA offline: one-sided test against the OUT reference statistics only."""
 
-    name = "lira_offline"
     online = False

@@ -38,6 +38,7 @@ from crl.attacks.base import Attack, AttackContext, AttackResult, leave_one_out
 from crl.attacks.scores import log_prob_true
 from crl.attacks.signals import Signals
 from crl.errors import CRLError
+from crl.params import Param, ParamSpec
 from crl.registry import ATTACKS
 
 
@@ -50,16 +51,14 @@ def _first_k(mask: np.ndarray, k: int) -> np.ndarray:
     return mask & (np.cumsum(mask, axis=0) <= k)
 
 
-def _check_params(num_refs, a, gamma) -> tuple[int, float, float]:
-    if isinstance(num_refs, bool) or not isinstance(num_refs, (int, np.integer)) or num_refs < 1:
-        raise CRLError(f"RMIA num_refs must be an integer >= 1, got {num_refs!r}")
-    if (isinstance(a, bool) or not isinstance(a, (int, float, np.number))
-            or not 0.0 <= float(a) <= 1.0):
-        raise CRLError(f"RMIA a must be a number in [0, 1], got {a!r}")
-    if (isinstance(gamma, bool) or not isinstance(gamma, (int, float, np.number))
-            or not math.isfinite(float(gamma)) or float(gamma) <= 0):
-        raise CRLError(f"RMIA gamma must be a finite number > 0, got {gamma!r}")
-    return int(num_refs), float(a), float(gamma)
+RMIA_SPEC = ParamSpec(
+    Param("num_refs", 4, int, low=1, help="reference models per sample"),
+    Param("a", 0.3, float, low=0.0, high=1.0,
+          help="offline: p(x) = (1+a)/2 mean_OUT p + (1-a)/2 (tuned per dataset in the paper)"),
+    Param("gamma", 2.0, float, low=0.0, low_open=True,
+          help="LR(x)/LR(z) must exceed gamma for z to count"),
+    Param("offline", True, bool, help="OUT references only (else half IN, half OUT)"),
+)
 
 
 def _check_population(signals: Signals, population: Signals) -> None:
@@ -128,67 +127,65 @@ def _rmia_one(logp: np.ndarray, member: np.ndarray, logp_pop: np.ndarray, target
     return below / float(log_lr_z.shape[0])
 
 
-def rmia_scores(signals: Signals, population: Signals, target: int, *, num_refs: int = 4,
-                a: float = 0.3, gamma: float = 2.0, offline: bool = True) -> np.ndarray:
-    """RMIA scores [N] in [0, 1] (higher = member) of model `target` (see the module docstring)."""
-    num_refs, a, gamma = _check_params(num_refs, a, gamma)
+def _log_probs(signals: Signals, population: Signals) -> tuple[np.ndarray, np.ndarray]:
     _check_population(signals, population)
+    return (log_prob_true(signals.logits, signals.labels),
+            log_prob_true(population.logits, population.labels))
+
+
+def rmia_scores(signals: Signals, population: Signals, target: int, **params) -> np.ndarray:
+    """RMIA scores [N] in [0, 1] (higher = member) of model `target` (see the module docstring).
+
+    `params`: num_refs, a, gamma, offline (RMIA_SPEC; defaults 4, 0.3, 2.0, True).
+    """
+    p = RMIA_SPEC.resolve("rmia", params)
+    logp, logp_pop = _log_probs(signals, population)
     if isinstance(target, bool) or not isinstance(target, (int, np.integer)) \
             or not 0 <= int(target) < signals.num_models:
         raise CRLError(f"target model {target!r} out of range; "
                        f"expected 0..{signals.num_models - 1}")
-    logp = log_prob_true(signals.logits, signals.labels)
-    logp_pop = log_prob_true(population.logits, population.labels)
-    return _rmia_one(logp, signals.member, logp_pop, int(target), num_refs=num_refs, a=a,
-                     gamma=gamma, offline=offline, sample_idx=signals.sample_idx)
+    return _rmia_one(logp, signals.member, logp_pop, int(target), sample_idx=signals.sample_idx,
+                     **p)
 
 
-def rmia_loo(signals: Signals, population: Signals, *, num_refs: int = 4, a: float = 0.3,
-             gamma: float = 2.0, offline: bool = True) -> np.ndarray:
+def rmia_loo(signals: Signals, population: Signals, **params) -> np.ndarray:
     """Leave-one-out RMIA scores [M, N]: row t scores model t with references from the others."""
-    num_refs, a, gamma = _check_params(num_refs, a, gamma)
-    _check_population(signals, population)
-    logp = log_prob_true(signals.logits, signals.labels)
-    logp_pop = log_prob_true(population.logits, population.labels)
-    return np.stack([
-        _rmia_one(logp, signals.member, logp_pop, t, num_refs=num_refs, a=a, gamma=gamma,
-                  offline=offline, sample_idx=signals.sample_idx)
-        for t in range(signals.num_models)])
+    p = RMIA_SPEC.resolve("rmia", params)
+    logp, logp_pop = _log_probs(signals, population)
+    return np.stack([_rmia_one(logp, signals.member, logp_pop, t, sample_idx=signals.sample_idx,
+                               **p)
+                     for t in range(signals.num_models)])
 
 
 @ATTACKS.register("rmia")
 class RMIAAttack(Attack):
     """RMIA (offline by default). Scores of model 0; loo_scores for every model when possible."""
 
-    name = "rmia"
-    needs = frozenset({"references"})
-    defaults = {"num_refs": 4, "a": 0.3, "gamma": 2.0, "offline": True}
+    spec = RMIA_SPEC
 
-    def __init__(self, **params) -> None:
-        super().__init__(**params)
-        k, _, _ = _check_params(self.params["num_refs"], self.params["a"], self.params["gamma"])
-        if not isinstance(self.params["offline"], (bool, np.bool_)):
-            raise CRLError("parameter 'rmia.offline' must be true or false, "
-                           f"got {self.params['offline']!r}")
+    def requirements(self) -> frozenset[str]:
+        return frozenset({"references", "population"})
+
+    @property
+    def min_references(self) -> int:
         # Reference models needed when each sample is IN for half of them.
-        self.min_references = 2 * k if self.params["offline"] else 2 * (k - k // 2)
+        k = self.params["num_refs"]
+        return 2 * k if self.params["offline"] else 2 * (k - k // 2)
 
     def run(self, ctx: AttackContext) -> AttackResult:
         if ctx.population is None:
             raise CRLError("attack 'rmia' needs population signals (ctx.population is None)")
         sig, pop = ctx.target, ctx.population
-        _check_population(sig, pop)
-        k, a, gamma = _check_params(self.params["num_refs"], self.params["a"], self.params["gamma"])
-        offline = bool(self.params["offline"])
-        logp = log_prob_true(sig.logits, sig.labels)
-        logp_pop = log_prob_true(pop.logits, pop.labels)
-        kw = dict(num_refs=k, a=a, gamma=gamma, offline=offline, sample_idx=sig.sample_idx)
-        scores = _rmia_one(logp, sig.member, logp_pop, 0, **kw)
-        extra = {"offline": offline, "num_refs": k, "a": a if offline else None, "gamma": gamma,
+        logp, logp_pop = _log_probs(sig, pop)
+        p = self.params
+        scores = _rmia_one(logp, sig.member, logp_pop, 0, sample_idx=sig.sample_idx, **p)
+        extra = {"offline": p["offline"], "num_refs": p["num_refs"],
+                 "a": p["a"] if p["offline"] else None, "gamma": p["gamma"],
                  "population_size": int(pop.logits.shape[1]),
                  "reference_choice": (
-                     "first num_refs OUT models in cyclic order after the target" if offline else
-                     "first k//2 IN and k-k//2 OUT models in cyclic order after the target")}
-        loo = leave_one_out(lambda t: _rmia_one(logp, sig.member, logp_pop, t, **kw),
-                            sig.num_models, scores, extra)
+                     "first num_refs OUT models in cyclic order after the target" if p["offline"]
+                     else "first k//2 IN and k-k//2 OUT models in cyclic order after the target")}
+        loo = leave_one_out(
+            lambda t: _rmia_one(logp, sig.member, logp_pop, t, sample_idx=sig.sample_idx, **p),
+            sig.num_models, scores, extra)
         return AttackResult(scores=scores, extra=extra, loo_scores=loo)

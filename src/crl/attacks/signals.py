@@ -26,7 +26,8 @@ class Signals:
         self.labels = np.asarray(self.labels).astype(np.int64)
         self.sample_idx = np.asarray(self.sample_idx).astype(np.int64)
         if self.logits.ndim != 3:
-            raise CRLError(f"signals logits must be [models, samples, classes], got {self.logits.shape}")
+            raise CRLError("signals logits must be [models, samples, classes], "
+                           f"got {list(self.logits.shape)}")
         m, n, c = self.logits.shape
         if self.member.shape != (m, n):
             raise CRLError(f"membership matrix must be [{m}, {n}], got {list(self.member.shape)}")
@@ -39,7 +40,8 @@ class Signals:
         if self.logits_flip is not None:
             self.logits_flip = np.asarray(self.logits_flip)
             if self.logits_flip.shape != self.logits.shape:
-                raise CRLError(f"flipped logits {self.logits_flip.shape} differ from logits {self.logits.shape}")
+                raise CRLError(f"flipped logits {list(self.logits_flip.shape)} differ from "
+                               f"logits {list(self.logits.shape)}")
 
     @property
     def num_models(self) -> int:
@@ -66,7 +68,8 @@ class Signals:
                 raise CRLError(f"signals part {k} covers other samples or another sample order "
                                f"than part 0; expected the same sample_idx")
             if not np.array_equal(p.labels, first.labels):
-                raise CRLError(f"signals part {k} has other labels than part 0 for the same samples")
+                raise CRLError(f"signals part {k} has other labels than part 0 "
+                               f"for the same samples")
             if p.logits.shape[2] != first.logits.shape[2]:
                 raise CRLError(f"signals part {k} has {p.logits.shape[2]} classes, "
                                f"expected {first.logits.shape[2]}")

@@ -7,14 +7,18 @@ into ties the way float32 softmax does.
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import roc_curve
 
 from crl.attacks.base import Attack, AttackContext, AttackResult
 from crl.attacks.scores import check_logits, log_prob_true
 from crl.attacks.signals import Signals
 from crl.errors import CRLError
-from crl.metrics import fit_per_class_thresholds, thresholded_balanced_accuracy
+from crl.evaluation import eval_batches
 from crl.registry import ATTACKS
 
 
@@ -97,6 +101,40 @@ SCORE_FUNCTIONS = {
 }
 
 
+def _check_labelled(scores, is_member, labels) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    m = np.asarray(is_member).astype(bool).ravel()
+    y = np.asarray(labels).astype(np.int64).ravel()
+    if not s.shape == m.shape == y.shape:
+        raise CRLError(f"scores, is_member and labels differ in length: {s.shape[0]}, "
+                       f"{m.shape[0]} and {y.shape[0]}")
+    if m.all() or not m.any():
+        raise CRLError("per-class thresholds need both members and non-members")
+    if not np.isfinite(s).all():
+        raise CRLError(f"{int((~np.isfinite(s)).sum())} membership scores are NaN or infinite")
+    return s, m, y
+
+
+def _best_threshold(s: np.ndarray, m: np.ndarray) -> float:
+    fpr, tpr, thr = roc_curve(m, s, drop_intermediate=False)
+    i = int(np.argmax(tpr + 1.0 - fpr))
+    return float(min(thr[i], np.finfo(np.float64).max))
+
+
+def fit_per_class_thresholds(scores, is_member, labels, num_classes: int) -> np.ndarray:
+    """Per-class thresholds maximising balanced accuracy on (shadow) scores; member iff s >= t.
+
+    A class with no members or no non-members gets the global best threshold.
+    """
+    s, m, y = _check_labelled(scores, is_member, labels)
+    out = np.full(num_classes, _best_threshold(s, m))
+    for c in range(num_classes):
+        sel = y == c
+        if m[sel].any() and (~m[sel]).any():
+            out[c] = _best_threshold(s[sel], m[sel])
+    return out
+
+
 def _pooled(signals: Signals, score_of_model) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Scores, membership and labels of all models of `signals`, stacked."""
     scores = np.concatenate([score_of_model(k) for k in range(signals.num_models)])
@@ -106,10 +144,18 @@ def _pooled(signals: Signals, score_of_model) -> tuple[np.ndarray, np.ndarray, n
 
 
 class ThresholdAttack(Attack):
-    """Score = a function of the target's own output; per-class thresholds fitted on shadows."""
+    """Score = a function of the target's own output; per-class thresholds fitted on shadows.
 
-    score_name: str = ""
-    uses = frozenset({"shadows"})   # per-class thresholds for the paper's accuracy figure
+    With shadows, `per_class_thresholds` holds the rule "member iff score >= t[label]" fitted
+    on them; the caller scores it on the target (crl.metrics.thresholded_balanced_accuracy:
+    the paper's accuracy protocol, reported as shadow_threshold_accuracy)."""
+
+    score_name: ClassVar[str] = ""
+    #: whether scores of every model of ctx.target are cheap enough to pool (leave-one-out)
+    pool_all_models: ClassVar[bool] = True
+
+    def optional_inputs(self) -> frozenset[str]:
+        return frozenset({"shadows"})   # per-class thresholds for the paper's accuracy figure
 
     def target_scores(self, ctx: AttackContext, model: int) -> np.ndarray:
         return SCORE_FUNCTIONS[self.score_name](ctx.target.logits[model], ctx.target.labels)
@@ -117,9 +163,6 @@ class ThresholdAttack(Attack):
     def shadow_scores(self, ctx: AttackContext, model: int) -> np.ndarray:
         assert ctx.shadow is not None
         return SCORE_FUNCTIONS[self.score_name](ctx.shadow.logits[model], ctx.shadow.labels)
-
-    #: whether scores of every model of ctx.target are cheap enough to pool (leave-one-out)
-    pool_all_models: bool = True
 
     def run(self, ctx: AttackContext) -> AttackResult:
         scores = self.target_scores(ctx, 0)
@@ -131,16 +174,13 @@ class ThresholdAttack(Attack):
                                                      for k in range(1, ctx.target.num_models)])
         if ctx.shadow is not None:
             s, m, y = _pooled(ctx.shadow, lambda k: self.shadow_scores(ctx, k))
-            thresholds = fit_per_class_thresholds(s, m, y, ctx.num_classes)
-            result.per_class_thresholds = thresholds
-            result.extra["shadow_threshold_accuracy"] = thresholded_balanced_accuracy(
-                scores, ctx.target.member[0], ctx.target.labels, thresholds)
+            result.per_class_thresholds = fit_per_class_thresholds(s, m, y, ctx.num_classes)
         return result
 
 
 def _register_threshold(name: str, doc: str) -> None:
     cls = type(f"{name.capitalize()}Attack", (ThresholdAttack,),
-               {"name": name, "score_name": name, "__doc__": doc})
+               {"score_name": name, "__doc__": doc})
     ATTACKS.register(name)(cls)
 
 
@@ -150,20 +190,24 @@ for _name, _fn in SCORE_FUNCTIONS.items():
 
 @ATTACKS.register("gradx")
 class GradXAttack(ThresholdAttack):
-    """Negative L2 norm of the input gradient of the cross-entropy (members: flatter loss)."""
+    """Negative L2 norm of the input gradient of the cross-entropy (members: flatter loss).
 
-    name = "gradx"
-    needs = frozenset({"model"})
+    Needs the target's gradient norms (ctx.gradient_scores(0)); with shadows and their gradient
+    norms (ctx.shadow_gradient_scores) it also fits per-class thresholds like the others."""
+
     pool_all_models = False   # one backward pass per sample per model: target only
+
+    def requirements(self) -> frozenset[str]:
+        return frozenset({"input_gradients"})
 
     def target_scores(self, ctx: AttackContext, model: int) -> np.ndarray:
         if ctx.gradient_scores is None:
-            raise CRLError("attack 'gradx' needs the trained models; none were given")
+            raise CRLError("attack 'gradx' needs input-gradient norms of the target "
+                           "(ctx.gradient_scores is None)")
         return -np.asarray(ctx.gradient_scores(model), dtype=np.float64)
 
     def shadow_scores(self, ctx: AttackContext, model: int) -> np.ndarray:
-        if ctx.shadow_gradient_scores is None:
-            raise CRLError("attack 'gradx' needs the shadow models; none were given")
+        assert ctx.shadow_gradient_scores is not None
         return -np.asarray(ctx.shadow_gradient_scores(model), dtype=np.float64)
 
     def run(self, ctx: AttackContext) -> AttackResult:
@@ -174,15 +218,10 @@ class GradXAttack(ThresholdAttack):
 
 def input_gradient_norms(model, data, idx, *, batch_size: int = 256) -> np.ndarray:
     """Per-sample L2 norm of d CE(model(x), y) / dx on normalised inputs (float64 result)."""
-    import torch
-    import torch.nn.functional as F
-
-    from crl.train import eval_batches
-
     out = []
     for b, x in eval_batches(model, data, idx, batch_size):
         x.requires_grad_(True)
         loss = F.cross_entropy(model(x).double(), data.y[b].to(x.device), reduction="sum")
         (g,) = torch.autograd.grad(loss, x)
         out.append(g.flatten(1).double().norm(dim=1).cpu())
-    return torch.cat(out).numpy()
+    return torch.cat(out).numpy() if out else np.zeros(0)

@@ -9,6 +9,13 @@ from crl.defenses import (  # noqa: F401  (registration)
     label_smoothing,
     relaxloss,
 )
-from crl.defenses.base import CrossEntropy, Defense, FitContext, build_defense
+from crl.defenses.base import (
+    CrossEntropy,
+    Defense,
+    EpochEnd,
+    Step,
+    TrainContext,
+    build_defense,
+)
 
-__all__ = ["CrossEntropy", "Defense", "FitContext", "build_defense"]
+__all__ = ["CrossEntropy", "Defense", "EpochEnd", "Step", "TrainContext", "build_defense"]

@@ -1,62 +1,50 @@
-"""Helpers shared by the baseline defenses: hyper-parameter checks and member-set splits."""
+"""Helpers shared by the defenses: held-out splits of the members, per-epoch means, entropy."""
 from __future__ import annotations
 
-import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 import torch
 
+from crl.data.splits import _stratified_take
+from crl.defenses.base import TrainContext
 from crl.errors import CRLError
+from crl.losses import BRANCHES
 
 
-def check_number(owner: str, name: str, value: Any, *, low: float | None = None,
-                 high: float | None = None, low_open: bool = False,
-                 high_open: bool = False) -> float:
-    """`value` as a float inside the given interval, else a one-line CRLError."""
-    lo = "(" if low_open else "["
-    hi = ")" if high_open else "]"
-    where = f"{lo}{'-inf' if low is None else low}, {'inf' if high is None else high}{hi}"
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok and low is not None:
-        ok = value > low if low_open else value >= low
-    if ok and high is not None:
-        ok = value < high if high_open else value <= high
-    if not ok:
-        raise CRLError(f"{owner}.{name}={value!r}: expected a number in {where}")
-    return float(value)
-
-
-def check_int(owner: str, name: str, value: Any, *, minimum: int = 1,
-              allow_none: bool = False) -> int | None:
-    """`value` as an int >= minimum (or None if allowed), else a one-line CRLError."""
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        extra = " or null" if allow_none else ""
-        raise CRLError(f"{owner}.{name}={value!r}: expected an integer >= {minimum}{extra}")
-    return int(value)
-
-
-def split_members(train_idx: torch.Tensor, labels: torch.Tensor, fraction: float, *, seed: int,
-                  salt: int, owner: str, param: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stratified, seeded split of the members `train_idx` into (kept, held_out); `labels`
-    are the labels of the whole dataset (indexed by dataset index).
-
-    `fraction` of the members is held out (rounded; at least one sample must land on each
-    side). Only members are ever drawn from, so non-members stay untouched for the audit.
-    """
-    from crl.data.splits import _stratified_take
-
-    idx = np.sort(train_idx.cpu().numpy().astype(np.int64))
-    n = idx.size
-    k = int(round(fraction * n))
+def held_out_count(owner: str, param: str, fraction: float, n: int) -> int:
+    """How many of `n` training samples `fraction` holds out (rounded); a CRLError unless at
+    least one is held out and one is left to train on. Used by check() and by the split."""
+    k = round(fraction * n)
     if not 1 <= k <= n - 1:
-        raise CRLError(f"{owner}.{param}={fraction} holds out {k} of {n} training samples; "
-                       "expected at least 1 held out and 1 left to train on")
-    rng = np.random.default_rng([int(seed), int(salt)])
-    held, kept = _stratified_take(idx, labels.cpu().numpy().astype(np.int64), k, rng)
+        raise CRLError(f"{owner}.{param} = {fraction!r}: holds out {k} of {n} training samples; "
+                       "expected a fraction that holds out at least 1 and keeps at least 1")
+    return k
+
+
+def split_members(ctx: TrainContext, owner: str, param: str, fraction: float
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stratified split of the members ctx.train_idx into (kept, held_out), both sorted, drawn
+    from the named stream (owner, "split"). `fraction` of the members is held out (rounded).
+
+    Only members are ever drawn from, so the non-members stay untouched for the audit.
+    """
+    idx = np.sort(ctx.train_idx.cpu().numpy().astype(np.int64))
+    k = held_out_count(owner, param, fraction, idx.size)
+    labels = ctx.data.y.cpu().numpy().astype(np.int64)
+    held, kept = _stratified_take(idx, labels, k, ctx.numpy_stream(owner, "split"))
     return torch.as_tensor(kept, dtype=torch.long), torch.as_tensor(held, dtype=torch.long)
+
+
+@contextmanager
+def global_rng_from(generator: torch.Generator) -> Iterator[None]:
+    """Inside the block, the global CPU RNG runs on `generator`'s stream (for code that draws
+    from it, e.g. module initialisation); outside it is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.set_rng_state(generator.get_state())
+        yield
 
 
 def entropy(probs: torch.Tensor) -> torch.Tensor:
@@ -64,19 +52,37 @@ def entropy(probs: torch.Tensor) -> torch.Tensor:
     return -(probs * probs.clamp_min(1e-12).log()).sum(1)
 
 
-class Means:
-    """Running means of named per-step values, reset after each read (for extra_metrics)."""
+class EpochMeans:
+    """Means of named per-step values over one epoch, and the share of steps in each branch of a
+    relaxed loss term. Tensors stay on their device (no sync per step); `pop` reads and resets."""
 
     def __init__(self) -> None:
-        self._sums: dict[str, float] = {}
-        self._counts: dict[str, int] = {}
+        self.reset()
 
-    def add(self, **values: float) -> None:
-        for k, v in values.items():
-            self._sums[k] = self._sums.get(k, 0.0) + float(v)
-            self._counts[k] = self._counts.get(k, 0) + 1
+    def reset(self) -> None:
+        self._sums: dict[str, Any] = {}
+        self._counts: dict[str, int] = {}
+        self._branches: dict[str, dict[str, int]] = {}
+
+    def add(self, **values: Any) -> None:
+        """Add one step's values (tensors or numbers); None values are skipped."""
+        for key, value in values.items():
+            if value is None:
+                continue
+            value = value.detach() if isinstance(value, torch.Tensor) else float(value)
+            self._sums[key] = self._sums[key] + value if key in self._sums else value
+            self._counts[key] = self._counts.get(key, 0) + 1
+
+    def add_branch(self, term: str, branch: str | None) -> None:
+        """Count one step of loss term `term` in `branch` (one of BRANCHES; None: not computed)."""
+        if branch is not None:
+            self._branches.setdefault(term, dict.fromkeys(BRANCHES, 0))[branch] += 1
 
     def pop(self) -> dict[str, float]:
-        out = {k: self._sums[k] / self._counts[k] for k in self._sums}
-        self._sums, self._counts = {}, {}
+        """{value: mean} and {frac_<term>_<branch>: share of steps}, then reset ({} if empty)."""
+        out = {key: float(total) / self._counts[key] for key, total in self._sums.items()}
+        for term, counts in self._branches.items():
+            steps = sum(counts.values())
+            out.update({f"frac_{term}_{name}": counts[name] / steps for name in BRANCHES})
+        self.reset()
         return out

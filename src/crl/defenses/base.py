@@ -101,11 +101,12 @@ class TrainContext:
 
     def predict(self, idx, model: nn.Module | None = None) -> torch.Tensor:
         """float32 logits of `model` (default: ctx.model) on data[idx], eval mode, on the device."""
-        return predict_logits(model or self.model, self.data, idx).to(self.device)
+        return predict_logits(self.model if model is None else model, self.data, idx).to(
+            self.device)
 
     def evaluate(self, idx, model: nn.Module | None = None) -> tuple[float, float]:
         """(mean cross-entropy, accuracy) of `model` (default: ctx.model) on data[idx]."""
-        return evaluate(model or self.model, self.data, idx)
+        return evaluate(self.model if model is None else model, self.data, idx)
 
     def train_submodel(self, model: nn.Module, idx, *, defense: "Defense | None" = None,
                        stream: str = "submodel") -> nn.Module:

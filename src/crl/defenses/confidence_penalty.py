@@ -1,13 +1,14 @@
 """Confidence penalty (Pereyra et al. 2017): cross-entropy minus beta times posterior entropy."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from crl.defenses._common import Means, check_number
-from crl.defenses.base import Defense
+from crl.defenses._common import EpochMeans
+from crl.defenses.base import Defense, EpochEnd, Step, TrainContext
+from crl.params import Param, ParamSpec
 from crl.registry import DEFENSES
 
 
@@ -15,24 +16,27 @@ from crl.registry import DEFENSES
 class ConfidencePenalty(Defense):
     """L = CE(logits, y) - beta * mean_i H(softmax(logits_i)); penalises confident posteriors.
 
-    extra_metrics(): the epoch's mean cross-entropy `l_ce` and mean entropy `entropy`.
+    end_epoch() metrics: the epoch's mean cross-entropy `l_ce` and mean entropy `entropy`.
     """
 
-    name = "confidence_penalty"
-    defaults: dict[str, Any] = {"beta": 0.1}
+    spec: ClassVar[ParamSpec] = ParamSpec(
+        Param("beta", 0.1, float, low=0.0, search=(0.01, 2.0, "log"),
+              help="weight of the entropy bonus"),
+    )
 
-    def __init__(self, **params: Any) -> None:
-        super().__init__(**params)
-        self.params["beta"] = check_number(self.name, "beta", self.params["beta"], low=0.0)
-        self._means = Means()
+    def __init__(self, params: dict[str, Any] | None = None) -> None:
+        super().__init__(params)
+        self._means = EpochMeans()
 
-    def loss(self, logits: torch.Tensor, features: torch.Tensor | None, targets: torch.Tensor,
-             epoch: int) -> torch.Tensor:
-        log_p = F.log_softmax(logits, dim=1)
-        ce = F.nll_loss(log_p, targets)
+    def prepare(self, ctx: TrainContext) -> None:
+        self._means.reset()
+
+    def loss(self, ctx: TrainContext, step: Step) -> torch.Tensor:
+        log_p = F.log_softmax(step.logits, dim=1)
+        ce = F.nll_loss(log_p, step.y)
         ent = -(log_p.exp() * log_p).sum(1).mean()
-        self._means.add(l_ce=ce.detach(), entropy=ent.detach())
+        self._means.add(l_ce=ce, entropy=ent)
         return ce - self.params["beta"] * ent
 
-    def extra_metrics(self) -> dict[str, float]:
-        return self._means.pop()
+    def end_epoch(self, ctx: TrainContext, epoch: int) -> EpochEnd:
+        return EpochEnd(metrics=self._means.pop())

@@ -1,43 +1,54 @@
 """DP-SGD (Abadi et al. 2016) through Opacus: per-sample clipping + Gaussian noise, RDP accounting.
 
-prepare() makes the model Opacus-compatible (BatchNorm -> GroupNorm via ModuleValidator.fix, and
-in-place activations switched off, which Opacus's backward hooks forbid), wraps it in a
-GradSampleModule and fit's SGD optimizer in a DPOptimizer; finish() unwraps it back to the plain
-nn.Module, so saved state_dict keys carry no `_module.` prefix.
+prepare() makes the model Opacus-compatible (the registered model transform "opacus_fix":
+BatchNorm -> GroupNorm, in-place activations off), wraps it in a GradSampleModule and fit's SGD
+optimizer in a DPOptimizer, and replaces fit's sampler by true Poisson sampling: every member
+joins each batch independently with probability q = batch_size / n_train, ceil(n_train /
+batch_size) draws an epoch. finish() unwraps the model back to the plain nn.Module.
 
-Accounting caveat: fit draws shuffled fixed-size batches, not the Poisson subsampling the RDP
-analysis assumes; epsilon (RDP accountant, sample rate = batch_size / n_train) is the usual
-approximation, not a proven guarantee for this sampler.
+Variable batch sizes: the GradSampleModule (loss_reduction "mean") undoes the loss's mean over
+the actual batch to get per-sample gradients; the DPOptimizer sums their clipped values, adds
+noise of std noise_multiplier * max_grad_norm and divides by the EXPECTED batch size
+(q * n_train = batch_size), as the Poisson analysis requires. The noise comes from the stream
+"dpsgd"/"noise" and is checkpointed with the defense.
+
+Accounting: Opacus's RDP accountant for the Poisson-subsampled Gaussian, with T = every draw
+made so far (`batches_drawn`, empty ones included). fit skips an empty draw (no forward pass, no
+update), whereas the analysed mechanism would take a pure-noise step there; the two differ only
+when some draw is empty, an event of probability at most T * (1 - q) ** (n_train - 1) for the
+training set and its neighbours (`empty_batch_bound` in the report; about 1e-14 on the digits
+default). `steps` counts the updates actually taken.
 """
 from __future__ import annotations
 
 import math
 import warnings
-from typing import Any
+from typing import Any, ClassVar
 
-from torch import nn
+import torch
 
-from crl.defenses._common import check_number
-from crl.defenses.base import Defense, FitContext
+from crl.defenses.base import Defense, EpochEnd, TrainContext
 from crl.errors import CRLError
+from crl.models.transforms import opacus_compatible
+from crl.params import Param, ParamSpec
+from crl.recipe import Recipe
 from crl.registry import DEFENSES
-
-SAMPLING_NOTE = ("shuffled fixed-size batches (not Poisson): epsilon is the usual approximation")
+from crl.sampling import PoissonBatches
+from crl.seeding import seed_for
 
 
 def _opacus():
     try:
-        import opacus  # noqa: F401
         from opacus import GradSampleModule
         from opacus.optimizers import DPOptimizer
-        from opacus.validators import ModuleValidator
     except ImportError as e:
         raise CRLError("dpsgd needs opacus: pip install 'crl[dp]'") from e
-    return GradSampleModule, DPOptimizer, ModuleValidator
+    return GradSampleModule, DPOptimizer
 
 
 def rdp_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
-    """Epsilon of `steps` subsampled Gaussian steps by Opacus's RDP accountant (inf if no noise)."""
+    """Epsilon of `steps` Poisson-subsampled Gaussian steps by Opacus's RDP accountant
+    (inf without noise, 0 without steps)."""
     if steps <= 0:
         return 0.0
     if noise_multiplier <= 0:
@@ -49,71 +60,69 @@ def rdp_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: 
     return float(acc.get_epsilon(delta=delta))
 
 
-def opacus_compatible(model: nn.Module) -> nn.Module:
-    """`model` made acceptable to Opacus: BatchNorm -> GroupNorm etc. (a new module when anything
-    had to change) and in-place activations switched off (Opacus's hooks forbid them)."""
-    _, _, ModuleValidator = _opacus()
-    if ModuleValidator.validate(model, strict=False):
-        fixed = ModuleValidator.fix(model)
-        errors = ModuleValidator.validate(fixed, strict=False)
-        if errors:
-            raise CRLError(f"dpsgd cannot make {type(model).__name__} Opacus-compatible: "
-                           f"{str(errors[0]).splitlines()[0]}")
-        model = fixed
-    for m in model.modules():
-        if getattr(m, "inplace", False) is True:
-            m.inplace = False
-    return model
-
-
 @DEFENSES.register("dpsgd")
 class DPSGD(Defense):
-    """DP-SGD with clipping norm `max_grad_norm`, noise std noise_multiplier * max_grad_norm,
-    averaged over the expected batch size; report() gives (epsilon, delta)."""
+    """DP-SGD with clipping norm `max_grad_norm` and noise std noise_multiplier * max_grad_norm
+    on Poisson batches; report() gives (epsilon, delta) of the RDP accountant."""
 
-    name = "dpsgd"
-    defaults: dict[str, Any] = {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "delta": 1e-5}
+    spec: ClassVar[ParamSpec] = ParamSpec(
+        Param("noise_multiplier", 1.0, float, low=0.0, search=(0.3, 3.0, "log"),
+              help="noise std / clipping norm"),
+        Param("max_grad_norm", 1.0, float, low=0.0, low_open=True,
+              help="per-sample gradient clipping norm"),
+        Param("delta", 1e-5, float, low=0.0, high=1.0, low_open=True, high_open=True,
+              help="delta of the reported (epsilon, delta)"),
+    )
+    batchable: ClassVar[bool] = False
 
-    def __init__(self, **params: Any) -> None:
-        super().__init__(**params)
-        p = self.params
-        p["noise_multiplier"] = check_number(self.name, "noise_multiplier",
-                                             p["noise_multiplier"], low=0.0)
-        p["max_grad_norm"] = check_number(self.name, "max_grad_norm", p["max_grad_norm"],
-                                          low=0.0, low_open=True)
-        p["delta"] = check_number(self.name, "delta", p["delta"], low=0.0, high=1.0,
-                                  low_open=True, high_open=True)
-        self.steps = 0
-        self.sample_rate: float | None = None
+    def __init__(self, params: dict[str, Any] | None = None) -> None:
+        super().__init__(params)
+        self.sampler: PoissonBatches | None = None
         self.n_train = 0
-        self.replaced_modules = False
+        self.steps = 0
+        self.batches_drawn = 0
+        self.transforms: list[str] = []
+        self.noise: torch.Generator | None = None
 
-    def prepare(self, ctx: FitContext) -> None:
-        GradSampleModule, DPOptimizer, _ = _opacus()
-        model = opacus_compatible(ctx.model)
-        self.replaced_modules = model is not ctx.model
-        model = model.to(ctx.device)
+    def check(self, recipe: Recipe, n_train: int) -> None:
+        if recipe.batch_size > n_train:
+            raise CRLError(f"{self.name}: batch_size = {recipe.batch_size} with {n_train} "
+                           "training samples; expected batch_size <= n_train (the Poisson "
+                           "sample rate batch_size / n_train must be at most 1)")
+
+    def prepare(self, ctx: TrainContext) -> None:
+        GradSampleModule, DPOptimizer = _opacus()
+        self.check(ctx.recipe, int(ctx.train_idx.numel()))
+        model = opacus_compatible(ctx.model).to(ctx.device)
+        self.transforms = ["opacus_fix"] if model is not ctx.model else []
         optimizer = ctx.optimizer
         if model is not ctx.model:      # new parameters: a fresh optimizer with the same settings
             optimizer = type(optimizer)(model.parameters(), **optimizer.defaults)
         warnings.filterwarnings("ignore", message="Full backward hook is firing",
                                 category=UserWarning)
-        wrapped = GradSampleModule(model, loss_reduction="mean")
-        ctx.model = wrapped
+        self.n_train, self.steps, self.batches_drawn = int(ctx.train_idx.numel()), 0, 0
+        batch = ctx.recipe.batch_size
+        self.sampler = PoissonBatches(sample_rate=batch / self.n_train,
+                                      num_batches=math.ceil(self.n_train / batch))
+        self.noise = torch.Generator(device=ctx.device)
+        self.noise.manual_seed(seed_for(ctx.seed, self.name, "noise"))
+        ctx.model = GradSampleModule(model, loss_reduction="mean")
         ctx.optimizer = DPOptimizer(
             optimizer, noise_multiplier=self.params["noise_multiplier"],
-            max_grad_norm=self.params["max_grad_norm"], expected_batch_size=ctx.batch_size,
-            loss_reduction="mean",
-        )
-        self.n_train = int(ctx.train_idx.numel())
-        self.sample_rate = min(1.0, ctx.batch_size / self.n_train)
-        self.steps = 0
+            max_grad_norm=self.params["max_grad_norm"], expected_batch_size=batch,
+            loss_reduction="mean", generator=self.noise)
+        ctx.optimizer.attach_step_hook(self._count_step)
+        ctx.sampler = self.sampler
 
-    def after_step(self, ctx: FitContext, epoch: int) -> None:
+    def _count_step(self, optimizer: Any) -> None:
         self.steps += 1
 
-    def finish(self, ctx: FitContext) -> None:
-        GradSampleModule, _, _ = _opacus()
+    def end_epoch(self, ctx: TrainContext, epoch: int) -> EpochEnd:
+        self.batches_drawn += self.sampler.num_batches   # epsilon is computed once, in report()
+        return EpochEnd()
+
+    def finish(self, ctx: TrainContext) -> None:
+        GradSampleModule, _ = _opacus()
         if isinstance(ctx.model, GradSampleModule):
             ctx.model = ctx.model.to_standard_module()
         if hasattr(ctx.optimizer, "original_optimizer"):
@@ -121,29 +130,35 @@ class DPSGD(Defense):
         for p in ctx.model.parameters():
             p.grad = None
 
-    def epsilon(self, steps: int | None = None) -> float:
-        """Epsilon at `delta` after `steps` optimizer steps (default: the steps taken so far)."""
-        if self.sample_rate is None:
+    def epsilon(self, draws: int | None = None) -> float:
+        """Epsilon at `delta` after `draws` Poisson draws (default: those made so far)."""
+        if self.sampler is None:
             raise CRLError("dpsgd.epsilon() before prepare(ctx): the sample rate is not known yet")
-        return rdp_epsilon(self.params["noise_multiplier"], self.sample_rate,
-                           self.steps if steps is None else int(steps), self.params["delta"])
+        return rdp_epsilon(self.params["noise_multiplier"], self.sampler.sample_rate,
+                           self.batches_drawn if draws is None else int(draws),
+                           self.params["delta"])
 
     def report(self) -> dict[str, Any]:
-        if self.sample_rate is None:
+        if self.sampler is None:
             return {}
-        eps = self.epsilon()
+        eps, q = self.epsilon(), self.sampler.sample_rate
         return {
             "epsilon": eps if math.isfinite(eps) else None,   # None: no noise, no guarantee
             "delta": self.params["delta"],
             "noise_multiplier": self.params["noise_multiplier"],
             "max_grad_norm": self.params["max_grad_norm"],
-            "sample_rate": self.sample_rate, "steps": self.steps, "n_train": self.n_train,
-            "accountant": "rdp", "sampling": SAMPLING_NOTE,
-            "opacus_fixed_modules": self.replaced_modules,
+            "sample_rate": q, "batches_drawn": self.batches_drawn, "steps": self.steps,
+            "empty_batch_bound": min(1.0, self.batches_drawn * (1 - q) ** (self.n_train - 1)),
+            "n_train": self.n_train, "accountant": "rdp", "sampling": "poisson",
+            "model_transforms": list(self.transforms),
         }
 
     def state_dict(self) -> dict[str, Any]:
-        return {"steps": self.steps}
+        return {"steps": self.steps, "batches_drawn": self.batches_drawn,
+                "noise": None if self.noise is None else self.noise.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.steps = int(state.get("steps", 0))
+        self.steps = int(state["steps"])
+        self.batches_drawn = int(state["batches_drawn"])
+        if self.noise is not None and state.get("noise") is not None:
+            self.noise.set_state(state["noise"])

@@ -1,52 +1,50 @@
 """The original RelaxLoss defense (Chen et al., ICLR 2022; CRL paper Eq. 3; SPEC section 4)."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-from crl.defenses.base import Defense, FitContext
-from crl.defenses.crl import BranchMeans
+from crl.defenses._common import EpochMeans
+from crl.defenses.base import Defense, EpochEnd, Step, TrainContext
 from crl.errors import CRLError
-from crl.losses.relaxloss import RelaxLoss, check_hparam
+from crl.losses.relaxloss import RelaxLoss
+from crl.params import Param, ParamSpec
 from crl.registry import DEFENSES
-
-# The one place the RelaxLoss defaults live (initial values; a hyper-parameter search replaces
-# them). Published: CIFAR-10 alpha 1 (ResNet) / 0.4 (VGG11-BN), CIFAR-100 3 / 0.5, upper 1.
-RELAXLOSS_DEFAULTS: dict[str, Any] = {"alpha": 0.5, "upper": 1.0}
 
 
 @DEFENSES.register("relaxloss")
 class RelaxLossDefense(Defense):
     """RelaxLoss: even epoch |L_ce - alpha|; L_ce > alpha -> L_ce; else posterior flattening.
 
-    extra_metrics(): per-epoch mean l_ce and fraction of batches in each branch
-    (frac_ce_even/fit/relax); reset on each call.
+    end_epoch() metrics: the epoch's mean l_ce and the share of steps in each branch
+    (frac_ce_even/fit/relax).
     """
 
-    name = "relaxloss"
-    needs_features = False
-    defaults = dict(RELAXLOSS_DEFAULTS)
+    # Published: CIFAR-10 alpha 1 (ResNet) / 0.4 (VGG11-BN), CIFAR-100 3 / 0.5, upper 1.
+    spec: ClassVar[ParamSpec] = ParamSpec(
+        Param("alpha", 0.5, float, low=0.0, search=(0.02, 1.2, "log"),
+              help="target level of the training cross-entropy"),
+        Param("upper", 1.0, float, low=0.0, high=1.0, help="cap on p[y] in the soft target"),
+    )
 
-    def __init__(self, **params: Any) -> None:
-        super().__init__(**params)
-        check_hparam("alpha", self.params["alpha"])
-        check_hparam("upper", self.params["upper"], upper=1.0)
+    def __init__(self, params: dict[str, Any] | None = None) -> None:
+        super().__init__(params)
         self.relax_loss: RelaxLoss | None = None
-        self._means = BranchMeans(("l_ce",), ("ce",))
+        self._means = EpochMeans()
 
-    def prepare(self, ctx: FitContext) -> None:
+    def prepare(self, ctx: TrainContext) -> None:
         self.relax_loss = RelaxLoss(ctx.num_classes, **self.params)
         self._means.reset()
 
-    def loss(self, logits: torch.Tensor, features: torch.Tensor | None, targets: torch.Tensor,
-             epoch: int) -> torch.Tensor:
+    def loss(self, ctx: TrainContext, step: Step) -> torch.Tensor:
         if self.relax_loss is None:
             raise CRLError(f"defense '{self.name}' used before prepare(ctx); call prepare first")
-        value = self.relax_loss(logits, targets, epoch)
+        value = self.relax_loss(step.logits, step.y, step.epoch)
         stats = self.relax_loss.last_stats
-        self._means.add({"l_ce": stats["l_ce"], "ce_branch": stats["branch"]})
+        self._means.add(l_ce=stats["l_ce"])
+        self._means.add_branch("ce", stats["branch"])
         return value
 
-    def extra_metrics(self) -> dict[str, float]:
-        return self._means.means()
+    def end_epoch(self, ctx: TrainContext, epoch: int) -> EpochEnd:
+        return EpochEnd(metrics=self._means.pop())

@@ -22,10 +22,16 @@ is unchanged. With center_update="authors" no rescaling is done (centers see lam
 and their SGD uses momentum 0.9 and weight decay 5e-4, as in the authors' code. `terms()`
 returns the plain, unrescaled terms. With lam == 0 the center term is not computed at all: the
 centers get no gradient and never move.
+
+`crl_batched` is the same loss for K models at once (logits [K, B, C], features [K, B, D],
+centers [K, C, D] -> loss [K], alphas shared or per model): both relaxed terms are branch-free
+(see `crl.losses.relaxloss`), so each model takes its own branch without a device sync, and the
+centers' gradient is rescaled the same way, model by model.
 """
 from __future__ import annotations
 
 import numbers
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -33,10 +39,14 @@ from torch import nn
 
 from crl.errors import CRLError
 from crl.losses.relaxloss import (
+    LossStats,
     check_batch,
     check_epoch,
     check_hparam,
     check_num_classes,
+    check_shapes,
+    nll,
+    per_model,
     relaxed_objective,
     soft_cross_entropy,
     soft_target,
@@ -47,6 +57,7 @@ CENTER_LR = 1e-3               # tau_c, the one value the paper fixes (held cons
 AUTHORS_MOMENTUM = 0.9         # center optimizer of the authors' code
 AUTHORS_WEIGHT_DECAY = 5e-4
 CENTER_UPDATES = ("paper", "authors")
+Alpha = float | Sequence[float] | torch.Tensor
 
 
 def normalize(v: torch.Tensor, tau: float) -> torch.Tensor:
@@ -69,31 +80,146 @@ class _CenterGradScale(torch.autograd.Function):
         return grad * ctx.factor, None
 
 
-def check_crl_params(*, alpha_rce: float, alpha_rcl: float, tau_rce: float, tau_rcl: float,
-                     lam: float, upper: float = 1.0, detach_targets: bool = False,
-                     center_update: str = "paper") -> dict:
-    """Validate CRL hyper-parameters (CRLError on a bad one); returns them normalised."""
-    out = {name: check_hparam(name, value) for name, value in
-           (("alpha_rce", alpha_rce), ("alpha_rcl", alpha_rcl), ("tau_rce", tau_rce),
-            ("tau_rcl", tau_rcl), ("lam", lam))}
-    out["upper"] = check_hparam("upper", upper, upper=1.0)
+def _center_scaled(centers: torch.Tensor, lam: float, center_update: str) -> torch.Tensor:
+    """The centers as the total loss sees them: "paper" divides their gradient by lam."""
+    if center_update == "paper":
+        return _CenterGradScale.apply(centers, 1.0 / lam)
+    return centers
+
+
+def _check_shared_params(*, tau_rce: float, tau_rcl: float, lam: float, upper: float,
+                         detach_targets: bool, center_update: str, owner: str) -> dict:
+    """The hyper-parameters every model shares (all but the alphas), checked."""
+    out = {name: check_hparam(name, value, owner=owner) for name, value in
+           (("tau_rce", tau_rce), ("tau_rcl", tau_rcl), ("lam", lam))}
+    out["upper"] = check_hparam("upper", upper, upper=1.0, owner=owner)
     if not isinstance(detach_targets, bool):
-        raise CRLError(f"detach_targets = {detach_targets!r}; expected True or False")
+        raise CRLError(f"{owner}.detach_targets = {detach_targets!r}: expected true or false")
     out["detach_targets"] = detach_targets
     if center_update not in CENTER_UPDATES:
-        raise CRLError(f"center_update = {center_update!r}; expected one of: "
+        raise CRLError(f"{owner}.center_update = {center_update!r}: expected one of: "
                        f"{', '.join(CENTER_UPDATES)}")
     out["center_update"] = center_update
     return out
 
 
+def check_crl_params(*, alpha_rce: float, alpha_rcl: float, tau_rce: float, tau_rcl: float,
+                     lam: float, upper: float = 1.0, detach_targets: bool = False,
+                     center_update: str = "paper", owner: str = "crl") -> dict:
+    """Validate CRL hyper-parameters (CRLError on a bad one); returns them normalised."""
+    out = {"alpha_rce": check_hparam("alpha_rce", alpha_rce, owner=owner),
+           "alpha_rcl": check_hparam("alpha_rcl", alpha_rcl, owner=owner)}
+    out.update(_check_shared_params(tau_rce=tau_rce, tau_rcl=tau_rcl, lam=lam, upper=upper,
+                                    detach_targets=detach_targets, center_update=center_update,
+                                    owner=owner))
+    return out
+
+
+# --- the two terms (any leading model axes; inputs already checked) --------------------------
+def _improved_relaxed(logits, targets, conf, epoch, alpha, hp, stats):
+    """ImpRelaxLoss (Eqs. 5-9) per model: L_rce [...]."""
+    log_p_norm = F.log_softmax(normalize(logits, hp["tau_rce"]), dim=-1)      # Eq. 5
+    l_lce = nll(log_p_norm, targets).mean(dim=-1)                             # Eq. 6
+    p_tar = soft_target(conf, targets, logits.shape[-1])                      # Eq. 7
+    l_sce = soft_cross_entropy(log_p_norm, p_tar).mean(dim=-1)                # Eq. 8
+    stats.put("l_lce", l_lce)
+    stats.put_branch("rce_branch", l_lce, alpha, epoch)
+    return relaxed_objective(l_lce, alpha, epoch, l_sce)                      # Eq. 9
+
+
+def _relaxed_center(features, targets, conf, centers, epoch, alpha, hp, stats):
+    """Relaxed center loss (Algorithm 1 lines 5-18; Eq. 4 without its stray minus sign)."""
+    batch = features.shape[-2]
+    index = targets.unsqueeze(-1).expand(*targets.shape, centers.shape[-1])
+    q_n = normalize(features, hp["tau_rcl"])
+    c_n = normalize(centers, hp["tau_rcl"]).gather(-2, index)                 # c_y per sample
+    dist = (q_n - c_n).pow(2).sum(dim=-1)                                     # [..., B]
+    l_ct = dist.sum(dim=-1) / (2 * batch)                                     # line 7
+    t_y = conf                                                                # lines 14-17
+    toward_line = (t_y * dist + (1.0 - t_y) * q_n.pow(2).sum(dim=-1)).sum(dim=-1) / (2 * batch)
+    stats.put("l_ct", l_ct)
+    stats.put_branch("rcl_branch", l_ct, alpha, epoch)
+    return relaxed_objective(l_ct, alpha, epoch, toward_line)
+
+
+def _crl_terms(logits, features, targets, centers, epoch, alpha_rce, alpha_rcl, hp,
+               stats: LossStats) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(L_rce, L_rcl) per model; L_rcl is None when `centers` is None. Fills `stats`."""
+    stats.clear()
+    targets = targets.long()
+    conf = target_confidence(logits, targets, upper=hp["upper"], detach=hp["detach_targets"])
+    l_rce = _improved_relaxed(logits, targets, conf, epoch, alpha_rce, hp, stats)
+    stats.put("l_rce", l_rce)
+    if centers is None:
+        l_rcl = None
+        stats.put("l_ct", None)
+        stats.put("rcl_branch", None)
+    else:
+        l_rcl = _relaxed_center(features, targets, conf, centers, epoch, alpha_rcl, hp, stats)
+    stats.put("l_rcl", l_rcl)
+    return l_rce, l_rcl
+
+
+# --- K models at once ------------------------------------------------------------------------
+def _check_centers(centers: object, models: int, num_classes: int) -> int:
+    """centers must be a float tensor [K, C, D], D >= 1; returns D."""
+    if not isinstance(centers, torch.Tensor) or centers.dim() != 3 \
+            or tuple(centers.shape[:2]) != (models, num_classes) or centers.shape[2] < 1 \
+            or not centers.is_floating_point():
+        shape = tuple(centers.shape) if isinstance(centers, torch.Tensor) else centers
+        raise CRLError(f"centers = {shape!r}; expected a float tensor of shape "
+                       f"[{models}, {num_classes}, D] when lam > 0 (class centers per model)")
+    return int(centers.shape[2])
+
+
+def crl_batched(logits: torch.Tensor, features: torch.Tensor | None, targets: torch.Tensor,
+                centers: torch.Tensor | None, epoch: int, *, alpha_rce: Alpha, alpha_rcl: Alpha,
+                tau_rce: float, tau_rcl: float, lam: float, upper: float = 1.0,
+                detach_targets: bool = False, center_update: str = "paper",
+                validate: bool = True, stats: LossStats | None = None) -> torch.Tensor:
+    """L = L_rce + lam * L_rcl of K models at once -> loss [K] (sum it, then backward).
+
+    logits [K, B, C], features [K, B, D], targets [K, B], centers [K, C, D]; `alpha_rce` and
+    `alpha_rcl` are one number or K (a sequence or a [K] tensor). Values and gradients equal K
+    calls of `CRLLoss.forward`, centers' gradient included ("paper": grad_c L_rcl per model).
+    lam == 0: features and centers are not used (may be None). `validate=False` skips the
+    value checks, the one step that waits for the device. `stats`, if given, is filled like
+    `CRLLoss.last_stats` with [K] tensors.
+    """
+    epoch = check_epoch(epoch)
+    hp = _check_shared_params(tau_rce=tau_rce, tau_rcl=tau_rcl, lam=lam, upper=upper,
+                              detach_targets=detach_targets, center_update=center_update,
+                              owner="crl")
+    check_shapes(logits, targets, None, None, None, batched=True)
+    models, classes = logits.shape[0], logits.shape[-1]
+    a_rce, extra = per_model("crl", "alpha_rce", alpha_rce, models, logits)
+    a_rcl, extra_rcl = per_model("crl", "alpha_rcl", alpha_rcl, models, logits)
+    feat_dim = None
+    if hp["lam"] == 0:
+        features = centers = None
+    else:
+        feat_dim = _check_centers(centers, models, classes)
+        if features is None:
+            raise CRLError(f"features = None with lam = {lam}; expected "
+                           f"[{models}, B, {feat_dim}] features when lam > 0")
+    check_batch(logits, targets, classes, features, feat_dim, batched=True, validate=validate,
+                extra=extra + extra_rcl)
+    if centers is not None:
+        centers = _center_scaled(centers, hp["lam"], hp["center_update"])
+    l_rce, l_rcl = _crl_terms(logits, features, targets, centers, epoch, a_rce, a_rcl, hp,
+                              LossStats() if stats is None else stats)
+    return l_rce if l_rcl is None else l_rce + hp["lam"] * l_rcl
+
+
+# --- one model -------------------------------------------------------------------------------
 class CRLLoss(nn.Module):
     """L = L_rce + lam * L_rcl (Algorithm 1 line 22) with learnable class centers.
 
     `centers` [num_classes, feat_dim] are initialised standard normal (from `generator` if
     given). `feat_dim=None` is allowed only when lam == 0 (no centers). After each call,
-    `last_stats` holds the batch's diagnostics as detached tensors / strings: l_rce, l_rcl,
-    l_lce, l_ct, rce_branch, rcl_branch ("even", "fit" or "relax"; None where not computed).
+    `last_stats` (a `LossStats`: tensors, read without a sync until someone reads them) holds
+    the batch's diagnostics: l_rce, l_rcl, l_lce, l_ct, rce_branch, rcl_branch ("even", "fit"
+    or "relax"; None where not computed).
     """
 
     def __init__(self, num_classes: int, feat_dim: int | None, *, alpha_rce: float,
@@ -105,23 +231,28 @@ class CRLLoss(nn.Module):
         hp = check_crl_params(alpha_rce=alpha_rce, alpha_rcl=alpha_rcl, tau_rce=tau_rce,
                               tau_rcl=tau_rcl, lam=lam, upper=upper,
                               detach_targets=detach_targets, center_update=center_update)
+        self._hp = hp
         self.alpha_rce, self.alpha_rcl = hp["alpha_rce"], hp["alpha_rcl"]
         self.tau_rce, self.tau_rcl, self.lam = hp["tau_rce"], hp["tau_rcl"], hp["lam"]
         self.upper, self.detach_targets = hp["upper"], hp["detach_targets"]
         self.center_update = hp["center_update"]
-        if feat_dim is None and self.lam > 0:
-            raise CRLError(f"feat_dim = None with lam = {lam}; expected an int >= 1 when lam > 0")
-        if feat_dim is not None and (isinstance(feat_dim, bool)
-                                     or not isinstance(feat_dim, numbers.Integral) or feat_dim < 1):
-            raise CRLError(f"feat_dim = {feat_dim!r}; expected an int >= 1")
-        self.feat_dim = None if feat_dim is None else int(feat_dim)
+        self.feat_dim = self._check_feat_dim(feat_dim)
         if self.feat_dim is None:
             self.register_parameter("centers", None)
         else:
             device = generator.device if generator is not None else None
             init = torch.randn(self.num_classes, self.feat_dim, generator=generator, device=device)
             self.centers = nn.Parameter(init)
-        self.last_stats: dict[str, object] = {}
+        self.last_stats = LossStats()
+
+    def _check_feat_dim(self, feat_dim: object) -> int | None:
+        if feat_dim is None and self.lam > 0:
+            raise CRLError(f"feat_dim = None with lam = {self.lam}; expected an int >= 1 "
+                           "when lam > 0")
+        if feat_dim is not None and (isinstance(feat_dim, bool)
+                                     or not isinstance(feat_dim, numbers.Integral) or feat_dim < 1):
+            raise CRLError(f"feat_dim = {feat_dim!r}; expected an int >= 1")
+        return None if feat_dim is None else int(feat_dim)
 
     # --- public API ----------------------------------------------------------------------------
     def make_center_optimizer(self) -> torch.optim.Optimizer:
@@ -139,11 +270,7 @@ class CRLLoss(nn.Module):
     def forward(self, logits: torch.Tensor, features: torch.Tensor | None,
                 targets: torch.Tensor, epoch: int) -> torch.Tensor:
         """L = L_rce + lam * L_rcl (Algorithm 1 line 22); centers' gradient as in the module doc."""
-        use_centers = self.lam > 0
-        scale = None
-        if use_centers and self.center_update == "paper":
-            scale = 1.0 / self.lam
-        l_rce, l_rcl = self._terms(logits, features, targets, epoch, use_centers, scale)
+        l_rce, l_rcl = self._terms(logits, features, targets, epoch, self.lam > 0, scaled=True)
         if l_rcl is None:
             return l_rce
         return l_rce + self.lam * l_rcl
@@ -151,14 +278,13 @@ class CRLLoss(nn.Module):
     def terms(self, logits: torch.Tensor, features: torch.Tensor | None,
               targets: torch.Tensor, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(L_rce, L_rcl), plain (no gradient rescaling); L_rcl is 0 when features is None."""
-        l_rce, l_rcl = self._terms(logits, features, targets, epoch,
-                                   features is not None and self.centers is not None, None)
+        use_centers = features is not None and self.centers is not None
+        l_rce, l_rcl = self._terms(logits, features, targets, epoch, use_centers, scaled=False)
         if l_rcl is None:
             l_rcl = l_rce.new_zeros(())
         return l_rce, l_rcl
 
-    # --- the two terms -------------------------------------------------------------------------
-    def _terms(self, logits, features, targets, epoch, use_centers: bool, center_scale):
+    def _terms(self, logits, features, targets, epoch, use_centers: bool, scaled: bool):
         epoch = check_epoch(epoch)
         if features is None and self.lam > 0:
             raise CRLError(f"features = None with lam = {self.lam}; expected [B, {self.feat_dim}]"
@@ -166,48 +292,14 @@ class CRLLoss(nn.Module):
         if features is not None and self.feat_dim is None:
             raise CRLError("features given but this CRLLoss has no centers (feat_dim = None)")
         check_batch(logits, targets, self.num_classes, features, self.feat_dim)
-        targets = targets.long()
-        conf = target_confidence(logits, targets, upper=self.upper, detach=self.detach_targets)
-        l_rce, l_lce, rce_branch = self._improved_relaxed(logits, targets, conf, epoch)
-        stats = {"l_rce": l_rce.detach(), "l_lce": l_lce.detach(), "rce_branch": rce_branch,
-                 "l_rcl": None, "l_ct": None, "rcl_branch": None}
-        l_rcl = None
-        if use_centers:
-            centers = self.centers
-            if center_scale is not None:
-                centers = _CenterGradScale.apply(centers, center_scale)
-            l_rcl, l_ct, rcl_branch = self._relaxed_center(features, targets, conf, centers, epoch)
-            stats.update(l_rcl=l_rcl.detach(), l_ct=l_ct.detach(), rcl_branch=rcl_branch)
+        centers = self.centers if use_centers else None
+        if centers is not None and scaled:
+            centers = _center_scaled(centers, self.lam, self.center_update)
+        stats = LossStats()
+        out = _crl_terms(logits, features, targets, centers, epoch, self.alpha_rce,
+                         self.alpha_rcl, self._hp, stats)
         self.last_stats = stats
-        return l_rce, l_rcl
-
-    def _improved_relaxed(self, logits, targets, conf, epoch):
-        """ImpRelaxLoss (Eqs. 5-9): returns (L_rce, L_lce, branch)."""
-        log_p_norm = F.log_softmax(normalize(logits, self.tau_rce), dim=1)       # Eq. 5
-        l_lce = F.nll_loss(log_p_norm, targets)                                   # Eq. 6
-
-        def soft() -> torch.Tensor:                                               # Eqs. 7-8
-            p_tar = soft_target(conf, targets, self.num_classes)
-            return soft_cross_entropy(log_p_norm, p_tar).mean()
-
-        l_rce, branch = relaxed_objective(l_lce, self.alpha_rce, epoch, soft)    # Eq. 9
-        return l_rce, l_lce, branch
-
-    def _relaxed_center(self, features, targets, conf, centers, epoch):
-        """Relaxed center loss (Algorithm 1 lines 5-18; Eq. 4 without its stray minus sign)."""
-        batch = features.shape[0]
-        q_n = normalize(features, self.tau_rcl)
-        c_n = normalize(centers[targets], self.tau_rcl)
-        dist = (q_n - c_n).pow(2).sum(dim=1)                                      # [B]
-        l_ct = dist.sum() / (2 * batch)                                           # line 7
-
-        def toward_line() -> torch.Tensor:                                        # lines 14-17
-            t_y = conf
-            t_o = 1.0 - t_y
-            return (t_y * dist + t_o * q_n.pow(2).sum(dim=1)).sum() / (2 * batch)
-
-        l_rcl, branch = relaxed_objective(l_ct, self.alpha_rcl, epoch, toward_line)
-        return l_rcl, l_ct, branch
+        return out
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, feat_dim={self.feat_dim}, "

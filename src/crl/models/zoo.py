@@ -2,8 +2,13 @@
 
 `mlp` for digits, `cnn` (the CPU stand-in that overfits like the paper's models), and 32x32
 CIFAR variants of resnet18, vgg11_bn, densenet121 (the true DenseNet-121), googlenet.
+Each factory records its classifier head on the model it returns (`model.crl_head`, a submodule
+name) so that `crl.models.classifier_of` never has to guess which layer is the head.
 """
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable
 
 import torch
 import torchvision
@@ -24,7 +29,25 @@ def create_model(name: str, in_channels: int, image_size: int, num_classes: int)
     return MODELS.get(name)(in_channels, image_size, num_classes)
 
 
+def records_head(head: str | None = None) -> Callable:
+    """Decorator for a model factory: set `crl_head` on the model it returns to `head` (a
+    submodule name), or, when None, to the name of its last child (a Sequential ending in its
+    head)."""
+
+    def wrap(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        @functools.wraps(factory)
+        def build(*args, **kwargs) -> nn.Module:
+            model = factory(*args, **kwargs)
+            model.crl_head = head if head is not None else list(model.named_children())[-1][0]
+            return model
+
+        return build
+
+    return wrap
+
+
 @MODELS.register("mlp")
+@records_head()
 def mlp(in_channels: int, image_size: int, num_classes: int, hidden: int = 256) -> nn.Module:
     """Two hidden layers of `hidden` ReLU units on the flattened image."""
     d = in_channels * image_size * image_size
@@ -37,6 +60,7 @@ def mlp(in_channels: int, image_size: int, num_classes: int, hidden: int = 256) 
 
 
 @MODELS.register("cnn")
+@records_head()
 def cnn(in_channels: int, image_size: int, num_classes: int) -> nn.Module:
     """32-64 conv trunk + 512-unit FC head: memorises CIFAR-10 like the paper's models.
 
@@ -61,6 +85,7 @@ def _cifar_stem(in_channels: int, out: int) -> nn.Conv2d:
 
 
 @MODELS.register("resnet18")
+@records_head("fc")
 def resnet18(in_channels: int, image_size: int, num_classes: int) -> nn.Module:
     """torchvision ResNet-18 with a 3x3 stride-1 stem and no max-pool (CIFAR variant)."""
     m = torchvision.models.resnet18(weights=None, num_classes=num_classes)
@@ -70,6 +95,7 @@ def resnet18(in_channels: int, image_size: int, num_classes: int) -> nn.Module:
 
 
 @MODELS.register("vgg11_bn")
+@records_head()
 def vgg11_bn(in_channels: int, image_size: int, num_classes: int) -> nn.Module:
     """VGG11-BN with a 512-d hidden classifier layer (the paper's CRL features)."""
     cfg = [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"]
@@ -91,6 +117,7 @@ def vgg11_bn(in_channels: int, image_size: int, num_classes: int) -> nn.Module:
 
 
 @MODELS.register("densenet121")
+@records_head("classifier")
 def densenet121(in_channels: int, image_size: int, num_classes: int) -> nn.Module:
     """The true DenseNet-121 (growth 32, blocks 6-12-24-16) with a 3x3 stem, no max-pool."""
     m = torchvision.models.densenet121(weights=None, num_classes=num_classes)
@@ -119,6 +146,7 @@ class _GoogLeNetLogits(nn.Module):
 
 
 @MODELS.register("googlenet")
+@records_head("net.fc")
 def googlenet(in_channels: int, image_size: int, num_classes: int) -> nn.Module:
     """GoogLeNet with a 3x3 stride-1 stem and the first two max-pools removed (CIFAR variant)."""
     return _GoogLeNetLogits(in_channels, num_classes)

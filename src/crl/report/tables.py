@@ -1,91 +1,187 @@
-"""report.md in the paper's Table 1 layout (mean ± std over seeds), plus CSV-free JSON rows."""
+"""report.md: the paper's Table 1 layout with 95% intervals, the comparison of every defense
+against `ce` (paired bootstrap on the shared split, "within noise" when the interval holds 0),
+leave-one-out rows, shadow-fitted attack accuracy, figures and warnings."""
 from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from crl.audit.outcome import TargetOutcome
+from crl.metrics import paired_difference_over_seeds, pooled_ci
 from crl.utils import write_text_atomic
 
-
-def _mean_std(values: list[float], pct: bool = False) -> str:
-    v = np.asarray(values, dtype=np.float64) * (100.0 if pct else 1.0)
-    digits = 1 if pct else 3
-    if len(v) == 1:
-        return f"{v[0]:.{digits}f}"
-    return f"{v.mean():.{digits}f} ± {v.std(ddof=1):.{digits}f}"
+METRICS = {"auc": "Attack AUC (the paper's Table 1 layout)",
+           "tpr_at_1pct_fpr": "TPR at 1% FPR (%)", "tpr_at_0.1pct_fpr": "TPR at 0.1% FPR (%)"}
 
 
-def _grouped(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for r in rows:
-        groups[r["defense"]].append(r)
+def _grouped(outcomes: list[TargetOutcome]) -> dict[str, list[TargetOutcome]]:
+    groups: dict[str, list[TargetOutcome]] = defaultdict(list)
+    for o in outcomes:
+        groups[o.defense].append(o)
     return groups
 
 
-def format_table(rows: list[dict[str, Any]], metric: str = "auc") -> str:
-    """Markdown table: one row per defense; train/test accuracy (%), then `metric` per attack."""
-    if not rows:
+def _pct(metric: str) -> float:
+    return 1.0 if metric == "auc" else 100.0
+
+
+def _fmt(v: float | None, metric: str) -> str:
+    if v is None:
+        return "n/a"
+    return f"{v * _pct(metric):.3f}" if metric == "auc" else f"{v * _pct(metric):.1f}"
+
+
+def _mean_std(values: list[float]) -> str:
+    v = 100.0 * np.asarray(values, dtype=np.float64)
+    return f"{v[0]:.1f}" if len(v) == 1 else f"{v.mean():.1f} ± {v.std(ddof=1):.1f}"
+
+
+def _interval_cell(group: list[TargetOutcome], attack: str, metric: str, n_boot: int) -> str:
+    if any(o.attacks[attack].metrics.get(metric) is None for o in group):
+        return "n/a"
+    samples = [(o.evaluated(o.attacks[attack].scores), o.is_member) for o in group]
+    mean, lo, hi = pooled_ci(samples, metric, n_boot=n_boot, seed=0)
+    return f"{_fmt(mean, metric)} [{_fmt(lo, metric)}, {_fmt(hi, metric)}]"
+
+
+def format_table(outcomes: list[TargetOutcome], metric: str = "auc", *,
+                 n_boot: int = 200) -> str:
+    """One row per defense: accuracies (mean ± std over seeds), then `metric` per attack with a
+    95% interval over samples and seeds together."""
+    if not outcomes:
         return "(no results)"
-    attacks = list(rows[0]["attacks"])
-    pct = metric != "auc"
+    attacks = list(outcomes[0].attacks)
     head = ["Defense", "Train acc %", "Test acc %"] + attacks
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for defense, group in _grouped(rows).items():
-        cells = [defense, _mean_std([r["train_acc"] for r in group], pct=True),
-                 _mean_std([r["test_acc"] for r in group], pct=True)]
-        for a in attacks:
-            vals = [r["attacks"][a][metric] for r in group if metric in r["attacks"][a]]
-            cells.append(_mean_std(vals, pct=pct) if vals else "n/a")
+    for defense, group in _grouped(outcomes).items():
+        cells = [defense, _mean_std([o.train_acc for o in group]),
+                 _mean_std([o.test_acc for o in group])]
+        cells += [_interval_cell(group, a, metric, n_boot) for a in attacks]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def write_report(out: Path, rows: list[dict[str, Any]], outcomes: list[dict[str, Any]],
-                 cfg) -> str:
+def _side(o: TargetOutcome, attack: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    sel = o.evaluation.evaluated
+    return o.evaluation.sample_idx[sel], o.attacks[attack].scores[sel], o.evaluation.members[sel]
+
+
+def comparison_table(outcomes: list[TargetOutcome], metric: str = "auc", *,
+                     n_boot: int = 200, baseline: str = "ce") -> str | None:
+    """Difference of each defense's `metric` from the baseline's, per attack, averaged over the
+    seeds both ran, with a paired-bootstrap 95% interval; "within noise" if it includes 0."""
+    groups = _grouped(outcomes)
+    if baseline not in groups or len(groups) < 2:
+        return None
+    base = {o.seed: o for o in groups[baseline]}
+    attacks = list(outcomes[0].attacks)
+    lines = ["| Defense | " + " | ".join(attacks) + " |", "|" + "---|" * (len(attacks) + 1)]
+    for defense, group in groups.items():
+        pairs = [(o, base[o.seed]) for o in group if o.seed in base and defense != baseline]
+        if not pairs:
+            continue
+        cells = [defense]
+        for a in attacks:
+            d = paired_difference_over_seeds([_side(o, a) for o, _ in pairs],
+                                  [_side(b, a) for _, b in pairs], metric, n_boot=n_boot, seed=0)
+            if d["ci"] is None:
+                cells.append("n/a")
+                continue
+            lo, hi = d["ci"]
+            tag = " within noise" if d["within_noise"] else ""
+            cells.append(f"{d['diff'] * _pct(metric):+.3f} [{lo * _pct(metric):+.3f}, "
+                         f"{hi * _pct(metric):+.3f}]{tag}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _extra_tables(outcomes: list[TargetOutcome], n_boot: int) -> list[str]:
+    parts: list[str] = []
+    first = outcomes[0].attacks
+    loo = [a for a, r in first.items() if r.leave_one_out is not None]
+    if loo:
+        parts += ["## Leave-one-out over all reference models (every model as the target)", "",
+                  "| Defense | seed | " + " | ".join(f"{a} AUC | {a} TPR@0.1%" for a in loo)
+                  + " |", "|" + "---|" * (2 + 2 * len(loo))]
+        for o in outcomes:
+            cells = [o.defense, str(o.seed)]
+            for a in loo:
+                m = o.attacks[a].leave_one_out or {}
+                cells += [_fmt(m.get("auc"), "auc"),
+                          _fmt(m.get("tpr_at_0.1pct_fpr"), "tpr_at_0.1pct_fpr")]
+            parts.append("| " + " | ".join(cells) + " |")
+        parts.append("")
+    acc = [a for a, r in first.items() if "shadow_threshold_accuracy" in r.extra]
+    if acc:
+        parts += ["## Attack accuracy with per-class thresholds fitted on shadow models (%)", "",
+                  "| Defense | " + " | ".join(acc) + " |", "|" + "---|" * (len(acc) + 1)]
+        for defense, group in _grouped(outcomes).items():
+            parts.append("| " + " | ".join([defense] + [_mean_std(
+                [o.attacks[a].extra["shadow_threshold_accuracy"] for o in group])
+                for a in acc]) + " |")
+        parts.append("")
+    return parts
+
+
+def _group_tables(outcomes: list[TargetOutcome]) -> list[str]:
+    names = sorted({g for o in outcomes for a in o.attacks.values() for g in a.groups})
+    parts: list[str] = []
+    for g in names:
+        parts += [f"## Attack AUC on the `{g}` samples vs the non-members", "",
+                  "| Defense | seed | " + " | ".join(outcomes[0].attacks) + " |",
+                  "|" + "---|" * (2 + len(outcomes[0].attacks))]
+        for o in outcomes:
+            if any(g in a.groups for a in o.attacks.values()):
+                parts.append("| " + " | ".join([o.defense, str(o.seed)] + [
+                    _fmt(a.groups.get(g, {}).get("auc"), "auc") for a in o.attacks.values()])
+                    + " |")
+        parts.append("")
+    return parts
+
+
+def write_report(out: Path, outcomes: list[TargetOutcome], cfg) -> str:
     """Write report.md, figures/*.png and vulnerability files; return the AUC table."""
     from crl.report.plots import plot_margins, plot_rocs
     from crl.report.vulnerability import write_vulnerability
 
-    figures = out / "figures"
-    plot_margins(figures / "margins.png", outcomes)
-    plot_rocs(figures / "roc.png", outcomes)
+    n_boot = int(getattr(cfg, "bootstrap", 200))
+    plot_margins(out / "figures" / "margins.png", outcomes)
+    plot_rocs(out / "figures" / "roc.png", outcomes)
     write_vulnerability(out / "vulnerability", outcomes)
-
-    seeds = sorted({r["seed"] for r in rows})
-    n_m, n_n = rows[0]["n_members"], rows[0]["n_nonmembers"]
-    auc = format_table(rows, "auc")
-    parts = [
-        f"# Membership-inference audit: {cfg.dataset} / {cfg.model}",
-        "",
-        f"{n_m} members and {n_n} non-members per target; seeds {seeds} "
-        f"(mean ± std over seeds); {cfg.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr}; "
-        f"{cfg.shadows} shadow models, {cfg.references} reference models (LiRA/RMIA).",
-        "",
-        "## Attack AUC (the paper's Table 1 layout)",
-        "", auc, "",
-        "## TPR at 1% FPR (%)", "", format_table(rows, "tpr_at_1pct_fpr"), "",
-        "## TPR at 0.1% FPR (%)", "", format_table(rows, "tpr_at_0.1pct_fpr"), "",
-    ]
-    if 0.001 * n_n < 1:
-        parts += [f"With {n_n} non-members the smallest FPR one target can resolve is "
-                  f"{100.0 / n_n:.2f}%: its TPR at 0.1% FPR means TPR at zero false positives. "
-                  "LiRA/RMIA's leave-one-out rows in results.json pool every model and resolve "
-                  "lower FPRs.", ""]
-    if any("leave_one_out" in a for a in rows[0]["attacks"].values()):
-        loo = [{**r, "attacks": {k: v["leave_one_out"] for k, v in r["attacks"].items()
-                                 if "leave_one_out" in v}} for r in rows]
-        parts += ["## Leave-one-out over all reference models (every model as the target)", "",
-                  "AUC:", "", format_table(loo, "auc"), "",
-                  "TPR at 0.1% FPR (%):", "", format_table(loo, "tpr_at_0.1pct_fpr"), ""]
-    if any("shadow_threshold_accuracy" in a for a in rows[0]["attacks"].values()):
-        acc = [{**r, "attacks": {k: v for k, v in r["attacks"].items()
-                                 if "shadow_threshold_accuracy" in v}} for r in rows]
-        parts += ["## Attack accuracy with per-class thresholds fitted on shadow models (%)", "",
-                  format_table(acc, "shadow_threshold_accuracy"), ""]
+    auc = format_table(outcomes, "auc", n_boot=n_boot)
+    parts = [f"# Membership-inference audit: {cfg.dataset} / {cfg.model}", ""]
+    for o in outcomes:
+        if o.chance_warning:
+            parts += [f"> **WARNING ({o.defense}, seed {o.seed}): {o.chance_warning}**", ""]
+    parts += [_header(outcomes, cfg), ""]
+    for metric, title in METRICS.items():
+        parts += [f"## {title}", "", auc if metric == "auc" else
+                  format_table(outcomes, metric, n_boot=n_boot), ""]
+    for metric in ("auc", "tpr_at_1pct_fpr"):
+        cmp = comparison_table(outcomes, metric, n_boot=n_boot)
+        if cmp:
+            parts += [f"## Each defense minus `ce`: {METRICS[metric]}, paired bootstrap "
+                      "on the shared split", "", cmp, ""]
+    parts += _extra_tables(outcomes, n_boot) + _group_tables(outcomes)
     parts += ["## Figures", "", "![margins](figures/margins.png)", "", "![roc](figures/roc.png)",
               "", "Most exposed training samples per attack: `vulnerability/`.", ""]
     write_text_atomic(out / "report.md", "\n".join(parts))
     return auc
+
+
+def _header(outcomes: list[TargetOutcome], cfg) -> str:
+    seeds = sorted({o.seed for o in outcomes})
+    n_m = sorted({int(o.evaluation.members.sum()) for o in outcomes})
+    n_n = int(outcomes[0].evaluation.nonmembers.sum())
+    text = (f"Members evaluated per target: {', '.join(map(str, n_m))} (what each released "
+            f"model trained on); {n_n} non-members; seeds {seeds}. Accuracies: mean ± std over "
+            "seeds. Attack cells: value [95% interval], bootstrap over samples and seeds. "
+            f"{cfg.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr}; {cfg.shadows} shadow "
+            f"models, {cfg.references} reference models (LiRA/RMIA).")
+    if 0.001 * n_n < 1:
+        text += (f" With {n_n} non-members one target resolves FPRs down to {100.0 / n_n:.2f}%: "
+                 "TPR at 0.1% FPR is n/a; the leave-one-out rows pool every model and resolve "
+                 "lower FPRs.")
+    return text

@@ -1,0 +1,21 @@
+"""`crl audit` as stages, each usable from Python:
+
+    plan_models      which models a (defense, seed) needs, seeds derived by name   (plan.py)
+    ModelFactory     train or fetch from the verified cache, save, load             (factory.py)
+    extract_signals  logits etc., only what the attacks declared they need          (signals.py)
+    run_attacks      scores -> metrics with intervals, groups, leave-one-out        (runner.py)
+    TargetOutcome    the typed result the report reads                              (outcome.py)
+
+`Audit` holds what is fixed for a run (resolved config, data, factory, attacks) and audits one
+(defense, seed) at a time; `run_audit` is the whole command.
+"""
+from crl.audit.factory import ModelCache, ModelFactory, TrainedModel
+from crl.audit.outcome import AttackOutcome, Evaluation, TargetOutcome
+from crl.audit.plan import DefenseChoice, ModelJob, plan_models
+from crl.audit.run import Audit, run_audit, validate_names
+from crl.audit.runner import run_attacks
+from crl.audit.signals import extract_signals
+
+__all__ = ["Audit", "AttackOutcome", "DefenseChoice", "Evaluation", "ModelCache", "ModelFactory",
+           "ModelJob", "TargetOutcome", "TrainedModel", "extract_signals", "plan_models",
+           "run_attacks", "run_audit", "validate_names"]

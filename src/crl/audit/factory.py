@@ -1,0 +1,141 @@
+"""Stage 2, the model factory: a planned model is fetched from the cache (verified) or trained,
+then saved. Cache keys cover everything that shapes the weights: the code (package version and a
+hash of the package source), the dataset's content hash, the model spec, the defense and its
+parameters, the recipe (the model's seed included) and the exact training indices. Which engine
+trained a model is not part of the key.
+
+Every entry is a checksummed model file that also stores its full key; an entry that fails its
+checksum or whose stored key differs from the request is retrained with a warning.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from crl.audit.plan import ModelJob
+from crl.data.types import ImageData
+from crl.defenses.base import build_defense
+from crl.errors import CRLError
+from crl.models.io import load_model_file, save_model
+from crl.models.spec import ModelSpec
+from crl.recipe import Recipe
+from crl.seeding import seed_for
+from crl.train import data_identity, fit, indices_digest
+from crl.utils import code_hash
+
+
+@dataclass
+class TrainedModel:
+    model: nn.Module              # raw network (expects normalised inputs), eval mode
+    spec: ModelSpec
+    trained_on: np.ndarray        # dataset indices the model actually trained on
+    report: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
+    groups: dict[str, np.ndarray] = field(default_factory=dict)
+    from_cache: bool = False
+
+
+class ModelCache:
+    """Verified model files under `root` (None: caching off)."""
+
+    def __init__(self, root: Path | None) -> None:
+        self.root = root
+
+    @staticmethod
+    def digest(key: dict[str, Any]) -> str:
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+
+    def path(self, key: dict[str, Any]) -> Path | None:
+        return None if self.root is None else self.root / f"{self.digest(key)}.pt"
+
+    def get(self, key: dict[str, Any]) -> TrainedModel | None:
+        path = self.path(key)
+        if path is None or not path.exists():
+            return None
+        try:
+            net, spec, extra = load_model_file(path)
+            if extra.get("key") != key:
+                raise CRLError(f"cache entry {path} was stored for another key")
+            return _from_extra(net, spec, extra, from_cache=True)
+        except CRLError as e:
+            warnings.warn(f"ignoring a bad model-cache entry, retraining: {e}", RuntimeWarning,
+                          stacklevel=2)
+            return None
+
+    def put(self, key: dict[str, Any], trained: TrainedModel) -> None:
+        if self.root is not None:
+            save_model(self.path(key), trained.model, trained.spec,
+                       extra={"key": key, **_extra(trained)})
+
+
+def _extra(t: TrainedModel) -> dict[str, Any]:
+    return {"trained_on": t.trained_on.tolist(), "report": t.report, "history": t.history,
+            "groups": {k: np.asarray(v).tolist() for k, v in t.groups.items()}}
+
+
+def _from_extra(net, spec, extra, from_cache: bool) -> TrainedModel:
+    return TrainedModel(net.eval(), spec, np.asarray(extra["trained_on"], dtype=np.int64),
+                        extra.get("report", {}), extra.get("history", []),
+                        {k: np.asarray(v, dtype=np.int64)
+                         for k, v in extra.get("groups", {}).items()}, from_cache)
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=str))
+
+
+class ModelFactory:
+    """Train-or-fetch for one dataset, architecture and recipe."""
+
+    def __init__(self, data: ImageData, arch: str, recipe: Recipe, cache: ModelCache, *,
+                 resume: bool = False, progress: bool = True) -> None:
+        self.data, self.recipe, self.cache = data, recipe, cache
+        self.spec = ModelSpec.for_data(arch, data)
+        self.resume, self.progress = resume, progress
+
+    def key(self, job: ModelJob, recipe: Recipe) -> dict[str, Any]:
+        defense = build_defense(job.defense.name, job.defense.params)
+        return _jsonable({
+            "code": code_hash(), "data": data_identity(self.data), "spec": self.spec.to_dict(),
+            "defense": defense.name, "params": defense.params, "recipe": recipe.weights_key(),
+            "train": indices_digest(np.sort(job.train_idx)), "n_train": int(len(job.train_idx)),
+        })
+
+    def get(self, job: ModelJob, *, run_dir: Path | None = None, eval_idx=None,
+            desc: str = "") -> TrainedModel:
+        """The trained model of `job`: from the cache when a verified entry exists."""
+        recipe = replace(self.recipe, seed=job.seed)
+        key = self.key(job, recipe)
+        cached = self.cache.get(key)
+        if cached is not None:
+            return cached
+        trained = self.train(job, recipe, run_dir=run_dir, eval_idx=eval_idx, desc=desc)
+        self.cache.put(key, trained)
+        return trained
+
+    def train(self, job: ModelJob, recipe: Recipe, *, run_dir=None, eval_idx=None,
+              desc: str = "") -> TrainedModel:
+        torch.manual_seed(seed_for(job.seed, "init"))
+        net = self.spec.build()
+        defense = build_defense(job.defense.name, job.defense.params)
+        result = fit(net, self.data, np.sort(job.train_idx), recipe, defense, eval_idx=eval_idx,
+                     run_dir=run_dir, resume=self.resume, progress=self.progress,
+                     desc=desc or job.label)
+        spec = self.spec
+        for name in result.report.get("model_transforms", []):
+            spec = spec.with_transform(name)
+        return TrainedModel(result.model.cpu().eval(), spec, np.sort(result.train_idx),
+                            _jsonable(result.report), result.history,
+                            {k: np.sort(np.asarray(v)) for k, v in result.groups.items()})
+
+    def save(self, path: Path, trained: TrainedModel) -> None:
+        """The released model file of a run directory (weights + spec + membership)."""
+        save_model(path, trained.model, trained.spec, extra=_extra(trained))

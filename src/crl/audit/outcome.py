@@ -1,0 +1,91 @@
+"""The typed outcome of auditing one target (one defense, one seed), which the report reads,
+and its results.json row."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class Evaluation:
+    """Who counts as what for the target, as masks over the target pool's samples.
+
+    members: the samples the released model actually trained on; nonmembers: the split's
+    non-members; samples a defense held out are neither. groups: extra positive sets attacked
+    separately against the same non-members (e.g. DMP's teacher-only half)."""
+
+    sample_idx: np.ndarray
+    members: np.ndarray
+    nonmembers: np.ndarray
+    groups: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def evaluated(self) -> np.ndarray:
+        return self.members | self.nonmembers
+
+    def labels_of(self, positives: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(selection mask over the pool, is_member over the selection) for `positives`."""
+        sel = positives | self.nonmembers
+        return sel, positives[sel]
+
+
+@dataclass
+class AttackOutcome:
+    name: str
+    scores: np.ndarray                       # [pool] target scores (higher = member)
+    metrics: dict[str, Any]                  # on the evaluated samples, with intervals
+    extra: dict[str, Any] = field(default_factory=dict)
+    leave_one_out: dict[str, Any] | None = None
+    groups: dict[str, dict[str, Any]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def row(self) -> dict[str, Any]:
+        out = {**self.metrics, **self.extra}
+        if self.leave_one_out is not None:
+            out["leave_one_out"] = self.leave_one_out
+        for name, m in self.groups.items():
+            out[name] = m
+        out["seconds"] = round(self.seconds, 3)
+        return out
+
+
+@dataclass
+class TargetOutcome:
+    dataset: str
+    model: str
+    defense: str
+    params: dict[str, Any]
+    seed: int
+    train_acc: float
+    test_acc: float
+    evaluation: Evaluation
+    labels: np.ndarray                       # [pool]
+    margins: np.ndarray                      # [pool] logit margin of the target
+    attacks: dict[str, AttackOutcome]
+    defense_report: dict[str, Any] = field(default_factory=dict)
+    chance_warning: str | None = None
+
+    @property
+    def is_member(self) -> np.ndarray:
+        """Membership of the evaluated samples (in pool order)."""
+        return self.evaluation.members[self.evaluation.evaluated]
+
+    def evaluated(self, values: np.ndarray) -> np.ndarray:
+        return np.asarray(values)[self.evaluation.evaluated]
+
+    def row(self) -> dict[str, Any]:
+        ev = self.evaluation
+        row = {
+            "dataset": self.dataset, "model": self.model, "defense": self.defense,
+            "params": self.params, "seed": self.seed, "train_acc": self.train_acc,
+            "test_acc": self.test_acc, "n_members": int(ev.members.sum()),
+            "n_nonmembers": int(ev.nonmembers.sum()),
+            "n_held_out": int(len(ev.sample_idx) - ev.evaluated.sum()),
+            "defense_report": self.defense_report,
+            "attacks": {k: a.row() for k, a in self.attacks.items()},
+        }
+        if self.chance_warning:
+            row["warning"] = self.chance_warning
+        return row

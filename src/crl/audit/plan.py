@@ -1,0 +1,69 @@
+"""Stage 1, the plan: which models an audit of one (defense, seed) needs, each with its seed
+(derived by name from the run seed), training indices and defense.
+
+    target           trains on the split's target members
+    reference j      LiRA/RMIA: models 2k and 2k+1 train on complementary random halves of the
+                     target pool, so every pool sample is IN for exactly half of each pair and
+                     adding a model never changes another's data or seed
+    shadow i         the NN attack (and shadow-fitted thresholds): a stratified half of the
+                     shadow pool
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from crl.data.splits import PoolSplit, half_split
+from crl.seeding import numpy_rng, seed_for
+
+
+@dataclass(frozen=True)
+class DefenseChoice:
+    """A defense by name with its (user-set) parameters."""
+
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelJob:
+    role: str                 # "target" | "reference" | "shadow"
+    index: int                # 0 for the target; j for reference j; i for shadow i
+    seed: int                 # the model's own seed (init, shuffle, ... derive from it)
+    defense: DefenseChoice
+    train_idx: np.ndarray     # dataset indices handed to fit (a defense may hold some out)
+
+    @property
+    def label(self) -> str:
+        return self.role if self.role == "target" else f"{self.role} {self.index}"
+
+
+def reference_halves(pool_size: int, count: int, seed: int) -> np.ndarray:
+    """Bool [count, pool_size]: pair k = (2k, 2k+1) splits the pool into complementary random
+    halves drawn from the stream ('reference-pair', k)."""
+    rows = []
+    for j in range(count):
+        if j % 2 == 0:
+            order = numpy_rng(seed, "reference-pair", j // 2).permutation(pool_size)
+            half = np.zeros(pool_size, bool)
+            half[order[: pool_size // 2]] = True
+            rows.append(half)
+        else:
+            rows.append(~rows[-1])
+    return np.stack(rows) if rows else np.zeros((0, pool_size), bool)
+
+
+def plan_models(split: PoolSplit, labels: np.ndarray, seed: int, defense: DefenseChoice,
+                attacker: DefenseChoice, *, references: int, shadows: int) -> list[ModelJob]:
+    """The target, `references` reference models and `shadows` shadow models of one seed."""
+    jobs = [ModelJob("target", 0, seed_for(seed, "target"), defense, split.target_members)]
+    pool = split.target_pool
+    for j, half in enumerate(reference_halves(len(pool), references, seed)):
+        jobs.append(ModelJob("reference", j, seed_for(seed, "reference", j), attacker,
+                             pool[half]))
+    for i in range(1, shadows + 1):
+        members, _ = half_split(split.shadow_pool, labels, seed=seed_for(seed, "shadow", i, "half"))
+        jobs.append(ModelJob("shadow", i, seed_for(seed, "shadow", i), attacker, members))
+    return jobs

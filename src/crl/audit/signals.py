@@ -1,0 +1,73 @@
+"""Stage 3, signals: what the attacks declared they need, extracted from the trained models.
+
+    logits of the target and reference models on the target pool   (always)
+    flipped-input logits                                            ("flip")
+    logits of the same models on the population (the shadow pool)   ("population")
+    shadow models' logits on the shadow pool                        ("shadows")
+    per-sample input-gradient norms, computed on first use          ("input_gradients")
+
+Membership matrices are what each model actually trained on (`TrainedModel.trained_on`), so a
+sample a defense held out is a non-member of that model.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from crl.attacks.base import AttackContext
+from crl.attacks.signals import Signals
+from crl.attacks.threshold import input_gradient_norms
+from crl.audit.factory import TrainedModel
+from crl.data.splits import PoolSplit
+from crl.data.types import ImageData
+from crl.evaluation import predict_logits
+
+
+def model_signals(models: list[TrainedModel], data: ImageData, idx: np.ndarray, *,
+                  flip: bool = False, member: np.ndarray | None = None) -> Signals:
+    """Logits [M, N, C] of `models` on data[idx] and membership [M, N] (default: trained_on)."""
+    def logits(m: TrainedModel, f: bool) -> np.ndarray:
+        return predict_logits(m.model, data, idx, flip=f).numpy()
+
+    if member is None:
+        member = np.stack([np.isin(idx, m.trained_on) for m in models])
+    return Signals(logits=np.stack([logits(m, False) for m in models]), member=member,
+                   labels=data.y[idx].numpy(), sample_idx=idx,
+                   logits_flip=np.stack([logits(m, True) for m in models]) if flip else None)
+
+
+def _memo(fn: Callable[[int], np.ndarray]) -> Callable[[int], np.ndarray]:
+    cache: dict[int, np.ndarray] = {}
+
+    def wrapped(k: int) -> np.ndarray:
+        if k not in cache:
+            cache[k] = fn(k)
+        return cache[k]
+
+    return wrapped
+
+
+def extract_signals(pool_models: list[TrainedModel], shadow_models: list[TrainedModel],
+                    data: ImageData, split: PoolSplit, requirements: frozenset[str],
+                    run_seed: int) -> AttackContext:
+    """The AttackContext for one target: model 0 of `pool_models` is the target."""
+    flip = "flip" in requirements
+    pool = split.target_pool
+    target = model_signals(pool_models, data, pool, flip=flip)
+    population = None
+    if "population" in requirements:
+        population = model_signals(pool_models, data, split.shadow_pool, flip=flip,
+                                   member=np.zeros((len(pool_models), len(split.shadow_pool)),
+                                                   bool))
+    shadow = (model_signals(shadow_models, data, split.shadow_pool, flip=flip)
+              if shadow_models else None)
+    grads = shadow_grads = None
+    if "input_gradients" in requirements:
+        grads = _memo(lambda k: input_gradient_norms(pool_models[k].model, data, pool))
+        if shadow_models:
+            shadow_grads = _memo(lambda k: input_gradient_norms(
+                shadow_models[k].model, data, split.shadow_pool))
+    return AttackContext(target=target, num_classes=data.num_classes, seed=run_seed,
+                         shadow=shadow, population=population, gradient_scores=grads,
+                         shadow_gradient_scores=shadow_grads)
