@@ -211,3 +211,22 @@ def test_a_locked_run_directory_refuses_a_second_audit_and_stale_tmp_files_go(tm
     stale.write_bytes(b"")
     assert main(args) == 0
     assert not stale.exists() and (out / "figures" / "roc.png").is_file()
+
+
+def test_saved_outcomes_rebuild_the_same_report(tmp_path, capsys):
+    from crl.audit.outcome import load_outcome
+    from crl.config import AuditConfig
+    from crl.report import write_report
+
+    out = tmp_path / "run"
+    assert main(["audit", *TINY, "--defenses", "ce,crl", "--attacks", "loss,mentr",
+                 "--out", str(out)]) == 0
+    outcomes = [load_outcome(p) for p in sorted((out / "scores").glob("*.npz"))]
+    assert [o.defense for o in outcomes] == ["ce", "crl"]
+    rows = json.loads((out / "results.json").read_text())
+    assert [json.loads(json.dumps(o.row())) for o in outcomes] == rows
+    cfg = AuditConfig(**{**__import__("yaml").safe_load((out / "config.yaml").read_text())})
+    again = tmp_path / "again"
+    again.mkdir()
+    write_report(again, outcomes, cfg)
+    assert (again / "report.md").read_text() == (out / "report.md").read_text()

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from crl.audit.plan import ModelJob
 from crl.data.types import ImageData
@@ -109,17 +110,32 @@ class ModelFactory:
             "train": indices_digest(np.sort(job.train_idx)), "n_train": int(len(job.train_idx)),
         })
 
+    def recipe_of(self, job: ModelJob) -> Recipe:
+        return replace(self.recipe, seed=job.seed)
+
     def get(self, job: ModelJob, *, run_dir: Path | None = None, eval_idx=None,
             desc: str = "") -> TrainedModel:
         """The trained model of `job`: from the cache when a verified entry exists."""
-        recipe = replace(self.recipe, seed=job.seed)
-        key = self.key(job, recipe)
-        cached = self.cache.get(key)
-        if cached is not None:
-            return cached
-        trained = self.train(job, recipe, run_dir=run_dir, eval_idx=eval_idx, desc=desc)
-        self.cache.put(key, trained)
-        return trained
+        return self.get_many([job], run_dirs={0: run_dir} if run_dir else None,
+                             eval_idx=eval_idx, desc=desc)[0]
+
+    def get_many(self, jobs: list[ModelJob], *, run_dirs: dict[int, Path] | None = None,
+                 eval_idx=None, desc: str = "") -> list[TrainedModel]:
+        """The trained models of `jobs`, in order: verified cache entries are served, the rest
+        are trained (run_dirs: job position -> folder for its checkpoint and metrics) and
+        cached. eval_idx: indices whose accuracy is logged per epoch for the target
+        (monitoring only; other models' non-members differ)."""
+        keys = [self.key(job, self.recipe_of(job)) for job in jobs]
+        out: list[TrainedModel | None] = [self.cache.get(k) for k in keys]
+        missing = [i for i, t in enumerate(out) if t is None]
+        for i in tqdm(missing, desc=desc or "models", leave=False,
+                      disable=not self.progress or len(missing) < 2):
+            job = jobs[i]
+            out[i] = self.train(job, self.recipe_of(job), run_dir=(run_dirs or {}).get(i),
+                                eval_idx=eval_idx if job.role == "target" else None,
+                                desc=f"{desc} {job.label}".strip())
+            self.cache.put(keys[i], out[i])
+        return out  # type: ignore[return-value]
 
     def train(self, job: ModelJob, recipe: Recipe, *, run_dir=None, eval_idx=None,
               desc: str = "") -> TrainedModel:

@@ -2,10 +2,15 @@
 and its results.json row."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from crl.errors import CRLError
+from crl.utils import atomic_path
 
 
 @dataclass
@@ -89,3 +94,57 @@ class TargetOutcome:
         if self.chance_warning:
             row["warning"] = self.chance_warning
         return row
+
+
+def _meta(o: TargetOutcome) -> dict[str, Any]:
+    attacks = {k: {"metrics": a.metrics, "extra": a.extra, "leave_one_out": a.leave_one_out,
+                   "groups": a.groups, "seconds": a.seconds} for k, a in o.attacks.items()}
+    return {"dataset": o.dataset, "model": o.model, "defense": o.defense, "params": o.params,
+            "seed": o.seed, "train_acc": o.train_acc, "test_acc": o.test_acc,
+            "defense_report": o.defense_report, "chance_warning": o.chance_warning,
+            "attacks": attacks}
+
+
+def outcome_path(folder: Path, defense: str, seed: int) -> Path:
+    return Path(folder) / f"{defense}_seed{seed}.npz"
+
+
+def save_outcome(folder: Path, o: TargetOutcome) -> Path:
+    """Per-sample arrays (scores of every attack, margins, membership masks) plus every metric,
+    compressed: `crl report` rebuilds the report from these without training."""
+    ev = o.evaluation
+    arrays = {"sample_idx": ev.sample_idx, "members": ev.members, "nonmembers": ev.nonmembers,
+              "labels": o.labels, "margins": o.margins,
+              "meta": np.array(json.dumps(_meta(o), default=_plain_json))}
+    arrays.update({f"group__{k}": v for k, v in ev.groups.items()})
+    arrays.update({f"scores__{k}": a.scores for k, a in o.attacks.items()})
+    path = outcome_path(folder, o.defense, o.seed)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **arrays)
+    return path
+
+
+def load_outcome(path: Path) -> TargetOutcome:
+    """The TargetOutcome saved by `save_outcome` (no pickle: plain arrays and JSON)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        meta = json.loads(str(arrays.pop("meta")))
+    except (OSError, ValueError, KeyError) as e:
+        raise CRLError(f"scores file {path} is unreadable ({type(e).__name__}); expected a "
+                       "file written by crl audit") from None
+    groups = {k[len("group__"):]: v for k, v in arrays.items() if k.startswith("group__")}
+    ev = Evaluation(arrays["sample_idx"], arrays["members"], arrays["nonmembers"], groups)
+    attacks = {k: AttackOutcome(name=k, scores=arrays[f"scores__{k}"], **v)
+               for k, v in meta.pop("attacks").items()}
+    return TargetOutcome(evaluation=ev, labels=arrays["labels"], margins=arrays["margins"],
+                         attacks=attacks, **meta)
+
+
+def _plain_json(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

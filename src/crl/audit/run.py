@@ -9,13 +9,12 @@ from typing import Any, Callable
 
 import numpy as np
 import yaml
-from tqdm.auto import tqdm
 
 import crl.attacks  # noqa: F401  (registers attacks)
 import crl.defenses  # noqa: F401  (registers defenses)
 from crl.attacks.base import Attack, build_attack
 from crl.audit.factory import ModelCache, ModelFactory, TrainedModel
-from crl.audit.outcome import Evaluation, TargetOutcome
+from crl.audit.outcome import Evaluation, TargetOutcome, save_outcome
 from crl.audit.plan import DefenseChoice, ModelJob, plan_models
 from crl.audit.runner import run_attacks
 from crl.audit.signals import extract_signals
@@ -99,13 +98,10 @@ class Audit:
 
     def train_all(self, jobs: list[ModelJob], tag: str, run_dir: Path | None,
                   split: PoolSplit) -> list[TrainedModel]:
-        """The target (checkpointed in run_dir) and every reference/shadow model."""
-        models = [self.factory.get(jobs[0], run_dir=run_dir, eval_idx=split.target_nonmembers,
-                                   desc=f"[{tag}] target")]
-        for job in tqdm(jobs[1:], desc=f"[{tag}] references/shadows", leave=False,
-                        disable=not self.cfg.progress or len(jobs) < 2):
-            models.append(self.factory.get(job, desc=f"[{tag}] {job.label}"))
-        return models
+        """The target (checkpointed in run_dir, test accuracy logged) and every
+        reference/shadow model, through the factory (cache first)."""
+        return self.factory.get_many(jobs, run_dirs={0: run_dir} if run_dir else None,
+                                     eval_idx=split.target_nonmembers, desc=f"[{tag}]")
 
     def audit_one(self, defense: DefenseChoice, seed: int, split: PoolSplit, *,
                   out: Path | None = None) -> TargetOutcome:
@@ -221,6 +217,8 @@ def run_audit(cfg: AuditConfig, *, echo: Callable[[str], None] = print) -> dict[
                 if o.chance_warning:
                     echo(f"WARNING [{d} seed {s}]: {o.chance_warning}")
                 outcomes.append(o)
+        for o in outcomes:
+            save_outcome(out / "scores", o)
         rows = [o.row() for o in outcomes]
         table = write_report(out, outcomes, cfg)
         write_json_atomic(out / "results.json", rows)
