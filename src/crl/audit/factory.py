@@ -17,19 +17,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from crl.audit.plan import ModelJob
 from crl.data.types import ImageData
 from crl.defenses.base import build_defense
+from crl.engine import TrainOutput, TrainRequest, get_engine
 from crl.errors import CRLError
 from crl.models.io import load_model_file, save_model
 from crl.models.spec import ModelSpec
 from crl.recipe import Recipe
-from crl.seeding import seed_for
-from crl.train import data_identity, fit, indices_digest
+from crl.train import data_identity, indices_digest
 from crl.utils import code_hash
 
 
@@ -97,10 +95,12 @@ class ModelFactory:
     """Train-or-fetch for one dataset, architecture and recipe."""
 
     def __init__(self, data: ImageData, arch: str, recipe: Recipe, cache: ModelCache, *,
-                 resume: bool = False, progress: bool = True) -> None:
+                 resume: bool = False, progress: bool = True, engine: str = "sequential",
+                 engine_options: dict[str, Any] | None = None) -> None:
         self.data, self.recipe, self.cache = data, recipe, cache
         self.spec = ModelSpec.for_data(arch, data)
         self.resume, self.progress = resume, progress
+        self.engine = get_engine(engine, **(engine_options or {}))
 
     def key(self, job: ModelJob, recipe: Recipe) -> dict[str, Any]:
         defense = build_defense(job.defense.name, job.defense.params)
@@ -122,35 +122,37 @@ class ModelFactory:
     def get_many(self, jobs: list[ModelJob], *, run_dirs: dict[int, Path] | None = None,
                  eval_idx=None, desc: str = "") -> list[TrainedModel]:
         """The trained models of `jobs`, in order: verified cache entries are served, the rest
-        are trained (run_dirs: job position -> folder for its checkpoint and metrics) and
-        cached. eval_idx: indices whose accuracy is logged per epoch for the target
-        (monitoring only; other models' non-members differ)."""
+        are trained by the engine, one group per defense, and cached as each finishes.
+        run_dirs: job position -> folder for its checkpoint and metrics; eval_idx: indices
+        whose accuracy is logged per epoch for the target (monitoring only)."""
         keys = [self.key(job, self.recipe_of(job)) for job in jobs]
         out: list[TrainedModel | None] = [self.cache.get(k) for k in keys]
-        missing = [i for i, t in enumerate(out) if t is None]
-        for i in tqdm(missing, desc=desc or "models", leave=False,
-                      disable=not self.progress or len(missing) < 2):
-            job = jobs[i]
-            out[i] = self.train(job, self.recipe_of(job), run_dir=(run_dirs or {}).get(i),
-                                eval_idx=eval_idx if job.role == "target" else None,
-                                desc=f"{desc} {job.label}".strip())
-            self.cache.put(keys[i], out[i])
+        groups: dict[str, list[int]] = {}
+        for i, t in enumerate(out):
+            if t is None:
+                groups.setdefault(json.dumps(keys[i]["params"], sort_keys=True)
+                                  + keys[i]["defense"], []).append(i)
+        for members in groups.values():
+            requests = [self.request(jobs[i], (run_dirs or {}).get(i), eval_idx, desc)
+                        for i in members]
+
+            def done(k: int, output: TrainOutput, members=members) -> None:
+                i = members[k]
+                out[i] = TrainedModel(output.net, output.spec, output.trained_on,
+                                      output.report, output.history, output.groups)
+                self.cache.put(keys[i], out[i])
+
+            job = jobs[members[0]]
+            self.engine.train(self.spec, self.data, self.recipe, job.defense.name,
+                              job.defense.params, requests, resume=self.resume,
+                              progress=self.progress, on_done=done)
         return out  # type: ignore[return-value]
 
-    def train(self, job: ModelJob, recipe: Recipe, *, run_dir=None, eval_idx=None,
-              desc: str = "") -> TrainedModel:
-        torch.manual_seed(seed_for(job.seed, "init"))
-        net = self.spec.build()
-        defense = build_defense(job.defense.name, job.defense.params)
-        result = fit(net, self.data, np.sort(job.train_idx), recipe, defense, eval_idx=eval_idx,
-                     run_dir=run_dir, resume=self.resume, progress=self.progress,
-                     desc=desc or job.label)
-        spec = self.spec
-        for name in result.report.get("model_transforms", []):
-            spec = spec.with_transform(name)
-        return TrainedModel(result.model.cpu().eval(), spec, np.sort(result.train_idx),
-                            _jsonable(result.report), result.history,
-                            {k: np.sort(np.asarray(v)) for k, v in result.groups.items()})
+    @staticmethod
+    def request(job: ModelJob, run_dir: Path | None, eval_idx, desc: str) -> TrainRequest:
+        return TrainRequest(seed=job.seed, train_idx=np.sort(job.train_idx),
+                            eval_idx=eval_idx if job.role == "target" else None,
+                            run_dir=run_dir, desc=f"{desc} {job.label}".strip())
 
     def save(self, path: Path, trained: TrainedModel) -> None:
         """The released model file of a run directory (weights + spec + membership)."""

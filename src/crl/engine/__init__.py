@@ -1,0 +1,70 @@
+"""Engines: how a group of models of one architecture, dataset, recipe and defense is trained.
+
+    sequential   one `fit` after another (checkpoints, bitwise resume within a model)
+    ensemble     K models at once with stacked parameters (crl.engine.ensemble)
+    ray          chunks of models as Ray tasks, on one machine or a cluster (crl.engine.ray)
+    auto         per model and device, from the measured table in docs/performance.md
+
+Every engine trains the same model for the same request (own seed, indices, shuffle order,
+defense state): which engine trained a model is not part of the cache key. The audit's
+`ModelFactory` hands each group of cache misses to `get_engine(name).train(...)`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import numpy as np
+from torch import nn
+
+from crl.data.types import ImageData
+from crl.models.spec import ModelSpec
+from crl.recipe import Recipe
+from crl.registry import Registry
+
+ENGINES: Registry = Registry("engine")
+
+
+@dataclass
+class TrainRequest:
+    """One model to train: its own seed (init, shuffle, augmentation and defense streams derive
+    from it by name), its training indices, and optionally a monitoring set and a run folder
+    for per-epoch checkpoints (honoured by engines that checkpoint)."""
+
+    seed: int
+    train_idx: np.ndarray
+    eval_idx: np.ndarray | None = None
+    run_dir: Path | None = None
+    desc: str = ""
+
+
+@dataclass
+class TrainOutput:
+    net: nn.Module                       # raw network on the CPU, eval mode
+    spec: ModelSpec                      # with any transforms the defense applied
+    trained_on: np.ndarray               # sorted dataset indices it actually trained on
+    report: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
+    groups: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+OnDone = Callable[[int, TrainOutput], None]
+
+
+class Engine(Protocol):
+    name: str
+
+    def train(self, spec: ModelSpec, data: ImageData, recipe: Recipe, defense: str,
+              params: dict[str, Any], requests: list[TrainRequest], *, resume: bool = False,
+              progress: bool = True, on_done: OnDone | None = None) -> list[TrainOutput]:
+        """Train every request (recipe.seed is replaced by each request's seed); call
+        on_done(position, output) as each model finishes, so a caller can cache it at once."""
+        ...
+
+
+def get_engine(name: str, **options: Any) -> Engine:
+    """A registered engine by name."""
+    import crl.engine.sequential  # noqa: F401  (registers the built-in engines)
+
+    return ENGINES.get(name)(**options)

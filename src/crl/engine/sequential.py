@@ -1,0 +1,57 @@
+"""The sequential engine: one `fit` per model (per-epoch checkpoints, bitwise resume)."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from crl.data.types import ImageData
+from crl.defenses.base import build_defense
+from crl.engine import ENGINES, OnDone, TrainOutput, TrainRequest
+from crl.models.spec import ModelSpec
+from crl.recipe import Recipe
+from crl.seeding import seed_for
+from crl.train import fit
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=str))
+
+
+def train_one(spec: ModelSpec, data: ImageData, recipe: Recipe, defense: str,
+              params: dict[str, Any], request: TrainRequest, *, resume: bool = False,
+              progress: bool = True) -> TrainOutput:
+    """One model: initialised from the stream (seed, 'init'), trained by `fit`."""
+    torch.manual_seed(seed_for(request.seed, "init"))
+    net = spec.build()
+    result = fit(net, data, np.sort(request.train_idx), replace(recipe, seed=request.seed),
+                 build_defense(defense, params), eval_idx=request.eval_idx,
+                 run_dir=request.run_dir, resume=resume, progress=progress,
+                 desc=request.desc or "train")
+    for name in result.report.get("model_transforms", []):
+        spec = spec.with_transform(name)
+    return TrainOutput(result.model.cpu().eval(), spec, np.sort(result.train_idx),
+                       _jsonable(result.report), result.history,
+                       {k: np.sort(np.asarray(v)) for k, v in result.groups.items()})
+
+
+@ENGINES.register("sequential")
+class SequentialEngine:
+    """Models one after another in this process."""
+
+    def train(self, spec: ModelSpec, data: ImageData, recipe: Recipe, defense: str,
+              params: dict[str, Any], requests: list[TrainRequest], *, resume: bool = False,
+              progress: bool = True, on_done: OnDone | None = None) -> list[TrainOutput]:
+        outputs = []
+        for i, req in enumerate(tqdm(requests, desc="models", leave=False,
+                                     disable=not progress or len(requests) < 2)):
+            out = train_one(spec, data, recipe, defense, params, req, resume=resume,
+                            progress=progress)
+            if on_done is not None:
+                on_done(i, out)
+            outputs.append(out)
+        return outputs
