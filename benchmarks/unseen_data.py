@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import shlex
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -36,6 +38,17 @@ from crl.models import create_model
 from crl.seeding import seed_for, torch_generator
 
 RECIPE = DATASET_DEFAULTS["*"]
+
+
+def machine() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one) and core count."""
+    name = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines()
+                 if ln.startswith("model name")]
+        name = names[0] if names else name
+    return f"{name}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -108,8 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
     seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
     print("$ python " + " ".join(shlex.quote(x) for x in [sys.argv[0], *(argv or sys.argv[1:])]))
-    print(f"# {platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} "
-          f"threads, torch {torch.__version__}, {datetime.datetime.now():%Y-%m-%d %H:%M}")
+    print(f"# {machine()}, torch {torch.__version__}, {datetime.datetime.now():%Y-%m-%d %H:%M}")
     t0 = time.perf_counter()
     data = load_dataset(a.dataset)
     print(f"# {data.name}: {len(data)} images {tuple(data.shape)}, {data.num_classes} classes, "

@@ -62,6 +62,14 @@ def test_every_threshold_auc_recomputes_from_the_run_directory(tmp_path, capsys)
         for name, scores in _independent_scores(logits, data.y[idx]).items():
             assert roc_auc_score(truth, scores) == pytest.approx(
                 row["attacks"][name]["auc"], abs=2e-3), (row["defense"], name)
+        # the loaded model's logits are the audit's: the stored per-sample loss scores match
+        from crl.audit.outcome import load_outcome
+
+        saved = load_outcome(out / "scores" / f"{row['defense']}_seed0.npz")
+        where = {int(i): k for k, i in enumerate(saved.evaluation.sample_idx)}
+        stored = saved.attacks["loss"].scores[[where[int(i)] for i in idx]]
+        mine = torch.log_softmax(logits.double(), 1)[torch.arange(len(idx)), data.y[idx]]
+        np.testing.assert_allclose(stored, mine.numpy(), rtol=1e-5, atol=1e-5)
         acc = float((logits[: len(members["members"])].argmax(1) ==
                      data.y[idx[: len(members["members"])]]).float().mean())
         assert acc == pytest.approx(row["train_acc"], abs=1e-6)

@@ -12,4 +12,17 @@ def load_model(path):
     return _load(path)
 
 
-__all__ = ["CRLError", "load_model", "__version__"]
+_LAZY = {"audit_training": "crl.external", "attack_signals": "crl.from_logits"}
+
+
+def __getattr__(name: str):
+    """`crl.audit_training` and `crl.attack_signals`, imported on first use (a plain
+    `import crl` stays light)."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'crl' has no attribute {name!r}")
+
+
+__all__ = ["CRLError", "attack_signals", "audit_training", "load_model", "__version__"]

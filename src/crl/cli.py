@@ -1,4 +1,5 @@
-"""The `crl` command line: `crl audit` (train, attack, report) and `crl list`.
+"""The `crl` command line: `crl audit` (train, attack, report), `crl tune`, `crl train` (one
+model for deployment), `crl report` (rebuild a run's report) and `crl list`.
 
 The audit flags are built from the AuditConfig field declarations (crl.config): a new field with
 a `help` gets its flag here. Flag values are converted leniently (a value that does not parse
@@ -66,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("list", help="list the registered datasets, models, defenses and attacks, "
                                 "with every defense's and attack's parameters")
+    _add_tune_parser(sub)
+    _add_train_parser(sub)
+    _add_report_parser(sub)
     return p
 
 
@@ -100,6 +104,22 @@ def list_lines(registries: list[Any] | None = None) -> list[str]:
         else:
             extra = ", imagefolder:PATH" if reg.kind == "dataset" else ""
             lines.append(f"{reg.kind}s: {', '.join(reg.names())}{extra}")
+            if reg.kind == "model":
+                lines.extend(_model_engine_lines(reg))
+    return lines
+
+
+def _model_engine_lines(models: Any) -> list[str]:
+    """Per model, what `--engine ensemble` does with it (crl.engine.stacked.ensemble_note)."""
+    import torch
+
+    from crl.engine.stacked import ensemble_note
+
+    lines = []
+    for name in models.names():
+        with torch.device("meta"):
+            model = models.get(name)(3, 32, 10)
+        lines.append(f"  {name} (ensemble engine: {ensemble_note(model)})")
     return lines
 
 
@@ -131,6 +151,88 @@ def _audit(args: argparse.Namespace) -> None:
     run_audit(config_from_args(args))
 
 
+#: audit flags `crl tune` does not take: it chooses the defenses and always continues its study
+_TUNE_SKIPS = ("defenses", "resume")
+
+
+def _add_tune_parser(sub: Any) -> None:
+    """`crl tune`: its own options (crl.tune.options) plus the audit's recipe flags."""
+    from dataclasses import replace
+
+    from crl.config import cli_fields
+    from crl.tune.options import TUNE_SPECS
+
+    t = sub.add_parser("tune", help="search a defense's parameters for the privacy-utility "
+                                    "front (Optuna)",
+                       description="Search a defense's parameter ranges (its spec) for the "
+                                   "front of test accuracy vs the strongest attack; recommend "
+                                   "a setting and re-run it on fresh seeds.")
+    t.add_argument("--config", help="YAML recipe whose keys mirror the audit flags")
+    for spec in TUNE_SPECS.values():
+        _add_field(t, spec)
+    for spec in cli_fields():
+        if spec.name not in _TUNE_SKIPS:
+            _add_field(t, replace(spec, help="run directory (default runs/tune)")
+                       if spec.name == "out" else spec)
+    t.add_argument("--set", action="append", default=[], metavar="NAME.PARAM=VALUE",
+                   help="defense/attack hyper-parameter; a tuned defense's parameter set here "
+                        "is fixed, not searched (repeatable)")
+
+
+def _tune(args: argparse.Namespace, argv: list[str]) -> None:
+    import shlex
+
+    from crl.config import load_yaml_recipe
+    from crl.tune.options import TUNE_SPECS, TuneOptions
+    from crl.tune.run import run_tune
+
+    given = vars(args)
+    opts = TuneOptions(**{k: v for k, v in given.items() if k in TUNE_SPECS and v is not None})
+    audit_args = argparse.Namespace(**{k: v for k, v in given.items() if k not in TUNE_SPECS})
+    if args.out is None and "out" not in (load_yaml_recipe(args.config) if args.config else {}):
+        audit_args.out = "runs/tune"
+    run_tune(config_from_args(audit_args), opts, command=shlex.join(["crl", *argv]))
+
+
+def _add_train_parser(sub: Any) -> None:
+    """`crl train`: crl.deploy.TrainConfig's options (the audit's training flags, one --defense)."""
+    from crl.deploy import TRAIN_SPECS
+
+    t = sub.add_parser("train", help="train one model on the dataset's own train split, for "
+                                     "deployment",
+                       description="Train one model on the dataset's own train split (digits: a "
+                                   "fixed stratified 80/20 split), evaluate it on the test split, "
+                                   "write model.pt (crl.load_model) and its metrics to --out.")
+    for spec in TRAIN_SPECS.values():
+        if spec.cli:
+            _add_field(t, spec)
+    t.add_argument("--set", action="append", default=[], metavar="NAME.PARAM=VALUE",
+                   help="defense hyper-parameter, e.g. crl.alpha_rce=0.5 (repeatable)")
+
+
+def _add_report_parser(sub: Any) -> None:
+    r = sub.add_parser("report", help="rebuild report.md, report.html and figures of an audit "
+                                      "run, without training",
+                       description="Rebuild report.md, report.html, figures/ and vulnerability/ "
+                                   "of a finished audit run from its config.yaml and scores/.")
+    r.add_argument("run", metavar="RUN", help="the audit's run directory (its --out)")
+
+
+def _train(args: argparse.Namespace) -> None:
+    from crl.config import parse_set
+    from crl.deploy import TrainConfig, run_train
+
+    values = {k: v for k, v in vars(args).items() if k not in ("command", "set") and v is not None}
+    run_train(TrainConfig(**values, set=parse_set(args.set)))
+
+
+def _report(args: argparse.Namespace) -> None:
+    from crl.report.rebuild import rebuild_report
+
+    print(rebuild_report(args.run))
+    print(f"wrote {args.run}/report.md, report.html and figures/")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -138,6 +240,12 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(list_lines()))
         elif args.command == "audit":
             _audit(args)
+        elif args.command == "tune":
+            _tune(args, sys.argv[1:] if argv is None else argv)
+        elif args.command == "train":
+            _train(args)
+        elif args.command == "report":
+            _report(args)
     except CRLError as e:
         print(f"crl: error: {e}", file=sys.stderr)
         return 2

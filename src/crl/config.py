@@ -15,9 +15,11 @@ from typing import Any, Iterable
 
 import yaml
 
+from crl.data.canaries import SPEC_PATTERN as CANARY_PATTERN, SPEC_WORDS as CANARY_WORDS
 from crl.errors import CRLError
 from crl.params import Param
 
+ENGINE_NAMES = ("sequential", "ensemble", "auto", "ray")   # crl.engine's registered engines
 DEFAULT_ATTACKS = ["loss", "confidence", "entropy", "mentr", "gradx", "nn", "lira", "rmia"]
 
 # Per-dataset defaults, applied to every field the user left unset (see docs/models.md).
@@ -122,6 +124,10 @@ class AuditConfig:
     shadow_defense: str = option("same", kind=str, choices=("same", "none"),
                                  help="train shadows with the target's defense (same, default) "
                                       "or none")
+    canaries: str | None = option(None, kind=str, nullable=True, pattern=CANARY_PATTERN,
+                                  words=CANARY_WORDS,
+                                  help="N[:KIND]: add N canaries (mislabeled, default, or noise) "
+                                       "to the target pool; worst-case metrics (docs/worst-case.md)")
     out: str = option("runs/audit", kind=str, pattern=r"(?s).+", words="a non-empty path",
                       help="run directory (default runs/audit)")
     device: str = option("auto", kind=str, pattern=r"auto|cpu|cuda(:\d+)?",
@@ -134,6 +140,19 @@ class AuditConfig:
     cache: bool = option(True, kind=bool, flag="--no-cache",
                          help="do not reuse or store trained models in the model cache")
     progress: bool = option(True, kind=bool, flag="--quiet", help="no progress bars")
+    engine: str = option("sequential", kind=str, choices=ENGINE_NAMES,
+                         help="how models train: sequential (default) | ensemble (K at once, "
+                              "stacked) | auto (per model and device, docs/performance.md) | ray")
+    ensemble_size: int | None = option(None, kind=int, low=1, nullable=True,
+                                       help="--engine ensemble/auto: models trained at once "
+                                            "(default: from the model size, at most 64)")
+    ray_address: str | None = option(None, kind=str, nullable=True, pattern=r"\S+",
+                                     words="a Ray head address (HOST:PORT or auto) or null",
+                                     help="--engine ray: the running Ray cluster to use, e.g. "
+                                          "HEAD:6379 (default: start a local Ray)")
+    ray_chunk: int | None = option(None, kind=int, low=1, nullable=True,
+                                   help="--engine ray: models per Ray task (default: spread "
+                                        "evenly over the cluster's CPUs or GPUs)")
     set: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def resolved(self) -> "AuditConfig":
@@ -158,16 +177,18 @@ class AuditConfig:
         return dataclasses.asdict(self)
 
 
-def _field_specs() -> dict[str, FieldSpec]:
+def field_specs(cls: type) -> dict[str, FieldSpec]:
+    """The FieldSpec of every `option(...)` field of the dataclass `cls` (AuditConfig, or
+    another command's options, e.g. crl.tune's), in declaration order."""
     specs = {}
-    for f in dataclasses.fields(AuditConfig):
+    for f in dataclasses.fields(cls):
         if "check" in f.metadata:
             default = f.default_factory() if f.default is dataclasses.MISSING else f.default
             specs[f.name] = FieldSpec(f.name, default, **f.metadata["check"])
     return specs
 
 
-FIELD_SPECS: dict[str, FieldSpec] = _field_specs()
+FIELD_SPECS: dict[str, FieldSpec] = field_specs(AuditConfig)
 FIELDS = {f.name for f in dataclasses.fields(AuditConfig)}
 
 
@@ -212,6 +233,8 @@ def load_yaml_recipe(path: str | Path) -> dict[str, Any]:
             out[key] = split_names(out[key])
     if isinstance(out.get("seeds"), int) and not isinstance(out["seeds"], bool):
         out["seeds"] = [out["seeds"]]
+    if isinstance(out.get("canaries"), int) and not isinstance(out["canaries"], bool):
+        out["canaries"] = str(out["canaries"])
     return out
 
 

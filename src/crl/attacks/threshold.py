@@ -218,10 +218,14 @@ class GradXAttack(ThresholdAttack):
 
 def input_gradient_norms(model, data, idx, *, batch_size: int = 256) -> np.ndarray:
     """Per-sample L2 norm of d CE(model(x), y) / dx on normalised inputs (float64 result)."""
-    out = []
-    for b, x in eval_batches(model, data, idx, batch_size):
-        x.requires_grad_(True)
-        loss = F.cross_entropy(model(x).double(), data.y[b].to(x.device), reduction="sum")
-        (g,) = torch.autograd.grad(loss, x)
-        out.append(g.flatten(1).double().norm(dim=1).cpu())
+    out = [batch_gradient_norms(model, x, data.y[b])
+           for b, x in eval_batches(model, data, idx, batch_size)]
     return torch.cat(out).numpy() if out else np.zeros(0)
+
+
+def batch_gradient_norms(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-sample L2 norm of d CE(model(x), y) / dx for one batch (float64, on the CPU)."""
+    x = x.detach().requires_grad_(True)
+    loss = F.cross_entropy(model(x).double(), y.to(x.device), reduction="sum")
+    (g,) = torch.autograd.grad(loss, x)
+    return g.flatten(1).double().norm(dim=1).cpu()

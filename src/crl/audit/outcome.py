@@ -19,12 +19,19 @@ class Evaluation:
 
     members: the samples the released model actually trained on; nonmembers: the split's
     non-members; samples a defense held out are neither. groups: extra positive sets attacked
-    separately against the same non-members (e.g. DMP's teacher-only half)."""
+    separately against the same non-members (e.g. DMP's teacher-only half). canary: the
+    canaries (--canaries), which are never members, non-members or in a group here: they are
+    scored on their own (`TargetOutcome.canaries`)."""
 
     sample_idx: np.ndarray
     members: np.ndarray
     nonmembers: np.ndarray
     groups: dict[str, np.ndarray] = field(default_factory=dict)
+    canary: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.canary is None:
+            self.canary = np.zeros(len(self.sample_idx), bool)
 
     @property
     def evaluated(self) -> np.ndarray:
@@ -45,6 +52,7 @@ class AttackOutcome:
     leave_one_out: dict[str, Any] | None = None
     groups: dict[str, dict[str, Any]] = field(default_factory=dict)
     seconds: float = 0.0
+    pooled: np.ndarray | None = None         # [models, pool] every model as the target (LOO)
 
     def row(self) -> dict[str, Any]:
         out = {**self.metrics, **self.extra}
@@ -54,6 +62,22 @@ class AttackOutcome:
             out[name] = m
         out["seconds"] = round(self.seconds, 3)
         return out
+
+
+@dataclass
+class Exposure:
+    """Per-sample exposure of the target pool: over the models that trained on a sample, the
+    fraction whose score for it exceeds that model's threshold at `fpr` (set on its
+    non-members); NaN for a sample no model trained on. `top`: pool positions of the most
+    exposed samples, most exposed first, with their images (uint8 [k, C, H, W])."""
+
+    attack: str
+    fpr: float
+    values: np.ndarray                       # [pool]
+    n_in: np.ndarray                         # [pool] models that trained on the sample
+    thresholds: np.ndarray                   # [models]
+    top: np.ndarray                          # [k]
+    top_images: np.ndarray                   # [k, C, H, W]
 
 
 @dataclass
@@ -71,6 +95,9 @@ class TargetOutcome:
     attacks: dict[str, AttackOutcome]
     defense_report: dict[str, Any] = field(default_factory=dict)
     chance_warning: str | None = None
+    model_member: np.ndarray | None = None   # [models, pool] what each pool model trained on
+    canaries: dict[str, Any] | None = None   # {"n", "kind", "attacks": {name: metrics}}
+    exposure: Exposure | None = None
 
     @property
     def is_member(self) -> np.ndarray:
@@ -93,6 +120,8 @@ class TargetOutcome:
         }
         if self.chance_warning:
             row["warning"] = self.chance_warning
+        if self.canaries is not None:
+            row["canaries"] = self.canaries
         return row
 
 
@@ -102,7 +131,35 @@ def _meta(o: TargetOutcome) -> dict[str, Any]:
     return {"dataset": o.dataset, "model": o.model, "defense": o.defense, "params": o.params,
             "seed": o.seed, "train_acc": o.train_acc, "test_acc": o.test_acc,
             "defense_report": o.defense_report, "chance_warning": o.chance_warning,
-            "attacks": attacks}
+            "attacks": attacks, "canaries": o.canaries,
+            "exposure": None if o.exposure is None else {"attack": o.exposure.attack,
+                                                        "fpr": o.exposure.fpr}}
+
+
+_EXPOSURE_ARRAYS = ("values", "n_in", "thresholds", "top", "top_images")
+
+
+def _arrays(o: TargetOutcome) -> dict[str, np.ndarray]:
+    """The per-sample arrays of `o` under their npz names."""
+    ev = o.evaluation
+    arrays = {"sample_idx": ev.sample_idx, "members": ev.members, "nonmembers": ev.nonmembers,
+              "canary": ev.canary, "labels": o.labels, "margins": o.margins}
+    arrays.update({f"group__{k}": v for k, v in ev.groups.items()})
+    arrays.update({f"scores__{k}": a.scores for k, a in o.attacks.items()})
+    arrays.update({f"pooled__{k}": a.pooled for k, a in o.attacks.items()
+                   if a.pooled is not None})
+    if o.model_member is not None:
+        arrays["model_member"] = o.model_member
+    if o.exposure is not None:
+        arrays.update({f"exposure__{k}": getattr(o.exposure, k) for k in _EXPOSURE_ARRAYS})
+    return arrays
+
+
+def _exposure(meta: dict[str, Any] | None, arrays: dict[str, np.ndarray]) -> Exposure | None:
+    if meta is None:
+        return None
+    return Exposure(meta["attack"], meta["fpr"],
+                    **{k: arrays[f"exposure__{k}"] for k in _EXPOSURE_ARRAYS})
 
 
 def outcome_path(folder: Path, defense: str, seed: int) -> Path:
@@ -112,12 +169,7 @@ def outcome_path(folder: Path, defense: str, seed: int) -> Path:
 def save_outcome(folder: Path, o: TargetOutcome) -> Path:
     """Per-sample arrays (scores of every attack, margins, membership masks) plus every metric,
     compressed: `crl report` rebuilds the report from these without training."""
-    ev = o.evaluation
-    arrays = {"sample_idx": ev.sample_idx, "members": ev.members, "nonmembers": ev.nonmembers,
-              "labels": o.labels, "margins": o.margins,
-              "meta": np.array(json.dumps(_meta(o), default=_plain_json))}
-    arrays.update({f"group__{k}": v for k, v in ev.groups.items()})
-    arrays.update({f"scores__{k}": a.scores for k, a in o.attacks.items()})
+    arrays = {**_arrays(o), "meta": np.array(json.dumps(_meta(o), default=_plain_json))}
     path = outcome_path(folder, o.defense, o.seed)
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
@@ -135,11 +187,15 @@ def load_outcome(path: Path) -> TargetOutcome:
         raise CRLError(f"scores file {path} is unreadable ({type(e).__name__}); expected a "
                        "file written by crl audit") from None
     groups = {k[len("group__"):]: v for k, v in arrays.items() if k.startswith("group__")}
-    ev = Evaluation(arrays["sample_idx"], arrays["members"], arrays["nonmembers"], groups)
-    attacks = {k: AttackOutcome(name=k, scores=arrays[f"scores__{k}"], **v)
+    ev = Evaluation(arrays["sample_idx"], arrays["members"], arrays["nonmembers"], groups,
+                    arrays.get("canary"))
+    attacks = {k: AttackOutcome(name=k, scores=arrays[f"scores__{k}"],
+                                pooled=arrays.get(f"pooled__{k}"), **v)
                for k, v in meta.pop("attacks").items()}
+    exposure = _exposure(meta.pop("exposure", None), arrays)
     return TargetOutcome(evaluation=ev, labels=arrays["labels"], margins=arrays["margins"],
-                         attacks=attacks, **meta)
+                         attacks=attacks, model_member=arrays.get("model_member"),
+                         exposure=exposure, **meta)
 
 
 def _plain_json(o: Any) -> Any:

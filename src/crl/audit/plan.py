@@ -7,6 +7,9 @@
                      adding a model never changes another's data or seed
     shadow i         the NN attack (and shadow-fitted thresholds): a stratified half of the
                      shadow pool
+    canaries         (--canaries) each canary joins a random half of the target's training set
+                     (stream 'canary-target') and of every reference pair's (stream
+                     'canary-pair'), like a pool sample; never a shadow model's
 """
 from __future__ import annotations
 
@@ -40,13 +43,14 @@ class ModelJob:
         return self.role if self.role == "target" else f"{self.role} {self.index}"
 
 
-def reference_halves(pool_size: int, count: int, seed: int) -> np.ndarray:
+def reference_halves(pool_size: int, count: int, seed: int,
+                     stream: str = "reference-pair") -> np.ndarray:
     """Bool [count, pool_size]: pair k = (2k, 2k+1) splits the pool into complementary random
-    halves drawn from the stream ('reference-pair', k)."""
+    halves drawn from the stream (`stream`, k)."""
     rows = []
     for j in range(count):
         if j % 2 == 0:
-            order = numpy_rng(seed, "reference-pair", j // 2).permutation(pool_size)
+            order = numpy_rng(seed, stream, j // 2).permutation(pool_size)
             half = np.zeros(pool_size, bool)
             half[order[: pool_size // 2]] = True
             rows.append(half)
@@ -55,14 +59,27 @@ def reference_halves(pool_size: int, count: int, seed: int) -> np.ndarray:
     return np.stack(rows) if rows else np.zeros((0, pool_size), bool)
 
 
+def canary_halves(n: int, references: int, seed: int) -> np.ndarray:
+    """Bool [1 + references, n]: which canaries the target (row 0, a random half drawn from
+    the stream 'canary-target') and each reference model (complementary pairs) train on."""
+    target = np.zeros(n, bool)
+    target[numpy_rng(seed, "canary-target").permutation(n)[: n // 2]] = True
+    return np.vstack([target[None], reference_halves(n, references, seed, "canary-pair")])
+
+
 def plan_models(split: PoolSplit, labels: np.ndarray, seed: int, defense: DefenseChoice,
-                attacker: DefenseChoice, *, references: int, shadows: int) -> list[ModelJob]:
-    """The target, `references` reference models and `shadows` shadow models of one seed."""
-    jobs = [ModelJob("target", 0, seed_for(seed, "target"), defense, split.target_members)]
+                attacker: DefenseChoice, *, references: int, shadows: int,
+                canaries: np.ndarray | None = None) -> list[ModelJob]:
+    """The target, `references` reference models and `shadows` shadow models of one seed;
+    `canaries` (dataset indices) join the target's and the references' training sets."""
+    canaries = np.zeros(0, np.int64) if canaries is None else np.asarray(canaries, np.int64)
+    joins = canary_halves(len(canaries), references, seed)
+    jobs = [ModelJob("target", 0, seed_for(seed, "target"), defense,
+                     np.concatenate([split.target_members, canaries[joins[0]]]))]
     pool = split.target_pool
     for j, half in enumerate(reference_halves(len(pool), references, seed)):
         jobs.append(ModelJob("reference", j, seed_for(seed, "reference", j), attacker,
-                             pool[half]))
+                             np.concatenate([pool[half], canaries[joins[1 + j]]])))
     for i in range(1, shadows + 1):
         members, _ = half_split(split.shadow_pool, labels, seed=seed_for(seed, "shadow", i, "half"))
         jobs.append(ModelJob("shadow", i, seed_for(seed, "shadow", i), attacker, members))

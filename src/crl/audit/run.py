@@ -13,12 +13,15 @@ import yaml
 import crl.attacks  # noqa: F401  (registers attacks)
 import crl.defenses  # noqa: F401  (registers defenses)
 from crl.attacks.base import Attack, build_attack
+from crl.audit.canaries import exposure_of, subset_metrics
 from crl.audit.factory import ModelCache, ModelFactory, TrainedModel
 from crl.audit.outcome import Evaluation, TargetOutcome, save_outcome
 from crl.audit.plan import DefenseChoice, ModelJob, plan_models
 from crl.audit.runner import run_attacks
-from crl.audit.signals import extract_signals
+from crl.audit.signals import extract_signals, target_pool_of
 from crl.config import AuditConfig, set_warnings
+from crl.data.canaries import (CanarySet, make_canaries, parse_canaries, save_canaries,
+                               with_canaries)
 from crl.data.splits import PoolSplit, make_pool_split
 from crl.data.types import ImageData
 from crl.defenses.base import build_defense
@@ -60,10 +63,34 @@ def chance_warning(test_acc: float, labels: np.ndarray, num_classes: int) -> str
             "train longer (--epochs) or choose another --model")
 
 
+def engine_options(cfg: AuditConfig) -> dict[str, Any]:
+    """The options of --engine that the config sets (an unset one keeps the engine's default)."""
+    if cfg.engine == "ray" or cfg.ray_address is not None or cfg.ray_chunk is not None:
+        return ray_options(cfg)
+    if cfg.ensemble_size is None:
+        return {}
+    if cfg.engine not in ("ensemble", "auto"):
+        raise CRLError(f"ensemble_size = {cfg.ensemble_size}: expected --engine ensemble or auto "
+                       f"with it (engine '{cfg.engine}' does not train models at once)")
+    return {"ensemble_size": cfg.ensemble_size}
+
+
+def ray_options(cfg: AuditConfig) -> dict[str, Any]:
+    """--engine ray's options (--ensemble-size goes to the engine inside each task); the
+    --ray-* flags without --engine ray are an error."""
+    if cfg.engine != "ray":
+        name = "ray_address" if cfg.ray_address is not None else "ray_chunk"
+        raise CRLError(f"{name} = {getattr(cfg, name)!r}: expected --engine ray with it "
+                       f"(engine '{cfg.engine}' does not use Ray)")
+    inner = {} if cfg.ensemble_size is None else {"ensemble_size": cfg.ensemble_size}
+    return {"address": cfg.ray_address, "chunk": cfg.ray_chunk, "inner_options": inner}
+
+
 class Audit:
     """Everything fixed for one run; `audit_one` audits one (defense, seed)."""
 
     def __init__(self, cfg: AuditConfig, data: ImageData) -> None:
+        data, self.canaries = canaries_for(cfg, data)
         self.cfg, self.data = cfg, data
         self.attacks: dict[str, Attack] = {n: build_attack(n, cfg.set.get(n)) for n in cfg.attacks}
         self.requirements = frozenset().union(*(a.requirements() for a in self.attacks.values()))
@@ -72,11 +99,17 @@ class Audit:
         self.factory = ModelFactory(
             data, cfg.model, recipe_of(cfg),
             ModelCache(cache_dir() / "models" if cfg.cache else None),
-            resume=cfg.resume, progress=cfg.progress)
+            resume=cfg.resume, progress=cfg.progress, engine=cfg.engine,
+            engine_options=engine_options(cfg))
 
     def split(self, seed: int) -> PoolSplit:
-        return make_pool_split(self.data.y.numpy(), seed=seed_for(seed, "split"),
-                               subset=self.cfg.subset)
+        """The seed's split of the dataset without its canaries."""
+        base = len(self.data) if self.canaries is None else self.canaries.base_size
+        return split_of(self.data.y.numpy()[:base], seed, self.cfg.subset)
+
+    @property
+    def canary_idx(self) -> np.ndarray | None:
+        return None if self.canaries is None else self.canaries.idx
 
     def attacker(self, defense: DefenseChoice) -> DefenseChoice:
         """Shadow/reference models use the target's defense, or none (`--shadow-defense`)."""
@@ -85,10 +118,12 @@ class Audit:
         return DefenseChoice("ce")
 
     def plan(self, defense: DefenseChoice, seed: int, split: PoolSplit) -> list[ModelJob]:
-        refs = self.cfg.references if "references" in self.requirements else 0
+        # canaries are scored pooled over every model as the target: reference models always
+        refs = (self.cfg.references
+                if "references" in self.requirements or self.canaries is not None else 0)
         shadows = self.cfg.shadows if self.wants_shadows else 0
         return plan_models(split, self.data.y.numpy(), seed, defense, self.attacker(defense),
-                           references=refs, shadows=shadows)
+                           references=refs, shadows=shadows, canaries=self.canary_idx)
 
     def check(self, defense: DefenseChoice, split: PoolSplit) -> None:
         """Recipe- and data-dependent defense checks for every planned model, before training."""
@@ -111,12 +146,16 @@ class Audit:
         pool_models = [m for j, m in zip(jobs, models) if j.role != "shadow"]
         shadow_models = [m for j, m in zip(jobs, models) if j.role == "shadow"]
         target = models[0]
-        ev = evaluation_of(split, target)
+        ev = evaluation_of(split, target, self.canary_idx)
         if run_dir is not None:
             write_released(run_dir, self.factory, target, ev)
         ctx = extract_signals(pool_models, shadow_models, self.data, split, self.requirements,
-                              seed)
-        attacks = run_attacks(self.attacks, ctx, ev, n_boot=getattr(self.cfg, "bootstrap", 200))
+                              seed, canaries=self.canary_idx)
+        n_boot = getattr(self.cfg, "bootstrap", 200)
+        attacks = run_attacks(self.attacks, ctx, ev, n_boot=n_boot)
+        member = ctx.target.member
+        if run_dir is not None and self.canaries is not None:
+            write_canary_members(run_dir, jobs, member, ev)
         _, train_acc = evaluate(target.model, self.data, ev.sample_idx[ev.members])
         _, test_acc = evaluate(target.model, self.data, split.target_nonmembers)
         warning = chance_warning(test_acc, self.data.y[split.target_nonmembers].numpy(),
@@ -126,19 +165,61 @@ class Audit:
             params=build_defense(defense.name, defense.params).params, seed=seed,
             train_acc=train_acc, test_acc=test_acc, evaluation=ev,
             labels=ctx.target.labels, margins=margins(ctx.target.logits[0], ctx.target.labels),
-            attacks=attacks, defense_report=target.report, chance_warning=warning)
+            attacks=attacks, defense_report=target.report, chance_warning=warning,
+            model_member=member, canaries=self.canary_row(attacks, member, ev, seed, n_boot),
+            exposure=exposure_of(attacks, member, self.data, ev.sample_idx))
+
+    def canary_row(self, attacks: dict, member: np.ndarray, ev: Evaluation, seed: int,
+                   n_boot: int) -> dict[str, Any] | None:
+        """{"n", "kind", "attacks": {name: metrics on the canaries alone}} (crl.audit.canaries)."""
+        if self.canaries is None:
+            return None
+        metrics = subset_metrics(attacks, member, ev.sample_idx, ev.canary, n_boot=n_boot,
+                                 seed=seed)
+        return {"n": self.canaries.n, "kind": self.canaries.kind, "attacks": metrics}
 
 
 def released_dir(out: Path, defense: str, seed: int) -> Path:
     return Path(out) / "models" / defense / f"seed{seed}"
 
 
-def evaluation_of(split: PoolSplit, target: TrainedModel) -> Evaluation:
-    """Members: the target members the released model trained on; held-out ones are neither."""
-    pool = split.target_pool
+def split_of(labels: np.ndarray, seed: int, subset: int | None) -> PoolSplit:
+    """The pool split of run seed `seed` (its own named stream)."""
+    return make_pool_split(labels, seed=seed_for(seed, "split"), subset=subset)
+
+
+def canaries_for(cfg: AuditConfig, data: ImageData) -> tuple[ImageData, CanarySet | None]:
+    """With --canaries: the dataset followed by its canaries, which (when mislabeled) copy
+    images outside every seed's target and shadow pools; else (data, None)."""
+    if not getattr(cfg, "canaries", None):
+        return data, None
+    n, kind = parse_canaries(cfg.canaries)
+    labels = data.y.numpy()
+    used = [np.concatenate([s.target_pool, s.shadow_pool])
+            for s in (split_of(labels, seed, cfg.subset) for seed in cfg.seeds)]
+    canaries = make_canaries(data, n, kind, np.concatenate(used))
+    return with_canaries(data, canaries), canaries
+
+
+def write_canary_members(run_dir: Path, jobs: list[ModelJob], member: np.ndarray,
+                         ev: Evaluation) -> None:
+    """canaries.json: which canaries each pool model (in plan order) actually trained on;
+    member[k][j] is '1' when model k trained on canary j."""
+    labels = [j.label for j in jobs if j.role != "shadow"]
+    write_json_atomic(run_dir / "canaries.json", {
+        "canary_idx": ev.sample_idx[ev.canary].tolist(), "models": labels,
+        "member": ["".join("1" if v else "0" for v in row) for row in member[:, ev.canary]]})
+
+
+def evaluation_of(split: PoolSplit, target: TrainedModel,
+                  canaries: np.ndarray | None = None) -> Evaluation:
+    """Members: the target members the released model trained on; held-out ones are neither;
+    canaries are neither either (they are scored on their own)."""
+    pool = target_pool_of(split, canaries)
+    canary = np.zeros(len(pool), bool) if canaries is None else np.isin(pool, canaries)
     members = np.isin(pool, target.trained_on) & np.isin(pool, split.target_members)
-    groups = {k: np.isin(pool, v) & ~members for k, v in target.groups.items()}
-    return Evaluation(pool, members, np.isin(pool, split.target_nonmembers), groups)
+    groups = {k: np.isin(pool, v) & ~members & ~canary for k, v in target.groups.items()}
+    return Evaluation(pool, members, np.isin(pool, split.target_nonmembers), groups, canary)
 
 
 def write_released(run_dir: Path, factory: ModelFactory, target: TrainedModel,
@@ -159,17 +240,21 @@ def validate_names(cfg: AuditConfig) -> list[str]:
     for d in cfg.defenses:
         build_defense(d, cfg.set.get(d))
     for name in cfg.attacks:
-        attack = build_attack(name, cfg.set.get(name))
-        need = max(2, attack.min_references)
-        if "references" in attack.requirements() and cfg.references < need:
-            raise CRLError(f"references = {cfg.references}: attack '{name}' needs at least "
-                           f"{need} reference models")
-        if "shadows" in attack.requirements() and cfg.shadows < 1:
-            raise CRLError(f"shadows = {cfg.shadows}: attack '{name}' needs at least 1 shadow "
-                           "model")
+        check_attack_models(name, build_attack(name, cfg.set.get(name)), cfg.references,
+                            cfg.shadows)
     if len(set(cfg.defenses)) != len(cfg.defenses):
         raise CRLError(f"defenses = {','.join(cfg.defenses)}: expected each name once")
     return set_warnings(cfg)
+
+
+def check_attack_models(name: str, attack: Attack, references: int, shadows: int) -> None:
+    """A one-line CRLError when `references` or `shadows` are too few for `attack`."""
+    need = max(2, attack.min_references)
+    if "references" in attack.requirements() and references < need:
+        raise CRLError(f"references = {references}: attack '{name}' needs at least "
+                       f"{need} reference models")
+    if "shadows" in attack.requirements() and shadows < 1:
+        raise CRLError(f"shadows = {shadows}: attack '{name}' needs at least 1 shadow model")
 
 
 def prepare(cfg: AuditConfig, echo: Callable[[str], None] = print
@@ -208,6 +293,8 @@ def run_audit(cfg: AuditConfig, *, echo: Callable[[str], None] = print) -> dict[
         write_json_atomic(out / "version.json", code_version())
         for s, split in splits.items():
             write_json_atomic(out / "splits" / f"seed{s}.json", split.to_dict())
+        if audit.canaries is not None:
+            save_canaries(out, audit.canaries)
         outcomes = []
         t0 = time.time()
         for d in cfg.defenses:

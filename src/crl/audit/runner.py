@@ -1,5 +1,6 @@
 """Stage 4, the attack runner: every attack on the signals, scored on the evaluated samples
-(with bootstrap intervals), on extra groups, and pooled leave-one-out over all models."""
+(with bootstrap intervals), on extra groups, and pooled leave-one-out over all models (on the
+pool without its canaries; canaries are scored by crl.audit.canaries)."""
 from __future__ import annotations
 
 import time
@@ -34,10 +35,11 @@ def run_attack(name: str, attack: Attack, ctx: AttackContext, ev: Evaluation, *,
             groups[group] = attack_metrics(res.scores[gsel], gmember)
     loo = None
     if res.loo_scores is not None:
-        loo = attack_metrics(res.loo_scores.ravel(), ctx.target.member.ravel())
+        keep = ~ev.canary
+        loo = attack_metrics(res.loo_scores[:, keep].ravel(), ctx.target.member[:, keep].ravel())
     return AttackOutcome(name=name, scores=np.asarray(res.scores), metrics=metrics,
                          extra=extra, leave_one_out=loo, groups=groups,
-                         seconds=time.time() - t0)
+                         seconds=time.time() - t0, pooled=res.loo_scores)
 
 
 def run_attacks(attacks: dict[str, Attack], ctx: AttackContext, ev: Evaluation, *,

@@ -1,6 +1,7 @@
 """Stage 3, signals: what the attacks declared they need, extracted from the trained models.
 
-    logits of the target and reference models on the target pool   (always)
+    logits of the target and reference models on the target pool   (always; with --canaries,
+                                                                    the canaries join the pool)
     flipped-input logits                                            ("flip")
     logits of the same models on the population (the shadow pool)   ("population")
     shadow models' logits on the shadow pool                        ("shadows")
@@ -37,6 +38,13 @@ def model_signals(models: list[TrainedModel], data: ImageData, idx: np.ndarray, 
                    logits_flip=np.stack([logits(m, True) for m in models]) if flip else None)
 
 
+def target_pool_of(split: PoolSplit, canaries: np.ndarray | None = None) -> np.ndarray:
+    """The samples attacks score: the split's target pool and the canaries, sorted."""
+    if canaries is None:
+        return split.target_pool
+    return np.union1d(split.target_pool, np.asarray(canaries, np.int64))
+
+
 def _memo(fn: Callable[[int], np.ndarray]) -> Callable[[int], np.ndarray]:
     cache: dict[int, np.ndarray] = {}
 
@@ -50,10 +58,11 @@ def _memo(fn: Callable[[int], np.ndarray]) -> Callable[[int], np.ndarray]:
 
 def extract_signals(pool_models: list[TrainedModel], shadow_models: list[TrainedModel],
                     data: ImageData, split: PoolSplit, requirements: frozenset[str],
-                    run_seed: int) -> AttackContext:
-    """The AttackContext for one target: model 0 of `pool_models` is the target."""
+                    run_seed: int, *, canaries: np.ndarray | None = None) -> AttackContext:
+    """The AttackContext for one target: model 0 of `pool_models` is the target; `canaries`
+    (dataset indices) are scored with the target pool (`target_pool_of`)."""
     flip = "flip" in requirements
-    pool = split.target_pool
+    pool = target_pool_of(split, canaries)
     target = model_signals(pool_models, data, pool, flip=flip)
     population = None
     if "population" in requirements:

@@ -21,9 +21,10 @@ not stored under the key of its old content.
 
 Verification. Each entry stores the data's content hash (crl.data.types.content_digest,
 computed once when the data was decoded) and a hash of that with the normalisation
-statistics; every load recomputes both from the stored values and rebuilds the entry on a
-mismatch, so a damaged cache file is never used. An entry written
-before content hashes existed gets one computed and is rewritten with it.
+statistics and the source's own train/test boundary (ImageData.train_size); every load
+recomputes both from the stored values and rebuilds the entry on a mismatch, so a damaged
+cache file is never used. An entry written before content hashes existed gets one computed and
+is rewritten with it.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ import torch
 from crl.data.types import ImageData, content_digest
 from crl.utils import cache_dir, torch_save_atomic
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2   # 2: entries record the source's train/test boundary
 _CHUNK = 1 << 20
 
 
@@ -71,7 +72,8 @@ def cached(name: str, path: Path, build: Callable[[], dict],
     """The dataset stored at `path` if that entry verifies, else `build()`'s, stored atomically
     when `unchanged()` says the source did not change while it was read.
 
-    `build` returns {"x": uint8 [N,C,H,W], "y": int64 [N], "classes", "mean", "std"}.
+    `build` returns {"x": uint8 [N,C,H,W], "y": int64 [N], "classes", "mean", "std"} and,
+    for a source with its own train/test split, "train_size" (ImageData.train_size).
     """
     entry = _load(path)
     if entry is None:
@@ -82,21 +84,24 @@ def cached(name: str, path: Path, build: Callable[[], dict],
             warnings.warn(f"{name} changed while it was read; not caching it")
     return ImageData(name=name, x=entry["x"], y=entry["y"], num_classes=len(entry["classes"]),
                      mean=tuple(entry["mean"]), std=tuple(entry["std"]),
-                     classes=list(entry["classes"]), content_hash=entry["content_hash"])
+                     classes=list(entry["classes"]), content_hash=entry["content_hash"],
+                     train_size=entry["train_size"])
 
 
 def _entry(d: dict) -> dict:
     classes = [str(c) for c in d["classes"]]
     entry = {"x": d["x"], "y": d["y"], "classes": classes,
              "mean": [float(v) for v in d["mean"]], "std": [float(v) for v in d["std"]],
-             "content_hash": content_digest(d["x"], d["y"], classes, len(classes))}
+             "content_hash": content_digest(d["x"], d["y"], classes, len(classes)),
+             "train_size": d.get("train_size")}
     entry["check"] = _check(entry)
     return entry
 
 
 def _check(entry: dict) -> str:
-    """sha256 over the content hash and the normalisation statistics (the rest of an entry)."""
-    blob = json.dumps([entry["content_hash"], entry["mean"], entry["std"]])
+    """sha256 over the content hash, the normalisation statistics and the train/test boundary
+    (the rest of an entry)."""
+    blob = json.dumps([entry["content_hash"], entry["mean"], entry["std"], entry["train_size"]])
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -118,7 +123,8 @@ def _well_formed(d: object) -> bool:
             and isinstance(d.get("classes"), list)
             and all(isinstance(k, str) for k in d["classes"])
             and len(d.get("mean", ())) == c and len(d.get("std", ())) == c
-            and all(isinstance(d.get(k, ""), str) for k in ("content_hash", "check")))
+            and all(isinstance(d.get(k, ""), str) for k in ("content_hash", "check"))
+            and (d.get("train_size") is None or type(d["train_size"]) is int))
 
 
 def _load(path: Path) -> dict | None:

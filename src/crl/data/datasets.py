@@ -1,5 +1,8 @@
 """Dataset loaders (train and test merged) with a decoded-tensor cache.
 
+Samples come train first, then test; `ImageData.train_size` records the boundary of sources
+that have one (torchvision's train/test files, imagefolder's train/ and test/ folders).
+
 Built-in names live in `crl.registry.DATASETS`; `imagefolder:PATH` loads a folder or a tar
 archive laid out as `train/<class>/*` and `test/<class>/*` (optionally inside one top-level
 folder; crl.data.imagefolder). Decoded data is cached and verified by crl.data.cache; every
@@ -45,7 +48,8 @@ _TV_FILES = {
 
 @DATASETS.register("digits")
 def load_digits(data_root: str | None = None, download: bool = False) -> ImageData:
-    """scikit-learn's bundled 8x8 digits (1797 images, offline); data_root is ignored."""
+    """scikit-learn's bundled 8x8 digits (1797 images, offline); data_root is ignored. It has
+    no train/test split of its own (train_size None; crl.data.splits.own_split)."""
     import sklearn
 
     def build() -> dict:
@@ -106,7 +110,8 @@ def _decode_torchvision(name: str, root: Path) -> dict:
     x = torch.from_numpy(np.ascontiguousarray(np.concatenate(xs)).astype(np.uint8, copy=False))
     y = torch.from_numpy(np.concatenate(ys).astype(np.int64))
     mean, std = _TV_STATS[name]
-    return {"x": x, "y": y, "classes": classes, "mean": mean, "std": std}
+    return {"x": x, "y": y, "classes": classes, "mean": mean, "std": std,
+            "train_size": int(len(ys[0]))}
 
 
 def _load_torchvision(name: str, data_root: str | None, download: bool) -> ImageData:

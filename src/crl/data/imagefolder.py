@@ -99,14 +99,22 @@ def resolve_layout(files: list[str], dirs: set[str], source: str
 
     Items are ordered train first, then test; within a split by class, then path.
     """
+    classes, items, _ = split_layout(files, dirs, source)
+    return classes, items
+
+
+def split_layout(files: list[str], dirs: set[str], source: str
+                 ) -> tuple[list[str], list[tuple[str, int]], int]:
+    """`resolve_layout` plus the number of train/ items, which come first (the boundary)."""
     files = [f for f in files if not _hidden(f.split("/"))]
     dirs = {d for d in dirs if not _hidden(d.split("/"))}
     prefix = _find_prefix(files, dirs, source)
     per_split = {s: _split_classes(files, dirs, f"{prefix}{s}/", source) for s in ("train", "test")}
     classes = _check_classes(set(per_split["train"]), set(per_split["test"]), source)
     index = {c: i for i, c in enumerate(classes)}
-    return classes, [(f, index[c]) for s in ("train", "test") for c in classes
-                     for f in sorted(per_split[s][c])]
+    items = [(f, index[c]) for s in ("train", "test") for c in classes
+             for f in sorted(per_split[s][c])]
+    return classes, items, sum(len(v) for v in per_split["train"].values())
 
 
 # --------------------------------------------------------------------------- decoding
@@ -173,14 +181,16 @@ def decode_images(paths: list[str], read: Callable[[str], bytes], source: str) -
     return np.ascontiguousarray(out.transpose(0, 3, 1, 2))
 
 
-def _finish(x: np.ndarray, items: list[tuple[str, int]], classes: list[str], source: str) -> dict:
+def _finish(x: np.ndarray, items: list[tuple[str, int]], classes: list[str], source: str,
+            train_size: int) -> dict:
     if x.shape[0] != len(items):
         raise CRLError(f"imagefolder {source}: decoded {x.shape[0]} images; expected the "
                        f"{len(items)} the listing holds")
     xt = torch.from_numpy(x)
     mean, std = channel_stats(xt)
     y = torch.tensor([lab for _, lab in items], dtype=torch.int64)
-    return {"x": xt, "y": y, "classes": classes, "mean": mean, "std": std}
+    return {"x": xt, "y": y, "classes": classes, "mean": mean, "std": std,
+            "train_size": int(train_size)}
 
 
 # --------------------------------------------------------------------------- sources
@@ -214,13 +224,13 @@ def _load_folder(root: Path, source: str, name: str, stem: str) -> ImageData:
     files, dirs, sigs = _folder_listing(root)
 
     def build() -> dict:
-        classes, items = resolve_layout(files, dirs, source)
+        classes, items, n_train = split_layout(files, dirs, source)
         paths = [f for f, _ in items]
         for p in paths:  # early, from the listing
             check_member_size(f"imagefolder {source}: file '{p}'", sigs[p][0])
         x = decode_images(paths, lambda p: _read_capped(root / p, f"imagefolder {source}: "
                                                          f"file '{p}'"), source)
-        return _finish(x, items, classes, source)
+        return _finish(x, items, classes, source, n_train)
 
     info = ["imagefolder-dir", str(root), sorted(sigs.items())]
     return cached(name, cache_path(stem, info), build,
@@ -232,13 +242,14 @@ def _load_archive(path: Path, source: str, name: str, stem: str) -> ImageData:
 
     def build() -> dict:
         with open_archive(path) as arc:
-            classes, items = resolve_layout(list(arc.files), arc.dirs, source)
+            classes, items, n_train = split_layout(list(arc.files), arc.dirs, source)
             paths = [f for f, _ in items]
             blobs = dict(_progress(arc.read(paths), len(paths), f"reading {path.name}"))
         if len(blobs) != len(paths):
             raise CRLError(f"imagefolder {source}: read {len(blobs)} images; expected the "
                            f"{len(paths)} the archive lists")
-        return _finish(decode_images(paths, blobs.__getitem__, source), items, classes, source)
+        return _finish(decode_images(paths, blobs.__getitem__, source), items, classes, source,
+                       n_train)
 
     info = ["imagefolder-tar", file_sha256(path)]
     return cached(name, cache_path(stem, info), build,

@@ -4,6 +4,9 @@ Spec: the whole dataset (or a stratified subset of it) is split 50/50 into a tar
 shadow pool; the target pool is split 50/50 into members (training set of the target model)
 and non-members. Stratification is best-effort by largest remainder, so it never fails: each
 class gets within one sample of its proportional share of every part.
+
+`own_split` is different: the dataset's own train/test split, for training one model to deploy
+(`crl train`), with no member/non-member pool.
 """
 from __future__ import annotations
 
@@ -13,9 +16,13 @@ from typing import Any
 
 import numpy as np
 
+from crl.data.types import ImageData
 from crl.errors import CRLError
+from crl.seeding import numpy_rng
 
 MIN_SPLIT_SIZE = 4
+OWN_TEST_FRACTION = 0.2                  # held out when a dataset has no test split of its own
+OWN_SPLIT_STREAM = "digits-test-split"   # its named stream: seed_for(0, OWN_SPLIT_STREAM)
 
 
 def _as_labels(labels: Any) -> np.ndarray:
@@ -197,3 +204,29 @@ def random_halves(num_samples: int, num_models: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     noise = rng.random((int(num_models), int(num_samples)))
     return noise.argsort(axis=0) < num_models // 2
+
+
+def own_split(data: ImageData) -> tuple[np.ndarray, np.ndarray, str]:
+    """(train indices, test indices, how they were chosen) of the dataset's own split.
+
+    Where the loader recorded a boundary (ImageData.train_size: torchvision's train/test files,
+    imagefolder's train/ and test/ folders) the first train_size samples are the train split.
+    digits (like any source without a split of its own) gets a fixed stratified split holding
+    out 20% of every class, drawn from the named stream seed_for(0, "digits-test-split"): the
+    same split on every run and machine."""
+    n, size = len(data), data.train_size
+    if size is not None:
+        if not 0 < size < n:
+            raise CRLError(f"{data.name}.train_size = {size}: expected a train/test boundary "
+                           f"strictly between 0 and {n} samples")
+        how = f"the dataset's own split: the first {size} samples train, the other {n - size} test"
+        return np.arange(size, dtype=np.int64), np.arange(size, n, dtype=np.int64), how
+    if n < MIN_SPLIT_SIZE:
+        raise CRLError(f"dataset {data.name} of {n} samples: expected at least "
+                       f"{MIN_SPLIT_SIZE} to split")
+    labels = _as_labels(data.y.numpy())
+    test, train = _stratified_take(np.arange(n, dtype=np.int64), labels,
+                                   round(n * OWN_TEST_FRACTION), numpy_rng(0, OWN_SPLIT_STREAM))
+    how = (f"no split of its own: a fixed stratified {100 * OWN_TEST_FRACTION:.0f}% test split "
+           f"from the stream seed_for(0, {OWN_SPLIT_STREAM!r})")
+    return train, test, how

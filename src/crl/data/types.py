@@ -39,6 +39,10 @@ class ImageData:
     computed when the data was decoded; left empty, it is computed here. It describes the data
     at construction: modify x or y in place and it no longer does (build a new ImageData; with
     dataclasses.replace, pass content_hash="" alongside the new x or y).
+    train_size: the samples are the source's own train split followed by its test split, and
+    the first `train_size` of them are the train split (torchvision's train/test files,
+    imagefolder's train/ and test/ folders); None when the source has no split of its own
+    (digits). Not part of the content hash: it says where the data came from, not what it is.
     """
 
     name: str
@@ -49,6 +53,7 @@ class ImageData:
     std: tuple[float, ...]
     classes: list[str] = field(default_factory=list)
     content_hash: str = ""
+    train_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.x.dtype != torch.uint8 or self.x.dim() != 4:
@@ -57,6 +62,9 @@ class ImageData:
         if self.y.dtype != torch.int64 or self.y.shape != (self.x.shape[0],):
             raise ValueError("ImageData.y must be int64 [N], "
                              f"got {self.y.dtype} {tuple(self.y.shape)}")
+        if self.train_size is not None and not 0 <= self.train_size <= self.x.shape[0]:
+            raise ValueError(f"ImageData.train_size must lie in [0, {self.x.shape[0]}], "
+                             f"got {self.train_size}")
         if not self.content_hash:
             self.content_hash = content_digest(self.x, self.y, self.classes, self.num_classes)
 

@@ -86,3 +86,48 @@ class EpochMeans:
             out.update({f"frac_{term}_{name}": counts[name] / steps for name in BRANCHES})
         self.reset()
         return out
+
+
+class ModelMeans:
+    """`EpochMeans` for K models trained at once: per-step values are [K] tensors and branches
+    are [K] codes (indices into BRANCHES); `pop` gives one dict per model, keyed like
+    EpochMeans.pop. Nothing leaves the device until `pop`."""
+
+    def __init__(self, models: int) -> None:
+        self.models = int(models)
+        self.reset()
+
+    def reset(self) -> None:
+        self._sums: dict[str, torch.Tensor] = {}
+        self._counts: dict[str, int] = {}
+        self._branches: dict[str, torch.Tensor] = {}
+
+    def add(self, **values: torch.Tensor | None) -> None:
+        """Add one step's [K] values; None values are skipped."""
+        for key, value in values.items():
+            if value is not None:
+                value = value.detach()
+                self._sums[key] = self._sums[key] + value if key in self._sums else value
+                self._counts[key] = self._counts.get(key, 0) + 1
+
+    def add_branch(self, term: str, codes: torch.Tensor | None) -> None:
+        """Count one step of loss term `term` in each model's branch (codes [K]; None: skip)."""
+        if codes is not None:
+            hits = torch.nn.functional.one_hot(codes, len(BRANCHES))
+            self._branches[term] = self._branches[term] + hits if term in self._branches \
+                else hits
+
+    def pop(self) -> list[dict[str, float]]:
+        """Per model: {value: mean} and {frac_<term>_<branch>: share of steps}; then reset."""
+        sums = {key: (total.double() / self._counts[key]).tolist()
+                for key, total in self._sums.items()}
+        shares = {term: (counts / counts.sum(1, keepdim=True)).tolist()
+                  for term, counts in self._branches.items()}
+        out = []
+        for k in range(self.models):
+            row = {key: values[k] for key, values in sums.items()}
+            for term, share in shares.items():
+                row.update({f"frac_{term}_{name}": share[k][b] for b, name in enumerate(BRANCHES)})
+            out.append(row)
+        self.reset()
+        return out

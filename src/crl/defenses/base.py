@@ -22,6 +22,22 @@ defense and is checkpointed through `state_dict()` / `load_state_dict()`.
 Membership ground truth: after `prepare`, `ctx.train_idx` is exactly what the released model
 trains on. Samples a defense holds out are not members; `evaluation_groups()` may name extra
 groups of training-pool samples to attack separately (DMP's teacher-only half).
+
+K models at once (the ensemble engine, crl.engine.ensemble): a defense with `batchable = True`
+that implements `batched_loss` is driven through the batched hooks instead, one defense object
+for all K models:
+
+    defense.check(recipe, n_train)                    once (every model has n_train samples)
+    defense.batched_prepare(ctxs)                     once, one context per model (own seed)
+    for each epoch, for each step:
+        loss = defense.batched_loss(steps)            -> [K]; their sum is backpropagated
+    ends = defense.batched_end_epoch(ctxs, epoch)     -> one EpochEnd per model (never stop)
+
+`steps` is one `Step` whose tensors have a leading model axis (x [K, B, ...], y and idx [K, B],
+logits [K, B, C], features [K, B, D]). Per-model state (CRL's centers) is stacked on that axis
+and trained by the defense's `optimizers()` (elementwise SGD: the same as K optimizers). A
+batchable defense has no per-model `finish`, `report` or `evaluation_groups` (the engine calls
+none of them) and never changes ctx.train_idx or ctx.sampler.
 """
 from __future__ import annotations
 
@@ -163,6 +179,25 @@ class Defense:
         indices), e.g. DMP's teacher-only half."""
         return {}
 
+    # --- K models at once (the ensemble engine) --------------------------------------------
+    def batched_prepare(self, ctxs: list[TrainContext]) -> None:
+        """Called once before K models train at once; ctxs[k] is model k's context (its seed
+        and streams; ctx.model is model k as initialised, its trained weights live in the
+        engine's stacked parameters)."""
+
+    def batched_loss(self, steps: Step) -> torch.Tensor:
+        """The loss of each of K models at once, [K], for one `Step` with a leading model axis;
+        model k's entry equals `loss` on its own step."""
+        from crl.errors import CRLError
+
+        raise CRLError(f"defense '{self.name}' has no batched_loss: expected the sequential "
+                       "engine for it (--engine sequential), or a batched_loss and "
+                       "batchable = True")
+
+    def batched_end_epoch(self, ctxs: list[TrainContext], epoch: int) -> list[EpochEnd]:
+        """One EpochEnd per model after an epoch of K models (their metrics; never stop)."""
+        return [EpochEnd() for _ in ctxs]
+
     # --- checkpointing ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -174,6 +209,19 @@ class Defense:
 @DEFENSES.register("ce")
 class CrossEntropy(Defense):
     """No defense: ordinary cross-entropy."""
+
+    def batched_loss(self, steps: Step) -> torch.Tensor:
+        return cross_entropy_per_model(steps.logits, steps.y)
+
+
+def cross_entropy_per_model(logits: torch.Tensor, y: torch.Tensor, **options: Any
+                            ) -> torch.Tensor:
+    """Mean cross-entropy of each of K models: logits [K, B, C], labels [K, B] -> [K];
+    `options` go to F.cross_entropy (e.g. label_smoothing)."""
+    models, batch = y.shape
+    per_sample = F.cross_entropy(logits.reshape(models * batch, -1), y.reshape(-1),
+                                 reduction="none", **options)
+    return per_sample.view(models, batch).mean(1)
 
 
 def build_defense(name: str, params: dict[str, Any] | None = None) -> Defense:

@@ -6,10 +6,19 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from crl.defenses._common import EpochMeans
+from crl.defenses._common import EpochMeans, ModelMeans
 from crl.defenses.base import Defense, EpochEnd, Step, TrainContext
+from crl.errors import CRLError
 from crl.params import Param, ParamSpec
 from crl.registry import DEFENSES
+
+
+def _ce_and_entropy(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy and mean posterior entropy over the batch, per model: logits
+    [..., B, C], labels [..., B] -> two [...] tensors."""
+    log_p = F.log_softmax(logits, dim=-1)
+    ce = -log_p.gather(-1, y.unsqueeze(-1)).squeeze(-1).mean(-1)
+    return ce, -(log_p.exp() * log_p).sum(-1).mean(-1)
 
 
 @DEFENSES.register("confidence_penalty")
@@ -27,16 +36,31 @@ class ConfidencePenalty(Defense):
     def __init__(self, params: dict[str, Any] | None = None) -> None:
         super().__init__(params)
         self._means = EpochMeans()
+        self._model_means: ModelMeans | None = None
 
     def prepare(self, ctx: TrainContext) -> None:
         self._means.reset()
 
     def loss(self, ctx: TrainContext, step: Step) -> torch.Tensor:
-        log_p = F.log_softmax(step.logits, dim=1)
-        ce = F.nll_loss(log_p, step.y)
-        ent = -(log_p.exp() * log_p).sum(1).mean()
+        ce, ent = _ce_and_entropy(step.logits, step.y)
         self._means.add(l_ce=ce, entropy=ent)
         return ce - self.params["beta"] * ent
 
     def end_epoch(self, ctx: TrainContext, epoch: int) -> EpochEnd:
         return EpochEnd(metrics=self._means.pop())
+
+    # --- K models at once ------------------------------------------------------------------
+    def batched_prepare(self, ctxs: list[TrainContext]) -> None:
+        self._model_means = ModelMeans(len(ctxs))
+
+    def batched_loss(self, steps: Step) -> torch.Tensor:
+        """CE - beta * mean entropy per model: logits [K, B, C] -> [K]."""
+        if self._model_means is None:
+            raise CRLError(f"defense '{self.name}' used before batched_prepare(ctxs); call it "
+                           "first")
+        ce, ent = _ce_and_entropy(steps.logits, steps.y)
+        self._model_means.add(l_ce=ce, entropy=ent)
+        return ce - self.params["beta"] * ent
+
+    def batched_end_epoch(self, ctxs: list[TrainContext], epoch: int) -> list[EpochEnd]:
+        return [EpochEnd(metrics=means) for means in self._model_means.pop()]

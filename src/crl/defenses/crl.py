@@ -15,11 +15,13 @@ import warnings
 from typing import Any, ClassVar
 
 import torch
+from torch import nn
 
-from crl.defenses._common import EpochMeans
+from crl.defenses._common import EpochMeans, ModelMeans
 from crl.defenses.base import Defense, EpochEnd, Step, TrainContext
 from crl.errors import CRLError
-from crl.losses.crl import CENTER_UPDATES, CRLLoss
+from crl.losses.crl import CENTER_UPDATES, CRLLoss, crl_batched
+from crl.losses.relaxloss import LossStats
 from crl.params import Param, ParamSpec
 from crl.registry import DEFENSES
 
@@ -67,17 +69,23 @@ class CRLDefense(Defense):
         self.crl_loss: CRLLoss | None = None
         self.center_optimizer: torch.optim.Optimizer | None = None
         self._means = EpochMeans()
+        self.centers: nn.Parameter | None = None        # [K, C, D] when K models train at once
+        self._model_means: ModelMeans | None = None
 
     def prepare(self, ctx: TrainContext) -> None:
+        self.crl_loss = self._new_loss(ctx)
+        self.center_optimizer = (self.crl_loss.make_center_optimizer()
+                                 if self.crl_loss.centers is not None else None)
+        self._means.reset()
+
+    def _new_loss(self, ctx: TrainContext) -> CRLLoss:
+        """The model's CRLLoss, its centers drawn from its stream "centers" (lam > 0)."""
         uses_centers = self.params["lam"] > 0
         if uses_centers and ctx.feat_dim is None:
             raise CRLError(f"{self.name}: ctx.feat_dim = None; expected a model whose head is an "
                            "nn.Linear (the center term needs its input features)")
-        self.crl_loss = CRLLoss(ctx.num_classes, ctx.feat_dim if uses_centers else None,
-                                generator=ctx.stream("centers"), **self.params).to(ctx.device)
-        self.center_optimizer = (self.crl_loss.make_center_optimizer() if uses_centers
-                                 else None)
-        self._means.reset()
+        return CRLLoss(ctx.num_classes, ctx.feat_dim if uses_centers else None,
+                       generator=ctx.stream("centers"), **self.params).to(ctx.device)
 
     def _loss_fn(self) -> CRLLoss:
         if self.crl_loss is None:
@@ -102,13 +110,49 @@ class CRLDefense(Defense):
         step: alpha_rcl is above the level L_ct starts at, which can drive the features to zero
         (docs/tuning.md)."""
         means = self._means.pop()
+        self._warn_collapse(epoch, means)
+        return EpochEnd(metrics=means)
+
+    def _warn_collapse(self, epoch: int, means: dict[str, float]) -> None:
         if epoch == 1 and self.params["lam"] > 0 and means.get("frac_rcl_relax") == 1.0:
             warnings.warn(
                 f"{self.name}: alpha_rcl={self.params['alpha_rcl']} is above the center loss's "
                 f"first-epoch level (l_ct={means.get('l_ct', float('nan')):.3g}), so the center "
                 "term relaxes from the start and training may collapse; expected alpha_rcl "
-                "below that level", RuntimeWarning, stacklevel=2)
-        return EpochEnd(metrics=means)
+                "below that level", RuntimeWarning, stacklevel=3)
+
+    # --- K models at once ------------------------------------------------------------------
+    def batched_prepare(self, ctxs: list[TrainContext]) -> None:
+        """Each model's centers drawn exactly as `prepare` draws them, stacked [K, C, D], with
+        one optimizer of the centers' kind and settings (elementwise: K optimizers)."""
+        losses = [self._new_loss(ctx) for ctx in ctxs]
+        self.crl_loss, self.center_optimizer, self.centers = None, None, None
+        if losses[0].centers is not None:
+            self.centers = nn.Parameter(torch.stack([loss.centers.detach() for loss in losses]))
+            template = losses[0].make_center_optimizer()
+            self.center_optimizer = type(template)([self.centers], **template.defaults)
+        self._model_means = ModelMeans(len(ctxs))
+
+    def batched_loss(self, steps: Step) -> torch.Tensor:
+        """L = L_rce + lam * L_rcl per model (crl_batched: each model takes its own branch)."""
+        if self._model_means is None:
+            raise CRLError(f"defense '{self.name}' used before batched_prepare(ctxs); call it "
+                           "first")
+        stats = LossStats()
+        value = crl_batched(steps.logits, steps.features, steps.y, self.centers, steps.epoch,
+                            validate=False, stats=stats, **self.params)
+        self._model_means.add(**{k: stats.get(k) for k in ("l_rce", "l_rcl", "l_lce", "l_ct")})
+        self._model_means.add_branch("rce", stats.code("rce_branch"))
+        self._model_means.add_branch("rcl", stats.code("rcl_branch"))
+        return value
+
+    def batched_end_epoch(self, ctxs: list[TrainContext], epoch: int) -> list[EpochEnd]:
+        """Each model's means, with end_epoch's collapse warning per model."""
+        ends = []
+        for means in self._model_means.pop():
+            self._warn_collapse(epoch, means)
+            ends.append(EpochEnd(metrics=means))
+        return ends
 
     def state_dict(self) -> dict[str, Any]:
         centers = None if self.crl_loss is None else self.crl_loss.centers

@@ -6,7 +6,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from crl.defenses.base import Defense, Step, TrainContext
+from crl.defenses.base import Defense, Step, TrainContext, cross_entropy_per_model
 from crl.params import Param, ParamSpec
 from crl.registry import DEFENSES
 
@@ -22,3 +22,7 @@ class LabelSmoothing(Defense):
 
     def loss(self, ctx: TrainContext, step: Step) -> torch.Tensor:
         return F.cross_entropy(step.logits, step.y, label_smoothing=self.params["epsilon"])
+
+    def batched_loss(self, steps: Step) -> torch.Tensor:
+        return cross_entropy_per_model(steps.logits, steps.y,
+                                       label_smoothing=self.params["epsilon"])

@@ -5,10 +5,10 @@ from typing import Any, ClassVar
 
 import torch
 
-from crl.defenses._common import EpochMeans
+from crl.defenses._common import EpochMeans, ModelMeans
 from crl.defenses.base import Defense, EpochEnd, Step, TrainContext
 from crl.errors import CRLError
-from crl.losses.relaxloss import RelaxLoss
+from crl.losses.relaxloss import LossStats, RelaxLoss, relaxloss_batched
 from crl.params import Param, ParamSpec
 from crl.registry import DEFENSES
 
@@ -32,6 +32,7 @@ class RelaxLossDefense(Defense):
         super().__init__(params)
         self.relax_loss: RelaxLoss | None = None
         self._means = EpochMeans()
+        self._model_means: ModelMeans | None = None
 
     def prepare(self, ctx: TrainContext) -> None:
         self.relax_loss = RelaxLoss(ctx.num_classes, **self.params)
@@ -48,3 +49,22 @@ class RelaxLossDefense(Defense):
 
     def end_epoch(self, ctx: TrainContext, epoch: int) -> EpochEnd:
         return EpochEnd(metrics=self._means.pop())
+
+    # --- K models at once ------------------------------------------------------------------
+    def batched_prepare(self, ctxs: list[TrainContext]) -> None:
+        self._model_means = ModelMeans(len(ctxs))
+
+    def batched_loss(self, steps: Step) -> torch.Tensor:
+        """RelaxLoss per model (relaxloss_batched: each model takes its own branch, Eq. 3)."""
+        if self._model_means is None:
+            raise CRLError(f"defense '{self.name}' used before batched_prepare(ctxs); call it "
+                           "first")
+        stats = LossStats()
+        value = relaxloss_batched(steps.logits, steps.y, self.params["alpha"], steps.epoch,
+                                  upper=self.params["upper"], validate=False, stats=stats)
+        self._model_means.add(l_ce=stats["l_ce"])
+        self._model_means.add_branch("ce", stats.code("branch"))
+        return value
+
+    def batched_end_epoch(self, ctxs: list[TrainContext], epoch: int) -> list[EpochEnd]:
+        return [EpochEnd(metrics=means) for means in self._model_means.pop()]

@@ -2,7 +2,7 @@
 
     sequential   one `fit` after another (checkpoints, bitwise resume within a model)
     ensemble     K models at once with stacked parameters (crl.engine.ensemble)
-    ray          chunks of models as Ray tasks, on one machine or a cluster (crl.engine.ray)
+    ray          chunks of models as Ray tasks, on one machine or a cluster (crl.engine.ray_engine)
     auto         per model and device, from the measured table in docs/performance.md
 
 Every engine trains the same model for the same request (own seed, indices, shuffle order,
@@ -65,6 +65,8 @@ class Engine(Protocol):
 
 def get_engine(name: str, **options: Any) -> Engine:
     """A registered engine by name."""
+    import crl.engine.ray_engine  # noqa: F401  (registers 'ray'; imports ray only when used)
+    import crl.engine.ensemble  # noqa: F401  (registers 'ensemble' and 'auto')
     import crl.engine.sequential  # noqa: F401  (registers the built-in engines)
 
     return ENGINES.get(name)(**options)

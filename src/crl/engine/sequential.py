@@ -35,7 +35,7 @@ def train_one(spec: ModelSpec, data: ImageData, recipe: Recipe, defense: str,
     for name in result.report.get("model_transforms", []):
         spec = spec.with_transform(name)
     return TrainOutput(result.model.cpu().eval(), spec, np.sort(result.train_idx),
-                       _jsonable(result.report), result.history,
+                       {**_jsonable(result.report), "engine": "sequential"}, result.history,
                        {k: np.sort(np.asarray(v)) for k, v in result.groups.items()})
 
 

@@ -62,20 +62,26 @@ def mlp(in_channels: int, image_size: int, num_classes: int, hidden: int = 256) 
 @MODELS.register("cnn")
 @records_head()
 def cnn(in_channels: int, image_size: int, num_classes: int) -> nn.Module:
-    """32-64 conv trunk + 512-unit FC head: memorises CIFAR-10 like the paper's models.
+    """32-64 conv trunk + 512-unit FC head, BatchNorm after every conv and the FC layer.
 
-    See docs/models.md for why this shape (global-pooling CNNs underfit and barely leak).
+    Memorises CIFAR-10 like the paper's models, and learns sparse greyscale data (digits) at
+    lr 0.05 in a few epochs. See docs/models.md for why this shape (global-pooling CNNs underfit
+    and barely leak) and why the BatchNorm (without it the net stalls or dies on digits).
     """
     pooled = image_size // 4
     if pooled < 1:
         raise CRLError(f"cnn needs images of at least 4x4 pixels, got {image_size}")
+
+    def conv(c_in: int, c_out: int) -> list[nn.Module]:
+        return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
+                nn.ReLU(inplace=True)]
+
     return nn.Sequential(
-        nn.Conv2d(in_channels, 32, 3, padding=1), nn.ReLU(inplace=True),
-        nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(inplace=True),
-        nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        *conv(in_channels, 32), *conv(32, 32), nn.MaxPool2d(2),
+        *conv(32, 64), *conv(64, 64), nn.MaxPool2d(2),
         nn.Flatten(),
-        nn.Linear(64 * pooled * pooled, 512), nn.ReLU(inplace=True),
+        nn.Linear(64 * pooled * pooled, 512, bias=False), nn.BatchNorm1d(512),
+        nn.ReLU(inplace=True),
         nn.Linear(512, num_classes),
     )
 

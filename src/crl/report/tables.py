@@ -142,9 +142,12 @@ def _group_tables(outcomes: list[TargetOutcome]) -> list[str]:
 
 
 def write_report(out: Path, outcomes: list[TargetOutcome], cfg) -> str:
-    """Write report.md, figures/*.png and vulnerability files; return the AUC table."""
+    """Write report.md, report.html, figures/*.png and vulnerability files; return the AUC
+    table."""
+    from crl.report.html import write_html
     from crl.report.plots import plot_margins, plot_rocs
     from crl.report.vulnerability import write_vulnerability
+    from crl.report.worst_case import most_exposed_summary, worst_case_table
 
     n_boot = int(getattr(cfg, "bootstrap", 200))
     plot_margins(out / "figures" / "margins.png", outcomes)
@@ -159,6 +162,7 @@ def write_report(out: Path, outcomes: list[TargetOutcome], cfg) -> str:
     for metric, title in METRICS.items():
         parts += [f"## {title}", "", auc if metric == "auc" else
                   format_table(outcomes, metric, n_boot=n_boot), ""]
+    parts += worst_case_table(outcomes, n_boot=n_boot)
     for metric in ("auc", "tpr_at_1pct_fpr"):
         cmp = comparison_table(outcomes, metric, n_boot=n_boot)
         if cmp:
@@ -166,9 +170,19 @@ def write_report(out: Path, outcomes: list[TargetOutcome], cfg) -> str:
                       "on the shared split", "", cmp, ""]
     parts += _extra_tables(outcomes, n_boot) + _group_tables(outcomes)
     parts += ["## Figures", "", "![margins](figures/margins.png)", "", "![roc](figures/roc.png)",
-              "", "Most exposed training samples per attack: `vulnerability/`.", ""]
+              "", "Most exposed training samples per attack: `vulnerability/` (exposure "
+              "rankings with score distributions, `exposed_*.png` the 16 most exposed images).",
+              "", *most_exposed_summary(outcomes), ""]
     write_text_atomic(out / "report.md", "\n".join(parts))
+    write_html(out)   # report.html, rendered from the report.md just written
     return auc
+
+
+def _recipe(cfg) -> str:
+    """The training recipe, or who trained the models when crl did not (crl.audit_training)."""
+    if cfg.epochs is None:
+        return "Models trained by the caller's own code (crl.audit_training)"
+    return f"{cfg.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr}"
 
 
 def _header(outcomes: list[TargetOutcome], cfg) -> str:
@@ -178,7 +192,7 @@ def _header(outcomes: list[TargetOutcome], cfg) -> str:
     text = (f"Members evaluated per target: {', '.join(map(str, n_m))} (what each released "
             f"model trained on); {n_n} non-members; seeds {seeds}. Accuracies: mean ± std over "
             "seeds. Attack cells: value [95% interval], bootstrap over samples and seeds. "
-            f"{cfg.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr}; {cfg.shadows} shadow "
+            f"{_recipe(cfg)}; {cfg.shadows} shadow "
             f"models, {cfg.references} reference models (LiRA/RMIA).")
     if 0.001 * n_n < 1:
         text += (f" With {n_n} non-members one target resolves FPRs down to {100.0 / n_n:.2f}%: "

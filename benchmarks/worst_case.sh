@@ -1,0 +1,38 @@
+#!/bin/bash
+# Worst-case privacy on digits with canaries (docs/worst-case.md): every defense audited with
+# 40 mislabeled canaries, pooled leave-one-out over the target and 64 reference models.
+# Usage: benchmarks/worst_case.sh [OUT]   (default runs/worst-case); a finished run is skipped.
+set -euo pipefail
+OUT=${1:-runs/worst-case}
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1   # one thread per process: faster on a shared CPU
+COMMON=(--dataset digits --subset 1600 --seeds 0 --canaries 40 --references 64 --shadows 0
+        --attacks loss,mentr,lira,rmia --engine auto --quiet)
+run() {
+  local name=$1; shift
+  [ -f "$OUT/$name/results.json" ] || crl audit "${COMMON[@]}" --out "$OUT/$name" "$@"
+}
+# `worst_case.sh OUT dpcheck`: DP-SGD's test accuracy at three noise levels, on the target and
+# one reference model (the last --references and --attacks win); docs/worst-case.md picks DP_NOISE from it
+if [ "${2:-}" = dpcheck ]; then
+  for noise in 0.3 0.5 1.0; do
+    run "dpcheck-$noise" --references 1 --attacks loss --defenses dpsgd \
+      --set dpsgd.noise_multiplier=$noise
+  done
+  exit 0
+fi
+# `worst_case.sh OUT match`: RelaxLoss's test accuracy at three alphas (target and one reference
+# model), to pick the alpha whose accuracy matches CRL's in `main` (RL_ALPHA below); and CE and
+# CRL without canaries, to see what the canaries cost
+if [ "${2:-}" = match ]; then
+  for alpha in 0.2 0.3 0.5; do
+    run "match-relaxloss-$alpha" --references 1 --attacks loss --defenses relaxloss \
+      --set relaxloss.alpha=$alpha
+  done
+  [ -f "$OUT/no-canaries/results.json" ] || crl audit --dataset digits --subset 1600 --seeds 0 \
+    --shadows 0 --attacks loss --defenses ce,crl --quiet --out "$OUT/no-canaries"
+  exit 0
+fi
+run main --defenses ce,crl,relaxloss,label_smoothing --set relaxloss.alpha=0.02
+run crl-private --defenses crl --set crl.alpha_rcl=16
+run relaxloss-matched --defenses relaxloss --set relaxloss.alpha="${RL_ALPHA:-0.3}"
+run dpsgd --defenses dpsgd --set dpsgd.noise_multiplier="${DP_NOISE:-0.5}"

@@ -1,0 +1,173 @@
+"""Worst-case metrics (--canaries) and per-sample exposure, from every pool model's scores.
+
+Pooled leave-one-out: each pool model (the target and every reference model) in turn is the
+target, scored against the others (the attacks' `loo_scores`), and its (score, membership)
+pairs on the samples asked for are pooled over the models. With M models and n canaries, each a
+member of about half of them, that gives about M n / 2 non-member pairs: FPRs down to about
+2 / (M n) are resolvable (`min_resolvable_fpr`). An attack without leave-one-out scores (the NN
+attack, Grad-x) is scored on the target alone: `pooled` is false and `models` is 1.
+
+Intervals: the bootstrap resamples samples, not (model, sample) pairs: a sample's scores in
+every model (and every seed) move together, since a sample that leaks in one model tends to
+leak in all of them; resampling pairs would understate the uncertainty.
+
+Exposure (the issue's definition): over the models that trained on a sample, the fraction whose
+score for it exceeds that model's threshold at `fpr`, the threshold set on that model's own
+non-members so that at most floor(fpr x non-members) of them exceed it (with fewer than 1 / fpr
+non-members: none of them, a stricter FPR than asked).
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy.sparse import csr_matrix
+
+from crl.audit.outcome import AttackOutcome, Exposure
+from crl.data.types import ImageData
+from crl.errors import CRLError
+from crl.metrics import (
+    CI_METRICS,
+    _check,
+    _chunks,
+    _curve_metrics,
+    _grouped,
+    _interval,
+    attack_metrics,
+)
+from crl.params import check_value
+from crl.seeding import numpy_rng, seed_for
+
+EXPOSURE_FPR = 0.001
+TOP_EXPOSED = 16
+
+
+def pooled_view(attack: AttackOutcome, member: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Scores and membership [M, N]: every model as the target when the attack gave
+    leave-one-out scores, else the target alone ([1, N])."""
+    if attack.pooled is not None:
+        return np.asarray(attack.pooled), np.asarray(member, bool)
+    return np.asarray(attack.scores)[None], np.asarray(member, bool)[:1]
+
+
+def _cluster_weights(draws: np.ndarray, k: int) -> np.ndarray:
+    """[B, k]: how often each cluster is drawn by each row of `draws`."""
+    b = draws.shape[0]
+    cells = (draws + k * np.arange(b)[:, None]).ravel()
+    return np.bincount(cells, minlength=b * k).reshape(b, k).astype(float)
+
+
+def _cluster_replicates(s: np.ndarray, m: np.ndarray, clusters: np.ndarray, n_boot: int,
+                        rng: np.random.Generator, keys: tuple[str, ...]) -> dict:
+    """`keys` over n_boot resamples of the clusters (with replacement), every pair of a drawn
+    cluster counted as often as the cluster is drawn."""
+    group, n_groups = _grouped(s)
+    _, cl = np.unique(clusters, return_inverse=True)
+    k = int(cl.max()) + 1
+    on = [csr_matrix((side.astype(float), (cl.ravel(), group)), shape=(k, n_groups))
+          for side in (m, ~m)]
+    parts = []
+    for reps in _chunks(n_boot, n_groups):
+        w = _cluster_weights(rng.integers(0, k, size=(reps, k)), k)
+        w1, w0 = (np.asarray((a.T @ w.T).T) for a in on)
+        parts.append(_curve_metrics(w1, w0, keys))
+    return {key: np.concatenate([p[key] for p in parts]) for key in keys}
+
+
+def clustered_metrics_with_ci(scores, is_member, clusters, *, n_boot: int = 200, seed: int = 0,
+                              level: float = 0.95) -> dict:
+    """attack_metrics of all (score, membership) pairs plus `<metric>_ci` = [lo, hi] from a
+    percentile bootstrap that resamples `clusters` (one id per pair), so pairs of one cluster
+    (e.g. one sample scored by many models) move together."""
+    check_value("bootstrap", "n_boot", n_boot, kind=int, low=1)
+    s, m = _check(scores, is_member)
+    c = np.asarray(clusters).ravel()
+    if c.shape != s.shape:
+        raise CRLError(f"clusters of {len(c)} entries: expected {len(s)} (one per score)")
+    out = attack_metrics(s, m)
+    keys = tuple(k for k in CI_METRICS if out[k] is not None)
+    reps = _cluster_replicates(s, m, c, n_boot, numpy_rng(seed, "bootstrap"), keys)
+    for key in CI_METRICS:
+        out[f"{key}_ci"] = _interval(reps[key], level) if key in reps else None
+    return out
+
+
+def pooled_metrics(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], *, n_boot: int,
+                   seed: int) -> dict:
+    """Metrics with clustered intervals of parts = [(scores [M, N], member [M, N], sample ids
+    [N])] (e.g. one per seed), pooled; `models` = models per part (summed), `skipped` when the
+    pairs hold no member or no non-member."""
+    s = np.concatenate([p[0].ravel() for p in parts])
+    m = np.concatenate([p[1].ravel() for p in parts])
+    ids = np.concatenate([np.broadcast_to(p[2], p[0].shape).ravel() for p in parts])
+    models = int(sum(p[0].shape[0] for p in parts))
+    if m.all() or not m.any():
+        return {"models": models, "skipped": f"{int(m.sum())} member and {int((~m).sum())} "
+                                             "non-member pairs: both are needed"}
+    out = clustered_metrics_with_ci(s, m, ids, n_boot=n_boot, seed=seed)
+    return {**out, "models": models}
+
+
+def subset_metrics(attacks: dict[str, AttackOutcome], member: np.ndarray,
+                   sample_idx: np.ndarray, columns: np.ndarray, *, n_boot: int,
+                   seed: int) -> dict[str, dict]:
+    """Every attack scored on the pool samples `columns` (a mask), pooled leave-one-out where
+    the attack allows it (`pooled`), with intervals over samples."""
+    out = {}
+    for name, attack in attacks.items():
+        s, m = pooled_view(attack, member)
+        metrics = pooled_metrics([(s[:, columns], m[:, columns], sample_idx[columns])],
+                                 n_boot=n_boot, seed=seed_for(seed, "worst-case", name))
+        out[name] = {**metrics, "pooled": attack.pooled is not None}
+    return out
+
+
+def exposure_thresholds(scores: np.ndarray, member: np.ndarray, fpr: float) -> np.ndarray:
+    """[M]: per model, the score that at most floor(fpr x its non-members) non-members exceed
+    (+inf for a model without non-members)."""
+    out = np.full(scores.shape[0], np.inf)
+    for k, (s, m) in enumerate(zip(scores, member)):
+        out_scores = np.sort(s[~m])[::-1]
+        allowed = int(np.floor(fpr * len(out_scores) + 1e-9))
+        if len(out_scores):
+            out[k] = out_scores[min(allowed, len(out_scores) - 1)]
+    return out
+
+
+def exposure_values(scores: np.ndarray, member: np.ndarray,
+                    thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per sample: exposure (NaN where no model trained on it), the number of models that
+    trained on it, and the median over those of score minus threshold (for ranking ties)."""
+    above = scores > thresholds[:, None]
+    n_in = member.sum(0)
+    values = np.full(scores.shape[1], np.nan)
+    has = n_in > 0
+    values[has] = (above & member).sum(0)[has] / n_in[has]
+    margin = np.full(scores.shape[1], -np.inf)
+    gap = np.where(member, scores - thresholds[:, None], np.nan)
+    margin[has] = np.nanmedian(gap[:, has], axis=0)
+    return values, n_in, margin
+
+
+def exposure_attack(attacks: dict[str, AttackOutcome]) -> str:
+    """LiRA if it ran, else the strongest attack: highest pooled AUC among those with
+    leave-one-out scores, else highest target AUC."""
+    if "lira" in attacks:
+        return "lira"
+    pooled = {k: a for k, a in attacks.items() if a.leave_one_out is not None}
+    if pooled:
+        return max(pooled, key=lambda k: pooled[k].leave_one_out["auc"])
+    return max(attacks, key=lambda k: attacks[k].metrics["auc"])
+
+
+def exposure_of(attacks: dict[str, AttackOutcome], member: np.ndarray, data: ImageData,
+                sample_idx: np.ndarray, *, fpr: float = EXPOSURE_FPR,
+                top: int = TOP_EXPOSED) -> Exposure:
+    """The per-sample exposure of the pool by `exposure_attack`, and the `top` most exposed
+    samples (pool positions, most exposed first) with their images."""
+    name = exposure_attack(attacks)
+    scores, m = pooled_view(attacks[name], member)
+    thresholds = exposure_thresholds(scores, m, fpr)
+    values, n_in, margin = exposure_values(scores, m, thresholds)
+    order = np.lexsort((-margin, -np.nan_to_num(values, nan=-1.0)))
+    best = order[np.isfinite(values[order])][:top]
+    return Exposure(name, fpr, values, n_in, thresholds, best,
+                    data.x[sample_idx[best]].numpy())

@@ -1,0 +1,196 @@
+"""`crl train`: one model for deployment, trained on the dataset's own train split.
+
+No member/non-member pool: the model trains on the whole train split (crl.data.splits.own_split:
+torchvision's train files, imagefolder's train/ folder; digits, which has no split of its own,
+gets a fixed stratified 80/20 split from the stream seed_for(0, "digits-test-split")) and is
+evaluated on the test split. OUT then holds
+
+    model.pt        the model (checksummed; crl.load_model(OUT / "model.pt") takes [0, 1] images)
+    metrics.jsonl   per-epoch training metrics, with the test split's loss and accuracy
+    checkpoint.pt   fit's per-epoch checkpoint: `--resume` continues an interrupted run
+    config.yaml     the resolved options; version.json: the code version
+    split.json      the train and test indices used and where the boundary came from
+    result.json     train and test accuracy (and the chance-level warning, if any)
+
+with the audit's guarantees: every option checked before anything is written (the audit's own
+field checks and per-dataset defaults), atomic writes, OUT locked against a second run, and
+the verified model cache (`--no-cache` bypasses it).
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from crl.audit.factory import ModelCache, ModelFactory, TrainedModel
+from crl.audit.plan import DefenseChoice, ModelJob
+from crl.audit.run import chance_warning, recipe_of
+from crl.config import AuditConfig, check_set, field_specs, option, set_warnings
+from crl.data.splits import own_split
+from crl.data.types import ImageData
+from crl.defenses.base import build_defense
+from crl.evaluation import evaluate
+from crl.models.zoo import MODELS
+from crl.seeding import seed_for
+from crl.train import write_metrics
+from crl.utils import cache_dir, code_version, resolve_device, write_json_atomic, write_text_atomic
+
+_AUDIT_FIELDS = {f.name: f for f in dataclasses.fields(AuditConfig)}
+SHARED = ("dataset", "model", "epochs", "batch_size", "lr", "momentum", "weight_decay",
+          "milestones", "augment", "bf16", "channels_last", "device", "data_root", "download",
+          "resume", "cache", "progress")
+
+
+def _like(name: str, default: Any = dataclasses.MISSING, **change: Any) -> Any:
+    """A field declared like AuditConfig's `name` (same check, default and help unless changed)."""
+    f = _AUDIT_FIELDS[name]
+    check = {**f.metadata["check"], **change}
+    if default is not dataclasses.MISSING:
+        return option(default, **check)
+    if f.default is dataclasses.MISSING:
+        return option(factory=f.default_factory, **check)
+    return option(f.default, **check)
+
+
+@dataclass
+class TrainConfig:
+    """`crl train`'s options: the audit's training fields plus one --defense, --seed, --out."""
+
+    dataset: str = _like("dataset")
+    model: str | None = _like("model")
+    defense: str = option("crl", kind=str, pattern=r"[^,\s]+", words="one defense name",
+                          help="the defense to train with (default crl; `crl list` shows all)")
+    epochs: int | None = _like("epochs")
+    batch_size: int | None = _like("batch_size")
+    lr: float | None = _like("lr")
+    momentum: float = _like("momentum")
+    weight_decay: float = _like("weight_decay")
+    milestones: list[int] = _like("milestones")
+    augment: bool = _like("augment")
+    bf16: bool = _like("bf16")
+    channels_last: bool = _like("channels_last")
+    seed: int = option(0, kind=int, low=0, help="the model's seed (default 0)")
+    out: str = _like("out", "runs/train", help="output directory (default runs/train)")
+    device: str = _like("device")
+    data_root: str | None = _like("data_root")
+    download: bool = _like("download")
+    resume: bool = _like("resume")
+    cache: bool = _like("cache")
+    progress: bool = _like("progress")
+    set: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def defenses(self) -> list[str]:
+        """The run's defenses, as crl.config.set_warnings reads them."""
+        return [self.defense]
+
+    @property
+    def attacks(self) -> list[str]:
+        return []
+
+    def resolved(self) -> TrainConfig:
+        """A checked copy, the shared fields checked and filled per dataset by AuditConfig."""
+        shared = AuditConfig(**{k: getattr(self, k) for k in SHARED}, set=self.set).resolved()
+        own = {k: s.check_field(getattr(self, k)) for k, s in TRAIN_SPECS.items()
+               if k not in SHARED}
+        return dataclasses.replace(self, **{k: getattr(shared, k) for k in SHARED}, **own,
+                                   set=check_set(self.set))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+TRAIN_SPECS = field_specs(TrainConfig)
+
+
+@dataclass
+class Prepared:
+    """What `crl train` checked before writing anything: the resolved options, the data and
+    its own split (train indices, test indices, where the boundary came from)."""
+
+    cfg: TrainConfig
+    data: ImageData
+    train_idx: np.ndarray
+    test_idx: np.ndarray
+    boundary: str
+
+
+def prepare_train(cfg: TrainConfig) -> Prepared:
+    """Every check that can fail, before anything is written: options, names, parameters,
+    the device, the data and its split, the defense's recipe check."""
+    from crl.data.datasets import load_dataset
+    from crl.rundir import check_out_dir
+
+    cfg = cfg.resolved()
+    check_out_dir(cfg.out)
+    MODELS.get(cfg.model)
+    defense = build_defense(cfg.defense, cfg.set.get(cfg.defense))
+    for w in set_warnings(cfg):
+        print(f"crl: warning: {w}", file=sys.stderr)
+    resolve_device(cfg.device)
+    data = load_dataset(cfg.dataset, data_root=cfg.data_root, download=cfg.download)
+    train_idx, test_idx, boundary = own_split(data)
+    defense.check(recipe_of(cfg), len(train_idx))
+    return Prepared(cfg, data, train_idx, test_idx, boundary)
+
+
+def _write_inputs(out: Path, p: Prepared) -> None:
+    write_text_atomic(out / "config.yaml", yaml.safe_dump(p.cfg.to_dict(), sort_keys=False))
+    write_json_atomic(out / "version.json", code_version())
+    write_json_atomic(out / "split.json", {
+        "dataset": p.data.name, "content_hash": p.data.content_hash, "boundary": p.boundary,
+        "train": p.train_idx.tolist(), "test": p.test_idx.tolist()})
+
+
+def _train(out: Path, p: Prepared) -> tuple[ModelFactory, TrainedModel]:
+    cfg = p.cfg
+    factory = ModelFactory(p.data, cfg.model, recipe_of(cfg),
+                           ModelCache(cache_dir() / "models" if cfg.cache else None),
+                           resume=cfg.resume, progress=cfg.progress)
+    job = ModelJob("target", 0, seed_for(cfg.seed, "train"),
+                   DefenseChoice(cfg.defense, cfg.set.get(cfg.defense, {})), p.train_idx)
+    return factory, factory.get(job, run_dir=out, eval_idx=p.test_idx, desc=f"[{cfg.defense}]")
+
+
+def _result(trained: TrainedModel, p: Prepared) -> dict[str, Any]:
+    """Accuracy on what the model trained on and on the test split, and the chance warning."""
+    model = trained.model.to(resolve_device(p.cfg.device))
+    _, train_acc = evaluate(model, p.data, trained.trained_on)
+    test_loss, test_acc = evaluate(model, p.data, p.test_idx)
+    trained.model.cpu()
+    warning = chance_warning(test_acc, p.data.y[p.test_idx].numpy(), p.data.num_classes)
+    return {"dataset": p.data.name, "model": p.cfg.model, "defense": p.cfg.defense,
+            "seed": p.cfg.seed, "train_acc": train_acc, "test_acc": test_acc,
+            "test_loss": test_loss, "n_train": len(trained.trained_on),
+            "n_test": len(p.test_idx), "from_cache": trained.from_cache,
+            "warning": warning}
+
+
+def run_train(cfg: TrainConfig, *, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """The whole command; returns result.json's content. Writes atomically into a locked OUT."""
+    from crl.rundir import RunLock, clean_stale_tmp
+
+    p = prepare_train(cfg)
+    out = Path(p.cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with RunLock(out):
+        clean_stale_tmp(out)
+        _write_inputs(out, p)
+        factory, trained = _train(out, p)
+        factory.save(out / "model.pt", trained)
+        write_metrics(out / "metrics.jsonl", trained.history)
+        result = _result(trained, p)
+        write_json_atomic(out / "result.json", result)
+    echo(f"split: {p.boundary}")
+    echo(f"train accuracy {100 * result['train_acc']:.2f}% on {result['n_train']} samples, "
+         f"test accuracy {100 * result['test_acc']:.2f}% on {result['n_test']} samples")
+    if result["warning"]:
+        echo(f"WARNING: {result['warning']}")
+    echo(f"wrote {out}/model.pt (load it with crl.load_model), metrics.jsonl, result.json")
+    return result

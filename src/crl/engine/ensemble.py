@@ -1,0 +1,381 @@
+"""The ensemble engine: K models of one architecture trained at once with stacked parameters,
+each the same model the sequential engine gives for its request; and the `auto` engine.
+
+Per model, exactly as `fit` does it: initialisation from the stream (seed, "init") before
+`spec.build()`, batches from its own shuffle stream (the same `ShuffledBatches`), augmentation
+from its own "augment" stream, the defense's per-model state (CRL's centers stacked [K, C, D],
+drawn from each model's "centers" stream). SGD with momentum and weight decay, and the centers'
+own SGD, run on the stacked tensors: every update is elementwise, so one optimizer over [K, ...]
+is K optimizers. One LambdaLR multistep schedule serves all (the recipe is shared). Two
+formulations (crl.engine.stacked): `baddbmm` (explicit batched layers, the `mlp`) and `vmap`
+(torch.func, any other model). Measured in docs/performance.md.
+
+What falls back to the sequential engine, never an error: a defense that is not batchable
+(dpsgd, advreg, dmp, early_stopping), a model no formulation reproduces (active dropout), a
+request alone in its train size (batches must align), a request with a checkpoint to resume.
+Models train in chunks of `ensemble_size` (default: as many as fit a memory budget, at most 64).
+No per-epoch checkpoints: `on_done` is called per model as its chunk finishes, so a rerun skips
+finished models through the cache. Each output's report names what trained it:
+"engine": "ensemble/baddbmm", "ensemble/vmap" or "sequential".
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from crl.data.augment import augment_batch
+from crl.data.types import ImageData, normalize
+from crl.defenses.base import Defense, Step, TrainContext, build_defense, default_sampler
+from crl.engine import ENGINES, OnDone, TrainOutput, TrainRequest
+from crl.engine.sequential import train_one
+from crl.engine.stacked import FORMULATIONS, Stack, agrees, build_stack, formulation_for
+from crl.errors import CRLError
+from crl.evaluation import evaluate
+from crl.models.features import classifier_of
+from crl.models.spec import ModelSpec
+from crl.params import Param, ParamSpec
+from crl.recipe import Recipe
+from crl.registry import DEFENSES
+from crl.seeding import seed_for, torch_generator
+from crl.train import _lr_lambda
+from crl.utils import resolve_device
+
+MAX_ENSEMBLE = 64               # models per chunk at most (more gains nothing measurable)
+CPU_BUDGET = 2 * 2**30          # bytes a chunk may hold on the CPU
+GPU_SHARE = 0.5                 # share of the device's free memory a chunk may hold on CUDA
+
+OPTIONS = ParamSpec(
+    Param("ensemble_size", None, kind=int, low=1, nullable=True,
+          help="models per chunk; null: as many as fit the memory budget (at most 64)"),
+    Param("formulation", "best", kind=str, choices=("best", *FORMULATIONS, "sequential"),
+          help="best: baddbmm where the model fits it, else vmap; sequential: none"),
+)
+
+
+def batchable(defense: str) -> bool:
+    """Whether the registered `defense` can train K models at once (batchable, batched_loss)."""
+    cls = DEFENSES.get(defense)
+    return bool(cls.batchable) and cls.batched_loss is not Defense.batched_loss
+
+
+def initial_model(spec: ModelSpec, seed: int) -> nn.Module:
+    """The model `train_one` starts from: built right after seeding from (seed, 'init')."""
+    torch.manual_seed(seed_for(seed, "init"))
+    return spec.build()
+
+
+@ENGINES.register("ensemble")
+class EnsembleEngine:
+    """K models at once per chunk; what cannot be batched trains sequentially."""
+
+    def __init__(self, **options: Any) -> None:
+        self.options = OPTIONS.resolve("ensemble", options)
+
+    def formulation(self, spec: ModelSpec, defense: str) -> str | None:
+        """The formulation for this model and defense, or None (sequential)."""
+        if not batchable(defense):
+            return None
+        with torch.device("meta"):
+            probe = spec.build()
+        return formulation_for(probe, self.options["formulation"])
+
+    def train(self, spec: ModelSpec, data: ImageData, recipe: Recipe, defense: str,
+              params: dict[str, Any], requests: list[TrainRequest], *, resume: bool = False,
+              progress: bool = True, on_done: OnDone | None = None) -> list[TrainOutput]:
+        outputs: list[TrainOutput | None] = [None] * len(requests)
+
+        def done(position: int, out: TrainOutput) -> None:
+            outputs[position] = out
+            if on_done is not None:
+                on_done(position, out)
+
+        run = _Run(spec, data, recipe, defense, params, progress)
+        formulation = self.formulation(spec, defense)
+        for positions in _groups(requests, resume, batched=formulation is not None):
+            if len(positions) < 2:
+                run.sequential(requests, positions, done, resume)
+                continue
+            size = self.options["ensemble_size"] or default_ensemble_size(spec, recipe)
+            for chunk in _chunks(positions, size):
+                run.ensemble(requests, chunk, formulation, done)
+        return outputs  # type: ignore[return-value]
+
+
+@dataclass
+class _Run:
+    """One call of EnsembleEngine.train: what every chunk shares."""
+
+    spec: ModelSpec
+    data: ImageData
+    recipe: Recipe
+    defense: str
+    params: dict[str, Any]
+    progress: bool
+
+    def sequential(self, requests: list[TrainRequest], positions: list[int], done: OnDone,
+                   resume: bool) -> None:
+        for i in positions:
+            done(i, train_one(self.spec, self.data, self.recipe, self.defense, self.params,
+                              requests[i], resume=resume, progress=self.progress))
+
+    def ensemble(self, requests: list[TrainRequest], positions: list[int], formulation: str,
+                 done: OnDone) -> None:
+        chunk = [requests[i] for i in positions]
+        try:
+            ens = _Ensemble.start(self, chunk, formulation)
+        except _Mismatch as e:
+            warnings.warn(f"{e}; training these models sequentially", RuntimeWarning,
+                          stacklevel=2)
+            return self.sequential(requests, positions, done, resume=False)
+        for i, out in zip(positions, ens.train(self.progress)):
+            done(i, out)
+
+
+class _Mismatch(Exception):
+    """The stacked model does not compute what the models compute (a foreign architecture)."""
+
+
+def _groups(requests: list[TrainRequest], resume: bool, batched: bool) -> list[list[int]]:
+    """Positions in groups that train together: equal train sizes (batch boundaries align);
+    a request with a checkpoint to resume, or every request when not batched, alone."""
+    alone, by_size = [], {}
+    for i, req in enumerate(requests):
+        ckpt = req.run_dir is not None and (Path(req.run_dir) / "checkpoint.pt").exists()
+        if not batched or (resume and ckpt):
+            alone.append([i])
+        else:
+            by_size.setdefault(len(req.train_idx), []).append(i)
+    return alone + list(by_size.values())
+
+
+def _chunks(positions: list[int], size: int) -> list[list[int]]:
+    """`positions` in the fewest chunks of at most `size`, of (nearly) equal length."""
+    count = math.ceil(len(positions) / size)
+    return [[int(i) for i in part] for part in np.array_split(positions, count)]
+
+
+def default_ensemble_size(spec: ModelSpec, recipe: Recipe) -> int:
+    """Models per chunk: the memory budget over one model's training footprint (weights,
+    gradients, momentum and a copy: 4x the parameters; activations kept for the backward
+    pass: about 3x the forward's per sample, times the batch), at most MAX_ENSEMBLE."""
+    with torch.device("meta"):
+        model = spec.build()
+    params = sum(p.numel() for p in model.parameters())
+    per_model = 4 * (4 * params + 3 * recipe.batch_size * _activations(model, spec))
+    device = resolve_device(recipe.device)
+    budget = (GPU_SHARE * torch.cuda.mem_get_info(device)[0] if device.type == "cuda"
+              else CPU_BUDGET)
+    return int(max(1, min(MAX_ENSEMBLE, budget // per_model)))
+
+
+def _activations(model: nn.Module, spec: ModelSpec) -> int:
+    """Elements every leaf layer outputs for one sample (a forward pass on the meta device)."""
+    total = 0
+
+    def count(_module, _inputs, output) -> None:
+        nonlocal total
+        total += output.numel() if isinstance(output, torch.Tensor) else 0
+
+    leaves = [m for m in model.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(count) for m in leaves]
+    try:
+        with torch.no_grad():
+            model(torch.empty(1, spec.in_channels, spec.image_size, spec.image_size,
+                              device="meta"))
+    finally:
+        for h in handles:
+            h.remove()
+    return total
+
+
+@dataclass
+class _Ensemble:
+    """K models training at once: their contexts (own seed, indices, sampler), the stacked
+    formulation, the shared optimizer and schedule, the defense and each model's streams."""
+
+    run: _Run
+    requests: list[TrainRequest]
+    contexts: list[TrainContext]
+    stack: Stack
+    defense: Defense
+    optimizer: torch.optim.Optimizer
+    shuffles: list[torch.Generator]
+    augments: list[torch.Generator]
+    images: torch.Tensor            # the dataset's uint8 images, resident on the device
+    labels: torch.Tensor
+
+    @classmethod
+    def start(cls, run: _Run, requests: list[TrainRequest], formulation: str) -> _Ensemble:
+        """Every model initialised as `train_one` initialises it, stacked; the defense
+        prepared per model (CRLError on what `fit` would refuse)."""
+        recipe, device = run.recipe, resolve_device(run.recipe.device)
+        models = [initial_model(run.spec, req.seed).to(device) for req in requests]
+        if recipe.channels_last:
+            models = [m.to(memory_format=torch.channels_last) for m in models]
+        stack = build_stack(models, formulation)
+        images = run.data.x.to(device)
+        probe = normalize(images[torch.as_tensor(requests[0].train_idx[:2])], run.data.mean,
+                          run.data.std)
+        if not agrees(stack, models, probe):
+            raise _Mismatch(f"the {formulation} stack of {run.spec.arch} does not reproduce "
+                            "the model's own logits")
+        optimizer = torch.optim.SGD(stack.parameters(), lr=recipe.lr, momentum=recipe.momentum,
+                                    weight_decay=recipe.weight_decay, fused=True)
+        defense = build_defense(run.defense, run.params)
+        defense.check(recipe, len(requests[0].train_idx))
+        contexts = [_context(run, req, model, optimizer, device, defense)
+                    for req, model in zip(requests, models)]
+        defense.batched_prepare(contexts)
+        return cls(run, requests, contexts, stack, defense, optimizer,
+                   [torch_generator(req.seed, "shuffle") for req in requests],
+                   [torch_generator(req.seed, "augment") for req in requests],
+                   images, run.data.y.to(device))
+
+    def train(self, progress: bool) -> list[TrainOutput]:
+        """Every epoch of the recipe; the trained models, their histories and reports."""
+        recipe = self.run.recipe
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, _lr_lambda(recipe.milestones, recipe.gamma))
+        histories: list[list[dict[str, float]]] = [[] for _ in self.requests]
+        desc = f"{len(self.requests)} models ({self.stack.formulation})"
+        for epoch in tqdm(range(1, recipe.epochs + 1), desc=desc, disable=not progress,
+                          leave=False, dynamic_ncols=True):
+            for history, row in zip(histories, self.epoch(epoch)):
+                history.append(row)
+            scheduler.step()
+        return [self.output(k, history) for k, history in enumerate(histories)]
+
+    def epoch(self, epoch: int) -> list[dict[str, float]]:
+        """One epoch of every model; one history row per model, keyed like `fit`'s."""
+        self.stack.train(True)
+        opts = [self.optimizer, *self.defense.optimizers()]
+        loss_sum = correct = 0
+        seen = 0
+        streams = [ctx.sampler.batches(ctx.train_idx, gen)
+                   for ctx, gen in zip(self.contexts, self.shuffles)]
+        for step, parts in enumerate(zip(*streams), start=1):
+            idx = torch.stack(parts)                                   # [K, B]
+            losses, hits = self.step(idx, epoch, step, opts)
+            loss_sum = loss_sum + losses.double() * idx.shape[1]
+            correct = correct + hits.double()
+            seen += idx.shape[1]
+        ends = self.defense.batched_end_epoch(self.contexts, epoch)
+        rows = []
+        for k, (loss, hit, end) in enumerate(zip((loss_sum / seen).tolist(),
+                                                 (correct / seen).tolist(), ends)):
+            if end.stop:
+                raise CRLError(f"defense '{self.defense.name}' stopped model {k} early while "
+                               "training K models at once; expected batchable = False for a "
+                               "defense that stops early")
+            rows.append({"epoch": epoch, "train_loss": loss, "train_acc": hit, **end.metrics,
+                         **self.monitor(k), "lr": self.optimizer.param_groups[0]["lr"]})
+        return rows
+
+    def step(self, idx: torch.Tensor, epoch: int, step: int,
+             opts: list[torch.optim.Optimizer]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One training step of every model: (losses [K], correct predictions [K])."""
+        x, y = self.inputs(idx)
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
+        device = self.images.device
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16,
+                            enabled=self.run.recipe.bf16):
+            logits, features = self.stack(x)
+        steps = Step(x=x, y=y, idx=idx, logits=logits.float(),
+                     features=features.float() if self.defense.needs_features else None,
+                     epoch=epoch, step=step)
+        losses = self.defense.batched_loss(steps)
+        if not bool(torch.isfinite(losses).all()):
+            k = int((~torch.isfinite(losses)).nonzero()[0])
+            raise CRLError(f"training loss = {losses[k].item()} at epoch {epoch}, step {step} "
+                           f"of model {self.requests[k].desc or k} (defense "
+                           f"'{self.defense.name}'): expected a finite value; lower --lr or "
+                           "check the data")
+        losses.sum().backward()
+        for opt in opts:
+            opt.step()
+        return losses.detach(), (steps.logits.detach().argmax(-1) == y).sum(1)
+
+    def inputs(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Model k's batch at [k]: normalised (and augmented by its own stream) inputs
+        [K, B, C, H, W] and labels [K, B], on the device."""
+        models, batch = idx.shape
+        flat = idx.reshape(-1).to(self.images.device)
+        x = normalize(self.images[flat], self.run.data.mean, self.run.data.std)
+        if self.run.recipe.augment:
+            x = torch.cat([augment_batch(part, gen)
+                           for part, gen in zip(x.split(batch), self.augments)])
+        x = x.view(models, batch, *x.shape[1:])
+        if self.run.recipe.channels_last:
+            x = x.permute(1, 3, 4, 0, 2).contiguous().permute(3, 0, 4, 1, 2)
+        return x, self.labels[flat].view(models, batch)
+
+    def monitor(self, k: int) -> dict[str, float]:
+        """test_loss / test_acc of model k on its request's eval_idx (as `fit` logs them)."""
+        eval_idx = self.requests[k].eval_idx
+        if eval_idx is None or not len(eval_idx):
+            return {}
+        loss, acc = evaluate(self.stack.module(k), self.run.data, eval_idx,
+                             batch_size=max(self.run.recipe.batch_size, 256),
+                             bf16=self.run.recipe.bf16)
+        return {"test_loss": loss, "test_acc": acc}
+
+    def output(self, k: int, history: list[dict[str, float]]) -> TrainOutput:
+        return TrainOutput(self.stack.module(k).cpu().eval(), self.run.spec,
+                           np.sort(self.contexts[k].train_idx.numpy()),
+                           {"engine": f"ensemble/{self.stack.formulation}"}, history)
+
+
+def _context(run: _Run, request: TrainRequest, model: nn.Module,
+             optimizer: torch.optim.Optimizer, device: torch.device,
+             defense: Defense) -> TrainContext:
+    """Model k's context: its own seed (streams), sorted training indices, the default sampler."""
+    feat_dim = classifier_of(model)[1].in_features if defense.needs_features else None
+    train_idx = torch.as_tensor(np.sort(np.asarray(request.train_idx)), dtype=torch.long)
+    if train_idx.numel() == 0:
+        raise CRLError("train_idx is empty: expected at least one training sample")
+    return TrainContext(data=run.data, recipe=replace(run.recipe, seed=request.seed),
+                        model=model, optimizer=optimizer, train_idx=train_idx, device=device,
+                        feat_dim=feat_dim, sampler=default_sampler(run.recipe))
+
+
+# What `auto` runs per (model, device type), from the timings in docs/performance.md
+# ("Training many models at once"); anything not listed trains sequentially, so `auto` is never
+# slower than sequential by this table. The CUDA rows are the issue's expectation and are not
+# measured yet (no GPU was lent to this work): benchmarks/gpu_engine.sh measures them.
+AUTO_TABLE: dict[tuple[str, str], str] = {
+    ("mlp", "cpu"): "baddbmm",          # measured: ensemble >> sequential
+    ("cnn", "cpu"): "sequential",       # measured: vmap slower than sequential
+    ("mlp", "cuda"): "baddbmm",         # not measured
+    ("cnn", "cuda"): "vmap",            # not measured
+    ("resnet18", "cuda"): "vmap",       # not measured
+    ("densenet121", "cuda"): "vmap",    # not measured
+}
+
+
+@ENGINES.register("auto")
+class AutoEngine:
+    """Per model and device, the engine AUTO_TABLE names (the ensemble's formulation or
+    sequential); the ensemble still falls back to sequential where it cannot batch."""
+
+    def __init__(self, **options: Any) -> None:
+        self.options = OPTIONS.without(["formulation"]).resolve("auto", options)
+
+    def choose(self, spec: ModelSpec, recipe: Recipe) -> str:
+        """'baddbmm', 'vmap' or 'sequential' for this model on the recipe's device."""
+        return AUTO_TABLE.get((spec.arch, resolve_device(recipe.device).type), "sequential")
+
+    def train(self, spec: ModelSpec, data: ImageData, recipe: Recipe, defense: str,
+              params: dict[str, Any], requests: list[TrainRequest], *, resume: bool = False,
+              progress: bool = True, on_done: OnDone | None = None) -> list[TrainOutput]:
+        engine = EnsembleEngine(**self.options, formulation=self.choose(spec, recipe))
+        return engine.train(spec, data, recipe, defense, params, requests, resume=resume,
+                            progress=progress, on_done=on_done)

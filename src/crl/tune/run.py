@@ -1,0 +1,166 @@
+"""`run_tune`: the whole `crl tune` command.
+
+1. Check everything before any training: both stages' configs (crl.audit.run.prepare), the
+   search space, and that the objective's FPR level is resolvable.
+2. In the locked run directory, continue the study until --trials trials count; each trial
+   audits DefenseChoice(defense, sampled parameters) on every search seed (Audit.audit_one;
+   the model cache makes repeated settings free).
+3. Audit CE, the defense at its defaults and every --compare defense on the search seeds
+   (reference points), recommend the most private trial within --max-accuracy-drop of CE's
+   test accuracy, and re-run it, CE and the defaults on fresh seeds with the confirm attacks.
+4. Write tune.json, tune.md and pareto.png, and print the recommendation.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+from datetime import date
+from pathlib import Path
+from typing import Callable
+
+import optuna
+from optuna.trial import TrialState
+
+from crl.audit import Audit, DefenseChoice
+from crl.audit.run import prepare
+from crl.config import AuditConfig
+from crl.data.splits import PoolSplit
+from crl.defenses.base import build_defense
+from crl.rundir import RunLock, clean_stale_tmp
+from crl.seeding import seed_for
+from crl.tune.evaluate import Point, check_resolvable, evaluate_setting, objective_interval
+from crl.tune.options import OBJECTIVES, TuneOptions, stage_configs
+from crl.tune.output import ConfirmRow, TuneResult, fmt, write_outputs
+from crl.tune.space import search_space
+from crl.tune.study import Search, completed_points, open_study, recommend, run_trials, setup_of
+from crl.utils import code_version
+
+
+def run_tune(cfg: AuditConfig, opts: TuneOptions, *, command: str = "",
+             echo: Callable[[str], None] = print) -> TuneResult:
+    """Search `opts.defense` with the recipe `cfg`; writes into cfg.out and returns the result."""
+    opts = opts.checked()
+    search_cfg, confirm_cfg, warnings = stage_configs(cfg.resolved(), opts)
+    for w in warnings:
+        print(f"crl: warning: {w}", file=sys.stderr)
+    search_cfg, audit, splits = prepare(search_cfg, echo)
+    metric = OBJECTIVES[opts.objective]
+    fixed = search_cfg.set.get(opts.defense, {})
+    search = Search(audit, splits, opts.defense, fixed, search_space(opts.defense, fixed), metric)
+    _, confirm_audit, confirm_splits = prepare(confirm_cfg, echo)
+    for a, s in ((audit, splits), (confirm_audit, confirm_splits)):
+        check_resolvable(a, s[a.cfg.seeds[0]], opts.objective, metric)
+    out = Path(search_cfg.out)
+    with RunLock(out):
+        clean_stale_tmp(out)
+        result = _tune_locked(out, search, opts, (confirm_audit, confirm_splits), command, echo)
+    for line in summary(result, out):
+        echo(line)
+    return result
+
+
+def _tune_locked(out: Path, search: Search, opts: TuneOptions,
+                 confirm: tuple[Audit, dict[int, PoolSplit]], command: str,
+                 echo: Callable[[str], None]) -> TuneResult:
+    t0 = time.time()
+    setup = setup_of(search.audit.cfg, opts, search.audit.data)
+    study = open_study(out, setup, run_seed=search.seeds[0])
+    run_trials(study, search, opts.trials, echo)
+    echo("reference points (search seeds) ...")
+    refs = reference_points(search, opts.compare)
+    rec = recommend(completed_points(study), refs["ce"], opts.max_accuracy_drop)
+    rows = []
+    if rec is not None:
+        echo(f"re-running the recommendation on fresh seeds {confirm[0].cfg.seeds} ...")
+        rows = confirm_rows(*confirm, search, rec)
+    run_seconds = round(time.time() - t0)
+    total = int(study.user_attrs.get("seconds", 0)) + run_seconds
+    study.set_user_attr("seconds", total)
+    meta = {"command": command, "setup": setup, "version": code_version(),
+            "machine": machine(), "date": str(date.today()),
+            "seconds": {"run": run_seconds, "total": total}}
+    result = TuneResult(meta, search.metric, list(search.space), list(search.audit.cfg.attacks),
+                        trial_rows(study), [t.number for t in study.best_trials], refs,
+                        opts.max_accuracy_drop, rec, rows, list(confirm[0].cfg.seeds),
+                        list(confirm[0].cfg.attacks))
+    write_outputs(out, result)
+    return result
+
+
+def reference_points(search: Search, compare: list[str]) -> dict[str, Point]:
+    """CE, the searched defense (its defaults, --set values kept) and every --compare defense,
+    audited on the search seeds."""
+    sets = search.audit.cfg.set
+    choices = {"ce": DefenseChoice("ce"), search.defense: search.choice({})}
+    choices.update({c: DefenseChoice(c, sets.get(c, {})) for c in compare if c not in choices})
+    return {label: evaluate_setting(search.audit, search.splits, choice, search.seeds,
+                                    search.metric)[0] for label, choice in choices.items()}
+
+
+def confirm_rows(audit: Audit, splits: dict[int, PoolSplit], search: Search,
+                 rec: tuple[int, Point]) -> list[ConfirmRow]:
+    """CE, the recommended trial and the defense's defaults (when they differ) on the confirm
+    stage's fresh seeds and attacks, each with the 95% interval of its strongest attack."""
+    number, point = rec
+    defaults = search.choice({})
+    choices = {"ce": DefenseChoice("ce"),
+               f"{search.defense} (trial {number})": DefenseChoice(search.defense, point.params)}
+    if build_defense(defaults.name, defaults.params).params != point.params:
+        choices[f"{search.defense} (defaults)"] = defaults
+    seeds = list(audit.cfg.seeds)
+    rows = []
+    for label, choice in choices.items():
+        p, outcomes = evaluate_setting(audit, splits, choice, seeds, search.metric)
+        interval = objective_interval(p, outcomes, search.metric, n_boot=audit.cfg.bootstrap,
+                                      seed=seed_for(seeds[0], "tune", "interval", label))
+        rows.append(ConfirmRow(label, p, interval))
+    return rows
+
+
+def trial_rows(study: optuna.Study) -> list[dict]:
+    """Every trial of the study as stored (a FAIL without a reason was left by a killed run)."""
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        point = t.user_attrs.get("point")
+        failed = t.user_attrs.get("failed")
+        if t.state == TrialState.FAIL and failed is None:
+            failed = "interrupted (the run was killed): no result"
+        rows.append({"number": t.number, "state": t.state.name, "searched": dict(t.params),
+                     "values": t.values, "failed": failed, "point": point})
+    return rows
+
+
+def machine() -> str:
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{os.cpu_count()}-core {platform.machine()} CPU, {gpu}"
+
+
+def summary(r: TuneResult, out: Path) -> list[str]:
+    """The console lines: the recommendation with both its search and fresh-seed numbers."""
+    defense = r.meta["setup"]["defense"]
+    lines = [f"{len(r.trials)} trials ({len(r.points())} completed), "
+             f"{len(r.front)} on the Pareto front"]
+    if r.recommended is None:
+        lines.append(f"no completed trial within {100 * r.max_accuracy_drop:g} points of CE's "
+                     "test accuracy: nothing to recommend")
+    else:
+        n, p = r.recommended
+        lines.append(f"recommended (trial {n}): --set " + " --set ".join(
+            f"{defense}.{k}={p.params[k]:.4g}" for k in r.searched))
+        ce = r.references["ce"]
+        lines.append(f"  search seeds {p.seeds} (optimistic): test {100 * p.test_acc:.1f}%, "
+                     f"strongest {p.strongest} {fmt(r.metric, p.objective)} (CE: test "
+                     f"{100 * ce.test_acc:.1f}%, {ce.strongest} {fmt(r.metric, ce.objective)})"
+                     + ("; NO GAIN over CE" if p.objective >= ce.objective else ""))
+        for row in r.confirm:
+            q = row.point
+            lines.append(f"  fresh seeds {q.seeds}, {row.label}: test {100 * q.test_acc:.1f}%, "
+                         f"strongest {q.strongest} {fmt(r.metric, q.objective)}"
+                         + (f" [{fmt(r.metric, row.interval[0])}, "
+                            f"{fmt(r.metric, row.interval[1])}]" if row.interval else ""))
+    lines.append(f"wrote {out}/tune.json, tune.md and pareto.png")
+    return lines

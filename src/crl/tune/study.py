@@ -1,0 +1,182 @@
+"""The study: Optuna, two objectives (maximise test accuracy, minimise the strongest attack's
+metric), stored in the run directory (SQLite file STUDY_FILE, study STUDY_NAME).
+
+The study keeps its setup (defense, objective, data, recipe) and refuses a rerun with another
+one. `--trials N` is the total: N counts the trials that finished (completed, or failed because
+the target collapsed to chance or a CRLError); a trial left running by a killed process is
+marked failed, without a reason, on the next run and not counted. Multi-objective studies have
+no pruner: a collapsed trial is told FAIL with its reason in the user attribute "failed".
+The TPE sampler is seeded from the run seed's stream ("tune", "sampler", trials so far), so a
+continued study draws new random numbers rather than replaying the first run's.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import optuna
+from optuna.distributions import BaseDistribution
+from optuna.trial import FrozenTrial, TrialState
+
+from crl.audit import Audit, DefenseChoice
+from crl.config import FIELD_SPECS, AuditConfig
+from crl.data.splits import PoolSplit
+from crl.data.types import ImageData
+from crl.errors import CRLError
+from crl.seeding import numpy_rng
+from crl.train import data_identity
+from crl.tune.evaluate import Point, evaluate_setting
+from crl.tune.options import TuneOptions
+
+STUDY_FILE, STUDY_NAME = "study.db", "crl-tune"
+DIRECTIONS = ["maximize", "minimize"]
+#: AuditConfig fields that do not change any trial's numbers (not part of the setup)
+_NOT_SETUP = ("out", "device", "data_root", "download", "resume", "cache", "progress",
+              "defenses", "set", "engine", "ensemble_size", "ray_address", "ray_chunk")
+
+
+@dataclass
+class Search:
+    """What every trial shares: the audit of the search seeds and the searched defense."""
+
+    audit: Audit
+    splits: dict[int, PoolSplit]
+    defense: str
+    fixed: dict[str, Any]                  # --set values of the defense (not searched)
+    space: dict[str, BaseDistribution]
+    metric: str
+
+    @property
+    def seeds(self) -> list[int]:
+        return list(self.audit.cfg.seeds)
+
+    def choice(self, sampled: dict[str, Any]) -> DefenseChoice:
+        return DefenseChoice(self.defense, {**self.fixed, **sampled})
+
+
+def setup_of(cfg: AuditConfig, opts: TuneOptions, data: ImageData) -> dict[str, Any]:
+    """What the stored trials depend on: a rerun must match it to continue the study."""
+    recipe = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_SETUP}
+    owners = {opts.defense, *cfg.attacks}
+    recipe["set"] = {k: v for k, v in cfg.set.items() if k in owners}
+    setup = {"defense": opts.defense, "objective": opts.objective, "data": data_identity(data),
+             "recipe": recipe}
+    return json.loads(json.dumps(setup))
+
+
+def open_study(out: Path, setup: dict[str, Any], run_seed: int) -> optuna.Study:
+    """The run directory's study (created on first use), with a sampler for this run."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    path = Path(out) / STUDY_FILE
+    storage = optuna.storages.RDBStorage(f"sqlite:///{path.resolve()}")
+    study = optuna.create_study(storage=storage, study_name=STUDY_NAME, directions=DIRECTIONS,
+                                load_if_exists=True)
+    stored = study.user_attrs.get("setup")
+    if stored is None:
+        study.set_user_attr("setup", setup)
+    elif (key := first_difference(stored, setup)) is not None:
+        old, new = _flat(stored).get(key), _flat(setup).get(key)
+        raise CRLError(f"{key} = {new!r}: the study in {path} was run with {old!r}; expected "
+                       "the same setup to continue it, or another --out")
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study.tell(t.number, state=TrialState.FAIL)      # left by a killed run
+    study.sampler = sampler_for(run_seed, len(study.trials))
+    return study
+
+
+def first_difference(stored: dict[str, Any], setup: dict[str, Any]) -> str | None:
+    """The first (flattened) key whose value differs, ignoring a recipe field only one side
+    has (added to or dropped from AuditConfig by another version) when it is at its default."""
+    old, new = _flat(stored), _flat(setup)
+    for key in sorted(set(old) | set(new)):
+        if key in old and key in new:
+            if old[key] != new[key]:
+                return key
+        elif not _at_default(key, old.get(key, new.get(key))):
+            return key
+    return None
+
+
+def _at_default(key: str, value: Any) -> bool:
+    spec = FIELD_SPECS.get(key.removeprefix("recipe."))
+    return key.startswith("recipe.") and spec is not None and value == spec.default
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def sampler_for(run_seed: int, trials_so_far: int) -> optuna.samplers.BaseSampler:
+    """TPE seeded from the named stream ("tune", "sampler", trials_so_far) of the run seed."""
+    seed = int(numpy_rng(run_seed, "tune", "sampler", trials_so_far).integers(2**32))
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+def counted(study: optuna.Study) -> list[FrozenTrial]:
+    """The trials that count toward --trials: completed, or failed with a reason."""
+    return [t for t in study.get_trials(deepcopy=False)
+            if t.state == TrialState.COMPLETE
+            or (t.state == TrialState.FAIL and "failed" in t.user_attrs)]
+
+
+def run_trials(study: optuna.Study, search: Search, total: int,
+               echo: Callable[[str], None]) -> int:
+    """Ask and evaluate trials until `total` count; returns how many ran now."""
+    start = len(counted(study))
+    for k in range(start, total):
+        t0 = time.time()
+        trial = study.ask(search.space)
+        line = run_trial(study, trial, search)
+        echo(f"trial {k + 1}/{total} (#{trial.number}) {line} ({time.time() - t0:.0f} s)")
+    return max(0, total - start)
+
+
+def run_trial(study: optuna.Study, trial: optuna.Trial, search: Search) -> str:
+    """Evaluate one trial and tell the study; returns its console line."""
+    choice = search.choice(trial.params)
+    try:
+        point, _ = evaluate_setting(search.audit, search.splits, choice, search.seeds,
+                                    search.metric)
+    except CRLError as e:
+        trial.set_user_attr("failed", f"error: {e}")
+        study.tell(trial, state=TrialState.FAIL)
+        return f"{format_params(trial.params)}: failed: {e}"
+    trial.set_user_attr("point", point.to_dict())
+    head = f"{format_params(trial.params)}: test {100 * point.test_acc:.1f}%"
+    if point.warnings:
+        trial.set_user_attr("failed", f"chance: {point.warnings[0]}")
+        study.tell(trial, state=TrialState.FAIL)
+        return f"{head}: failed (target at chance)"
+    study.tell(trial, [point.test_acc, point.objective])
+    return f"{head}, strongest {point.strongest} {search.metric} {point.objective:.3f}"
+
+
+def format_params(params: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                     for k, v in params.items()) or "defaults"
+
+
+def completed_points(study: optuna.Study) -> list[tuple[int, Point]]:
+    """(trial number, Point) of every completed trial."""
+    return [(t.number, Point.from_dict(t.user_attrs["point"]))
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+
+
+def recommend(points: list[tuple[int, Point]], ce: Point,
+              max_drop: float) -> tuple[int, Point] | None:
+    """The completed trial with the lowest objective among those whose test accuracy is at
+    least CE's minus `max_drop` (ties: higher accuracy, then the earlier trial); None if none.
+    It lies on the Pareto front: a trial dominating it would meet the constraint too."""
+    floor = ce.test_acc - max_drop - 1e-12
+    ok = [(n, p) for n, p in points if p.test_acc >= floor]
+    return min(ok, key=lambda item: (item[1].objective, -item[1].test_acc, item[0]),
+               default=None)
