@@ -102,8 +102,10 @@ def _run_case(name: str, args: argparse.Namespace) -> None:
         recv, send = ctx.Pipe(duplex=False)
         proc = ctx.Process(target=_time, args=(name, engine, options, args, send))
         proc.start()
-        seconds, images, peak, rise, used = recv.recv()
         proc.join()
+        if not recv.poll():
+            raise SystemExit(f"{name} with {engine} {options} failed (exit {proc.exitcode})")
+        seconds, images, peak, rise, used = recv.recv()
         base = base or seconds
         print(f"| {used} | {seconds:.1f} | {images / seconds:.0f} | {peak:.0f} ({rise:+.0f}) "
               f"| {base / seconds:.2f}x |", flush=True)
@@ -174,6 +176,7 @@ def main() -> None:
     p.add_argument("--cnn-models", type=int, default=8)
     p.add_argument("--cnn-samples", type=int, default=512)
     p.add_argument("--cnn-epochs", type=int, default=1)
+    p.add_argument("--cases", default="mlp,cnn", help="comma-separated: mlp, cnn")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the model cases")
     p.add_argument("--skip-audit", action="store_true")
     p.add_argument("--audit-threads", type=int, default=1,
@@ -193,7 +196,7 @@ def main() -> None:
         return _cifar(args)
     if args.quick:
         args.mlp_models, args.mlp_epochs, args.cnn_models, args.cnn_samples = 4, 2, 2, 128
-    for name in CASES:
+    for name in args.cases.split(","):
         _run_case(name, args)
     if not args.skip_audit:
         _run_audits(args.audit_threads)

@@ -33,6 +33,7 @@ from torch import nn
 
 from crl.config import DATASET_DEFAULTS
 from crl.data import ImageData, load_dataset, make_pool_split, normalize
+from crl.errors import CRLError
 from crl.evaluation import predict_logits
 from crl.models import create_model
 from crl.seeding import seed_for, torch_generator
@@ -51,6 +52,17 @@ def machine() -> str:
     return f"{name}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
 
 
+def seed_list(text: str) -> list[int]:
+    """'0,1,2' -> [0, 1, 2] (argparse reports anything else as a bad --seeds value)."""
+    try:
+        seeds = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds or any(s < 0 for s in seeds):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected integers >= 0 separated by commas")
+    return seeds
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dataset", required=True, help="a crl dataset name or imagefolder:PATH")
@@ -59,7 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=RECIPE["batch_size"])
     p.add_argument("--lr", type=float, default=RECIPE["lr"])
     p.add_argument("--subset", type=int, default=RECIPE["subset"])
-    p.add_argument("--seeds", default="0", help="comma-separated split and model seeds")
+    p.add_argument("--seeds", type=seed_list, default=[0],
+                   help="comma-separated split and model seeds (default 0)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for training")
     p.add_argument("--channels-last", action="store_true")
     return p.parse_args(argv)
@@ -117,21 +130,30 @@ def run_seed(data: ImageData, seed: int, a: argparse.Namespace) -> dict[str, flo
             "auc": float(roc_auc_score(truth, scores)), "wall": wall}
 
 
-def main(argv: list[str] | None = None) -> None:
-    a = parse_args(argv)
-    seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
-    print("$ python " + " ".join(shlex.quote(x) for x in [sys.argv[0], *(argv or sys.argv[1:])]))
-    print(f"# {machine()}, torch {torch.__version__}, {datetime.datetime.now():%Y-%m-%d %H:%M}")
+def benchmark(a: argparse.Namespace) -> list[tuple[int, dict[str, float]]]:
+    """Load the dataset, then train and score one model per seed."""
     t0 = time.perf_counter()
     data = load_dataset(a.dataset)
     print(f"# {data.name}: {len(data)} images {tuple(data.shape)}, {data.num_classes} classes, "
           f"loaded in {time.perf_counter() - t0:.0f} s", flush=True)
-    rows = [(s, run_seed(data, s, a)) for s in seeds]
+    return [(s, run_seed(data, s, a)) for s in a.seeds]
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parse_args(argv)
+    print("$ python " + " ".join(shlex.quote(x) for x in [sys.argv[0], *(argv or sys.argv[1:])]))
+    print(f"# {machine()}, torch {torch.__version__}, {datetime.datetime.now():%Y-%m-%d %H:%M}")
+    t0 = time.perf_counter()
+    try:
+        rows = benchmark(a)
+    except CRLError as e:
+        sys.exit(f"error: {e}")
     print("\n| model | seed | members | train acc | test acc | gap | loss AUC | train s |")
     print("|---|---|---|---|---|---|---|---|")
     for s, r in rows:
         print(f"| {a.model} | {s} | {r['members']} | {r['train']:.1%} | {r['test']:.1%} | "
               f"{100 * (r['train'] - r['test']):.1f} pts | {r['auc']:.3f} | {r['wall']:.0f} |")
+    print(f"\n# {time.perf_counter() - t0:.0f} s in all")
 
 
 if __name__ == "__main__":

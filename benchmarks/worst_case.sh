@@ -20,11 +20,11 @@ if [ "${2:-}" = dpcheck ]; then
   done
   exit 0
 fi
-# `worst_case.sh OUT match`: RelaxLoss's test accuracy at three alphas (target and one reference
-# model), to pick the alpha whose accuracy matches CRL's in `main` (RL_ALPHA below); and CE and
+# `worst_case.sh OUT match`: RelaxLoss's test accuracy at five alphas (target and one reference
+# model), to pick the alphas whose accuracy brackets CRL's in `main`; and CE and
 # CRL without canaries, to see what the canaries cost
 if [ "${2:-}" = match ]; then
-  for alpha in 0.2 0.3 0.5; do
+  for alpha in 0.2 0.3 0.5 0.8 1.0; do
     run "match-relaxloss-$alpha" --references 1 --attacks loss --defenses relaxloss \
       --set relaxloss.alpha=$alpha
   done
@@ -34,5 +34,8 @@ if [ "${2:-}" = match ]; then
 fi
 run main --defenses ce,crl,relaxloss,label_smoothing --set relaxloss.alpha=0.02
 run crl-private --defenses crl --set crl.alpha_rcl=16
-run relaxloss-matched --defenses relaxloss --set relaxloss.alpha="${RL_ALPHA:-0.3}"
+for alpha in 0.5 0.8; do   # the two alphas whose test accuracy brackets CRL's (see `match`)
+  run "relaxloss-$alpha" --defenses relaxloss --set relaxloss.alpha=$alpha
+done
 run dpsgd --defenses dpsgd --set dpsgd.noise_multiplier="${DP_NOISE:-0.5}"
+run noise --defenses ce,crl --canaries 40:noise   # uniform-noise canaries (the last flag wins)

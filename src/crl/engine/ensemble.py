@@ -188,6 +188,7 @@ def _activations(model: nn.Module, spec: ModelSpec) -> int:
     handles = [m.register_forward_hook(count) for m in leaves]
     try:
         with torch.no_grad():
+            model.eval()                 # one sample: BatchNorm refuses it in training mode
             model(torch.empty(1, spec.in_channels, spec.image_size, spec.image_size,
                               device="meta"))
     finally:

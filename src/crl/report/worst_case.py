@@ -30,7 +30,8 @@ def pooled_side(group: list[TargetOutcome], attack: str, canary: bool, n_boot: i
     return pooled_metrics(_parts(group, attack, canary), n_boot=n_boot, seed=0)
 
 
-def _cell(m: dict, metric: str) -> str:
+def metric_cell(m: dict, metric: str) -> str:
+    """`metric` of `m` as "value [lo, hi]" (n/a when unresolvable)."""
     if m.get(metric) is None:
         return "n/a"
     lo, hi = m.get(f"{metric}_ci") or (None, None)
@@ -47,7 +48,7 @@ def _row(defense: str, group: list[TargetOutcome], attack: str, n_boot: int) -> 
     star = "" if group[0].attacks[attack].pooled is not None else " *"
     cells = [defense, attack + star, str(can.get("models", 0))]
     for metric in WORST_METRICS:
-        cells += [_cell(pop, metric), _cell(can, metric)]
+        cells += [metric_cell(pop, metric), metric_cell(can, metric)]
     cells.append(f"{_fpr(pop)} / {_fpr(can)}")
     return "| " + " | ".join(cells) + " |"
 

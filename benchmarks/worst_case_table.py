@@ -1,0 +1,64 @@
+"""The tables of docs/worst-case.md from the runs of benchmarks/worst_case.sh: every defense's
+accuracy, and each attack's population vs canary AUC and TPR at 0.1% FPR (pooled leave-one-out,
+95% intervals over samples), recomputed from the runs' saved scores (scores/*.npz).
+
+    python benchmarks/worst_case_table.py runs/worst-case
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from crl.audit.outcome import load_outcome
+from crl.report.worst_case import metric_cell, pooled_side
+
+METRICS = ("auc", "tpr_at_0.1pct_fpr")
+
+
+def _setting(run: str, defense: str, params: dict) -> str:
+    if defense == "crl":
+        return f"alpha_rcl {params['alpha_rcl']:g}" + (" (most private)" if "private" in run
+                                                       else " (default)")
+    if defense in ("relaxloss", "dpsgd", "label_smoothing"):
+        key = {"relaxloss": "alpha", "dpsgd": "noise_multiplier", "label_smoothing": "epsilon"}
+        return f"{key[defense]} {params[key[defense]]:g}"
+    return "-"
+
+
+MISLABELED = ("main", "crl-private", "relaxloss-0.5", "relaxloss-0.8", "dpsgd")
+HEAD = ("| defense | setting | train % | test % | attack | population AUC | canary AUC | "
+        "population TPR@0.1% | canary TPR@0.1% |\n|---|---|---|---|---|---|---|---|---|")
+
+
+def rows(root: Path, runs: tuple[str, ...], n_boot: int) -> list[str]:
+    """One row per (run, defense, attack), in the order of the runs' results."""
+    out = []
+    for run in runs:
+        for path in sorted((root / run / "scores").glob("*.npz")):
+            o = load_outcome(path)
+            eps = o.defense_report.get("epsilon")
+            head = [o.defense, _setting(run, o.defense, o.params)
+                    + (f", epsilon {eps:.0f}" if eps else ""),
+                    f"{100 * o.train_acc:.1f}", f"{100 * o.test_acc:.1f}"]
+            for attack in o.attacks:
+                pop, can = (pooled_side([o], attack, c, n_boot) for c in (False, True))
+                cells = [metric_cell(side, m) for m in METRICS for side in (pop, can)]
+                out.append("| " + " | ".join(head + [attack] + cells) + " |")
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("root", type=Path)
+    p.add_argument("--bootstrap", type=int, default=200)
+    args = p.parse_args()
+    for runs in (MISLABELED, ("noise",)):
+        canaries = json.loads((args.root / runs[0] / "canaries.json").read_text())
+        print(f"{canaries['n']} {canaries['kind']} canaries (dataset indices "
+              f"{canaries['indices'][0]}..{canaries['indices'][-1]}):\n\n{HEAD}")
+        print("\n".join(rows(args.root, runs, args.bootstrap)) + "\n")
+
+
+if __name__ == "__main__":
+    main()
