@@ -38,4 +38,9 @@ for alpha in 0.5 0.8; do   # the two alphas whose test accuracy brackets CRL's (
   run "relaxloss-$alpha" --defenses relaxloss --set relaxloss.alpha=$alpha
 done
 run dpsgd --defenses dpsgd --set dpsgd.noise_multiplier="${DP_NOISE:-0.5}"
-run noise --defenses ce,crl --canaries 40:noise   # uniform-noise canaries (the last flag wins)
+# uniform-noise canaries (the last --canaries wins): CE, CRL, RelaxLoss and DP-SGD as above
+run noise --defenses ce,crl --canaries 40:noise
+for alpha in 0.5 0.8; do
+  run "noise-relaxloss-$alpha" --defenses relaxloss --set relaxloss.alpha=$alpha --canaries 40:noise
+done
+run noise-dpsgd --defenses dpsgd --set dpsgd.noise_multiplier="${DP_NOISE:-0.5}" --canaries 40:noise

@@ -27,6 +27,7 @@ def _setting(run: str, defense: str, params: dict) -> str:
 
 
 MISLABELED = ("main", "crl-private", "relaxloss-0.5", "relaxloss-0.8", "dpsgd")
+NOISE = ("noise", "noise-relaxloss-0.5", "noise-relaxloss-0.8", "noise-dpsgd")
 HEAD = ("| defense | setting | train % | test % | attack | population AUC | canary AUC | "
         "population TPR@0.1% | canary TPR@0.1% |\n|---|---|---|---|---|---|---|---|---|")
 
@@ -53,7 +54,7 @@ def main() -> None:
     p.add_argument("root", type=Path)
     p.add_argument("--bootstrap", type=int, default=200)
     args = p.parse_args()
-    for runs in (MISLABELED, ("noise",)):
+    for runs in (MISLABELED, NOISE):
         canaries = json.loads((args.root / runs[0] / "canaries.json").read_text())
         print(f"{canaries['n']} {canaries['kind']} canaries (dataset indices "
               f"{canaries['indices'][0]}..{canaries['indices'][-1]}):\n\n{HEAD}")

@@ -140,9 +140,9 @@ class AuditConfig:
     cache: bool = option(True, kind=bool, flag="--no-cache",
                          help="do not reuse or store trained models in the model cache")
     progress: bool = option(True, kind=bool, flag="--quiet", help="no progress bars")
-    engine: str = option("sequential", kind=str, choices=ENGINE_NAMES,
-                         help="how models train: sequential (default) | ensemble (K at once, "
-                              "stacked) | auto (per model and device, docs/performance.md) | ray")
+    engine: str = option("auto", kind=str, choices=ENGINE_NAMES,
+                         help="how models train: auto (default: per model and device, "
+                              "docs/performance.md) | sequential | ensemble (K at once) | ray")
     ensemble_size: int | None = option(None, kind=int, low=1, nullable=True,
                                        help="--engine ensemble/auto: models trained at once "
                                             "(default: from the model size, at most 64)")

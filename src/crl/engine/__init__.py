@@ -65,8 +65,8 @@ class Engine(Protocol):
 
 def get_engine(name: str, **options: Any) -> Engine:
     """A registered engine by name."""
-    import crl.engine.ray_engine  # noqa: F401  (registers 'ray'; imports ray only when used)
     import crl.engine.ensemble  # noqa: F401  (registers 'ensemble' and 'auto')
+    import crl.engine.ray_engine  # noqa: F401  (registers 'ray'; imports ray only when used)
     import crl.engine.sequential  # noqa: F401  (registers the built-in engines)
 
     return ENGINES.get(name)(**options)

@@ -35,7 +35,7 @@ from crl.data.augment import augment_batch
 from crl.data.types import ImageData, normalize
 from crl.defenses.base import Defense, Step, TrainContext, build_defense, default_sampler
 from crl.engine import ENGINES, OnDone, TrainOutput, TrainRequest
-from crl.engine.sequential import train_one
+from crl.engine.sequential import initial_model, train_one
 from crl.engine.stacked import FORMULATIONS, Stack, agrees, build_stack, formulation_for
 from crl.errors import CRLError
 from crl.evaluation import evaluate
@@ -44,7 +44,7 @@ from crl.models.spec import ModelSpec
 from crl.params import Param, ParamSpec
 from crl.recipe import Recipe
 from crl.registry import DEFENSES
-from crl.seeding import seed_for, torch_generator
+from crl.seeding import torch_generator
 from crl.train import _lr_lambda
 from crl.utils import resolve_device
 
@@ -64,12 +64,6 @@ def batchable(defense: str) -> bool:
     """Whether the registered `defense` can train K models at once (batchable, batched_loss)."""
     cls = DEFENSES.get(defense)
     return bool(cls.batchable) and cls.batched_loss is not Defense.batched_loss
-
-
-def initial_model(spec: ModelSpec, seed: int) -> nn.Module:
-    """The model `train_one` starts from: built right after seeding from (seed, 'init')."""
-    torch.manual_seed(seed_for(seed, "init"))
-    return spec.build()
 
 
 @ENGINES.register("ensemble")
@@ -99,11 +93,13 @@ class EnsembleEngine:
 
         run = _Run(spec, data, recipe, defense, params, progress)
         formulation = self.formulation(spec, defense)
-        for positions in _groups(requests, resume, batched=formulation is not None):
+        groups = _groups(requests, resume, batched=formulation is not None)
+        if any(len(g) > 1 for g in groups):
+            size = self.options["ensemble_size"] or default_ensemble_size(spec, recipe)
+        for positions in groups:
             if len(positions) < 2:
                 run.sequential(requests, positions, done, resume)
                 continue
-            size = self.options["ensemble_size"] or default_ensemble_size(spec, recipe)
             for chunk in _chunks(positions, size):
                 run.ensemble(requests, chunk, formulation, done)
         return outputs  # type: ignore[return-value]
@@ -330,6 +326,8 @@ class _Ensemble:
         return {"test_loss": loss, "test_acc": acc}
 
     def output(self, k: int, history: list[dict[str, float]]) -> TrainOutput:
+        """Model k as the sequential engine returns it (CPU, eval mode), its report naming
+        this engine and formulation."""
         return TrainOutput(self.stack.module(k).cpu().eval(), self.run.spec,
                            np.sort(self.contexts[k].train_idx.numpy()),
                            {"engine": f"ensemble/{self.stack.formulation}"}, history)
@@ -349,12 +347,13 @@ def _context(run: _Run, request: TrainRequest, model: nn.Module,
 
 
 # What `auto` runs per (model, device type), from the timings in docs/performance.md
-# ("Training many models at once"); anything not listed trains sequentially, so `auto` is never
-# slower than sequential by this table. The CUDA rows are the issue's expectation and are not
-# measured yet (no GPU was lent to this work): benchmarks/gpu_engine.sh measures them.
+# ("Training many models at once", benchmarks/engine.py); anything not listed trains
+# sequentially, so `auto` is never slower than sequential by this table. The CUDA rows are the
+# issue's expectation and are not measured yet (no GPU was lent to this work):
+# benchmarks/gpu_engine.sh measures them.
 AUTO_TABLE: dict[tuple[str, str], str] = {
-    ("mlp", "cpu"): "baddbmm",          # measured: ensemble >> sequential
-    ("cnn", "cpu"): "sequential",       # measured: vmap slower than sequential
+    ("mlp", "cpu"): "baddbmm",          # 32 MLPs: 2.97x sequential at 1 thread, 7.33x at 2
+    ("cnn", "cpu"): "sequential",       # 8 cnn models: vmap 0.39x sequential
     ("mlp", "cuda"): "baddbmm",         # not measured
     ("cnn", "cuda"): "vmap",            # not measured
     ("resnet18", "cuda"): "vmap",       # not measured

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from crl.data.types import ImageData
@@ -22,12 +23,18 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
 
 
+def initial_model(spec: ModelSpec, seed: int) -> nn.Module:
+    """A model's initial weights: built right after seeding torch from the stream (seed, 'init')
+    (every engine starts a request's model from this)."""
+    torch.manual_seed(seed_for(seed, "init"))
+    return spec.build()
+
+
 def train_one(spec: ModelSpec, data: ImageData, recipe: Recipe, defense: str,
               params: dict[str, Any], request: TrainRequest, *, resume: bool = False,
               progress: bool = True) -> TrainOutput:
     """One model: initialised from the stream (seed, 'init'), trained by `fit`."""
-    torch.manual_seed(seed_for(request.seed, "init"))
-    net = spec.build()
+    net = initial_model(spec, request.seed)
     result = fit(net, data, np.sort(request.train_idx), replace(recipe, seed=request.seed),
                  build_defense(defense, params), eval_idx=request.eval_idx,
                  run_dir=request.run_dir, resume=resume, progress=progress,

@@ -3,12 +3,15 @@ two formulations). Both take inputs [K, B, C, H, W] (model k's batch at [k]) and
 [K, B, classes] and the penultimate features [K, B, D] (the head's input, for CRL's centers).
 
     baddbmm  explicit batched layers: a Sequential of Flatten / Linear / ReLU (the `mlp`) runs
-             each Linear as one torch.baddbmm over stacked weights [K, out, in]. No per-step
-             functional machinery: 9x sequential for 32 digits MLPs (docs/performance.md).
+             each Linear as one torch.baddbmm over stacked, transposed weights [K, in, out]. No
+             per-step functional machinery: for 32 digits MLPs 2.97x sequential at one thread,
+             7.33x at two (vmap: 1.87x, 4.48x; docs/performance.md).
     vmap     the generic path for any model: torch.func.stack_module_state + functional_call
              + vmap. The head is replaced by nn.Identity to give the features, then applied with
              its own stacked weights (a forward hook cannot capture inside vmap). Buffers are
-             stacked per model too, so BatchNorm keeps per-model running statistics.
+             stacked per model too, so BatchNorm keeps per-model running statistics (under
+             bf16 autocast it normalises a float32 copy of its input, as eager autocast does:
+             vmap's batch_norm refuses a bfloat16 input with float32 weights).
 
 Either reproduces K sequential trainings only when one forward is deterministic given the
 weights: a model with active dropout (random masks drawn differently under vmap) is trained by
@@ -150,6 +153,9 @@ class VmapStack:
         self.template = copy.deepcopy(models[0])
         self.trunk = copy.deepcopy(models[0]).to("meta")
         _replace(self.trunk, head_name, nn.Identity())
+        for m in self.trunk.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                _normalise_in_float32(m)
         params, self.buffers = stack_module_state(models)
         self.params = {k: nn.Parameter(_keep_layout(v, models[0], k)) for k, v in params.items()}
         self.head = (f"{head_name}.weight", f"{head_name}.bias" if head.bias is not None else None)
@@ -201,6 +207,17 @@ def _unstacked(template: nn.Module, params: dict[str, torch.Tensor],
         for name, t in buffers.items():
             net.get_buffer(name).copy_(t[k])
     return net
+
+
+def _normalise_in_float32(norm: nn.Module) -> None:
+    """BatchNorm on a float32 copy of its input, cast back (what eager autocast computes): under
+    vmap, batch_norm refuses a bfloat16 input with float32 weights."""
+    forward = norm.forward
+
+    def float32_forward(x: torch.Tensor) -> torch.Tensor:
+        return forward(x.float()).to(x.dtype)
+
+    norm.forward = float32_forward
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
