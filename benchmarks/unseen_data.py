@@ -4,7 +4,9 @@ Trains one target model the way `crl audit` does with the default (non-digits) r
 torch so the number does not depend on the audit pipeline: the stratified pool split of
 `crl.data.make_pool_split` (members = a quarter of the data or of `--subset`), per-channel
 normalisation with the dataset's mean/std, shuffled batches, SGD with momentum 0.9 and weight
-decay 5e-4, no augmentation, the model's init and batch order drawn from named seed streams.
+decay 5e-4, no augmentation; the split, the model's init and its batch order come from the
+seed streams `crl audit` uses for a seed's target model, so `--seeds 1` trains the model the
+audit's seed 1 trains.
 Prints the command, machine and date, the per-epoch training loss, then one Markdown row per
 seed: train (member) accuracy, test (non-member) accuracy, gap, and the loss attack's AUC
 (members vs non-members, scored by -cross-entropy).
@@ -37,6 +39,7 @@ from crl.errors import CRLError
 from crl.evaluation import predict_logits
 from crl.models import create_model
 from crl.seeding import seed_for, torch_generator
+from crl.utils import torch_save_atomic
 
 RECIPE = DATASET_DEFAULTS["*"]
 
@@ -75,6 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma-separated split and model seeds (default 0)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for training")
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--save", metavar="DIR", help="also write each trained model's state dict "
+                   "to DIR/<model>-seed<N>.pt")
     return p.parse_args(argv)
 
 
@@ -109,19 +114,22 @@ def losses_and_accuracy(model: nn.Module, data: ImageData, idx: np.ndarray
 
 def run_seed(data: ImageData, seed: int, a: argparse.Namespace) -> dict[str, float]:
     """Train one target model on the seed's members; score it on members and non-members."""
-    split = make_pool_split(data.y.numpy(), seed, a.subset)
-    torch.manual_seed(seed_for(seed, "init"))
+    split = make_pool_split(data.y.numpy(), seed_for(seed, "split"), a.subset)
+    model_seed = seed_for(seed, "target")          # the audit's target model seed
+    torch.manual_seed(seed_for(model_seed, "init"))
     model = create_model(a.model, data.x.shape[1], data.x.shape[-1], data.num_classes)
     if a.channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=a.lr, momentum=0.9, weight_decay=5e-4)
-    gen = torch_generator(seed, "shuffle")
+    gen = torch_generator(model_seed, "shuffle")
     members = torch.as_tensor(split.target_members)
     t0 = time.perf_counter()
     for epoch in range(1, a.epochs + 1):
         loss = train_epoch(model, opt, data, members, gen, a)
         print(f"  seed {seed} epoch {epoch}: train loss {loss:.4f}", flush=True)
     wall = time.perf_counter() - t0
+    if a.save:
+        torch_save_atomic(model.state_dict(), Path(a.save) / f"{a.model}-seed{seed}.pt")
     in_loss, train_acc = losses_and_accuracy(model, data, split.target_members)
     out_loss, test_acc = losses_and_accuracy(model, data, split.target_nonmembers)
     scores = -np.concatenate([in_loss, out_loss])

@@ -5,6 +5,11 @@ label (from model.pt and canaries.json), and each attack's population vs canary 
 scores (scores/*.npz).
 
     python benchmarks/worst_case_table.py runs/worst-case
+    python benchmarks/worst_case_table.py runs/cifar-canaries --runs ce-crl,relaxloss \
+        --dataset imagefolder:../shared/data/cifar10-jpeg.tar.gz
+
+Without --runs: the digits runs of benchmarks/worst_case.sh, mislabeled then noise canaries;
+with it, one table of those runs (one canary set: same seed, --subset and --canaries).
 """
 from __future__ import annotations
 
@@ -51,9 +56,10 @@ def canary_fit(run_dir: Path, defense: str, base) -> float:
     return float((pred.numpy() == canaries.labels)[member].mean())
 
 
-def rows(root: Path, runs: tuple[str, ...], n_boot: int) -> list[str]:
-    """One row per (run, defense, attack), in the order of the runs' results."""
-    out, base = [], load_dataset("digits")
+def rows(root: Path, runs: tuple[str, ...], n_boot: int, base) -> list[str]:
+    """One row per (run, defense, attack), in the order of the runs' results; `base` is the
+    dataset the runs audited (without canaries)."""
+    out = []
     for run in runs:
         for path in sorted((root / run / "scores").glob("*.npz")):
             o = load_outcome(path)
@@ -73,12 +79,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("root", type=Path)
     p.add_argument("--bootstrap", type=int, default=200)
+    p.add_argument("--dataset", default="digits", help="the dataset the runs audited")
+    p.add_argument("--runs", help="comma-separated run folders under root (one table)")
     args = p.parse_args()
-    for runs in (MISLABELED, NOISE):
+    base = load_dataset(args.dataset)
+    for runs in ((tuple(args.runs.split(",")),) if args.runs else (MISLABELED, NOISE)):
         canaries = json.loads((args.root / runs[0] / "canaries.json").read_text())
         print(f"{canaries['n']} {canaries['kind']} canaries (dataset indices "
               f"{canaries['indices'][0]}..{canaries['indices'][-1]}):\n\n{HEAD}")
-        print("\n".join(rows(args.root, runs, args.bootstrap)) + "\n")
+        print("\n".join(rows(args.root, runs, args.bootstrap, base)) + "\n")
 
 
 if __name__ == "__main__":

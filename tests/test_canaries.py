@@ -7,12 +7,7 @@ import pytest
 import yaml
 
 from crl.audit import DefenseChoice, TrainedModel
-from crl.audit.canaries import (
-    clustered_metrics_with_ci,
-    exposure_thresholds,
-    exposure_values,
-    subset_metrics,
-)
+from crl.audit.canaries import exposure_thresholds, exposure_values, subset_metrics
 from crl.audit.outcome import AttackOutcome, load_outcome
 from crl.audit.plan import canary_halves
 from crl.audit.run import Audit, canaries_for, evaluation_of
@@ -21,6 +16,7 @@ from crl.cli import main
 from crl.config import AuditConfig
 from crl.data.canaries import load_canaries, parse_canaries
 from crl.errors import CRLError
+from crl.metrics import clustered_metrics_with_ci
 from crl.models.spec import ModelSpec
 
 

@@ -25,7 +25,7 @@ DEFAULT_ATTACKS = ["loss", "confidence", "entropy", "mentr", "gradx", "nn", "lir
 # Per-dataset defaults, applied to every field the user left unset (see docs/models.md).
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "digits": {"model": "mlp", "epochs": 60, "batch_size": 32, "lr": 0.05, "subset": 400,
-               "references": 32},
+               "references": 64},
     "*": {"model": "cnn", "epochs": 30, "batch_size": 128, "lr": 0.05, "subset": None,
           "references": 16},
 }

@@ -20,9 +20,10 @@ weights, many replicates at once.
 """
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
+from scipy.sparse import csr_matrix
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from crl.errors import CRLError
@@ -202,6 +203,48 @@ def metrics_with_ci(scores, is_member, *, n_boot: int = 200, seed: int = 0,
     s, m = _check(scores, is_member)
     keys = tuple(k for k in CI_METRICS if out[k] is not None)
     reps = _bootstrap(s, m, n_boot, rng, keys)
+    for key in CI_METRICS:
+        out[f"{key}_ci"] = _interval(reps[key], level) if key in reps else None
+    return out
+
+
+def _cluster_weights(draws: np.ndarray, k: int) -> np.ndarray:
+    """[B, k]: how often each cluster is drawn by each row of `draws`."""
+    b = draws.shape[0]
+    cells = (draws + k * np.arange(b)[:, None]).ravel()
+    return np.bincount(cells, minlength=b * k).reshape(b, k).astype(float)
+
+
+def _cluster_replicates(s: np.ndarray, m: np.ndarray, clusters: np.ndarray, n_boot: int,
+                        rng: np.random.Generator, keys: tuple[str, ...]) -> dict:
+    """`keys` over n_boot resamples of the clusters (with replacement), every pair of a drawn
+    cluster counted as often as the cluster is drawn."""
+    group, n_groups = _grouped(s)
+    _, cl = np.unique(clusters, return_inverse=True)
+    k = int(cl.max()) + 1
+    on = [csr_matrix((side.astype(float), (cl.ravel(), group)), shape=(k, n_groups))
+          for side in (m, ~m)]
+    parts = []
+    for reps in _chunks(n_boot, n_groups):
+        w = _cluster_weights(rng.integers(0, k, size=(reps, k)), k)
+        w1, w0 = (np.asarray((a.T @ w.T).T) for a in on)
+        parts.append(_curve_metrics(w1, w0, keys))
+    return {key: np.concatenate([p[key] for p in parts]) for key in keys}
+
+
+def clustered_metrics_with_ci(scores, is_member, clusters, *, n_boot: int = 200, seed: int = 0,
+                              level: float = 0.95) -> dict:
+    """attack_metrics of all (score, membership) pairs plus `<metric>_ci` = [lo, hi] from a
+    percentile bootstrap that resamples `clusters` (one id per pair), so pairs of one cluster
+    (e.g. one sample scored by many models) move together."""
+    check_value("bootstrap", "n_boot", n_boot, kind=int, low=1)
+    s, m = _check(scores, is_member)
+    c = np.asarray(clusters).ravel()
+    if c.shape != s.shape:
+        raise CRLError(f"clusters of {len(c)} entries: expected {len(s)} (one per score)")
+    out = attack_metrics(s, m)
+    keys = tuple(k for k in CI_METRICS if out[k] is not None)
+    reps = _cluster_replicates(s, m, c, n_boot, numpy_rng(seed, "bootstrap"), keys)
     for key in CI_METRICS:
         out[f"{key}_ci"] = _interval(reps[key], level) if key in reps else None
     return out

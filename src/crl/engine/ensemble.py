@@ -352,8 +352,8 @@ def _context(run: _Run, request: TrainRequest, model: nn.Module,
 # issue's expectation and are not measured yet (no GPU was lent to this work):
 # benchmarks/gpu_engine.sh measures them.
 AUTO_TABLE: dict[tuple[str, str], str] = {
-    ("mlp", "cpu"): "baddbmm",          # 32 MLPs: 2.97x sequential at 1 thread, 7.33x at 2
-    ("cnn", "cpu"): "sequential",       # 8 cnn models: vmap 0.39x sequential
+    ("mlp", "cpu"): "baddbmm",          # 32 MLPs: faster than vmap and sequential
+    ("cnn", "cpu"): "sequential",       # 8 cnn models: vmap slower than sequential
     ("mlp", "cuda"): "baddbmm",         # not measured
     ("cnn", "cuda"): "vmap",            # not measured
     ("resnet18", "cuda"): "vmap",       # not measured

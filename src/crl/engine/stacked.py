@@ -4,8 +4,8 @@ two formulations). Both take inputs [K, B, C, H, W] (model k's batch at [k]) and
 
     baddbmm  explicit batched layers: a Sequential of Flatten / Linear / ReLU (the `mlp`) runs
              each Linear as one torch.baddbmm over stacked, transposed weights [K, in, out]. No
-             per-step functional machinery: for 32 digits MLPs 2.97x sequential at one thread,
-             7.33x at two (vmap: 1.87x, 4.48x; docs/performance.md).
+             per-step functional machinery: for 32 digits MLPs about twice as fast as vmap
+             (docs/performance.md).
     vmap     the generic path for any model: torch.func.stack_module_state + functional_call
              + vmap. The head is replaced by nn.Identity to give the features, then applied with
              its own stacked weights (a forward hook cannot capture inside vmap). Buffers are

@@ -1,0 +1,194 @@
+"""Does today's `fit` train the model that the pre-refactor `fit` (commit 64f7cf0) trained, when
+both get the same initial weights, training indices, batch order and CRL centers?
+
+The staged-audit refactor changed how seeds become random streams (named SeedSequence streams
+instead of integer arithmetic), so the default audit's numbers moved. This script separates
+that change from everything else: it trains one digits MLP per defense with the digits default
+recipe under both versions of the code, with every random input pinned to the new streams, and
+compares the final logits on all 1,797 digits images.
+
+    git worktree add /tmp/crl-old 64f7cf0
+    python benchmarks/refactor_check.py --old-src /tmp/crl-old/src
+
+Second, `--old-seeds N`: the pre-refactor default audit (`crl audit --attacks loss --shadows 0
+--seeds 0..N-1`, old code) against today's `fit` given the old seed mapping (split seed s,
+`torch.manual_seed(s)` before building the model, one generator seeded with s for the shuffle and
+CRL's centers): per seed, the target's test accuracy and loss-attack AUC. Equal rows mean the
+audit's numbers moved only because the seeds now name other random streams.
+
+Each version runs in its own process (both packages are named `crl`): `--impl` selects the one
+this process imports, and the parent compares the logits they write. Pinned: the model's initial
+state dict (built once by the new code), the training indices (100 digits samples), the shuffle
+(the old loop seeded its one generator with `recipe.seed`; it is given the new "shuffle"
+stream's seed) and CRL's initial centers (the old defense drew them from `recipe.seed`; it is
+given the new "centers" stream's generator).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+SEED = 7
+DEFENSES = ("ce", "crl", "relaxloss")
+
+
+def _train(impl: str, defense: str, work: Path) -> None:
+    """In this process's `crl` (old or new): train and write logits to work/<impl>-<defense>.pt."""
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(1)
+    from crl.data.datasets import load_dataset
+    from crl.models import create_model
+
+    data = load_dataset("digits")
+    train_idx = np.sort(np.random.default_rng(0).choice(len(data), 100, replace=False))
+    init = work / "init.pt"
+    if not init.exists():
+        model = create_model("mlp", data.x.shape[1], data.x.shape[-1], data.num_classes)
+        torch.save(model.state_dict(), init)
+    model = create_model("mlp", data.x.shape[1], data.x.shape[-1], data.num_classes)
+    model.load_state_dict(torch.load(init, weights_only=True))
+    recipe_args = {"epochs": 60, "batch_size": 32, "lr": 0.05, "device": "cpu"}
+    if impl == "new":
+        from crl.defenses import build_defense
+        from crl.recipe import Recipe
+        from crl.train import fit
+        recipe = Recipe(seed=SEED, **recipe_args)
+        d = build_defense(defense, {})
+    else:
+        import crl.losses.crl as old_losses
+        from crl.defenses import build_defense
+        from crl.train import Recipe as OldRecipe
+        from crl.train import fit
+        new_seeds = json.loads(os.environ["CRL_CHECK_SEEDS"])
+        recipe = OldRecipe(seed=new_seeds["shuffle"], **recipe_args)
+        init_centers = old_losses.CRLLoss.__init__
+
+        def pinned(self, *a, generator=None, **kw):
+            init_centers(self, *a, generator=torch.Generator().manual_seed(new_seeds["centers"]),
+                         **kw)
+
+        old_losses.CRLLoss.__init__ = pinned
+        d = build_defense(defense, {})
+    result = fit(model, data, train_idx, recipe, d, progress=False)
+    with torch.no_grad():
+        from crl.data.types import normalize
+        logits = result.model.eval()(normalize(data.x, data.mean, data.std))
+    torch.save({"logits": logits, "params": dict(d.params), "x_sum": int(data.x.long().sum()),
+                "mean": list(data.mean), "std": list(data.std)}, work / f"{impl}-{defense}.pt")
+
+
+def _old_audit(old_src: str, seeds: int, work: str) -> dict[tuple[str, int], tuple[float, float]]:
+    """(defense, seed) -> (test accuracy, loss AUC) of the old code's default-recipe audit."""
+    out = os.path.join(work, "old-audit")
+    env = {**os.environ, "PYTHONPATH": old_src, "CRL_CACHE": os.path.join(work, "cache-old"),
+           "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "crl.cli", "audit", "--quiet", "--attacks", "loss",
+                    "--shadows", "0", "--seeds", ",".join(map(str, range(seeds))),
+                    "--out", out], env=env, check=True, stdout=subprocess.DEVNULL)
+    rows = json.loads((Path(out) / "results.json").read_text())
+    return {(r["defense"], r["seed"]): (r["test_acc"], r["attacks"]["loss"]["auc"]) for r in rows}
+
+
+def _new_with_old_seeds(defense: str, seed: int) -> tuple[float, float]:
+    """Today's fit and metrics on the old audit's split, initialisation and streams for `seed`."""
+    import numpy as np
+    import torch
+
+    from crl import train
+    from crl.data.datasets import load_dataset
+    from crl.data.splits import make_pool_split
+    from crl.defenses import base, build_defense
+    from crl.evaluation import predict_logits
+    from crl.metrics import attack_metrics
+    from crl.models import create_model
+    from crl.recipe import Recipe
+
+    def one_stream(s: int, *_path) -> torch.Generator:   # the old code: one seed, no streams
+        return torch.Generator().manual_seed(int(s))
+
+    train.torch_generator = base.torch_generator = one_stream
+    data = load_dataset("digits")
+    split = make_pool_split(data.y.numpy(), seed=seed, subset=400)
+    torch.manual_seed(seed)
+    model = create_model("mlp", data.x.shape[1], data.x.shape[-1], data.num_classes)
+    recipe = Recipe(epochs=60, batch_size=32, lr=0.05, seed=seed, device="cpu")
+    model = train.fit(model, data, split.target_members, recipe, build_defense(defense, {}),
+                      progress=False).model.eval()
+    idx = np.concatenate([split.target_members, split.target_nonmembers])
+    logits = predict_logits(model, data, idx)
+    y = data.y[torch.as_tensor(idx)]
+    loss = torch.nn.functional.cross_entropy(logits, y, reduction="none").numpy()
+    member = np.r_[np.ones(len(split.target_members)), np.zeros(len(split.target_nonmembers))]
+    test = (logits.argmax(1) == y)[len(split.target_members):].float().mean().item()
+    return test, attack_metrics(-loss, member)["auc"]
+
+
+def _seeds_table(old_src: str, seeds: int) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as work:
+        old = _old_audit(old_src, seeds, work)
+    print("| defense | seed | old audit: test acc | loss AUC | today's fit, old seeds: test acc "
+          "| loss AUC |\n|---|---|---|---|---|---|")
+    for defense in ("ce", "crl"):
+        for seed in range(seeds):
+            acc, auc = _new_with_old_seeds(defense, seed)
+            o_acc, o_auc = old[(defense, seed)]
+            print(f"| {defense} | {seed} | {100 * o_acc:.1f} | {o_auc:.4f} | {100 * acc:.1f} "
+                  f"| {auc:.4f} |", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--old-src", help="src/ of a checkout of commit 64f7cf0")
+    p.add_argument("--impl", choices=("old", "new"), help=argparse.SUPPRESS)
+    p.add_argument("--work", help=argparse.SUPPRESS)
+    p.add_argument("--defenses", default=",".join(DEFENSES))
+    p.add_argument("--old-seeds", type=int, metavar="N",
+                   help="compare the old default audit with today's fit on the old seeds 0..N-1")
+    a = p.parse_args(argv)
+    if a.impl:
+        for defense in a.defenses.split(","):
+            _train(a.impl, defense, Path(a.work))
+        return
+    if not a.old_src or not (Path(a.old_src) / "crl" / "train.py").exists():
+        raise SystemExit(f"--old-src = {a.old_src!r}: expected the src/ folder of a checkout of "
+                         "commit 64f7cf0 (git worktree add /tmp/crl-old 64f7cf0)")
+    if a.old_seeds:
+        return _seeds_table(a.old_src, a.old_seeds)
+    import torch
+
+    from crl.seeding import seed_for
+    seeds = {"shuffle": seed_for(SEED, "shuffle"), "centers": seed_for(SEED, "centers")}
+    new_src = str(Path(__file__).resolve().parents[1] / "src")
+    with tempfile.TemporaryDirectory() as work:
+        for impl, src in (("new", new_src), ("old", a.old_src)):
+            env = {**os.environ, "PYTHONPATH": src, "CRL_CHECK_SEEDS": json.dumps(seeds),
+                   "CRL_CACHE": os.path.join(work, f"cache-{impl}")}
+            subprocess.run([sys.executable, __file__, "--impl", impl, "--work", work,
+                            "--defenses", a.defenses], env=env, check=True)
+        print("| defense | same data | same params | max |logit difference| | max |logit| "
+              "| same predictions |\n|---|---|---|---|---|---|")
+        for defense in a.defenses.split(","):
+            old = torch.load(Path(work) / f"old-{defense}.pt", weights_only=True)
+            new = torch.load(Path(work) / f"new-{defense}.pt", weights_only=True)
+            same_data = (old["x_sum"], old["mean"], old["std"]) == (new["x_sum"], new["mean"],
+                                                                   new["std"])
+            diff = (old["logits"] - new["logits"]).abs().max().item()
+            preds = bool((old["logits"].argmax(1) == new["logits"].argmax(1)).all())
+            print(f"| {defense} | {same_data} | {old['params'] == new['params']} | {diff:.2e} "
+                  f"| {new['logits'].abs().max().item():.1f} | {preds} |")
+            if old["params"] != new["params"]:
+                print(f"  old params {old['params']}\n  new params {new['params']}")
+
+
+if __name__ == "__main__":
+    main()
