@@ -1,6 +1,8 @@
 """Worst-case privacy with canaries (--canaries): insertion, membership, metrics with a known
 answer, exposure, and that mislabeled canaries leak more than the population."""
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,9 +14,10 @@ from crl.audit.outcome import AttackOutcome, load_outcome
 from crl.audit.plan import canary_halves
 from crl.audit.run import Audit, canaries_for, evaluation_of
 from crl.audit.signals import extract_signals
+from crl.canary_spec import parse_canaries
 from crl.cli import main
 from crl.config import AuditConfig
-from crl.data.canaries import load_canaries, parse_canaries
+from crl.data.canaries import load_canaries
 from crl.errors import CRLError
 from crl.metrics import clustered_metrics_with_ci
 from crl.models.spec import ModelSpec
@@ -79,6 +82,13 @@ def test_canaries_are_excluded_from_accuracy_and_population_metrics(digits):
     planned = np.stack([np.isin(ev.sample_idx[ev.canary], j.train_idx) for j in jobs])
     got = ctx.target.member[:, ev.canary]
     assert got.sum() == planned.sum() - planned[:, 0].sum() and not got[:, 0].any()
+
+
+def test_the_config_checks_canaries_without_importing_torch():
+    code = ("import sys; from crl.config import AuditConfig; "
+            "AuditConfig(canaries='40:noise').validate(); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_noise_canaries_and_bad_canary_settings(digits, tmp_path):

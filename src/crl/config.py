@@ -15,7 +15,7 @@ from typing import Any, Iterable
 
 import yaml
 
-from crl.data.canaries import SPEC_PATTERN as CANARY_PATTERN, SPEC_WORDS as CANARY_WORDS
+from crl.canary_spec import SPEC_PATTERN as CANARY_PATTERN, SPEC_WORDS as CANARY_WORDS
 from crl.errors import CRLError
 from crl.params import Param
 

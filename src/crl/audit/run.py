@@ -19,9 +19,9 @@ from crl.audit.outcome import Evaluation, TargetOutcome, save_outcome
 from crl.audit.plan import DefenseChoice, ModelJob, plan_models
 from crl.audit.runner import run_attacks
 from crl.audit.signals import extract_signals, target_pool_of
+from crl.canary_spec import parse_canaries
 from crl.config import AuditConfig, set_warnings
-from crl.data.canaries import (CanarySet, make_canaries, parse_canaries, save_canaries,
-                               with_canaries)
+from crl.data.canaries import CanarySet, make_canaries, save_canaries, with_canaries
 from crl.data.splits import PoolSplit, make_pool_split
 from crl.data.types import ImageData
 from crl.defenses.base import build_defense

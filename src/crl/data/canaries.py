@@ -13,29 +13,17 @@ Canary k is sample `base_size + k` of it.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from crl.canary_spec import KINDS
 from crl.data.types import ImageData
 from crl.errors import CRLError
 from crl.seeding import numpy_rng
 from crl.utils import atomic_path, write_json_atomic
-
-KINDS = ("mislabeled", "noise")
-SPEC_PATTERN = r"([2-9]|[1-9]\d+)(:(" + "|".join(KINDS) + r"))?"
-SPEC_WORDS = f"N or N:KIND with N >= 2 and KIND one of: {', '.join(KINDS)}"
-
-
-def parse_canaries(text: str) -> tuple[int, str]:
-    """'200' -> (200, 'mislabeled'); '50:noise' -> (50, 'noise')."""
-    if not isinstance(text, str) or not re.fullmatch(SPEC_PATTERN, text):
-        raise CRLError(f"canaries = {text!r}: expected {SPEC_WORDS}")
-    n, _, kind = text.partition(":")
-    return int(n), kind or KINDS[0]
 
 
 @dataclass(frozen=True)
