@@ -18,7 +18,7 @@ audit's numbers moved only because the seeds now name other random streams.
 
 Each version runs in its own process (both packages are named `crl`): `--impl` selects the one
 this process imports, and the parent compares the logits they write. Pinned: the model's initial
-state dict (built once by the new code), the training indices (100 digits samples), the shuffle
+state dict (built once by the new code after torch.manual_seed(i), i = 0..--inits-1), the training indices (100 digits samples), the shuffle
 (the old loop seeded its one generator with `recipe.seed`; it is given the new "shuffle"
 stream's seed) and CRL's initial centers (the old defense drew them from `recipe.seed`; it is
 given the new "centers" stream's generator).
@@ -50,22 +50,20 @@ def _train(impl: str, defense: str, work: Path) -> None:
     train_idx = np.sort(np.random.default_rng(0).choice(len(data), 100, replace=False))
     init = work / "init.pt"
     if not init.exists():
+        torch.manual_seed(int(os.environ["CRL_CHECK_INIT"]))   # torch's own seed is random
         model = create_model("mlp", data.x.shape[1], data.x.shape[-1], data.num_classes)
         torch.save(model.state_dict(), init)
     model = create_model("mlp", data.x.shape[1], data.x.shape[-1], data.num_classes)
     model.load_state_dict(torch.load(init, weights_only=True))
     recipe_args = {"epochs": 60, "batch_size": 32, "lr": 0.05, "device": "cpu"}
+    from crl.defenses import build_defense  # both versions have these two
+    from crl.train import fit
     if impl == "new":
-        from crl.defenses import build_defense
         from crl.recipe import Recipe
-        from crl.train import fit
         recipe = Recipe(seed=SEED, **recipe_args)
-        d = build_defense(defense, {})
     else:
         import crl.losses.crl as old_losses
-        from crl.defenses import build_defense
         from crl.train import Recipe as OldRecipe
-        from crl.train import fit
         new_seeds = json.loads(os.environ["CRL_CHECK_SEEDS"])
         recipe = OldRecipe(seed=new_seeds["shuffle"], **recipe_args)
         init_centers = old_losses.CRLLoss.__init__
@@ -75,7 +73,7 @@ def _train(impl: str, defense: str, work: Path) -> None:
                          **kw)
 
         old_losses.CRLLoss.__init__ = pinned
-        d = build_defense(defense, {})
+    d = build_defense(defense, {})
     result = fit(model, data, train_idx, recipe, d, progress=False)
     with torch.no_grad():
         from crl.data.types import normalize
@@ -152,6 +150,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--impl", choices=("old", "new"), help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
     p.add_argument("--defenses", default=",".join(DEFENSES))
+    p.add_argument("--inits", type=int, default=5,
+                   help="initial weights from torch.manual_seed(0..N-1), one comparison each")
     p.add_argument("--old-seeds", type=int, metavar="N",
                    help="compare the old default audit with today's fit on the old seeds 0..N-1")
     a = p.parse_args(argv)
@@ -164,19 +164,26 @@ def main(argv: list[str] | None = None) -> None:
                          "commit 64f7cf0 (git worktree add /tmp/crl-old 64f7cf0)")
     if a.old_seeds:
         return _seeds_table(a.old_src, a.old_seeds)
-    import torch
-
     from crl.seeding import seed_for
     seeds = {"shuffle": seed_for(SEED, "shuffle"), "centers": seed_for(SEED, "centers")}
     new_src = str(Path(__file__).resolve().parents[1] / "src")
+    print("| init seed | defense | same data | same params | max |logit difference| | max |logit| "
+          "| same predictions |\n|---|---|---|---|---|---|---|")
+    for init_seed in range(a.inits):
+        _compare(a, seeds, new_src, init_seed)
+
+
+def _compare(a: argparse.Namespace, seeds: dict, new_src: str, init_seed: int) -> None:
+    """Both versions from the initial weights of torch.manual_seed(init_seed); one row each."""
+    import torch
+
     with tempfile.TemporaryDirectory() as work:
         for impl, src in (("new", new_src), ("old", a.old_src)):
             env = {**os.environ, "PYTHONPATH": src, "CRL_CHECK_SEEDS": json.dumps(seeds),
+                   "CRL_CHECK_INIT": str(init_seed),
                    "CRL_CACHE": os.path.join(work, f"cache-{impl}")}
             subprocess.run([sys.executable, __file__, "--impl", impl, "--work", work,
                             "--defenses", a.defenses], env=env, check=True)
-        print("| defense | same data | same params | max |logit difference| | max |logit| "
-              "| same predictions |\n|---|---|---|---|---|---|")
         for defense in a.defenses.split(","):
             old = torch.load(Path(work) / f"old-{defense}.pt", weights_only=True)
             new = torch.load(Path(work) / f"new-{defense}.pt", weights_only=True)
@@ -184,8 +191,8 @@ def main(argv: list[str] | None = None) -> None:
                                                                    new["std"])
             diff = (old["logits"] - new["logits"]).abs().max().item()
             preds = bool((old["logits"].argmax(1) == new["logits"].argmax(1)).all())
-            print(f"| {defense} | {same_data} | {old['params'] == new['params']} | {diff:.2e} "
-                  f"| {new['logits'].abs().max().item():.1f} | {preds} |")
+            print(f"| {init_seed} | {defense} | {same_data} | {old['params'] == new['params']} "
+                  f"| {diff:.2e} | {new['logits'].abs().max().item():.1f} | {preds} |")
             if old["params"] != new["params"]:
                 print(f"  old params {old['params']}\n  new params {new['params']}")
 
