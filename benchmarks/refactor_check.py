@@ -74,12 +74,53 @@ def _train(impl: str, defense: str, work: Path) -> None:
 
         old_losses.CRLLoss.__init__ = pinned
     d = build_defense(defense, {})
+    trace = _trace_relaxloss() if defense == "relaxloss" else []
     result = fit(model, data, train_idx, recipe, d, progress=False)
     with torch.no_grad():
         from crl.data.types import normalize
         logits = result.model.eval()(normalize(data.x, data.mean, data.std))
     torch.save({"logits": logits, "params": dict(d.params), "x_sum": int(data.x.long().sum()),
-                "mean": list(data.mean), "std": list(data.std)}, work / f"{impl}-{defense}.pt")
+                "mean": list(data.mean), "std": list(data.std), "trace": trace},
+               work / f"{impl}-{defense}.pt")
+
+
+def _trace_relaxloss() -> list[tuple[int, float, str, float]]:
+    """Record (epoch, l_ce, branch, loss) of every RelaxLoss step in this process's `crl`
+    (both versions keep l_ce and the branch in `last_stats`)."""
+    from crl.losses.relaxloss import RelaxLoss
+
+    trace, forward = [], RelaxLoss.forward
+
+    def traced(self, logits, targets, epoch):
+        loss = forward(self, logits, targets, epoch)
+        trace.append((int(epoch), float(self.last_stats["l_ce"]), str(self.last_stats["branch"]),
+                      float(loss.detach())))
+        return loss
+
+    RelaxLoss.forward = traced
+    return trace
+
+
+def _first_parting(old: list, new: list, alpha: float) -> str:
+    """Where two RelaxLoss traces first differ: the step, whether it is a branch flip, and
+    how close the batch-mean cross-entropy was to alpha there."""
+    for step, (o, n) in enumerate(zip(old, new), start=1):
+        if o == n:
+            continue
+        epoch, l_old, b_old, _ = o
+        _, l_new, b_new, _ = n
+        what = (f"branch {b_old} -> {b_new}" if b_old != b_new
+                else f"same branch ({b_old})")
+        before = old[step - 2][2] if step > 1 else "none"
+        relax = sum(t[2] == "relax" for t in old[:step - 1])
+        flips = [(i, abs(x[1] - alpha)) for i, (x, y) in enumerate(zip(old, new), start=1)
+                 if x[2] != y[2]]
+        first_flip = (f"; first branch flip at step {flips[0][0]} (|l_ce - alpha| = "
+                      f"{flips[0][1]:.2e})" if flips else "; no branch flip")
+        return (f"first differs at step {step} (epoch {epoch}): l_ce {l_old:.9g} vs {l_new:.9g}, "
+                f"{what}; the step before took {before}, {relax} relax step(s) before "
+                f"it{first_flip}")
+    return f"identical over {min(len(old), len(new))} steps"
 
 
 def _old_audit(old_src: str, seeds: int, work: str) -> dict[tuple[str, int], tuple[float, float]]:
@@ -171,6 +212,34 @@ def main(argv: list[str] | None = None) -> None:
           "| same predictions |\n|---|---|---|---|---|---|---|")
     for init_seed in range(a.inits):
         _compare(a, seeds, new_src, init_seed)
+    if "relaxloss" in a.defenses.split(","):
+        print(_relax_gradients(a.old_src))
+
+
+def _relax_gradients(old_src: str, trials: int = 200) -> str:
+    """Old vs new RelaxLoss gradient in the posterior-flattening branch (alpha 5: every random
+    batch takes it), on identical random logits: rounding or a different formula?"""
+    import importlib.util
+
+    import torch
+
+    from crl.losses.relaxloss import RelaxLoss as NewRelaxLoss
+
+    where = importlib.util.spec_from_file_location("old_relaxloss",
+                                                   Path(old_src) / "crl/losses/relaxloss.py")
+    old = importlib.util.module_from_spec(where)
+    where.loader.exec_module(old)
+    gen = torch.Generator().manual_seed(0)
+    worst, equal = 0.0, 0
+    for _ in range(trials):
+        logits = (3 * torch.randn(32, 10, generator=gen)).requires_grad_()
+        y = torch.randint(0, 10, (32,), generator=gen)
+        old_g, new_g = (torch.autograd.grad(cls(10, alpha=5.0)(logits, y, 1), logits)[0]
+                        for cls in (old.RelaxLoss, NewRelaxLoss))
+        worst = max(worst, ((old_g - new_g).abs().max() / old_g.abs().max()).item())
+        equal += bool(torch.equal(old_g, new_g))
+    return (f"RelaxLoss relax-branch gradient, old vs new code, {trials} random batches: "
+            f"{equal} bitwise equal, max difference {worst:.2e} of the largest entry")
 
 
 def _compare(a: argparse.Namespace, seeds: dict, new_src: str, init_seed: int) -> None:
@@ -193,6 +262,8 @@ def _compare(a: argparse.Namespace, seeds: dict, new_src: str, init_seed: int) -
             preds = bool((old["logits"].argmax(1) == new["logits"].argmax(1)).all())
             print(f"| {init_seed} | {defense} | {same_data} | {old['params'] == new['params']} "
                   f"| {diff:.2e} | {new['logits'].abs().max().item():.1f} | {preds} |")
+            if defense == "relaxloss":
+                print(f"  relaxloss trace: {_first_parting(old['trace'], new['trace'], new['params']['alpha'])}")
             if old["params"] != new["params"]:
                 print(f"  old params {old['params']}\n  new params {new['params']}")
 
