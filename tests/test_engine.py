@@ -158,6 +158,14 @@ def test_a_defense_that_cannot_batch_falls_back_to_sequential(digits):
         build_defense("dpsgd").batched_loss(None)
 
 
+@pytest.mark.parametrize("defense", ["relaxloss", "confidence_penalty", "crl"])
+def test_a_batched_loss_before_batched_prepare_is_a_clear_error(defense):
+    with pytest.raises(CRLError, match=f"defense '{defense}' used before batched_prepare"):
+        build_defense(defense).batched_loss(None)
+    with pytest.raises(CRLError, match="before batched_prepare"):
+        build_defense(defense).batched_end_epoch([], 1)
+
+
 def test_unequal_train_sizes_group_by_size_and_a_lone_size_trains_sequentially(digits):
     spec = ModelSpec.for_data("mlp", digits)
     recipe = Recipe(epochs=2, batch_size=32, lr=0.05, device="cpu")

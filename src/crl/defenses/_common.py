@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from crl.data.splits import _stratified_take
-from crl.defenses.base import TrainContext
+from crl.defenses.base import EpochEnd, TrainContext
 from crl.errors import CRLError
 from crl.losses import BRANCHES
 
@@ -86,6 +86,36 @@ class EpochMeans:
             out.update({f"frac_{term}_{name}": counts[name] / steps for name in BRANCHES})
         self.reset()
         return out
+
+
+class LogsMeans:
+    """Mixin for a defense that logs per-step values as epoch means: `self._means` (EpochMeans)
+    under `fit`, reset by `prepare`'s call of `_reset_means`; `self._batched_means()` (ModelMeans)
+    when K models train at once. end_epoch and batched_end_epoch return the epoch's means.
+    List it before Defense: class D(LogsMeans, Defense)."""
+
+    def __init__(self, params: dict[str, Any] | None = None) -> None:
+        super().__init__(params)
+        self._means = EpochMeans()
+        self._model_means: ModelMeans | None = None
+
+    def _reset_means(self) -> None:
+        self._means.reset()
+
+    def end_epoch(self, ctx: TrainContext, epoch: int) -> EpochEnd:
+        return EpochEnd(metrics=self._means.pop())
+
+    def batched_prepare(self, ctxs: list[TrainContext]) -> None:
+        self._model_means = ModelMeans(len(ctxs))
+
+    def _batched_means(self) -> ModelMeans:
+        if self._model_means is None:
+            raise CRLError(f"defense '{self.name}' used before batched_prepare(ctxs); call it "
+                           "first")
+        return self._model_means
+
+    def batched_end_epoch(self, ctxs: list[TrainContext], epoch: int) -> list[EpochEnd]:
+        return [EpochEnd(metrics=means) for means in self._batched_means().pop()]
 
 
 class ModelMeans:

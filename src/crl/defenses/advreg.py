@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from crl.defenses._common import EpochMeans, global_rng_from, held_out_count, split_members
-from crl.defenses.base import Defense, EpochEnd, Step, TrainContext
+from crl.defenses._common import LogsMeans, global_rng_from, held_out_count, split_members
+from crl.defenses.base import Defense, Step, TrainContext
 from crl.errors import CRLError
 from crl.params import Param, ParamSpec
 from crl.recipe import Recipe
@@ -58,7 +58,7 @@ class InferenceModel(nn.Module):
 
 
 @DEFENSES.register("advreg")
-class AdvReg(Defense):
+class AdvReg(LogsMeans, Defense):
     """AdvReg: inside each classifier step, `k` Adam steps of the inference model, then
     loss = CE + alpha * mean log h(member batch) with h frozen.
 
@@ -89,7 +89,6 @@ class AdvReg(Defense):
         self.ref_idx: torch.Tensor | None = None
         self.member_idx: torch.Tensor | None = None
         self.gen: torch.Generator | None = None
-        self._means = EpochMeans()
         self._last_acc: float | None = None
 
     def check(self, recipe: Recipe, n_train: int) -> None:
@@ -104,7 +103,7 @@ class AdvReg(Defense):
         self.attack.to(ctx.device)
         self.attack_opt = torch.optim.Adam(self.attack.parameters(), lr=self.params["attack_lr"])
         self.gen = ctx.stream(self.name, "draws")
-        self._means.reset()
+        self._reset_means()
 
     def _ready(self) -> InferenceModel:
         if self.attack is None:
@@ -150,9 +149,6 @@ class AdvReg(Defense):
         member_term = F.logsigmoid(z).mean()
         self._means.add(l_ce=ce, member_log_h=member_term)
         return ce + self.params["alpha"] * member_term
-
-    def end_epoch(self, ctx: TrainContext, epoch: int) -> EpochEnd:
-        return EpochEnd(metrics=self._means.pop())
 
     def report(self) -> dict[str, Any]:
         return {

@@ -1,14 +1,13 @@
 """Confidence penalty (Pereyra et al. 2017): cross-entropy minus beta times posterior entropy."""
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from crl.defenses._common import EpochMeans, ModelMeans
-from crl.defenses.base import Defense, EpochEnd, Step, TrainContext
-from crl.errors import CRLError
+from crl.defenses._common import LogsMeans
+from crl.defenses.base import Defense, Step, TrainContext
 from crl.params import Param, ParamSpec
 from crl.registry import DEFENSES
 
@@ -22,7 +21,7 @@ def _ce_and_entropy(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor
 
 
 @DEFENSES.register("confidence_penalty")
-class ConfidencePenalty(Defense):
+class ConfidencePenalty(LogsMeans, Defense):
     """L = CE(logits, y) - beta * mean_i H(softmax(logits_i)); penalises confident posteriors.
 
     end_epoch() metrics: the epoch's mean cross-entropy `l_ce` and mean entropy `entropy`.
@@ -33,34 +32,18 @@ class ConfidencePenalty(Defense):
               help="weight of the entropy bonus"),
     )
 
-    def __init__(self, params: dict[str, Any] | None = None) -> None:
-        super().__init__(params)
-        self._means = EpochMeans()
-        self._model_means: ModelMeans | None = None
-
     def prepare(self, ctx: TrainContext) -> None:
-        self._means.reset()
+        self._reset_means()
 
     def loss(self, ctx: TrainContext, step: Step) -> torch.Tensor:
         ce, ent = _ce_and_entropy(step.logits, step.y)
         self._means.add(l_ce=ce, entropy=ent)
         return ce - self.params["beta"] * ent
 
-    def end_epoch(self, ctx: TrainContext, epoch: int) -> EpochEnd:
-        return EpochEnd(metrics=self._means.pop())
-
     # --- K models at once ------------------------------------------------------------------
-    def batched_prepare(self, ctxs: list[TrainContext]) -> None:
-        self._model_means = ModelMeans(len(ctxs))
-
     def batched_loss(self, steps: Step) -> torch.Tensor:
         """CE - beta * mean entropy per model: logits [K, B, C] -> [K]."""
-        if self._model_means is None:
-            raise CRLError(f"defense '{self.name}' used before batched_prepare(ctxs); call it "
-                           "first")
+        means = self._batched_means()
         ce, ent = _ce_and_entropy(steps.logits, steps.y)
-        self._model_means.add(l_ce=ce, entropy=ent)
+        means.add(l_ce=ce, entropy=ent)
         return ce - self.params["beta"] * ent
-
-    def batched_end_epoch(self, ctxs: list[TrainContext], epoch: int) -> list[EpochEnd]:
-        return [EpochEnd(metrics=means) for means in self._model_means.pop()]

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from crl.defenses._common import EpochMeans, ModelMeans
+from crl.defenses._common import LogsMeans
 from crl.defenses.base import Defense, EpochEnd, Step, TrainContext
 from crl.errors import CRLError
 from crl.losses.crl import CENTER_UPDATES, CRLLoss, crl_batched
@@ -46,7 +46,7 @@ CRL_SPEC = ParamSpec(
 
 
 @DEFENSES.register("crl")
-class CRLDefense(Defense):
+class CRLDefense(LogsMeans, Defense):
     """Center-based Relaxed Learning: L = L_rce + lam * L_rcl (Algorithm 1), centers on the
     defense (initialised from the stream "centers", trained by their own optimizer).
 
@@ -68,15 +68,13 @@ class CRLDefense(Defense):
         self.params.update(self.fixed)
         self.crl_loss: CRLLoss | None = None
         self.center_optimizer: torch.optim.Optimizer | None = None
-        self._means = EpochMeans()
         self.centers: nn.Parameter | None = None        # [K, C, D] when K models train at once
-        self._model_means: ModelMeans | None = None
 
     def prepare(self, ctx: TrainContext) -> None:
         self.crl_loss = self._new_loss(ctx)
         self.center_optimizer = (self.crl_loss.make_center_optimizer()
                                  if self.crl_loss.centers is not None else None)
-        self._means.reset()
+        self._reset_means()
 
     def _new_loss(self, ctx: TrainContext) -> CRLLoss:
         """The model's CRLLoss, its centers drawn from its stream "centers" (lam > 0)."""
@@ -131,25 +129,23 @@ class CRLDefense(Defense):
             self.centers = nn.Parameter(torch.stack([loss.centers.detach() for loss in losses]))
             template = losses[0].make_center_optimizer()
             self.center_optimizer = type(template)([self.centers], **template.defaults)
-        self._model_means = ModelMeans(len(ctxs))
+        super().batched_prepare(ctxs)
 
     def batched_loss(self, steps: Step) -> torch.Tensor:
         """L = L_rce + lam * L_rcl per model (crl_batched: each model takes its own branch)."""
-        if self._model_means is None:
-            raise CRLError(f"defense '{self.name}' used before batched_prepare(ctxs); call it "
-                           "first")
+        means = self._batched_means()
         stats = LossStats()
         value = crl_batched(steps.logits, steps.features, steps.y, self.centers, steps.epoch,
                             validate=False, stats=stats, **self.params)
-        self._model_means.add(**{k: stats.get(k) for k in ("l_rce", "l_rcl", "l_lce", "l_ct")})
-        self._model_means.add_branch("rce", stats.code("rce_branch"))
-        self._model_means.add_branch("rcl", stats.code("rcl_branch"))
+        means.add(**{k: stats.get(k) for k in ("l_rce", "l_rcl", "l_lce", "l_ct")})
+        means.add_branch("rce", stats.code("rce_branch"))
+        means.add_branch("rcl", stats.code("rcl_branch"))
         return value
 
     def batched_end_epoch(self, ctxs: list[TrainContext], epoch: int) -> list[EpochEnd]:
         """Each model's means, with end_epoch's collapse warning per model."""
         ends = []
-        for means in self._model_means.pop():
+        for means in self._batched_means().pop():
             self._warn_collapse(epoch, means)
             ends.append(EpochEnd(metrics=means))
         return ends

@@ -24,13 +24,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from crl.defenses._common import (
-    EpochMeans,
+    LogsMeans,
     entropy,
     global_rng_from,
     held_out_count,
     split_members,
 )
-from crl.defenses.base import Defense, EpochEnd, Step, TrainContext
+from crl.defenses.base import Defense, Step, TrainContext
 from crl.errors import CRLError
 from crl.params import Param, ParamSpec
 from crl.recipe import Recipe
@@ -38,7 +38,7 @@ from crl.registry import DEFENSES
 
 
 @DEFENSES.register("dmp")
-class DMP(Defense):
+class DMP(LogsMeans, Defense):
     """Student loss: KL(softmax(teacher(x) / temperature) || softmax(student(x))), x from the
     selected reference samples only (the batch's hard labels are ignored).
 
@@ -62,7 +62,6 @@ class DMP(Defense):
         self.ref_pool: torch.Tensor | None = None
         self.ref_idx: torch.Tensor | None = None
         self.ref_entropy: torch.Tensor | None = None   # teacher entropy of each ref_pool sample
-        self._means = EpochMeans()
         self._report: dict[str, Any] = {}
 
     def check(self, recipe: Recipe, n_train: int) -> None:
@@ -81,7 +80,7 @@ class DMP(Defense):
         teacher = ctx.train_submodel(self._fresh_copy(ctx), self.teacher_idx, stream="teacher")
         self.teacher = teacher.eval().requires_grad_(False)
         ctx.train_idx = self.ref_idx = self._select(ctx)
-        self._means.reset()
+        self._reset_means()
 
     def _fresh_copy(self, ctx: TrainContext) -> nn.Module:
         """A copy of ctx.model re-initialised (each module's reset_parameters, on the CPU) from
@@ -124,9 +123,6 @@ class DMP(Defense):
         value = F.kl_div(F.log_softmax(step.logits, dim=1), soft, reduction="batchmean")
         self._means.add(l_kl=value)
         return value
-
-    def end_epoch(self, ctx: TrainContext, epoch: int) -> EpochEnd:
-        return EpochEnd(metrics=self._means.pop())
 
     def report(self) -> dict[str, Any]:
         return dict(self._report)

@@ -5,8 +5,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from crl.defenses._common import EpochMeans, ModelMeans
-from crl.defenses.base import Defense, EpochEnd, Step, TrainContext
+from crl.defenses._common import LogsMeans
+from crl.defenses.base import Defense, Step, TrainContext
 from crl.errors import CRLError
 from crl.losses.relaxloss import LossStats, RelaxLoss, relaxloss_batched
 from crl.params import Param, ParamSpec
@@ -14,7 +14,7 @@ from crl.registry import DEFENSES
 
 
 @DEFENSES.register("relaxloss")
-class RelaxLossDefense(Defense):
+class RelaxLossDefense(LogsMeans, Defense):
     """RelaxLoss: even epoch |L_ce - alpha|; L_ce > alpha -> L_ce; else posterior flattening.
 
     end_epoch() metrics: the epoch's mean l_ce and the share of steps in each branch
@@ -31,12 +31,10 @@ class RelaxLossDefense(Defense):
     def __init__(self, params: dict[str, Any] | None = None) -> None:
         super().__init__(params)
         self.relax_loss: RelaxLoss | None = None
-        self._means = EpochMeans()
-        self._model_means: ModelMeans | None = None
 
     def prepare(self, ctx: TrainContext) -> None:
         self.relax_loss = RelaxLoss(ctx.num_classes, **self.params)
-        self._means.reset()
+        self._reset_means()
 
     def loss(self, ctx: TrainContext, step: Step) -> torch.Tensor:
         if self.relax_loss is None:
@@ -47,24 +45,13 @@ class RelaxLossDefense(Defense):
         self._means.add_branch("ce", stats["branch"])
         return value
 
-    def end_epoch(self, ctx: TrainContext, epoch: int) -> EpochEnd:
-        return EpochEnd(metrics=self._means.pop())
-
     # --- K models at once ------------------------------------------------------------------
-    def batched_prepare(self, ctxs: list[TrainContext]) -> None:
-        self._model_means = ModelMeans(len(ctxs))
-
     def batched_loss(self, steps: Step) -> torch.Tensor:
         """RelaxLoss per model (relaxloss_batched: each model takes its own branch, Eq. 3)."""
-        if self._model_means is None:
-            raise CRLError(f"defense '{self.name}' used before batched_prepare(ctxs); call it "
-                           "first")
+        means = self._batched_means()
         stats = LossStats()
         value = relaxloss_batched(steps.logits, steps.y, self.params["alpha"], steps.epoch,
                                   upper=self.params["upper"], validate=False, stats=stats)
-        self._model_means.add(l_ce=stats["l_ce"])
-        self._model_means.add_branch("ce", stats.code("branch"))
+        means.add(l_ce=stats["l_ce"])
+        means.add_branch("ce", stats.code("branch"))
         return value
-
-    def batched_end_epoch(self, ctxs: list[TrainContext], epoch: int) -> list[EpochEnd]:
-        return [EpochEnd(metrics=means) for means in self._model_means.pop()]
