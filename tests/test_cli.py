@@ -45,7 +45,9 @@ def test_audit_end_to_end_writes_everything(tmp_path, capsys):
         assert (out / f).is_file(), f
     split = json.loads((out / "splits" / "seed0.json").read_text())
     assert not set(split["target_members"]) & set(split["target_nonmembers"])
-    assert "| Defense | Train acc % | Test acc % |" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "| Defense | Train acc % | Test acc % |" in report
+    assert "2 shadow models, 8 reference models (LiRA/RMIA)." in report
 
 
 def test_second_audit_reuses_cached_models_and_still_writes_metrics(tmp_path, capsys):
