@@ -185,6 +185,13 @@ def _recipe(cfg) -> str:
     return f"{cfg.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr}"
 
 
+def _shadows(outcomes: list[TargetOutcome], cfg) -> str:
+    """The shadow models, when an attack used them (the NN attack, shadow-fitted thresholds)."""
+    used = any(name == "nn" or "shadow_threshold_accuracy" in {**a.metrics, **a.extra}
+               for o in outcomes for name, a in o.attacks.items())
+    return f"{cfg.shadows} shadow models" if used and cfg.shadows else "no shadow models"
+
+
 def _references(outcomes: list[TargetOutcome]) -> str:
     """How many reference models each target had (the pool models besides the target)."""
     counts = sorted({0 if o.model_member is None else len(o.model_member) - 1 for o in outcomes})
@@ -200,7 +207,7 @@ def _header(outcomes: list[TargetOutcome], cfg) -> str:
     text = (f"Members evaluated per target: {', '.join(map(str, n_m))} (what each released "
             f"model trained on); {n_n} non-members; seeds {seeds}. Accuracies: mean ± std over "
             "seeds. Attack cells: value [95% interval], bootstrap over samples and seeds. "
-            f"{_recipe(cfg)}; {cfg.shadows} shadow models, {_references(outcomes)}.")
+            f"{_recipe(cfg)}; {_shadows(outcomes, cfg)}, {_references(outcomes)}.")
     if 0.001 * n_n < 1:
         text += (f" With {n_n} non-members one target resolves FPRs down to {100.0 / n_n:.2f}%: "
                  "TPR at 0.1% FPR is n/a; the leave-one-out rows pool every model and resolve "
