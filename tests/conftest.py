@@ -10,11 +10,10 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def digits():
+def digits(tmp_path_factory):
     import os
-    import tempfile
 
-    os.environ.setdefault("CRL_CACHE", tempfile.mkdtemp())
+    os.environ.setdefault("CRL_CACHE", str(tmp_path_factory.mktemp("crl-cache-digits")))
     from crl.data.datasets import load_dataset
 
     return load_dataset("digits")

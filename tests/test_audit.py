@@ -240,3 +240,20 @@ def test_saved_outcomes_rebuild_the_same_report(tmp_path, capsys):
     again.mkdir()
     write_report(again, outcomes, cfg)
     assert (again / "report.md").read_text() == (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("shadows, member_rows, expected", [
+    (1, 2, "1 shadow model, 1 reference model (LiRA/RMIA)"),
+    (3, 9, "3 shadow models, 8 reference models (LiRA/RMIA)"),
+    (0, None, "no shadow models, no reference models"),
+])
+def test_the_report_header_counts_the_models_the_attacks_used(shadows, member_rows, expected):
+    from types import SimpleNamespace
+
+    from crl.report.tables import _references, _shadows
+
+    nn = SimpleNamespace(metrics={"auc": 0.6}, extra={})
+    model_member = None if member_rows is None else np.zeros((member_rows, 4), bool)
+    outcome = SimpleNamespace(attacks={"nn": nn}, model_member=model_member)
+    cfg = SimpleNamespace(shadows=shadows)
+    assert f"{_shadows([outcome], cfg)}, {_references([outcome])}" == expected

@@ -189,7 +189,9 @@ def _shadows(outcomes: list[TargetOutcome], cfg) -> str:
     """The shadow models, when an attack used them (the NN attack, shadow-fitted thresholds)."""
     used = any(name == "nn" or "shadow_threshold_accuracy" in {**a.metrics, **a.extra}
                for o in outcomes for name, a in o.attacks.items())
-    return f"{cfg.shadows} shadow models" if used and cfg.shadows else "no shadow models"
+    if not (used and cfg.shadows):
+        return "no shadow models"
+    return f"{cfg.shadows} shadow model{'s' if cfg.shadows != 1 else ''}"
 
 
 def _references(outcomes: list[TargetOutcome]) -> str:
@@ -197,7 +199,8 @@ def _references(outcomes: list[TargetOutcome]) -> str:
     counts = sorted({0 if o.model_member is None else len(o.model_member) - 1 for o in outcomes})
     if counts == [0]:
         return "no reference models"
-    return f"{' or '.join(map(str, counts))} reference models (LiRA/RMIA)"
+    noun = "reference model" if counts == [1] else "reference models"
+    return f"{' or '.join(map(str, counts))} {noun} (LiRA/RMIA)"
 
 
 def _header(outcomes: list[TargetOutcome], cfg) -> str:
