@@ -217,3 +217,32 @@ def test_bad_tune_options_fail_with_one_line_before_any_training(tmp_path, capsy
     assert code == 2 and err.count("\n") == 1
     assert message in err
     assert not (out / STUDY_FILE).exists()
+
+
+def test_a_killed_run_keeps_the_time_of_its_finished_trials(tmp_path, capsys, monkeypatch):
+    """The study's wall time is stored per trial, so "for the study so far" counts a run that
+    was killed after some trials; the next run adds its own time to that."""
+    import crl.tune.run as tune_run
+
+    class Killed(BaseException):
+        pass
+
+    def killed(*_args, **_kwargs):
+        raise Killed
+
+    out = tmp_path / "tune"
+    args = [*TINY, "--trials", "2", "--out", str(out)]
+    with monkeypatch.context() as m:
+        m.setattr(tune_run, "reference_points", killed)
+        with pytest.raises(Killed):
+            main(["tune", *args])
+    assert "trial 2/2" in capsys.readouterr().out
+    storage = optuna.storages.RDBStorage(f"sqlite:///{out / STUDY_FILE}")
+    kept = optuna.load_study(study_name=STUDY_NAME, storage=storage).user_attrs["seconds"]
+    assert kept > 0 and not (out / "tune.json").exists()
+
+    code, stdout, err = _tune(args, capsys)
+    assert code == 0, err
+    assert "trial 1/2" not in stdout                     # the two trials were kept, not rerun
+    seconds = json.loads((out / "tune.json").read_text())["seconds"]
+    assert abs(seconds["total"] - (kept + seconds["run"])) <= 1    # both rounded to 1 s

@@ -34,7 +34,8 @@ from crl.tune.evaluate import Point, check_resolvable, evaluate_setting, objecti
 from crl.tune.options import OBJECTIVES, TuneOptions, stage_configs
 from crl.tune.output import ConfirmRow, TuneResult, fmt, write_outputs
 from crl.tune.space import search_space
-from crl.tune.study import Search, completed_points, open_study, recommend, run_trials, setup_of
+from crl.tune.study import (Search, completed_points, open_study, recommend, run_trials, setup_of,
+                            study_seconds)
 from crl.utils import code_version
 
 
@@ -67,6 +68,7 @@ def _tune_locked(out: Path, search: Search, opts: TuneOptions,
     t0 = time.time()
     setup = setup_of(search.audit.cfg, opts, search.audit.data)
     study = open_study(out, setup, run_seed=search.seeds[0])
+    before = study_seconds(study)          # earlier runs, finished or killed after a trial
     run_trials(study, search, opts.trials, echo)
     echo("reference points (search seeds) ...")
     refs = reference_points(search, opts.compare)
@@ -75,9 +77,10 @@ def _tune_locked(out: Path, search: Search, opts: TuneOptions,
     if rec is not None:
         echo(f"re-running the recommendation on fresh seeds {confirm[0].cfg.seeds} ...")
         rows = confirm_rows(*confirm, search, rec)
-    run_seconds = round(time.time() - t0)
-    total = int(study.user_attrs.get("seconds", 0)) + run_seconds
-    study.set_user_attr("seconds", total)
+    run_seconds = time.time() - t0
+    study.set_user_attr("seconds", before + run_seconds)
+    total = round(before + run_seconds)
+    run_seconds = round(run_seconds)
     meta = {"command": command, "setup": setup, "version": code_version(),
             "machine": machine(), "date": str(date.today()),
             "seconds": {"run": run_seconds, "total": total}}

@@ -128,6 +128,17 @@ def counted(study: optuna.Study) -> list[FrozenTrial]:
             or (t.state == TrialState.FAIL and "failed" in t.user_attrs)]
 
 
+def study_seconds(study: optuna.Study) -> float:
+    """The wall time the study's runs have spent, as stored in it."""
+    return float(study.user_attrs.get("seconds", 0))
+
+
+def charge_seconds(study: optuna.Study, seconds: float) -> None:
+    """Add `seconds` to the study's stored wall time (per trial, so a killed run keeps the
+    time of the trials it finished)."""
+    study.set_user_attr("seconds", study_seconds(study) + seconds)
+
+
 def run_trials(study: optuna.Study, search: Search, total: int,
                echo: Callable[[str], None]) -> int:
     """Ask and evaluate trials until `total` count; returns how many ran now."""
@@ -136,6 +147,7 @@ def run_trials(study: optuna.Study, search: Search, total: int,
         t0 = time.time()
         trial = study.ask(search.space)
         line = run_trial(study, trial, search)
+        charge_seconds(study, time.time() - t0)
         echo(f"trial {k + 1}/{total} (#{trial.number}) {line} ({time.time() - t0:.0f} s)")
     return max(0, total - start)
 
