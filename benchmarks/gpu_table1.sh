@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
 # Table 1a's ResNet18 / CIFAR-10 row (CE, RelaxLoss, CRL) on a short schedule for one GPU
 # (needs crl installed with a CUDA build of torch)
-# (sized for 6 minutes of one H200; not yet run on one: see docs/benchmarks.md).
+# (sized, not measured, for 6 minutes of one H200; not yet completed on one: see
+# docs/benchmarks.md).
 #
 #   benchmarks/gpu_table1.sh [CIFAR10_ARCHIVE] [extra crl audit flags...]
 #
 # The recipe is experiments/cifar10_resnet18.yaml (lr 0.01, batch 256, the paper's defense
 # settings) with a 20-epoch schedule (milestones at 50% / 80% as in the 100-epoch recipe), one
 # seed, the paper's attacks (NN on 1 shadow model instead of 5, entropy, m-entropy, Grad-x) and
-# the loss threshold; bf16 autocast and channels_last. Models train one after another; the
-# images stay in host memory as uint8 and each batch is copied to the GPU (0.8 MB per step).
-# ENGINE=ensemble (where `crl audit --engine` exists) trains models of one defense together.
-# The audit runs under `timeout $BUDGET_S` (default 340 s), so an overrun fails loudly;
-# rerun with `--resume` to finish it. Environment: EPOCHS, DEVICE (default cuda), OUT, ENGINE.
+# the loss threshold; bf16 autocast and channels_last. The default engine (auto) trains each
+# defense's target and shadow together on CUDA (vmap ensemble, in the default memory layout);
+# ENGINE=sequential trains them one after another, each batch copied from host memory to the
+# GPU (uint8, 0.8 MB per step). The audit runs under `timeout $BUDGET_S` (default 340 s), so an
+# overrun fails loudly, printing the epochs each model finished; rerun with `--resume` to
+# finish it. Environment: EPOCHS, DEVICE (default cuda), OUT, ENGINE, BUDGET_S.
 # CPU check of the flags:
 #   DEVICE=cpu EPOCHS=1 BUDGET_S=3600 benchmarks/gpu_table1.sh ../shared/data/cifar10-jpeg.tar.gz \
 #       --subset 400 --no-cache
@@ -51,6 +53,12 @@ set -e
 if [[ $rc -eq 124 ]]; then
     echo "gpu_table1: the audit ran past BUDGET_S=$BUDGET_S s and was stopped; rerun with" \
          "--resume to finish it (or lower EPOCHS)" >&2
+    # sequential training logs every epoch of each target; the ensemble logs at the end
+    for m in "$OUT"/models/*/seed*/metrics.jsonl; do
+        if [[ -f $m ]]; then
+            echo "gpu_table1: ${m#"$OUT"/models/}: $(wc -l < "$m") of $EPOCHS epochs" >&2
+        fi
+    done
 fi
 [[ $rc -eq 0 ]] || exit "$rc"
 echo "gpu_table1: $(( $(date +%s) - start )) s wall for the audit (epochs $EPOCHS, device $DEVICE)"

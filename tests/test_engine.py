@@ -97,7 +97,8 @@ def _relative(a: nn.Module, b: nn.Module) -> float:
 def _assert_same(seq, ens, formulation: str, tols=None) -> None:
     assert len(seq) == len(ens)
     for a, b, tol in zip(seq, ens, tols or [1e-4] * len(seq)):
-        assert b.report == {**a.report, "engine": f"ensemble/{formulation}"}
+        ensemble_report = {k: v for k, v in b.report.items() if k != "channels_last"}
+        assert ensemble_report == {**a.report, "engine": f"ensemble/{formulation}"}
         assert _relative(a.net, b.net) <= tol
         np.testing.assert_array_equal(a.trained_on, b.trained_on)
         assert [list(r) for r in a.history] == [list(r) for r in b.history]
@@ -262,6 +263,61 @@ def test_models_the_stack_cannot_reproduce_train_sequentially():
     models = [Doubled(), Doubled()]
     assert formulation_for(models[0]) == "vmap"
     assert not agrees(VmapStack(models), models, torch.randn(2, 1, 8, 8))
+
+
+class _FormatQueryingNorm(nn.BatchNorm2d):
+    """BatchNorm that first asks for its input's memory format, as CUDA's batch norm does
+    (`input.contiguous(input.suggest_memory_format())`): vmap refuses a channels_last query."""
+
+    def forward(self, x):
+        if x.stride(1) == 1 and x.shape[1] > 1:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return super().forward(x)
+
+
+class _BranchesOnData(nn.Module):
+    """Branches on a tensor's value in training (vmap refuses data-dependent control flow)."""
+
+    def forward(self, x):
+        return x.relu() if self.training and bool(x.sum() > 0) else x
+
+
+def _custom_net(middle: nn.Module) -> nn.Module:
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), middle, nn.ReLU(), nn.Flatten(),
+                        nn.Linear(4 * 8 * 8, 10))
+    net.crl_head = "4"
+    return net
+
+
+def _train_custom(monkeypatch, middle, engine: str, recipe: Recipe):
+    monkeypatch.setattr(ModelSpec, "build", lambda self: _custom_net(middle()))
+    return get_engine(engine).train(ModelSpec.for_data("cnn", _data()), _data(), recipe, "ce", {},
+                                    _requests(2, eval_first=False), progress=False)
+
+
+def test_channels_last_is_not_applied_inside_vmap(monkeypatch):
+    """On the GPU, ResNet18 under --engine ensemble --channels-last failed in batch norm with
+    "NYI: querying is_contiguous inside of vmap for memory_format other than
+    torch.contiguous_format". The stack now computes in the default layout; its models are the
+    sequential engine's in that layout, and their report says channels_last was not applied."""
+    recipe = Recipe(epochs=2, batch_size=32, lr=0.02, channels_last=True, device="cpu")
+    ens = _train_custom(monkeypatch, lambda: _FormatQueryingNorm(4), "ensemble", recipe)
+    seq = _train_custom(monkeypatch, lambda: _FormatQueryingNorm(4), "sequential",
+                        replace(recipe, channels_last=False))
+    for a, b in zip(seq, ens):
+        assert b.report["engine"] == "ensemble/vmap"
+        assert b.report["channels_last"].startswith("not applied")
+        assert _relative(a.net, b.net) <= 1e-4
+
+
+def test_a_stack_that_cannot_train_falls_back_to_sequential_with_a_warning(monkeypatch):
+    recipe = Recipe(epochs=1, batch_size=32, lr=0.02, device="cpu")
+    with pytest.warns(RuntimeWarning, match="vmap stack of cnn cannot train: .*data-dependent"):
+        ens = _train_custom(monkeypatch, _BranchesOnData, "ensemble", recipe)
+    seq = _train_custom(monkeypatch, _BranchesOnData, "sequential", recipe)
+    for a, b in zip(seq, ens):
+        assert b.report["engine"] == "sequential"
+        assert _relative(a.net, b.net) == 0.0
 
 
 def test_auto_follows_the_measured_table(digits):

@@ -12,7 +12,11 @@ formulations (crl.engine.stacked): `baddbmm` (explicit batched layers, the `mlp`
 
 What falls back to the sequential engine, never an error: a defense that is not batchable
 (dpsgd, advreg, dmp, early_stopping), a model no formulation reproduces (active dropout), a
-request alone in its train size (batches must align), a request with a checkpoint to resume.
+model whose stack fails a trial training step on two samples (an operation vmap does not
+support; a warning names it), a request alone in its train size (batches must align), a request
+with a checkpoint to resume. The stack computes in the default memory format even when the
+recipe asks for channels_last: vmap cannot answer a query for another format, which CUDA's
+batch norm makes (the models differ from channels_last ones only in rounding).
 Models train in chunks of `ensemble_size` (default: as many as fit a memory budget, at most 64).
 No per-epoch checkpoints: `on_done` is called per model as its chunk finishes, so a rerun skips
 finished models through the cache. Each output's report names what trained it:
@@ -36,7 +40,8 @@ from crl.data.types import ImageData, normalize
 from crl.defenses.base import Defense, Step, TrainContext, build_defense, default_sampler
 from crl.engine import ENGINES, OnDone, TrainOutput, TrainRequest
 from crl.engine.sequential import initial_model, train_one
-from crl.engine.stacked import FORMULATIONS, Stack, agrees, build_stack, formulation_for
+from crl.engine.stacked import (FORMULATIONS, Stack, agrees, build_stack, formulation_for,
+                                trial_step)
 from crl.errors import CRLError
 from crl.evaluation import evaluate
 from crl.models.features import classifier_of
@@ -215,12 +220,14 @@ class _Ensemble:
         prepared per model (CRLError on what `fit` would refuse)."""
         recipe, device = run.recipe, resolve_device(run.recipe.device)
         models = [initial_model(run.spec, req.seed).to(device) for req in requests]
-        if recipe.channels_last:
-            models = [m.to(memory_format=torch.channels_last) for m in models]
-        stack = build_stack(models, formulation)
         images = run.data.x.to(device)
         probe = normalize(images[torch.as_tensor(requests[0].train_idx[:2])], run.data.mean,
                           run.data.std)
+        failure = trial_step(models, formulation, probe, recipe.bf16)
+        if failure is not None:
+            raise _Mismatch(f"the {formulation} stack of {run.spec.arch} cannot train: "
+                            f"{failure}")
+        stack = build_stack(models, formulation)
         if not agrees(stack, models, probe):
             raise _Mismatch(f"the {formulation} stack of {run.spec.arch} does not reproduce "
                             "the model's own logits")
@@ -310,10 +317,7 @@ class _Ensemble:
         if self.run.recipe.augment:
             x = torch.cat([augment_batch(part, gen)
                            for part, gen in zip(x.split(batch), self.augments)])
-        x = x.view(models, batch, *x.shape[1:])
-        if self.run.recipe.channels_last:
-            x = x.permute(1, 3, 4, 0, 2).contiguous().permute(3, 0, 4, 1, 2)
-        return x, self.labels[flat].view(models, batch)
+        return x.view(models, batch, *x.shape[1:]), self.labels[flat].view(models, batch)
 
     def monitor(self, k: int) -> dict[str, float]:
         """test_loss / test_acc of model k on its request's eval_idx (as `fit` logs them)."""
@@ -328,9 +332,11 @@ class _Ensemble:
     def output(self, k: int, history: list[dict[str, float]]) -> TrainOutput:
         """Model k as the sequential engine returns it (CPU, eval mode), its report naming
         this engine and formulation."""
+        report = {"engine": f"ensemble/{self.stack.formulation}"}
+        if self.run.recipe.channels_last:
+            report["channels_last"] = "not applied (the ensemble computes in the default layout)"
         return TrainOutput(self.stack.module(k).cpu().eval(), self.run.spec,
-                           np.sort(self.contexts[k].train_idx.numpy()),
-                           {"engine": f"ensemble/{self.stack.formulation}"}, history)
+                           np.sort(self.contexts[k].train_idx.numpy()), report, history)
 
 
 def _context(run: _Run, request: TrainRequest, model: nn.Module,

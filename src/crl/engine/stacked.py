@@ -157,7 +157,7 @@ class VmapStack:
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 _normalise_in_float32(m)
         params, self.buffers = stack_module_state(models)
-        self.params = {k: nn.Parameter(_keep_layout(v, models[0], k)) for k, v in params.items()}
+        self.params = {k: nn.Parameter(v) for k, v in params.items()}
         self.head = (f"{head_name}.weight", f"{head_name}.bias" if head.bias is not None else None)
         self.trunk_keys = [k for k in self.params if not k.startswith(head_name + ".")]
 
@@ -198,6 +198,24 @@ def agrees(stack: Stack, models: list[nn.Module], probe: torch.Tensor) -> bool:
     return bool(torch.allclose(got, want, rtol=1e-4, atol=1e-5))
 
 
+def trial_step(models: list[nn.Module], formulation: str, probe: torch.Tensor,
+               bf16: bool) -> str | None:
+    """One training-mode forward and backward of a throwaway stack of `models` on `probe`
+    [B, C, H, W], under the recipe's autocast: None when it runs, else the first line of the
+    error (vmap refuses some operations only in training, e.g. a memory-format query that
+    CUDA's batch norm makes). Neither the models nor any stack in use are changed."""
+    stack = build_stack(models, formulation)
+    try:
+        with torch.autocast(device_type=probe.device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits, _ = stack.train(True)(probe.unsqueeze(0).expand(len(models), *probe.shape))
+        logits.float().sum().backward()
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except RuntimeError as e:
+        return (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return None
+
+
 def _unstacked(template: nn.Module, params: dict[str, torch.Tensor],
                buffers: dict[str, torch.Tensor], k: int) -> nn.Module:
     net = copy.deepcopy(template)
@@ -227,13 +245,3 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def _stacked(tensors: list[torch.Tensor]) -> nn.Parameter:
     return nn.Parameter(torch.stack([t.detach() for t in tensors]).contiguous())
-
-
-def _keep_layout(stacked: torch.Tensor, model: nn.Module, name: str) -> torch.Tensor:
-    """A stacked conv weight in channels_last when the model's own is (each model's slice, and
-    vmap's grouped convolution over [K * out, in, kh, kw], keep that layout)."""
-    own = model.get_parameter(name)
-    if own.dim() == 4 and not own.is_contiguous() \
-            and own.is_contiguous(memory_format=torch.channels_last):
-        return stacked.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
-    return stacked
