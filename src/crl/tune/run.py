@@ -79,11 +79,9 @@ def _tune_locked(out: Path, search: Search, opts: TuneOptions,
         rows = confirm_rows(*confirm, search, rec)
     run_seconds = time.time() - t0
     study.set_user_attr("seconds", before + run_seconds)
-    total = round(before + run_seconds)
-    run_seconds = round(run_seconds)
     meta = {"command": command, "setup": setup, "version": code_version(),
             "machine": machine(), "date": str(date.today()),
-            "seconds": {"run": run_seconds, "total": total}}
+            "seconds": {"run": round(run_seconds), "total": round(before + run_seconds)}}
     result = TuneResult(meta, search.metric, list(search.space), list(search.audit.cfg.attacks),
                         trial_rows(study), [t.number for t in study.best_trials], refs,
                         opts.max_accuracy_drop, rec, rows, list(confirm[0].cfg.seeds),
