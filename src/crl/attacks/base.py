@@ -87,6 +87,12 @@ class Attack:
         """Reference models needed (0 unless 'references' is required), given the params."""
         return 0
 
+    @property
+    def per_sample_references(self) -> tuple[int, int]:
+        """(IN, OUT): the reference models every sample needs among the models other than the
+        one scored, IN (trained on it) and OUT (neither trained on it nor held it out)."""
+        return 0, 0
+
     def run(self, ctx: AttackContext) -> AttackResult:
         raise NotImplementedError
 

@@ -104,18 +104,22 @@ def _gauss_logpdf(x: np.ndarray, mu: np.ndarray, var: np.ndarray) -> np.ndarray:
 
 
 def _lira_from_stat(stat: np.ndarray, member: np.ndarray, target: int, *, online: bool,
-                    fixed_variance: bool, sample_idx: np.ndarray) -> tuple[np.ndarray, str]:
+                    fixed_variance: bool, sample_idx: np.ndarray,
+                    held_out: np.ndarray | None = None) -> tuple[np.ndarray, str]:
+    """Scores of model `target`; a reference model's held-out samples (held_out [M, N]) are
+    neither IN nor OUT in its fits."""
     m = stat.shape[0]
     refs = np.array([i for i in range(m) if i != target], dtype=np.int64)
     ref_stat, ref_in = stat[refs], member[refs]
-    n_in, n_out = ref_in.sum(0), (~ref_in).sum(0)
+    ref_out = ~ref_in if held_out is None else ~ref_in & ~held_out[refs]
+    n_in, n_out = ref_in.sum(0), ref_out.sum(0)
     need = 1 if fixed_variance else 2
     what = (f"LiRA {'online' if online else 'offline'} with "
             f"{'fixed' if fixed_variance else 'per-sample'} variance")
     _check_counts(n_in, n_out, need if online else 0, need, what=what, target=target,
                   num_refs=len(refs), sample_idx=sample_idx)
     s = stat[target]                                        # [N, Q]
-    mu_out, var_out, how = _group_fit(ref_stat, ~ref_in, fixed_variance)
+    mu_out, var_out, how = _group_fit(ref_stat, ref_out, fixed_variance)
     if online:
         mu_in, var_in, how_in = _group_fit(ref_stat, ref_in, fixed_variance)
         per_query = _gauss_logpdf(s, mu_in, var_in) - _gauss_logpdf(s, mu_out, var_out)
@@ -136,7 +140,7 @@ def lira_scores(signals: Signals, target: int, *, online: bool = True, fixed_var
     stat = lira_statistic(signals, use_flip)
     t = _check_target(target, signals.num_models)
     return _lira_from_stat(stat, signals.member, t, online=online, fixed_variance=fixed_variance,
-                           sample_idx=signals.sample_idx)[0]
+                           sample_idx=signals.sample_idx, held_out=signals.held_out)[0]
 
 
 def lira_loo(signals: Signals, *, online: bool = True, fixed_variance: bool = False,
@@ -145,7 +149,7 @@ def lira_loo(signals: Signals, *, online: bool = True, fixed_variance: bool = Fa
     stat = lira_statistic(signals, use_flip)
     return np.stack([
         _lira_from_stat(stat, signals.member, t, online=online, fixed_variance=fixed_variance,
-                        sample_idx=signals.sample_idx)[0]
+                        sample_idx=signals.sample_idx, held_out=signals.held_out)[0]
         for t in range(signals.num_models)])
 
 
@@ -171,6 +175,11 @@ class _LiRABase(Attack):
         # 2 IN and 2 OUT per sample (1 and 1 with a fixed variance).
         return 2 if self.params["fixed_variance"] else 4
 
+    @property
+    def per_sample_references(self) -> tuple[int, int]:
+        need = 1 if self.params["fixed_variance"] else 2
+        return (need if self.online else 0), need
+
     def run(self, ctx: AttackContext) -> AttackResult:
         sig = ctx.target
         if not isinstance(sig, Signals):
@@ -180,7 +189,8 @@ class _LiRABase(Attack):
                            f"{sig.num_models} model(s), expected >= {self.min_references + 1}")
         fixed, flip = self.params["fixed_variance"], self.params["flip"]
         stat = lira_statistic(sig, flip)
-        kw = dict(online=self.online, fixed_variance=fixed, sample_idx=sig.sample_idx)
+        kw = dict(online=self.online, fixed_variance=fixed, sample_idx=sig.sample_idx,
+                  held_out=sig.held_out)
         scores, how = _lira_from_stat(stat, sig.member, 0, **kw)
         extra = {"online": self.online, "fixed_variance": fixed, "flip": flip, "variance": how,
                  "num_references": sig.num_models - 1}

@@ -92,21 +92,22 @@ def _log_ref_prob(logp_refs: np.ndarray, sel: np.ndarray, k: int, offline: bool,
 
 def _rmia_one(logp: np.ndarray, member: np.ndarray, logp_pop: np.ndarray, target: int, *,
               num_refs: int, a: float, gamma: float, offline: bool,
-              sample_idx: np.ndarray) -> np.ndarray:
+              sample_idx: np.ndarray, held_out: np.ndarray | None = None) -> np.ndarray:
     m = logp.shape[0]
     if num_refs > m - 1:
         raise CRLError(f"RMIA num_refs={num_refs} but only {m - 1} reference models exist besides "
                        f"target {target}; expected num_refs in 1..{m - 1}")
     order = _cyclic_others(m, target)
     ref_in = member[order]                                  # [R, N]
+    ref_out = ~ref_in if held_out is None else ~ref_in & ~held_out[order]   # held out: neither
     if offline:
-        sel = _first_k(~ref_in, num_refs)
+        sel = _first_k(ref_out, num_refs)
         need_in, need_out = 0, num_refs
     else:
         need_in = num_refs // 2
         need_out = num_refs - need_in
-        sel = _first_k(ref_in, need_in) | _first_k(~ref_in, need_out)
-    n_in, n_out = ref_in.sum(0), (~ref_in).sum(0)
+        sel = _first_k(ref_in, need_in) | _first_k(ref_out, need_out)
+    n_in, n_out = ref_in.sum(0), ref_out.sum(0)
     bad = (n_in < need_in) | (n_out < need_out)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
@@ -145,7 +146,7 @@ def rmia_scores(signals: Signals, population: Signals, target: int, **params) ->
         raise CRLError(f"target model {target!r} out of range; "
                        f"expected 0..{signals.num_models - 1}")
     return _rmia_one(logp, signals.member, logp_pop, int(target), sample_idx=signals.sample_idx,
-                     **p)
+                     held_out=signals.held_out, **p)
 
 
 def rmia_loo(signals: Signals, population: Signals, **params) -> np.ndarray:
@@ -153,7 +154,7 @@ def rmia_loo(signals: Signals, population: Signals, **params) -> np.ndarray:
     p = RMIA_SPEC.resolve("rmia", params)
     logp, logp_pop = _log_probs(signals, population)
     return np.stack([_rmia_one(logp, signals.member, logp_pop, t, sample_idx=signals.sample_idx,
-                               **p)
+                               held_out=signals.held_out, **p)
                      for t in range(signals.num_models)])
 
 
@@ -172,13 +173,20 @@ class RMIAAttack(Attack):
         k = self.params["num_refs"]
         return 2 * k if self.params["offline"] else 2 * (k - k // 2)
 
+    @property
+    def per_sample_references(self) -> tuple[int, int]:
+        k = self.params["num_refs"]
+        return (0, k) if self.params["offline"] else (k // 2, k - k // 2)
+
     def run(self, ctx: AttackContext) -> AttackResult:
         if ctx.population is None:
             raise CRLError("attack 'rmia' needs population signals (ctx.population is None)")
         sig, pop = ctx.target, ctx.population
         logp, logp_pop = _log_probs(sig, pop)
         p = self.params
-        scores = _rmia_one(logp, sig.member, logp_pop, 0, sample_idx=sig.sample_idx, **p)
+        held = sig.held_out
+        scores = _rmia_one(logp, sig.member, logp_pop, 0, sample_idx=sig.sample_idx,
+                           held_out=held, **p)
         extra = {"offline": p["offline"], "num_refs": p["num_refs"],
                  "a": p["a"] if p["offline"] else None, "gamma": p["gamma"],
                  "population_size": int(pop.logits.shape[1]),
@@ -186,6 +194,7 @@ class RMIAAttack(Attack):
                      "first num_refs OUT models in cyclic order after the target" if p["offline"]
                      else "first k//2 IN and k-k//2 OUT models in cyclic order after the target")}
         loo = leave_one_out(
-            lambda t: _rmia_one(logp, sig.member, logp_pop, t, sample_idx=sig.sample_idx, **p),
+            lambda t: _rmia_one(logp, sig.member, logp_pop, t, sample_idx=sig.sample_idx,
+                                held_out=held, **p),
             sig.num_models, scores, extra)
         return AttackResult(scores=scores, extra=extra, loo_scores=loo)

@@ -2,6 +2,10 @@
 
 logits[models, samples, classes] of every model on every sample of one pool, and
 member[models, samples] saying which samples each model trained on. Models on the first axis.
+held_out[models, samples] marks samples a model was handed but held out from training (a
+defense's validation or reference split, DMP's teacher half): "touched, not trained on", so
+neither IN nor OUT for that model. Attacks leave them out of that model's reference fits, and
+pooled metrics leave those (model, sample) pairs out.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ class Signals:
     labels: np.ndarray            # [N] int
     sample_idx: np.ndarray        # [N] dataset indices of the samples
     logits_flip: np.ndarray | None = None   # [M, N, C] logits on horizontally flipped inputs
+    held_out: np.ndarray | None = None      # [M, N] bool, touched but not trained on (None: none)
 
     def __post_init__(self) -> None:
         self.logits = np.asarray(self.logits)
@@ -31,6 +36,13 @@ class Signals:
         m, n, c = self.logits.shape
         if self.member.shape != (m, n):
             raise CRLError(f"membership matrix must be [{m}, {n}], got {list(self.member.shape)}")
+        self.held_out = (np.zeros((m, n), bool) if self.held_out is None
+                         else np.asarray(self.held_out).astype(bool))
+        if self.held_out.shape != (m, n):
+            raise CRLError(f"held-out matrix must be [{m}, {n}], got {list(self.held_out.shape)}")
+        if (self.held_out & self.member).any():
+            raise CRLError("held-out samples must not be members of the same model; expected "
+                           "held_out and member to be disjoint")
         if self.labels.shape != (n,) or self.sample_idx.shape != (n,):
             raise CRLError(f"labels and sample_idx must have {n} entries, got "
                            f"{self.labels.shape[0]} and {self.sample_idx.shape[0]}")
@@ -47,10 +59,16 @@ class Signals:
     def num_models(self) -> int:
         return int(self.logits.shape[0])
 
+    @property
+    def outside(self) -> np.ndarray:
+        """[M, N] bool: OUT for that model (neither trained on nor held out)."""
+        return ~self.member & ~self.held_out
+
     def select(self, models) -> "Signals":
         """The signals of a subset of models (indices or boolean mask)."""
         return Signals(self.logits[models], self.member[models], self.labels, self.sample_idx,
-                       None if self.logits_flip is None else self.logits_flip[models])
+                       None if self.logits_flip is None else self.logits_flip[models],
+                       self.held_out[models])
 
     @staticmethod
     def merge(parts: list["Signals"]) -> "Signals":
@@ -78,4 +96,5 @@ class Signals:
             raise CRLError("some signals parts have flipped logits and some do not")
         return Signals(np.concatenate([p.logits for p in parts]),
                        np.concatenate([p.member for p in parts]), first.labels, first.sample_idx,
-                       None if flips[0] is None else np.concatenate(flips))
+                       None if flips[0] is None else np.concatenate(flips),
+                       np.concatenate([p.held_out for p in parts]))

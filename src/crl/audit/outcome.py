@@ -56,7 +56,7 @@ class AttackOutcome:
 
     def row(self) -> dict[str, Any]:
         out = {**self.metrics, **self.extra}
-        if self.leave_one_out is not None:
+        if self.leave_one_out is not None or "loo_skipped" in self.extra:
             out["leave_one_out"] = self.leave_one_out
         for name, m in self.groups.items():
             out[name] = m
@@ -96,6 +96,7 @@ class TargetOutcome:
     defense_report: dict[str, Any] = field(default_factory=dict)
     chance_warning: str | None = None
     model_member: np.ndarray | None = None   # [models, pool] what each pool model trained on
+    model_held_out: np.ndarray | None = None  # [models, pool] handed to it but held out
     canaries: dict[str, Any] | None = None   # {"n", "kind", "attacks": {name: metrics}}
     exposure: Exposure | None = None
 
@@ -150,6 +151,8 @@ def _arrays(o: TargetOutcome) -> dict[str, np.ndarray]:
                    if a.pooled is not None})
     if o.model_member is not None:
         arrays["model_member"] = o.model_member
+    if o.model_held_out is not None:
+        arrays["model_held_out"] = o.model_held_out
     if o.exposure is not None:
         arrays.update({f"exposure__{k}": getattr(o.exposure, k) for k in _EXPOSURE_ARRAYS})
     return arrays
@@ -195,6 +198,7 @@ def load_outcome(path: Path) -> TargetOutcome:
     exposure = _exposure(meta.pop("exposure", None), arrays)
     return TargetOutcome(evaluation=ev, labels=arrays["labels"], margins=arrays["margins"],
                          attacks=attacks, model_member=arrays.get("model_member"),
+                         model_held_out=arrays.get("model_held_out"),
                          exposure=exposure, **meta)
 
 

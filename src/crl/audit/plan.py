@@ -84,3 +84,42 @@ def plan_models(split: PoolSplit, labels: np.ndarray, seed: int, defense: Defens
         members, _ = half_split(split.shadow_pool, labels, seed=seed_for(seed, "shadow", i, "half"))
         jobs.append(ModelJob("shadow", i, seed_for(seed, "shadow", i), attacker, members))
     return jobs
+
+
+def planned_membership(jobs: list[ModelJob], pool: np.ndarray,
+                       labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(IN, held out), bool [len(jobs), len(pool)]: which pool samples each job's model will
+    train on, and which it is handed but its defense holds out (Defense.held_out, the same
+    draw its `prepare` makes), known before any model trains."""
+    from crl.defenses.base import build_defense
+
+    rows_in, rows_held = [], []
+    for job in jobs:
+        handed = np.sort(np.asarray(job.train_idx, np.int64))
+        held = build_defense(job.defense.name, job.defense.params).held_out(handed, labels,
+                                                                            job.seed)
+        rows_in.append(np.isin(pool, handed) & ~np.isin(pool, held))
+        rows_held.append(np.isin(pool, held))
+    return np.array(rows_in, bool).reshape(len(jobs), -1), \
+        np.array(rows_held, bool).reshape(len(jobs), -1)
+
+
+def models_needed(member: np.ndarray, held: np.ndarray, need_in: int, need_out: int,
+                  start: int, *, every_model: bool = True) -> int | None:
+    """The fewest pool models (target first, then references in plan order; at least `start`)
+    such that, for every model in turn left out (every_model; else the target alone), every
+    sample has >= need_in IN and >= need_out OUT (neither trained on nor held out) among the
+    others; None if all of them are too few."""
+    out = ~member & ~held
+    n = member.shape[1]
+    tot_in, tot_out = np.zeros(n, int), np.zeros(n, int)
+    own_in, own_out = member[0].astype(int), out[0].astype(int)   # the left-out model's share
+    for k in range(member.shape[0]):
+        tot_in += member[k]
+        tot_out += out[k]
+        if every_model:
+            own_in, own_out = np.maximum(own_in, member[k]), np.maximum(own_out, out[k])
+        if k + 1 >= start and (tot_in - own_in >= need_in).all() \
+                and (tot_out - own_out >= need_out).all():
+            return k + 1
+    return None

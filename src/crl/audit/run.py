@@ -16,7 +16,8 @@ from crl.attacks.base import Attack, build_attack
 from crl.audit.canaries import exposure_of, subset_metrics
 from crl.audit.factory import ModelCache, ModelFactory, TrainedModel
 from crl.audit.outcome import Evaluation, TargetOutcome, save_outcome
-from crl.audit.plan import DefenseChoice, ModelJob, plan_models
+from crl.audit.plan import (DefenseChoice, ModelJob, models_needed, plan_models,
+                            planned_membership)
 from crl.audit.runner import run_attacks
 from crl.audit.signals import extract_signals, target_pool_of
 from crl.canary_spec import parse_canaries
@@ -117,19 +118,62 @@ class Audit:
             return defense
         return DefenseChoice("ce")
 
-    def plan(self, defense: DefenseChoice, seed: int, split: PoolSplit) -> list[ModelJob]:
+    def unpooled(self, defense: DefenseChoice) -> str | None:
+        """Why the reference models may not be pooled with the target (None: they may): pooled
+        numbers hold only models trained with the target's defense."""
+        if self.attacker(defense) == defense:
+            return None
+        return (f"the reference models trained without '{defense.name}' (--shadow-defense "
+                f"{self.cfg.shadow_defense}): no other model shares the target's defense")
+
+    def plan(self, defense: DefenseChoice, seed: int, split: PoolSplit, *,
+             references: int | None = None) -> list[ModelJob]:
         # canaries are scored pooled over every model as the target: reference models always
-        refs = (self.cfg.references
-                if "references" in self.requirements or self.canaries is not None else 0)
+        refs = self.cfg.references if references is None else references
+        refs = refs if "references" in self.requirements or self.canaries is not None else 0
         shadows = self.cfg.shadows if self.wants_shadows else 0
         return plan_models(split, self.data.y.numpy(), seed, defense, self.attacker(defense),
                            references=refs, shadows=shadows, canaries=self.canary_idx)
 
     def check(self, defense: DefenseChoice, split: PoolSplit) -> None:
-        """Recipe- and data-dependent defense checks for every planned model, before training."""
+        """Recipe- and data-dependent defense checks for every planned model, and the
+        reference counts of every seed, before training."""
         recipe = self.factory.recipe
         for job in self.plan(defense, 0, split):
             build_defense(job.defense.name, job.defense.params).check(recipe, len(job.train_idx))
+        for seed in self.cfg.seeds:
+            self.check_references(defense, seed, self.split(seed))
+
+    def check_references(self, defense: DefenseChoice, seed: int, split: PoolSplit) -> None:
+        """A one-line CRLError, before training, when some sample would lack the IN or OUT
+        reference models an attack needs, given what each model will actually train on (a
+        defense may hold part of its data out); it names the number of references needed."""
+        needs = {n: a.per_sample_references for n, a in self.attacks.items()
+                 if "references" in a.requirements() and any(a.per_sample_references)}
+        refs = self.cfg.references
+        if not needs:
+            return
+        every = self.unpooled(defense) is None
+        for cap in (refs, max(4 * refs, 256)):
+            jobs = [j for j in self.plan(defense, seed, split, references=cap)
+                    if j.role != "shadow"]
+            member, held = planned_membership(jobs, target_pool_of(split, self.canary_idx),
+                                              self.data.y.numpy())
+            fits = {n: models_needed(member, held, *need, refs + 1, every_model=every)
+                    for n, need in needs.items()}
+            if all(v == refs + 1 for v in fits.values()):
+                return
+            if cap > refs:
+                name = max(fits, key=lambda n: fits[n] or cap + 2)
+                got = fits[name]
+                need_in, need_out = needs[name]
+                more = f"{got - 1}" if got else f"more than {cap}"
+                raise CRLError(
+                    f"references = {refs}: attack '{name}' on '{defense.name}' (seed {seed}) needs "
+                    f"{more} reference models, so that every sample is IN (trained on) for >= "
+                    f"{need_in} and OUT for >= {need_out} of the models other than the one "
+                    f"scored; '{self.attacker(defense).name}' models train on part of their data"
+                    " or the pool is small: expected --references at least that")
 
     def train_all(self, jobs: list[ModelJob], tag: str, run_dir: Path | None,
                   split: PoolSplit) -> list[TrainedModel]:
@@ -140,6 +184,7 @@ class Audit:
 
     def audit_one(self, defense: DefenseChoice, seed: int, split: PoolSplit, *,
                   out: Path | None = None) -> TargetOutcome:
+        self.check_references(defense, seed, split)
         jobs = self.plan(defense, seed, split)
         run_dir = None if out is None else released_dir(out, defense.name, seed)
         models = self.train_all(jobs, f"{defense.name} seed {seed}", run_dir, split)
@@ -150,10 +195,12 @@ class Audit:
         if run_dir is not None:
             write_released(run_dir, self.factory, target, ev)
         ctx = extract_signals(pool_models, shadow_models, self.data, split, self.requirements,
-                              seed, canaries=self.canary_idx)
+                              seed, canaries=self.canary_idx,
+                              handed=[j.train_idx for j in jobs if j.role != "shadow"])
         n_boot = getattr(self.cfg, "bootstrap", 200)
-        attacks = run_attacks(self.attacks, ctx, ev, n_boot=n_boot)
-        member = ctx.target.member
+        attacks = run_attacks(self.attacks, ctx, ev, n_boot=n_boot,
+                              unpooled=self.unpooled(defense))
+        member, held = ctx.target.member, ctx.target.held_out
         if run_dir is not None and self.canaries is not None:
             write_canary_members(run_dir, jobs, member, ev)
         _, train_acc = evaluate(target.model, self.data, ev.sample_idx[ev.members])
@@ -166,16 +213,17 @@ class Audit:
             train_acc=train_acc, test_acc=test_acc, evaluation=ev,
             labels=ctx.target.labels, margins=margins(ctx.target.logits[0], ctx.target.labels),
             attacks=attacks, defense_report=target.report, chance_warning=warning,
-            model_member=member, canaries=self.canary_row(attacks, member, ev, seed, n_boot),
-            exposure=exposure_of(attacks, member, self.data, ev.sample_idx))
+            model_member=member, model_held_out=held,
+            canaries=self.canary_row(attacks, member, ev, seed, n_boot, held),
+            exposure=exposure_of(attacks, member, self.data, ev.sample_idx, held_out=held))
 
     def canary_row(self, attacks: dict, member: np.ndarray, ev: Evaluation, seed: int,
-                   n_boot: int) -> dict[str, Any] | None:
+                   n_boot: int, held: np.ndarray | None = None) -> dict[str, Any] | None:
         """{"n", "kind", "attacks": {name: metrics on the canaries alone}} (crl.audit.canaries)."""
         if self.canaries is None:
             return None
         metrics = subset_metrics(attacks, member, ev.sample_idx, ev.canary, n_boot=n_boot,
-                                 seed=seed)
+                                 seed=seed, held_out=held)
         return {"n": self.canaries.n, "kind": self.canaries.kind, "attacks": metrics}
 
 

@@ -1,6 +1,12 @@
 """Stage 4, the attack runner: every attack on the signals, scored on the evaluated samples
 (with bootstrap intervals), on extra groups, and pooled leave-one-out over all models (on the
-pool without its canaries; canaries are scored by crl.audit.canaries)."""
+pool without its canaries; canaries are scored by crl.audit.canaries).
+
+The leave-one-out row pools only models trained with the target's defense: when the reference
+models are not (`--shadow-defense none`), the row is null and `loo_skipped` says why. Pairs of
+a model and a sample it held out of training are left out. Its intervals resample samples
+(crl.audit.canaries.pooled_metrics), and its TPR levels stop at 1 / (distinct non-member
+samples)."""
 from __future__ import annotations
 
 import time
@@ -8,6 +14,7 @@ import time
 import numpy as np
 
 from crl.attacks.base import Attack, AttackContext
+from crl.audit.canaries import pooled_metrics
 from crl.audit.outcome import AttackOutcome, Evaluation
 from crl.metrics import attack_metrics, metrics_with_ci, thresholded_balanced_accuracy
 from crl.seeding import seed_for
@@ -17,8 +24,20 @@ def _plain(extra: dict) -> dict:
     return {k: v for k, v in extra.items() if not isinstance(v, np.ndarray)}
 
 
+def leave_one_out_row(loo_scores: np.ndarray, ctx: AttackContext, ev: Evaluation, *,
+                      n_boot: int, seed: int) -> dict:
+    """Pooled metrics of every model as the target on the pool without canaries, without the
+    (model, sample) pairs the model held out; intervals clustered by sample."""
+    keep = ~ev.canary
+    scores = np.where(ctx.target.held_out, np.nan, loo_scores)
+    return pooled_metrics([(scores[:, keep], ctx.target.member[:, keep], ev.sample_idx[keep])],
+                          n_boot=n_boot, seed=seed)
+
+
 def run_attack(name: str, attack: Attack, ctx: AttackContext, ev: Evaluation, *,
-               n_boot: int) -> AttackOutcome:
+               n_boot: int, unpooled: str | None = None) -> AttackOutcome:
+    """`attack` on the target; `unpooled`: why the models may not be pooled (then no
+    leave-one-out row)."""
     t0 = time.time()
     res = attack.run(ctx)
     sel = ev.evaluated
@@ -33,15 +52,20 @@ def run_attack(name: str, attack: Attack, ctx: AttackContext, ev: Evaluation, *,
         gsel, gmember = ev.labels_of(positives)
         if gmember.any():
             groups[group] = attack_metrics(res.scores[gsel], gmember)
-    loo = None
-    if res.loo_scores is not None:
-        keep = ~ev.canary
-        loo = attack_metrics(res.loo_scores[:, keep].ravel(), ctx.target.member[:, keep].ravel())
+    loo, pooled = None, res.loo_scores
+    if pooled is not None and unpooled is not None:
+        extra["loo_skipped"], pooled = unpooled, None
+    if pooled is not None:
+        loo = leave_one_out_row(pooled, ctx, ev, n_boot=n_boot,
+                                seed=seed_for(ctx.seed, "bootstrap", name, "leave-one-out"))
+        if loo.get("skipped"):
+            extra["loo_skipped"], loo = loo["skipped"], None
     return AttackOutcome(name=name, scores=np.asarray(res.scores), metrics=metrics,
                          extra=extra, leave_one_out=loo, groups=groups,
-                         seconds=time.time() - t0, pooled=res.loo_scores)
+                         seconds=time.time() - t0, pooled=pooled)
 
 
 def run_attacks(attacks: dict[str, Attack], ctx: AttackContext, ev: Evaluation, *,
-                n_boot: int = 200) -> dict[str, AttackOutcome]:
-    return {name: run_attack(name, a, ctx, ev, n_boot=n_boot) for name, a in attacks.items()}
+                n_boot: int = 200, unpooled: str | None = None) -> dict[str, AttackOutcome]:
+    return {name: run_attack(name, a, ctx, ev, n_boot=n_boot, unpooled=unpooled)
+            for name, a in attacks.items()}

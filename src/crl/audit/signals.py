@@ -7,8 +7,10 @@
     shadow models' logits on the shadow pool                        ("shadows")
     per-sample input-gradient norms, computed on first use          ("input_gradients")
 
-Membership matrices are what each model actually trained on (`TrainedModel.trained_on`), so a
-sample a defense held out is a non-member of that model.
+Membership matrices are what each model actually trained on (`TrainedModel.trained_on`). A
+sample a model was handed but a defense held out of its training (`held_out_matrix`: a
+validation or reference split, DMP's teacher half) is neither member nor non-member of that
+model (Signals.held_out), as for the target's own evaluation.
 """
 from __future__ import annotations
 
@@ -25,9 +27,19 @@ from crl.data.types import ImageData
 from crl.evaluation import predict_logits
 
 
+def held_out_matrix(handed: list[np.ndarray], models: list[TrainedModel],
+                    idx: np.ndarray) -> np.ndarray:
+    """[M, N] bool: samples idx that model k was handed (`handed[k]`, its planned training
+    indices) but did not train on."""
+    return np.stack([np.isin(idx, h) & ~np.isin(idx, m.trained_on)
+                     for h, m in zip(handed, models)])
+
+
 def model_signals(models: list[TrainedModel], data: ImageData, idx: np.ndarray, *,
-                  flip: bool = False, member: np.ndarray | None = None) -> Signals:
-    """Logits [M, N, C] of `models` on data[idx] and membership [M, N] (default: trained_on)."""
+                  flip: bool = False, member: np.ndarray | None = None,
+                  held_out: np.ndarray | None = None) -> Signals:
+    """Logits [M, N, C] of `models` on data[idx], membership [M, N] (default: trained_on) and
+    the held-out mask [M, N] (default: none)."""
     def logits(m: TrainedModel, f: bool) -> np.ndarray:
         return predict_logits(m.model, data, idx, flip=f).numpy()
 
@@ -35,7 +47,8 @@ def model_signals(models: list[TrainedModel], data: ImageData, idx: np.ndarray, 
         member = np.stack([np.isin(idx, m.trained_on) for m in models])
     return Signals(logits=np.stack([logits(m, False) for m in models]), member=member,
                    labels=data.y[idx].numpy(), sample_idx=idx,
-                   logits_flip=np.stack([logits(m, True) for m in models]) if flip else None)
+                   logits_flip=np.stack([logits(m, True) for m in models]) if flip else None,
+                   held_out=held_out)
 
 
 def target_pool_of(split: PoolSplit, canaries: np.ndarray | None = None) -> np.ndarray:
@@ -58,12 +71,15 @@ def _memo(fn: Callable[[int], np.ndarray]) -> Callable[[int], np.ndarray]:
 
 def extract_signals(pool_models: list[TrainedModel], shadow_models: list[TrainedModel],
                     data: ImageData, split: PoolSplit, requirements: frozenset[str],
-                    run_seed: int, *, canaries: np.ndarray | None = None) -> AttackContext:
+                    run_seed: int, *, canaries: np.ndarray | None = None,
+                    handed: list[np.ndarray] | None = None) -> AttackContext:
     """The AttackContext for one target: model 0 of `pool_models` is the target; `canaries`
-    (dataset indices) are scored with the target pool (`target_pool_of`)."""
+    (dataset indices) are scored with the target pool (`target_pool_of`); handed[k]: the
+    training indices planned for pool model k (what it did not train on of them is held out)."""
     flip = "flip" in requirements
     pool = target_pool_of(split, canaries)
-    target = model_signals(pool_models, data, pool, flip=flip)
+    held = None if handed is None else held_out_matrix(handed, pool_models, pool)
+    target = model_signals(pool_models, data, pool, flip=flip, held_out=held)
     population = None
     if "population" in requirements:
         population = model_signals(pool_models, data, split.shadow_pool, flip=flip,

@@ -12,6 +12,7 @@ from crl.data.splits import _stratified_take
 from crl.defenses.base import EpochEnd, TrainContext
 from crl.errors import CRLError
 from crl.losses import BRANCHES
+from crl.seeding import numpy_rng
 
 
 def held_out_count(owner: str, param: str, fraction: float, n: int) -> int:
@@ -24,17 +25,27 @@ def held_out_count(owner: str, param: str, fraction: float, n: int) -> int:
     return k
 
 
+def held_out_split(owner: str, param: str, fraction: float, train_idx, labels,
+                   seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified split of the members `train_idx` into (kept, held_out), both sorted: a pure
+    function of the indices, the dataset's labels and the model's seed (the named stream
+    (owner, "split")), so the audit's plan knows before training what each model keeps.
+    `fraction` of the members is held out (rounded)."""
+    idx = np.sort(np.asarray(train_idx, dtype=np.int64))
+    k = held_out_count(owner, param, fraction, idx.size)
+    labels = np.asarray(labels, dtype=np.int64)
+    held, kept = _stratified_take(idx, labels, k, numpy_rng(seed, owner, "split"))
+    return kept, held
+
+
 def split_members(ctx: TrainContext, owner: str, param: str, fraction: float
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stratified split of the members ctx.train_idx into (kept, held_out), both sorted, drawn
-    from the named stream (owner, "split"). `fraction` of the members is held out (rounded).
+    """`held_out_split` of ctx.train_idx with this model's seed, as tensors (kept, held_out).
 
     Only members are ever drawn from, so the non-members stay untouched for the audit.
     """
-    idx = np.sort(ctx.train_idx.cpu().numpy().astype(np.int64))
-    k = held_out_count(owner, param, fraction, idx.size)
-    labels = ctx.data.y.cpu().numpy().astype(np.int64)
-    held, kept = _stratified_take(idx, labels, k, ctx.numpy_stream(owner, "split"))
+    kept, held = held_out_split(owner, param, fraction, ctx.train_idx.cpu().numpy(),
+                                ctx.data.y.cpu().numpy(), ctx.seed)
     return torch.as_tensor(kept, dtype=torch.long), torch.as_tensor(held, dtype=torch.long)
 
 

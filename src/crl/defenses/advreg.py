@@ -14,12 +14,19 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from crl.defenses._common import LogsMeans, global_rng_from, held_out_count, split_members
+from crl.defenses._common import (
+    LogsMeans,
+    global_rng_from,
+    held_out_count,
+    held_out_split,
+    split_members,
+)
 from crl.defenses.base import Defense, Step, TrainContext
 from crl.errors import CRLError
 from crl.params import Param, ParamSpec
@@ -93,6 +100,11 @@ class AdvReg(LogsMeans, Defense):
 
     def check(self, recipe: Recipe, n_train: int) -> None:
         held_out_count(self.name, "ref_fraction", self.params["ref_fraction"], n_train)
+
+    def held_out(self, train_idx: np.ndarray, labels: np.ndarray, seed: int) -> np.ndarray:
+        """The reference set, carved out of the members."""
+        return held_out_split(self.name, "ref_fraction", self.params["ref_fraction"], train_idx,
+                              labels, seed)[1]
 
     def prepare(self, ctx: TrainContext) -> None:
         ctx.train_idx, self.ref_idx = split_members(ctx, self.name, "ref_fraction",

@@ -174,6 +174,14 @@ class Defense:
         """Fields added to the results row (e.g. DP epsilon)."""
         return {}
 
+    def held_out(self, train_idx: np.ndarray, labels: np.ndarray, seed: int) -> np.ndarray:
+        """The dataset indices of `train_idx` that `prepare` will hold out from training for a
+        model of seed `seed` (sorted; none by default): a pure function that `prepare` and the
+        audit's plan both call, so the plan knows what every model trains on before any
+        trains. A defense whose training set also depends on training (DMP's `ref_size`)
+        returns what it holds out for certain."""
+        return np.zeros(0, np.int64)
+
     def evaluation_groups(self) -> dict[str, np.ndarray]:
         """Extra groups of held-out training-pool samples to attack separately (name -> dataset
         indices), e.g. DMP's teacher-only half."""

@@ -28,6 +28,7 @@ from crl.defenses._common import (
     entropy,
     global_rng_from,
     held_out_count,
+    held_out_split,
     split_members,
 )
 from crl.defenses.base import Defense, Step, TrainContext
@@ -71,6 +72,13 @@ class DMP(LogsMeans, Defense):
             raise CRLError(f"{self.name}.ref_size = {size}: more than the {pool} reference "
                            f"samples (ref_fraction={self.params['ref_fraction']} of {n_train} "
                            "members); expected at most that many")
+
+    def held_out(self, train_idx: np.ndarray, labels: np.ndarray, seed: int) -> np.ndarray:
+        """The teacher's part of the members (the student never trains on it); with `ref_size`
+        the student also drops reference samples the teacher is unsure about, known only after
+        the teacher trains."""
+        return held_out_split(self.name, "ref_fraction", self.params["ref_fraction"], train_idx,
+                              labels, seed)[0]
 
     def prepare(self, ctx: TrainContext) -> None:
         self.check(ctx.recipe, int(ctx.train_idx.numel()))

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
-from crl.defenses._common import held_out_count, split_members
+from crl.defenses._common import held_out_count, held_out_split, split_members
 from crl.defenses.base import Defense, EpochEnd, TrainContext
 from crl.errors import CRLError
 from crl.params import Param, ParamSpec
@@ -61,6 +62,13 @@ class EarlyStopping(Defense):
                            f"most the recipe's {recipe.epochs} epochs")
         if self.by_patience:
             held_out_count(self.name, "val_fraction", self.params["val_fraction"], n_train)
+
+    def held_out(self, train_idx: np.ndarray, labels: np.ndarray, seed: int) -> np.ndarray:
+        """Patience mode: the validation split of the members; stop_epoch mode: none."""
+        if not self.by_patience:
+            return np.zeros(0, np.int64)
+        return held_out_split(self.name, "val_fraction", self.params["val_fraction"], train_idx,
+                              labels, seed)[1]
 
     def prepare(self, ctx: TrainContext) -> None:
         self._reset()

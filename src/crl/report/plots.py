@@ -88,8 +88,9 @@ def _canary_curves(o: TargetOutcome) -> list[tuple[str, np.ndarray, np.ndarray]]
     """Every attack on the canaries, pooled leave-one-out where it can be (crl.audit.canaries)."""
     curves = []
     for name, a in o.attacks.items():
-        s, m = pooled_view(a, o.model_member)
+        s, m = pooled_view(a, o.model_member, o.model_held_out)
         s, m = s[:, o.evaluation.canary].ravel(), m[:, o.evaluation.canary].ravel()
+        s, m = s[~np.isnan(s)], m[~np.isnan(s)]     # held-out pairs are neither
         if m.any() and not m.all():
             tag = "" if a.pooled is not None else ", target only"
             curves.append((f"{name} (AUC {o.canaries['attacks'][name]['auc']:.3f}{tag})", s, m))

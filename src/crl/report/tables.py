@@ -97,22 +97,46 @@ def comparison_table(outcomes: list[TargetOutcome], metric: str = "auc", *,
     return "\n".join(lines)
 
 
-def _extra_tables(outcomes: list[TargetOutcome], n_boot: int) -> list[str]:
-    parts: list[str] = []
+def metric_cell(m: dict, metric: str) -> str:
+    """`metric` of `m` as "value [lo, hi]" (n/a when unresolvable)."""
+    if m.get(metric) is None:
+        return "n/a"
+    lo, hi = m.get(f"{metric}_ci") or (None, None)
+    return f"{_fmt(m[metric], metric)} [{_fmt(lo, metric)}, {_fmt(hi, metric)}]"
+
+
+def leave_one_out_table(outcomes: list[TargetOutcome]) -> list[str]:
+    """The leave-one-out rows with intervals clustered by sample; a skipped row says why."""
     first = outcomes[0].attacks
-    loo = [a for a, r in first.items() if r.leave_one_out is not None]
-    if loo:
-        parts += ["## Leave-one-out over all reference models (every model as the target)", "",
-                  "| Defense | seed | " + " | ".join(f"{a} AUC | {a} TPR@0.1%" for a in loo)
-                  + " |", "|" + "---|" * (2 + 2 * len(loo))]
-        for o in outcomes:
-            cells = [o.defense, str(o.seed)]
-            for a in loo:
-                m = o.attacks[a].leave_one_out or {}
-                cells += [_fmt(m.get("auc"), "auc"),
-                          _fmt(m.get("tpr_at_0.1pct_fpr"), "tpr_at_0.1pct_fpr")]
-            parts.append("| " + " | ".join(cells) + " |")
-        parts.append("")
+    loo = [a for a, r in first.items()
+           if r.leave_one_out is not None or "loo_skipped" in r.extra]
+    if not loo:
+        return []
+    parts = ["## Leave-one-out over all reference models (every model as the target)", "",
+             "Only models trained with the target's defense are pooled; a (model, sample) pair "
+             "the model held out of training is left out. 95% intervals: bootstrap over samples "
+             "(a sample's pairs move together); TPR only at FPRs of at least 1 / (distinct "
+             "non-member samples), else n/a.", "",
+             "| Defense | seed | " + " | ".join(f"{a} AUC | {a} TPR@0.1% (%)" for a in loo)
+             + " |", "|" + "---|" * (2 + 2 * len(loo))]
+    skipped = []
+    for o in outcomes:
+        cells = [o.defense, str(o.seed)]
+        for a in loo:
+            m = o.attacks[a].leave_one_out
+            if m is None:
+                cells += ["skipped", "skipped"]
+                why = o.attacks[a].extra.get("loo_skipped", "no leave-one-out scores")
+                skipped.append(f"- {o.defense} seed {o.seed}, {a}: skipped: {why}")
+                continue
+            cells += [metric_cell(m, "auc"), metric_cell(m, "tpr_at_0.1pct_fpr")]
+        parts.append("| " + " | ".join(cells) + " |")
+    return parts + ([""] + skipped if skipped else []) + [""]
+
+
+def _extra_tables(outcomes: list[TargetOutcome], n_boot: int) -> list[str]:
+    parts: list[str] = leave_one_out_table(outcomes)
+    first = outcomes[0].attacks
     acc = [a for a, r in first.items() if "shadow_threshold_accuracy" in r.extra]
     if acc:
         parts += ["## Attack accuracy with per-class thresholds fitted on shadow models (%)", "",
@@ -213,6 +237,6 @@ def _header(outcomes: list[TargetOutcome], cfg) -> str:
             f"{_recipe(cfg)}; {_shadows(outcomes, cfg)}, {_references(outcomes)}.")
     if 0.001 * n_n < 1:
         text += (f" With {n_n} non-members one target resolves FPRs down to {100.0 / n_n:.2f}%: "
-                 "TPR at 0.1% FPR is n/a; the leave-one-out rows pool every model and resolve "
-                 "lower FPRs.")
+                 "TPR at 0.1% FPR is n/a; the leave-one-out rows pool every model but resolve "
+                 "only down to 1 / (distinct non-member samples).")
     return text

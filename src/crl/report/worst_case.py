@@ -8,7 +8,7 @@ import numpy as np
 
 from crl.audit.canaries import pooled_metrics, pooled_view
 from crl.audit.outcome import TargetOutcome
-from crl.report.tables import _fmt
+from crl.report.tables import metric_cell
 
 WORST_METRICS = ("auc", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr")
 _TITLES = {"auc": "AUC", "tpr_at_1pct_fpr": "TPR@1% (%)", "tpr_at_0.1pct_fpr": "TPR@0.1% (%)"}
@@ -20,7 +20,7 @@ def _parts(group: list[TargetOutcome], attack: str, canary: bool) -> list[tuple]
     parts = []
     for o in group:
         cols = o.evaluation.canary if canary else ~o.evaluation.canary
-        s, m = pooled_view(o.attacks[attack], o.model_member)
+        s, m = pooled_view(o.attacks[attack], o.model_member, o.model_held_out)
         parts.append((s[:, cols], m[:, cols], o.evaluation.sample_idx[cols]))
     return parts
 
@@ -28,14 +28,6 @@ def _parts(group: list[TargetOutcome], attack: str, canary: bool) -> list[tuple]
 def pooled_side(group: list[TargetOutcome], attack: str, canary: bool, n_boot: int) -> dict:
     """Metrics with intervals of `attack` on the canaries (or the population) of `group`."""
     return pooled_metrics(_parts(group, attack, canary), n_boot=n_boot, seed=0)
-
-
-def metric_cell(m: dict, metric: str) -> str:
-    """`metric` of `m` as "value [lo, hi]" (n/a when unresolvable)."""
-    if m.get(metric) is None:
-        return "n/a"
-    lo, hi = m.get(f"{metric}_ci") or (None, None)
-    return f"{_fmt(m[metric], metric)} [{_fmt(lo, metric)}, {_fmt(hi, metric)}]"
 
 
 def _fpr(m: dict) -> str:
