@@ -174,23 +174,25 @@ def test_mislabeled_canaries_leak_more_than_the_population_on_an_undefended_mlp(
     out = tmp_path / "run"
     code = main(["audit", "--epochs", "20", "--seeds", "0", "--quiet", "--shadows", "0",
                  "--defenses", "ce", "--attacks", "loss", "--references", "4",
-                 "--canaries", "40", "--bootstrap", "50", "--out", str(out)])
+                 "--canaries", "100", "--bootstrap", "50", "--out", str(out)])
     assert code == 0, capsys.readouterr().err
     row = json.loads((out / "results.json").read_text())[0]
     canary = row["canaries"]["attacks"]["loss"]
     population = row["attacks"]["loss"]["leave_one_out"]
-    assert row["canaries"]["n"] == 40 and canary["pooled"] and canary["models"] == 5
+    # pooled rows resolve FPRs down to 1 / (distinct non-member samples): 100 canaries, 1%
+    assert canary["nonmember_samples"] == 100 and canary["min_resolvable_fpr"] == 0.01
+    assert row["canaries"]["n"] == 100 and canary["pooled"] and canary["models"] == 5
     assert canary["tpr_at_1pct_fpr"] > population["tpr_at_1pct_fpr"] + 0.2
     assert canary["tpr_at_1pct_fpr_ci"][0] > population["tpr_at_1pct_fpr"]
     stored = json.loads((out / "models" / "ce" / "seed0" / "canaries.json").read_text())
     assert stored["models"] == ["target"] + [f"reference {j}" for j in range(4)]
-    assert stored["member"][0].count("1") == 20
+    assert stored["member"][0].count("1") == 50
     saved = json.loads((out / "canaries.json").read_text())
     assert saved["indices"] == stored["canary_idx"] and saved["kind"] == "mislabeled"
     members = json.loads((out / "models" / "ce" / "seed0" / "members.json").read_text())
     assert not set(members["members"] + members["nonmembers"]) & set(saved["indices"])
     report = (out / "report.md").read_text()
-    assert "## Worst case: 40 mislabeled canaries" in report
+    assert "## Worst case: 100 mislabeled canaries" in report
     assert (out / "vulnerability" / "exposed_ce_seed0.png").is_file()
     assert (out / "vulnerability" / "exposure_ce_seed0.csv").read_text().startswith("rank,")
     o = load_outcome(out / "scores" / "ce_seed0.npz")

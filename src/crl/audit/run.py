@@ -142,18 +142,47 @@ class Audit:
         for job in self.plan(defense, 0, split):
             build_defense(job.defense.name, job.defense.params).check(recipe, len(job.train_idx))
         for seed in self.cfg.seeds:
-            self.check_references(defense, seed, self.split(seed))
+            for w in self.check_references(defense, seed, self.split(seed)):
+                print(f"crl: warning: {w}", file=sys.stderr)
 
-    def check_references(self, defense: DefenseChoice, seed: int, split: PoolSplit) -> None:
-        """A one-line CRLError, before training, when some sample would lack the IN or OUT
-        reference models an attack needs, given what each model will actually train on (a
-        defense may hold part of its data out); it names the number of references needed."""
+    def check_references(self, defense: DefenseChoice, seed: int,
+                         split: PoolSplit) -> list[str]:
+        """Before training, from what each model will actually train on (a defense may hold
+        part of its data out): a one-line CRLError when some sample would lack the IN or OUT
+        reference models an attack needs to score the target, naming the number of references
+        needed; a warning (returned) when only leave-one-out rows would be skipped."""
         needs = {n: a.per_sample_references for n, a in self.attacks.items()
                  if "references" in a.requirements() and any(a.per_sample_references)}
-        refs = self.cfg.references
+        refs, warnings = self.cfg.references, []
         if not needs:
-            return
-        every = self.unpooled(defense) is None
+            return warnings
+        for every in (False, True) if self.unpooled(defense) is None else (False,):
+            fits = self._references_needed(defense, seed, split, needs, every)
+            short = {n: v for n, v in fits.items() if v != refs}
+            if not short:
+                continue
+            name = max(short, key=lambda n: -1 if short[n] is None else short[n])
+            need_in, need_out = needs[name]
+            more = (f"more than {max(4 * refs, 256)}" if short[name] is None
+                    else str(short[name]))
+            what = (f"references = {refs}: attack '{name}' on '{defense.name}' (seed {seed}) "
+                    f"needs {more} reference models {'for its leave-one-out row ' * every}so "
+                    f"that every sample is IN (trained on) for >= {need_in} and OUT for >= "
+                    f"{need_out} of the models other than the one scored ("
+                    f"'{self.attacker(defense).name}' models may hold part of their data out)")
+            if not every:
+                raise CRLError(f"{what}: expected --references at least that")
+            warnings.append(f"{what}; with fewer the row is skipped and named in the report")
+        return warnings
+
+    def _references_needed(self, defense: DefenseChoice, seed: int, split: PoolSplit,
+                           needs: dict[str, tuple[int, int]], every: bool
+                           ) -> dict[str, int | None]:
+        """Per attack: the fewest references (at least --references) that give every sample
+        the IN/OUT models `needs` asks for (every model left out in turn, or the target);
+        None when even max(4 x references, 256) are too few."""
+        refs = self.cfg.references
+        fits: dict[str, int | None] = {}
         for cap in (refs, max(4 * refs, 256)):
             jobs = [j for j in self.plan(defense, seed, split, references=cap)
                     if j.role != "shadow"]
@@ -161,19 +190,10 @@ class Audit:
                                               self.data.y.numpy())
             fits = {n: models_needed(member, held, *need, refs + 1, every_model=every)
                     for n, need in needs.items()}
-            if all(v == refs + 1 for v in fits.values()):
-                return
-            if cap > refs:
-                name = max(fits, key=lambda n: fits[n] or cap + 2)
-                got = fits[name]
-                need_in, need_out = needs[name]
-                more = f"{got - 1}" if got else f"more than {cap}"
-                raise CRLError(
-                    f"references = {refs}: attack '{name}' on '{defense.name}' (seed {seed}) needs "
-                    f"{more} reference models, so that every sample is IN (trained on) for >= "
-                    f"{need_in} and OUT for >= {need_out} of the models other than the one "
-                    f"scored; '{self.attacker(defense).name}' models train on part of their data"
-                    " or the pool is small: expected --references at least that")
+            fits = {n: None if v is None else v - 1 for n, v in fits.items()}
+            if all(v == refs for v in fits.values()):
+                break
+        return fits
 
     def train_all(self, jobs: list[ModelJob], tag: str, run_dir: Path | None,
                   split: PoolSplit) -> list[TrainedModel]:
@@ -184,7 +204,7 @@ class Audit:
 
     def audit_one(self, defense: DefenseChoice, seed: int, split: PoolSplit, *,
                   out: Path | None = None) -> TargetOutcome:
-        self.check_references(defense, seed, split)
+        self.check_references(defense, seed, split)      # stops before training
         jobs = self.plan(defense, seed, split)
         run_dir = None if out is None else released_dir(out, defense.name, seed)
         models = self.train_all(jobs, f"{defense.name} seed {seed}", run_dir, split)
