@@ -231,3 +231,25 @@ def test_the_leave_one_out_row_carries_a_clustered_interval_into_the_report(tmp_
     report = (out / "report.md").read_text()
     line = next(x for x in report.splitlines() if x.startswith("| ce | 0 |"))
     assert f"{loo['auc']:.3f} [{loo['auc_ci'][0]:.3f}, {loo['auc_ci'][1]:.3f}]" in line
+
+
+def test_tunes_pooled_objective_gets_an_interval_clustered_by_sample():
+    from crl.audit.outcome import Evaluation
+    from crl.tune.evaluate import POOLED, Point, objective_interval
+
+    def outcome(seed):
+        rng = np.random.default_rng(seed)
+        member = rng.random((8, 400)) < 0.5
+        pooled = rng.normal(size=member.shape) + 2 * member
+        ev = Evaluation(np.arange(400), member[0], ~member[0])
+        return SimpleNamespace(seed=seed, evaluation=ev, model_member=member,
+                               model_held_out=None,
+                               attacks={"lira": AttackOutcome("lira", pooled[0], {},
+                                                              pooled=pooled)})
+
+    outcomes = [outcome(0), outcome(1)]
+    point = Point("crl", {}, [0, 1], 1.0, 0.9, [0.9, 0.9], {"lira": 0.5}, POOLED)
+    lo, hi = objective_interval(point, outcomes, "tpr_at_1pct_fpr", n_boot=100, seed=0)
+    values = [pooled_metrics([(o.attacks["lira"].pooled, o.model_member, np.arange(400))],
+                             n_boot=10, seed=0)["tpr_at_1pct_fpr"] for o in outcomes]
+    assert lo < np.mean(values) < hi and hi - lo > 0.01
