@@ -11,7 +11,7 @@ import pytest
 import crl.defenses  # noqa: F401  (registers every defense)
 from crl.attacks.lira import lira_scores
 from crl.attacks.rmia import rmia_scores
-from crl.attacks.scores import logit_confidence, log_prob_true
+from crl.attacks.scores import log_prob_true, logit_confidence
 from crl.attacks.signals import Signals
 from crl.audit.canaries import exposure_thresholds, pooled_metrics, pooled_view
 from crl.audit.outcome import AttackOutcome, load_outcome

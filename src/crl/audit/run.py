@@ -16,8 +16,7 @@ from crl.attacks.base import Attack, build_attack
 from crl.audit.canaries import exposure_of, subset_metrics
 from crl.audit.factory import ModelCache, ModelFactory, TrainedModel
 from crl.audit.outcome import Evaluation, TargetOutcome, save_outcome
-from crl.audit.plan import (DefenseChoice, ModelJob, models_needed, plan_models,
-                            planned_membership)
+from crl.audit.plan import DefenseChoice, ModelJob, models_needed, plan_models, planned_membership
 from crl.audit.runner import run_attacks
 from crl.audit.signals import extract_signals, target_pool_of
 from crl.canary_spec import parse_canaries

@@ -113,10 +113,10 @@ def leave_one_out_table(outcomes: list[TargetOutcome]) -> list[str]:
     if not loo:
         return []
     parts = ["## Leave-one-out over all reference models (every model as the target)", "",
-             "Only models trained with the target's defense are pooled; a (model, sample) pair "
-             "the model held out of training is left out. 95% intervals: bootstrap over samples "
-             "(a sample's pairs move together); TPR only at FPRs of at least 1 / (distinct "
-             "non-member samples), else n/a.", "",
+             ("Only models trained with the target's defense are pooled; a (model, sample) pair "
+              "the model held out of training is left out. 95% intervals: bootstrap over samples "
+              "(a sample's pairs move together); TPR only at FPRs of at least 1 / (distinct "
+              "non-member samples), else n/a."), "",
              "| Defense | seed | " + " | ".join(f"{a} AUC | {a} TPR@0.1% (%)" for a in loo)
              + " |", "|" + "---|" * (2 + 2 * len(loo))]
     skipped = []
