@@ -178,7 +178,7 @@ def test_too_few_references_stop_before_training_naming_how_many(tmp_path, capsy
     assert lira["leave_one_out"]["auc"] is not None and "loo_skipped" not in lira
 
 
-def test_dmp_reference_counts_are_checked_against_what_the_student_trains_on(tmp_path):
+def test_dmp_reference_counts_are_checked_against_what_the_student_trains_on(tmp_path, capsys):
     from crl.audit.run import prepare
     from crl.config import AuditConfig
 
@@ -190,6 +190,7 @@ def test_dmp_reference_counts_are_checked_against_what_the_student_trains_on(tmp
     with pytest.raises(CRLError, match=r"references = 16: attack 'lira' on 'dmp' .*needs \d+"):
         check(16)
     check(64)                                             # the default: every row completes
+    assert "warning" not in capsys.readouterr().err
 
 
 def test_a_dropped_attack_is_named_in_the_trial_record():
