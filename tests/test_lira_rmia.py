@@ -280,7 +280,8 @@ def brute_rmia(sig, pop, target, num_refs, a, gamma, offline, temperature=1.0, t
                           (True, 4, 0.3, 2.0, 2.0, 0.3), (False, 4, 0.0, 1.0, 0.5, 0.2)])
 def test_rmia_matches_brute_force(offline, k, a, gamma, temperature, trim):
     sig, pop = rmia_setup(n=60, z=80)
-    kw = dict(num_refs=k, a=a, gamma=gamma, offline=offline, temperature=temperature, trim=trim)
+    kw = {"num_refs": k, "a": a, "gamma": gamma, "offline": offline, "temperature": temperature,
+          "trim": trim}
     for t in (0, 4):
         np.testing.assert_allclose(rmia_scores(sig, pop, t, **kw),
                                    brute_rmia(sig, pop, t, **kw), atol=1e-12)

@@ -36,15 +36,15 @@ def ref():
 
 PAPER = {"temperature": 2.0, "trim": 0.2}
 CASES = [   # (reference key, crl params)
-    ("research_offline_k4_g2", dict(PAPER, offline=True, num_refs=4, a=0.3, gamma=2.0)),
-    ("research_offline_k2_g2", dict(PAPER, offline=True, num_refs=2, a=0.3, gamma=2.0)),
-    ("research_offline_k4_g1", dict(PAPER, offline=True, num_refs=4, a=0.6, gamma=1.0)),
-    ("research_online_8_g2", dict(PAPER, offline=False, num_refs=8, gamma=2.0)),
-    ("research_online_8_g1", dict(PAPER, offline=False, num_refs=8, gamma=1.0)),
-    ("meter_offline_k4_a0.3", dict(offline=True, num_refs=4, a=0.3, gamma=1.0, temperature=1.0,
-                                   trim=0.0)),
-    ("meter_offline_k4_a1.0", dict(offline=True, num_refs=4, a=1.0, gamma=1.0, temperature=1.0,
-                                   trim=0.0)),
+    ("research_offline_k4_g2", {**PAPER, "offline": True, "num_refs": 4, "a": 0.3, "gamma": 2.0}),
+    ("research_offline_k2_g2", {**PAPER, "offline": True, "num_refs": 2, "a": 0.3, "gamma": 2.0}),
+    ("research_offline_k4_g1", {**PAPER, "offline": True, "num_refs": 4, "a": 0.6, "gamma": 1.0}),
+    ("research_online_8_g2", {**PAPER, "offline": False, "num_refs": 8, "gamma": 2.0}),
+    ("research_online_8_g1", {**PAPER, "offline": False, "num_refs": 8, "gamma": 1.0}),
+    ("meter_offline_k4_a0.3", {"offline": True, "num_refs": 4, "a": 0.3, "gamma": 1.0,
+                               "temperature": 1.0, "trim": 0.0}),
+    ("meter_offline_k4_a1.0", {"offline": True, "num_refs": 4, "a": 1.0, "gamma": 1.0,
+                               "temperature": 1.0, "trim": 0.0}),
 ]
 
 

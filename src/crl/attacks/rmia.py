@@ -115,13 +115,16 @@ def _log_ref_prob(logp_refs: np.ndarray, sel: np.ndarray, k: int, offline: bool,
     return np.logaddexp(math.log((1.0 + a) / 2.0) + log_mean, math.log((1.0 - a) / 2.0))
 
 
-def _available_refs(ref_in: np.ndarray, offline: bool) -> int:
-    """num_refs = null: the most references every sample has (offline: OUT ones; online: as
-    many IN as OUT). 0 when some sample has none."""
-    n_in, n_out = ref_in.sum(0), (~ref_in).sum(0)
+def _refs_per_sample(ref_in: np.ndarray, num_refs: int | None, offline: bool) -> int:
+    """num_refs, or for null the most references every sample has (offline: OUT ones; online:
+    as many IN as OUT); where some sample has none, the least that then fails with a reason."""
+    if num_refs is not None:
+        return num_refs
+    r = ref_in.shape[0]
+    n_in, n_out = ref_in.sum(0).min(initial=r), (~ref_in).sum(0).min(initial=r)
     if offline:
-        return int(n_out.min(initial=ref_in.shape[0]))
-    return 2 * int(min(n_in.min(initial=ref_in.shape[0]), n_out.min(initial=ref_in.shape[0])))
+        return max(1, int(n_out))
+    return max(2, 2 * int(min(n_in, n_out)))
 
 
 def _check_num_refs(num_refs: int | None, m: int, target: int) -> None:
@@ -132,16 +135,15 @@ def _check_num_refs(num_refs: int | None, m: int, target: int) -> None:
 
 def _rmia_one(logp: np.ndarray, member: np.ndarray, logp_pop: np.ndarray, target: int, *,
               num_refs: int | None, a: float, gamma: float, offline: bool,
-              sample_idx: np.ndarray, trim: float = 0.0, temperature: float = 1.0,
-              log_lr: bool = False) -> np.ndarray:
-    """Scores [N] of model `target` (logp: log p(y|x) at `temperature` already, [M, N]).
-    With log_lr, the pair (log LR(x) [N], log LR(z) [Z]) instead of the scores."""
+              sample_idx: np.ndarray, trim: float = 0.0,
+              temperature: float = 1.0) -> np.ndarray:
+    """Scores [N] of model `target`. `logp` [M, N] is log p(y|x) at the temperature already
+    (`_log_probs`); `temperature` is accepted so that resolved params pass through as is."""
     m = logp.shape[0]
     _check_num_refs(num_refs, m, target)
     order = _cyclic_others(m, target)
     ref_in = member[order]                                  # [R, N]
-    if num_refs is None:
-        num_refs = max(1, _available_refs(ref_in, offline))
+    num_refs = _refs_per_sample(ref_in, num_refs, offline)
     if offline:
         sel = _first_k(~ref_in, num_refs)
         need_in, need_out = 0, num_refs
@@ -165,8 +167,6 @@ def _rmia_one(logp: np.ndarray, member: np.ndarray, logp_pop: np.ndarray, target
     log_pz = _log_ref_prob(logp_pop[order], pop_sel, num_refs, offline, a, trim)
     log_lr_x = logp[target] - log_px
     log_lr_z = np.sort(logp_pop[target] - log_pz)
-    if log_lr:
-        return log_lr_x, logp_pop[target] - log_pz
     # LR(x)/LR(z) > gamma  <=>  log LR(z) < log LR(x) - log gamma: count of z strictly below.
     below = np.searchsorted(log_lr_z, log_lr_x - math.log(gamma), side="left")
     return below / float(log_lr_z.shape[0])
@@ -256,12 +256,6 @@ def rmia_loo(signals: Signals, population: Signals, **params) -> np.ndarray:
                      for t in range(signals.num_models)])
 
 
-def _refs_used(member: np.ndarray, p: dict) -> int:
-    if p["num_refs"] is not None:
-        return p["num_refs"]
-    return max(1, _available_refs(member[_cyclic_others(member.shape[0], 0)], p["offline"]))
-
-
 @ATTACKS.register("rmia")
 class RMIAAttack(Attack):
     """RMIA (offline by default). Scores of model 0; loo_scores for every model when possible."""
@@ -290,7 +284,8 @@ class RMIAAttack(Attack):
         logp, logp_pop = _log_probs(sig, pop, self.params["temperature"])
         p, chosen = _resolved(self.params, logp, sig.member, logp_pop, sig.sample_idx)
         scores = _rmia_one(logp, sig.member, logp_pop, 0, sample_idx=sig.sample_idx, **p)
-        extra = {"offline": p["offline"], "num_refs": _refs_used(sig.member, p),
+        extra = {"offline": p["offline"], "num_refs": _refs_per_sample(
+                     sig.member[_cyclic_others(sig.num_models, 0)], p["num_refs"], p["offline"]),
                  "a": p["a"] if p["offline"] else None, "gamma": p["gamma"],
                  "temperature": p["temperature"], "trim": p["trim"], **chosen,
                  "population_size": int(pop.logits.shape[1]),
