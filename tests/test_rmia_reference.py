@@ -93,3 +93,13 @@ def test_user_a_overrides_and_is_recorded(ref):
     online = build_attack("rmia", {"offline": False}).run(
         AttackContext(target=sig, num_classes=10, population=pop))
     assert online.extra["a"] is None and online.extra["num_refs"] == 8
+
+
+def test_report_names_a_chosen_on_the_references():
+    from types import SimpleNamespace as NS
+
+    from crl.report.tables import _rmia_a
+    chosen = NS(defense="ce", seed=0, attacks={"rmia": NS(extra={"a": 0.4, "a_auc": {0.4: 0.8}})})
+    user = NS(defense="crl", seed=1, attacks={"rmia": NS(extra={"a": 0.3})})
+    assert "ce seed 0: 0.4" in _rmia_a([chosen, user]) and "crl" not in _rmia_a([chosen, user])
+    assert _rmia_a([user]) == ""
