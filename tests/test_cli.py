@@ -101,7 +101,7 @@ def test_yaml_recipe_and_set(tmp_path, capsys):
     (["--set", "noequals"], "expected NAME.PARAM=VALUE"),
     (["--attacks", "nn", "--shadows", "0"], "attack 'nn' needs at least 1 shadow"),
     (["--seeds", "0,0"], "seeds = [0, 0]: expected a non-empty list of distinct integers"),
-    (["--attacks", "rmia", "--references", "4"], "attack 'rmia' needs at least 8 reference"),
+    (["--attacks", "rmia", "--references", "3"], "attack 'rmia' needs at least 4 reference"),
     (["--attacks", "lira", "--references", "3"], "attack 'lira' needs at least 4 reference"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, args, message):

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 from scipy.special import logsumexp
-from scipy.stats import norm
+from scipy.stats import norm, trim_mean
 from sklearn.metrics import roc_auc_score
 
 from crl.attacks.base import AttackContext, build_attack
@@ -255,9 +255,10 @@ def rmia_setup(m=10, n=200, z=300, c=5, gap=1.5, seed=0):
     return sig, pop
 
 
-def brute_rmia(sig, pop, target, k, a, gamma, offline):
-    p = np.exp(log_prob_true(sig.logits, sig.labels))
-    pp = np.exp(log_prob_true(pop.logits, pop.labels))
+def brute_rmia(sig, pop, target, num_refs, a, gamma, offline, temperature=1.0, trim=0.0):
+    k = num_refs
+    p = np.exp(log_prob_true(sig.logits / temperature, sig.labels))
+    pp = np.exp(log_prob_true(pop.logits / temperature, pop.labels))
     m = sig.num_models
     order = [(target + j) % m for j in range(1, m)]
     px = np.empty(p.shape[1])
@@ -265,21 +266,25 @@ def brute_rmia(sig, pop, target, k, a, gamma, offline):
         ins = [r for r in order if sig.member[r, j]]
         outs = [r for r in order if not sig.member[r, j]]
         chosen = outs[:k] if offline else ins[:k // 2] + outs[:k - k // 2]
-        px[j] = p[chosen, j].mean()
-    pz = pp[order[:k]].mean(0)
+        px[j] = trim_mean(p[chosen, j], trim)
+    pz = trim_mean(pp[order[:k]], trim, axis=0)
     if offline:
         px, pz = (1 + a) / 2 * px + (1 - a) / 2, (1 + a) / 2 * pz + (1 - a) / 2
     lr_x, lr_z = p[target] / px, pp[target] / pz
     return (lr_x[:, None] / lr_z[None, :] > gamma).mean(1)
 
 
-@pytest.mark.parametrize("offline, k, a, gamma", [(True, 4, 0.3, 2.0), (True, 1, 1.0, 1.0),
-                                                 (False, 4, 0.3, 1.5), (False, 3, 0.0, 2.0)])
-def test_rmia_matches_brute_force(offline, k, a, gamma):
+@pytest.mark.parametrize("offline, k, a, gamma, temperature, trim",
+                         [(True, 4, 0.3, 2.0, 1.0, 0.0), (True, 1, 1.0, 1.0, 1.0, 0.0),
+                          (False, 4, 0.3, 1.5, 1.0, 0.0), (False, 3, 0.0, 2.0, 1.0, 0.0),
+                          (True, 4, 0.3, 2.0, 2.0, 0.3), (False, 4, 0.0, 1.0, 0.5, 0.2)])
+def test_rmia_matches_brute_force(offline, k, a, gamma, temperature, trim):
     sig, pop = rmia_setup(n=60, z=80)
+    kw = {"num_refs": k, "a": a, "gamma": gamma, "offline": offline, "temperature": temperature,
+          "trim": trim}
     for t in (0, 4):
-        got = rmia_scores(sig, pop, t, num_refs=k, a=a, gamma=gamma, offline=offline)
-        np.testing.assert_allclose(got, brute_rmia(sig, pop, t, k, a, gamma, offline), atol=1e-12)
+        np.testing.assert_allclose(rmia_scores(sig, pop, t, **kw),
+                                   brute_rmia(sig, pop, t, **kw), atol=1e-12)
 
 
 def test_rmia_separates_members():
@@ -304,7 +309,7 @@ def test_rmia_monotone_in_target_confidence():
     for bump in (0.0, 0.5, 3.0, 60.0):
         lg[0, 1] = lg[0, 0]
         lg[0, 1, labels[0]] += bump
-        s = rmia_scores(Signals(lg, member, labels, sig.sample_idx), pop, 0, gamma=1.0)
+        s = rmia_scores(Signals(lg, member, labels, sig.sample_idx), pop, 0, gamma=1.0, a=0.3)
         assert s[1] >= s[0]
     assert s[1] == 1.0   # with a margin of 60, LR(x) beats every population sample
 
@@ -315,12 +320,13 @@ def test_rmia_uses_only_the_documented_references():
     member[1] = False                                  # model 1 is OUT for every sample
     member[2:] = True
     sig = Signals(sig.logits, member, sig.labels, sig.sample_idx)
-    before = rmia_scores(sig, pop, 0, num_refs=1)
+    before = rmia_scores(sig, pop, 0, num_refs=1, a=0.3)
     lg, pl = sig.logits.copy(), pop.logits.copy()
     lg[2:] += np.random.default_rng(9).normal(0, 5, lg[2:].shape)   # models never chosen
     pl[2:] += 7.0
     after = rmia_scores(Signals(lg, member, sig.labels, sig.sample_idx),
-                        Signals(pl, pop.member, pop.labels, pop.sample_idx), 0, num_refs=1)
+                        Signals(pl, pop.member, pop.labels, pop.sample_idx), 0, num_refs=1,
+                        a=0.3)
     np.testing.assert_array_equal(before, after)
 
 
@@ -360,8 +366,9 @@ def test_registered_rmia():
     np.testing.assert_allclose(res.scores, rmia_scores(sig, pop, 0))
     np.testing.assert_allclose(res.loo_scores, rmia_loo(sig, pop))
     assert build_attack("rmia").requirements() == frozenset({"references", "population"})
-    assert build_attack("rmia").min_references == 8
-    assert build_attack("rmia", {"num_refs": 2}).min_references == 4
+    assert build_attack("rmia").min_references == 4      # 1 OUT each + one pair to choose a
+    assert build_attack("rmia", {"a": 0.3}).min_references == 2
+    assert build_attack("rmia", {"num_refs": 2, "a": 0.3}).min_references == 4
     assert build_attack("rmia", {"num_refs": 3, "offline": False}).min_references == 4
     with pytest.raises(CRLError, match="needs population signals"):
         build_attack("rmia").run(AttackContext(target=sig, num_classes=5))

@@ -98,7 +98,7 @@ def test_rmia_never_takes_a_held_out_model_as_an_out_reference():
     logp = log_prob_true(sig.logits, labels)
     logp_pop = log_prob_true(pop.logits, pop.labels)
     # offline, 2 references, a = 1: p(x) = mean over the first 2 OUT models after the target
-    score = rmia_scores(sig, pop, 0, num_refs=2, a=1.0, gamma=1.0)
+    score = rmia_scores(sig, pop, 0, num_refs=2, a=1.0, gamma=1.0, temperature=1.0, trim=0.0)
     px = np.log(np.exp(logp[[5, 7]]).mean(0))
     pz = np.log(np.exp(logp_pop[[1, 2]]).mean(0))          # population: OUT for every model
     lr_x, lr_z = logp[0] - px, logp_pop[0] - pz

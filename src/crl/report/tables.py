@@ -227,6 +227,16 @@ def _references(outcomes: list[TargetOutcome]) -> str:
     return f"{' or '.join(map(str, counts))} {noun} (LiRA/RMIA)"
 
 
+def _rmia_a(outcomes: list[TargetOutcome]) -> str:
+    """RMIA's offline `a` where it was chosen on the reference models (extra['a_auc'])."""
+    chosen = [f"{o.defense} seed {o.seed}: {o.attacks['rmia'].extra['a']}" for o in outcomes
+              if "rmia" in o.attacks and "a_auc" in o.attacks["rmia"].extra]
+    if not chosen:
+        return ""
+    return (f" RMIA's offline a, chosen on reference model 1 (results.json: rmia.a_auc): "
+            f"{'; '.join(chosen)}.")
+
+
 def _header(outcomes: list[TargetOutcome], cfg) -> str:
     seeds = sorted({o.seed for o in outcomes})
     n_m = sorted({int(o.evaluation.members.sum()) for o in outcomes})
@@ -234,7 +244,8 @@ def _header(outcomes: list[TargetOutcome], cfg) -> str:
     text = (f"Members evaluated per target: {', '.join(map(str, n_m))} (what each released "
             f"model trained on); {n_n} non-members; seeds {seeds}. Accuracies: mean ± std over "
             "seeds. Attack cells: value [95% interval], bootstrap over samples and seeds. "
-            f"{_recipe(cfg)}; {_shadows(outcomes, cfg)}, {_references(outcomes)}.")
+            f"{_recipe(cfg)}; {_shadows(outcomes, cfg)}, {_references(outcomes)}."
+            f"{_rmia_a(outcomes)}")
     if 0.001 * n_n < 1:
         text += (f" With {n_n} non-members one target resolves FPRs down to {100.0 / n_n:.2f}%: "
                  "TPR at 0.1% FPR is n/a; the leave-one-out rows pool every model but resolve "
