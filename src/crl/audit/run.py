@@ -148,13 +148,16 @@ class Audit:
                          split: PoolSplit) -> list[str]:
         """Before training, from what each model will actually train on (a defense may hold
         part of its data out): a one-line CRLError when some sample would lack the IN or OUT
-        reference models an attack needs to score the target, naming the number of references
-        needed; a warning (returned) when only leave-one-out rows would be skipped."""
+        reference models an attack needs to score the target, or, when the models hold data
+        out, the leave-one-out rows, naming the number of references needed. Without hold-outs
+        a leave-one-out shortfall (only at the attacks' smallest reference counts) is a
+        warning (returned) and the row is skipped and named in the report."""
         needs = {n: a.per_sample_references for n, a in self.attacks.items()
                  if "references" in a.requirements() and any(a.per_sample_references)}
         refs, warnings = self.cfg.references, []
         if not needs:
             return warnings
+        holds_out = self.holds_out(defense, seed, split)
         for every in (False, True) if self.unpooled(defense) is None else (False,):
             fits = self._references_needed(defense, seed, split, needs, every)
             short = {n: v for n, v in fits.items() if v != refs}
@@ -169,10 +172,17 @@ class Audit:
                     f"that every sample is IN (trained on) for >= {need_in} and OUT for >= "
                     f"{need_out} of the models other than the one scored ("
                     f"'{self.attacker(defense).name}' models may hold part of their data out)")
-            if not every:
+            if not every or holds_out:
                 raise CRLError(f"{what}: expected --references at least that")
             warnings.append(f"{what}; with fewer the row is skipped and named in the report")
         return warnings
+
+    def holds_out(self, defense: DefenseChoice, seed: int, split: PoolSplit) -> bool:
+        """Whether some planned pool model's defense holds part of what it is handed out."""
+        jobs = [j for j in self.plan(defense, seed, split) if j.role != "shadow"]
+        _, held = planned_membership(jobs, target_pool_of(split, self.canary_idx),
+                                     self.data.y.numpy())
+        return bool(held.any())
 
     def _references_needed(self, defense: DefenseChoice, seed: int, split: PoolSplit,
                            needs: dict[str, tuple[int, int]], every: bool
