@@ -42,7 +42,7 @@ def rearrange_like(scores: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
 def _modify(module: nn.Module, _inputs, output: torch.Tensor) -> torch.Tensor:
     """Forward hook: the rearranged scores as values, the network's own gradient."""
     modified = rearrange_like(getattr(module, BUFFER), output.detach())
-    return output + (modified - output).detach()
+    return modified + (output - output.detach())   # exact values; gradient of `output`
 
 
 @MODEL_TRANSFORMS.register(HAMP_OUTPUT)
