@@ -87,12 +87,36 @@ def config_from_args(args: argparse.Namespace) -> Any:
         values[key] = v
     for owner, params in parse_set(args.set).items():
         values.setdefault("set", {}).setdefault(owner, {}).update(params)
-    return AuditConfig(**values)
+    return AuditConfig(**canonical_names(values))
+
+
+def canonical_names(values: dict[str, Any]) -> dict[str, Any]:
+    """`values` with every dataset, model, defense and attack name (and `set` owner) spelled as
+    registered where it matches one registered name up to capitalisation (`CRL` -> `crl`);
+    other values are left for the field checks to judge."""
+    regs = dict(zip(("dataset", "model", "defense", "attack"), _registries()))
+    keys = {"dataset": "dataset", "model": "model", "defense": "defense",
+            "defenses": "defense", "attacks": "attack"}
+    out = dict(values)
+    for key, kind in keys.items():
+        value = out.get(key)
+        if isinstance(value, str):
+            out[key] = regs[kind].canonical(value)
+        elif isinstance(value, list):
+            out[key] = [regs[kind].canonical(v) for v in value]
+    if isinstance(out.get("set"), dict):
+        def owner(name: Any) -> Any:
+            by_defense = regs["defense"].canonical(name)
+            return by_defense if by_defense != name else regs["attack"].canonical(name)
+        out["set"] = {owner(k): v for k, v in out["set"].items()}
+    return out
 
 
 def list_lines(registries: list[Any] | None = None) -> list[str]:
-    """`crl list`: datasets and models by name; every defense and attack with its parameters
-    (default, valid values, search range) and, for defenses, the engine it can train with."""
+    """`crl list`: every dataset, model, defense and attack with its one-line description
+    (and citation); defenses and attacks with their parameters (default, valid values, search
+    range) and, for defenses, the engine they can train with; models with what the ensemble
+    engine does with them."""
     if registries is None:
         registries = _registries()
     lines = []
@@ -100,30 +124,46 @@ def list_lines(registries: list[Any] | None = None) -> list[str]:
         if reg.kind in ("defense", "attack"):
             lines.append(f"{reg.kind}s:")
             for name in reg.names():
-                lines.extend(_component_lines(name, reg.get(name), reg.kind))
+                lines.extend(_component_lines(name, reg.get(name), reg.kind,
+                                              reg.description(name)))
         else:
             extra = ", imagefolder:PATH" if reg.kind == "dataset" else ""
             lines.append(f"{reg.kind}s: {', '.join(reg.names())}{extra}")
-            if reg.kind == "model":
-                lines.extend(_model_engine_lines(reg))
+            heads = (_model_heads(reg) if reg.kind == "model"
+                     else {name: f"  {name}" for name in reg.names()})
+            for name, head in heads.items():
+                lines.extend(_described(head, reg.description(name)))
+            if reg.kind == "dataset":
+                lines.extend(_described(f"  {IMAGEFOLDER}", IMAGEFOLDER_WORDS))
     return lines
 
 
-def _model_engine_lines(models: Any) -> list[str]:
-    """Per model, what `--engine ensemble` does with it (crl.engine.stacked.ensemble_note)."""
+IMAGEFOLDER = "imagefolder:PATH"
+IMAGEFOLDER_WORDS = ("your own images: PATH/train/<class>/ and PATH/test/<class>/, or train/ "
+                     "alone (crl train: --test-fraction)")
+
+
+def _described(head: str, description: str) -> list[str]:
+    """The head line, then the description indented under it (when there is one)."""
+    return [head, f"    {description}"] if description else [head]
+
+
+def _model_heads(models: Any) -> dict[str, str]:
+    """Per model, its name and what `--engine ensemble` does with it
+    (crl.engine.stacked.ensemble_note)."""
     import torch
 
     from crl.engine.stacked import ensemble_note
 
-    lines = []
+    heads = {}
     for name in models.names():
         with torch.device("meta"):
             model = models.get(name)(3, 32, 10)
-        lines.append(f"  {name} (ensemble engine: {ensemble_note(model)})")
-    return lines
+        heads[name] = f"  {name} (ensemble engine: {ensemble_note(model)})"
+    return heads
 
 
-def _component_lines(name: str, cls: Any, kind: str) -> list[str]:
+def _component_lines(name: str, cls: Any, kind: str, description: str = "") -> list[str]:
     spec = getattr(cls, "spec", None)
     params = list(spec) if spec is not None else []
     notes = []
@@ -132,7 +172,7 @@ def _component_lines(name: str, cls: Any, kind: str) -> list[str]:
     if spec is not None and not params:
         notes.append("no parameters")
     head = f"  {name}" + (f" ({'; '.join(notes)})" if notes else "")
-    return [head, *(f"      {p.describe()}" for p in params)]
+    return [*_described(head, description), *(f"      {p.describe()}" for p in params)]
 
 
 def _registries() -> list[Any]:
@@ -223,7 +263,7 @@ def _train(args: argparse.Namespace) -> None:
     from crl.deploy import TrainConfig, run_train
 
     values = {k: v for k, v in vars(args).items() if k not in ("command", "set") and v is not None}
-    run_train(TrainConfig(**values, set=parse_set(args.set)))
+    run_train(TrainConfig(**canonical_names({**values, "set": parse_set(args.set)})))
 
 
 def _report(args: argparse.Namespace) -> None:

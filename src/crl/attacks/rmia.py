@@ -30,6 +30,7 @@ log LR(x) - log gamma: O((N + Z) log Z) time and O(N + Z) memory, never an N x Z
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import numpy as np
 from scipy.special import logsumexp
@@ -160,6 +161,9 @@ def rmia_loo(signals: Signals, population: Signals, **params) -> np.ndarray:
 @ATTACKS.register("rmia")
 class RMIAAttack(Attack):
     """RMIA (offline by default). Scores of model 0; loo_scores for every model when possible."""
+
+    description: ClassVar[str] = ("RMIA: likelihood ratio against population samples, reference "
+                                  "models (Zarifzadeh et al., ICML 2024)")
 
     spec = RMIA_SPEC
 
