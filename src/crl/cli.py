@@ -53,12 +53,15 @@ def _add_field(group: argparse.ArgumentParser, spec: Any) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from crl.config import cli_fields
 
-    p = argparse.ArgumentParser(prog="crl", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="crl", description=" ".join(__doc__.split("\n\n")[0].split()),
+                                epilog="`crl COMMAND --help` shows a command's options and the "
+                                       "per-dataset default recipe.")
     sub = p.add_subparsers(dest="command", required=True)
 
     a = sub.add_parser("audit", help="train target/shadow/reference models, attack, report",
                        description="Train models per defense, run every attack, write a report. "
-                                   "With no flags: digits / mlp, 3 seeds, a few minutes on CPU.")
+                                   "With no flags: digits / mlp, 3 seeds, a few minutes on CPU.",
+                       epilog=recipe_epilog())
     a.add_argument("--config", help="YAML recipe whose keys mirror these flags")
     for spec in cli_fields():
         _add_field(a, spec)
@@ -66,11 +69,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="defense/attack hyper-parameter, e.g. crl.alpha_rce=0.5 (repeatable)")
 
     sub.add_parser("list", help="list the registered datasets, models, defenses and attacks, "
-                                "with every defense's and attack's parameters")
+                                "each with a one-line description and citation, and every "
+                                "defense's and attack's parameters")
     _add_tune_parser(sub)
     _add_train_parser(sub)
     _add_report_parser(sub)
     return p
+
+
+def recipe_epilog(audit: bool = True) -> str:
+    """The per-dataset default recipe (crl.config.DATASET_DEFAULTS), in words, for --help;
+    audit=False: the training part only (crl train has no subset and no reference models)."""
+    from crl.config import DATASET_DEFAULTS
+
+    def words(d: dict[str, Any]) -> str:
+        text = f"{d['model']}, {d['epochs']} epochs, batch {d['batch_size']}, lr {d['lr']}"
+        if not audit:
+            return text
+        subset = f"subset {d['subset']}" if d.get("subset") else "no subset"
+        return f"{text}, {subset}, {d['references']} reference models"
+
+    named = "; ".join(f"{name}: {words(d)}" for name, d in DATASET_DEFAULTS.items()
+                      if name != "*")
+    return (f"Default recipe per dataset, for every option left unset: {named}; any other "
+            f"dataset: {words(DATASET_DEFAULTS['*'])}. `crl list` describes every dataset, "
+            "model, defense and attack.")
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
@@ -206,7 +229,8 @@ def _add_tune_parser(sub: Any) -> None:
                                     "front (Optuna)",
                        description="Search a defense's parameter ranges (its spec) for the "
                                    "front of test accuracy vs the strongest attack; recommend "
-                                   "a setting and re-run it on fresh seeds.")
+                                   "a setting and re-run it on fresh seeds.",
+                       epilog=recipe_epilog())
     t.add_argument("--config", help="YAML recipe whose keys mirror the audit flags")
     for spec in TUNE_SPECS.values():
         _add_field(t, spec)
@@ -242,7 +266,8 @@ def _add_train_parser(sub: Any) -> None:
                                      "deployment",
                        description="Train one model on the dataset's own train split (digits: a "
                                    "fixed stratified 80/20 split), evaluate it on the test split, "
-                                   "write model.pt (crl.load_model) and its metrics to --out.")
+                                   "write model.pt (crl.load_model) and its metrics to --out.",
+                       epilog=recipe_epilog(audit=False))
     for spec in TRAIN_SPECS.values():
         if spec.cli:
             _add_field(t, spec)
