@@ -236,8 +236,8 @@ def test_imagefolder_targz_and_cache_hit(tmp_path, monkeypatch):
 
 
 def test_imagefolder_wrong_layouts(tmp_path):
-    _write_tree(tmp_path / "a", spec={"train": {"cat": 1}})
-    with pytest.raises(CRLError, match="expected train/ and test/.*found: train"):
+    _write_tree(tmp_path / "a", spec={"images": {"cat": 1}})
+    with pytest.raises(CRLError, match="expected a train/ folder.*found: images"):
         load_dataset(f"imagefolder:{tmp_path / 'a'}")
     _write_tree(tmp_path / "b", spec={"train": {"cat": 1, "dog": 1}, "test": {"cat": 1}})
     (tmp_path / "b" / "test" / "dog").mkdir()
