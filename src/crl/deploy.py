@@ -35,9 +35,9 @@ from crl.config import AuditConfig, check_set, field_specs, option, set_warnings
 from crl.data.splits import _stratified_take, own_split
 from crl.data.types import ImageData
 from crl.defenses.base import build_defense
+from crl.errors import CRLError
 from crl.evaluation import evaluate
 from crl.models.zoo import MODELS
-from crl.errors import CRLError
 from crl.seeding import numpy_rng, seed_for
 from crl.train import write_metrics
 from crl.utils import cache_dir, code_version, resolve_device, write_json_atomic, write_text_atomic

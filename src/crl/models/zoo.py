@@ -61,7 +61,7 @@ def mlp(in_channels: int, image_size: int, num_classes: int, hidden: int = 256) 
 
 
 @MODELS.register("cnn",
-                 description="CNN: 32-64 conv trunk with BatchNorm and a 512-unit head (docs/models.md)")
+                 description="CNN: 32-64 conv trunk, BatchNorm, a 512-unit head (docs/models.md)")
 @records_head()
 def cnn(in_channels: int, image_size: int, num_classes: int) -> nn.Module:
     """32-64 conv trunk + 512-unit FC head, BatchNorm after every conv and the FC layer.
