@@ -143,3 +143,16 @@ def test_the_audit_accepts_an_image_folder_with_train_alone(tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     row = json.loads((out / "results.json").read_text())[0]
     assert row["n_members"] > 0 and "auc" in row["attacks"]["loss"]
+
+
+def test_canonical_names_cover_every_name_field_and_leave_unknown_ones_to_the_checks():
+    from crl.cli import canonical_names
+
+    given = {"dataset": "CIFAR10", "model": "ResNet18", "defense": "HAMP", "defenses": ["CE"],
+             "compare": ["RelaxLoss"], "attacks": ["LiRA", "nope"], "confirm_attacks": ["RMIA"],
+             "set": {"CRL": {"lam": 0.2}, "LiRA": {}}, "seeds": [0]}
+    assert canonical_names(given) == {
+        "dataset": "cifar10", "model": "resnet18", "defense": "hamp", "defenses": ["ce"],
+        "compare": ["relaxloss"], "attacks": ["lira", "nope"], "confirm_attacks": ["rmia"],
+        "set": {"crl": {"lam": 0.2}, "lira": {}}, "seeds": [0]}
+    assert canonical_names({"dataset": "imagefolder:/Data/X"}) == {"dataset": "imagefolder:/Data/X"}

@@ -119,7 +119,8 @@ def canonical_names(values: dict[str, Any]) -> dict[str, Any]:
     other values are left for the field checks to judge."""
     regs = dict(zip(("dataset", "model", "defense", "attack"), _registries()))
     keys = {"dataset": "dataset", "model": "model", "defense": "defense",
-            "defenses": "defense", "attacks": "attack"}
+            "defenses": "defense", "compare": "defense", "attacks": "attack",
+            "confirm_attacks": "attack"}
     out = dict(values)
     for key, kind in keys.items():
         value = out.get(key)
@@ -251,7 +252,8 @@ def _tune(args: argparse.Namespace, argv: list[str]) -> None:
     from crl.tune.run import run_tune
 
     given = vars(args)
-    opts = TuneOptions(**{k: v for k, v in given.items() if k in TUNE_SPECS and v is not None})
+    opts = TuneOptions(**canonical_names(
+        {k: v for k, v in given.items() if k in TUNE_SPECS and v is not None}))
     audit_args = argparse.Namespace(**{k: v for k, v in given.items() if k not in TUNE_SPECS})
     if args.out is None and "out" not in (load_yaml_recipe(args.config) if args.config else {}):
         audit_args.out = "runs/tune"
