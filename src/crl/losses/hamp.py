@@ -1,4 +1,4 @@
-"""HAMP's training loss (Chen & Pattabiraman, NDSS 2024, Sec. IV-A and IV-B).
+"""HAMP's training loss (Chen & Pattabiraman, NDSS 2024).
 
 High-entropy soft labels: the true class gets probability p, each of the other C - 1 classes
 (1 - p) / (C - 1), with p the largest value whose label entropy reaches the threshold

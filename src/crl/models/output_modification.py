@@ -1,4 +1,4 @@
-"""HAMP's test-time output modification (Chen & Pattabiraman, NDSS 2024, Sec. IV-C), as a model
+"""HAMP's test-time output modification (Chen & Pattabiraman, NDSS 2024), as a model
 transform recorded in the ModelSpec so that every copy of a released model applies it.
 
 HAMP answers a query x with the scores the model gives a random input, rearranged so that their
