@@ -149,7 +149,7 @@ def test_list(capsys):
 
 
 def test_list_shows_parameters_and_engine_of_each_component():
-    from crl.cli import list_lines
+    from crl.cli import IMAGEFOLDER_WORDS, list_lines
     from crl.params import Param, ParamSpec
     from crl.registry import Registry
 
@@ -161,6 +161,9 @@ def test_list_shows_parameters_and_engine_of_each_component():
     datasets.register("toy")(object())
     assert list_lines([datasets, defenses, attacks]) == [
         "datasets: toy, imagefolder:PATH",
+        "  toy",
+        "  imagefolder:PATH",
+        f"    {IMAGEFOLDER_WORDS}",
         "defenses:",
         "  plain (engine: ensemble; no parameters)",
         "  slow (engine: sequential)",

@@ -236,8 +236,8 @@ def test_imagefolder_targz_and_cache_hit(tmp_path, monkeypatch):
 
 
 def test_imagefolder_wrong_layouts(tmp_path):
-    _write_tree(tmp_path / "a", spec={"train": {"cat": 1}})
-    with pytest.raises(CRLError, match="expected train/ and test/.*found: train"):
+    _write_tree(tmp_path / "a", spec={"images": {"cat": 1}})
+    with pytest.raises(CRLError, match="expected a train/ folder.*found: images"):
         load_dataset(f"imagefolder:{tmp_path / 'a'}")
     _write_tree(tmp_path / "b", spec={"train": {"cat": 1, "dog": 1}, "test": {"cat": 1}})
     (tmp_path / "b" / "test" / "dog").mkdir()
@@ -303,9 +303,13 @@ def test_corrupt_archives(tmp_path):
 
 
 def test_archive_missing_test_split(tmp_path):
-    _write_tree(tmp_path / "t", spec={"train": {"cat": 2}})
+    _write_tree(tmp_path / "t", spec={"train": {"cat": 2, "dog": 2}})
     arc = _targz(tmp_path / "t", tmp_path / "t.tar", "only")
-    with pytest.raises(CRLError, match=r"found: only \(inside it: train\)"):
+    data = load_dataset(f"imagefolder:{arc}")          # train/ alone: no split of its own
+    assert len(data) == 4 and data.train_size is None and data.classes == ["cat", "dog"]
+    _write_tree(tmp_path / "u", spec={"images": {"cat": 2}})
+    arc = _targz(tmp_path / "u", tmp_path / "u.tar", "only")
+    with pytest.raises(CRLError, match=r"found: only \(inside it: images\)"):
         load_dataset(f"imagefolder:{arc}")
 
 

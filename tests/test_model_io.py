@@ -152,7 +152,7 @@ def test_broken_payloads_are_refused(tmp_path, changes, message):
     ("in_channels", "1", "in_channels = '1': expected an integer >= 1"),
     ("transforms", ["opacus_fix", "quantize"],
      ("transforms = \\['opacus_fix', 'quantize'\\]: expected a list of values, each one of: "
-      "opacus_fix")),
+      "hamp_output, opacus_fix")),
     ("arch", "vit", "arch = 'vit': expected one of: "),
 ])
 def test_bad_header_fields_are_refused(tmp_path, field, value, message):

@@ -166,7 +166,7 @@ def test_model_spec_round_trip_and_helpers():
     assert fixed.transforms == ("opacus_fix",) and spec.transforms == ()
     assert fixed.with_transform("opacus_fix") is fixed
     with pytest.raises(CRLError, match="transforms = \\('nope',\\): expected a list of values, "
-                                       "each one of: opacus_fix"):
+                                       "each one of: hamp_output, opacus_fix"):
         spec.with_transform("nope")
     net = spec.build()
     assert classifier_of(net)[1].out_features == 10

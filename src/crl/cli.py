@@ -53,12 +53,15 @@ def _add_field(group: argparse.ArgumentParser, spec: Any) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from crl.config import cli_fields
 
-    p = argparse.ArgumentParser(prog="crl", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="crl", description=" ".join(__doc__.split("\n\n")[0].split()),
+                                epilog="`crl COMMAND --help` shows a command's options and the "
+                                       "per-dataset default recipe.")
     sub = p.add_subparsers(dest="command", required=True)
 
     a = sub.add_parser("audit", help="train target/shadow/reference models, attack, report",
                        description="Train models per defense, run every attack, write a report. "
-                                   "With no flags: digits / mlp, 3 seeds, a few minutes on CPU.")
+                                   "With no flags: digits / mlp, 3 seeds, a few minutes on CPU.",
+                       epilog=recipe_epilog())
     a.add_argument("--config", help="YAML recipe whose keys mirror these flags")
     for spec in cli_fields():
         _add_field(a, spec)
@@ -66,11 +69,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="defense/attack hyper-parameter, e.g. crl.alpha_rce=0.5 (repeatable)")
 
     sub.add_parser("list", help="list the registered datasets, models, defenses and attacks, "
-                                "with every defense's and attack's parameters")
+                                "each with a one-line description and citation, and every "
+                                "defense's and attack's parameters")
     _add_tune_parser(sub)
     _add_train_parser(sub)
     _add_report_parser(sub)
     return p
+
+
+def recipe_epilog(audit: bool = True) -> str:
+    """The per-dataset default recipe (crl.config.DATASET_DEFAULTS), in words, for --help;
+    audit=False: the training part only (crl train has no subset and no reference models)."""
+    from crl.config import DATASET_DEFAULTS
+
+    def words(d: dict[str, Any]) -> str:
+        text = f"{d['model']}, {d['epochs']} epochs, batch {d['batch_size']}, lr {d['lr']}"
+        if not audit:
+            return text
+        subset = f"subset {d['subset']}" if d.get("subset") else "no subset"
+        return f"{text}, {subset}, {d['references']} reference models"
+
+    named = "; ".join(f"{name}: {words(d)}" for name, d in DATASET_DEFAULTS.items()
+                      if name != "*")
+    return (f"Default recipe per dataset, for every option left unset: {named}; any other "
+            f"dataset: {words(DATASET_DEFAULTS['*'])}. `crl list` describes every dataset, "
+            "model, defense and attack.")
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
@@ -87,12 +110,37 @@ def config_from_args(args: argparse.Namespace) -> Any:
         values[key] = v
     for owner, params in parse_set(args.set).items():
         values.setdefault("set", {}).setdefault(owner, {}).update(params)
-    return AuditConfig(**values)
+    return AuditConfig(**canonical_names(values))
+
+
+def canonical_names(values: dict[str, Any]) -> dict[str, Any]:
+    """`values` with every dataset, model, defense and attack name (and `set` owner) spelled as
+    registered where it matches one registered name up to capitalisation (`CRL` -> `crl`);
+    other values are left for the field checks to judge."""
+    regs = dict(zip(("dataset", "model", "defense", "attack"), _registries()))
+    keys = {"dataset": "dataset", "model": "model", "defense": "defense",
+            "defenses": "defense", "compare": "defense", "attacks": "attack",
+            "confirm_attacks": "attack"}
+    out = dict(values)
+    for key, kind in keys.items():
+        value = out.get(key)
+        if isinstance(value, str):
+            out[key] = regs[kind].canonical(value)
+        elif isinstance(value, list):
+            out[key] = [regs[kind].canonical(v) for v in value]
+    if isinstance(out.get("set"), dict):
+        def owner(name: Any) -> Any:
+            by_defense = regs["defense"].canonical(name)
+            return by_defense if by_defense != name else regs["attack"].canonical(name)
+        out["set"] = {owner(k): v for k, v in out["set"].items()}
+    return out
 
 
 def list_lines(registries: list[Any] | None = None) -> list[str]:
-    """`crl list`: datasets and models by name; every defense and attack with its parameters
-    (default, valid values, search range) and, for defenses, the engine it can train with."""
+    """`crl list`: every dataset, model, defense and attack with its one-line description
+    (and citation); defenses and attacks with their parameters (default, valid values, search
+    range) and, for defenses, the engine they can train with; models with what the ensemble
+    engine does with them."""
     if registries is None:
         registries = _registries()
     lines = []
@@ -100,30 +148,46 @@ def list_lines(registries: list[Any] | None = None) -> list[str]:
         if reg.kind in ("defense", "attack"):
             lines.append(f"{reg.kind}s:")
             for name in reg.names():
-                lines.extend(_component_lines(name, reg.get(name), reg.kind))
+                lines.extend(_component_lines(name, reg.get(name), reg.kind,
+                                              reg.description(name)))
         else:
             extra = ", imagefolder:PATH" if reg.kind == "dataset" else ""
             lines.append(f"{reg.kind}s: {', '.join(reg.names())}{extra}")
-            if reg.kind == "model":
-                lines.extend(_model_engine_lines(reg))
+            heads = (_model_heads(reg) if reg.kind == "model"
+                     else {name: f"  {name}" for name in reg.names()})
+            for name, head in heads.items():
+                lines.extend(_described(head, reg.description(name)))
+            if reg.kind == "dataset":
+                lines.extend(_described(f"  {IMAGEFOLDER}", IMAGEFOLDER_WORDS))
     return lines
 
 
-def _model_engine_lines(models: Any) -> list[str]:
-    """Per model, what `--engine ensemble` does with it (crl.engine.stacked.ensemble_note)."""
+IMAGEFOLDER = "imagefolder:PATH"
+IMAGEFOLDER_WORDS = ("your own images: PATH/train/<class>/ and PATH/test/<class>/, or train/ "
+                     "alone (crl train: --test-fraction)")
+
+
+def _described(head: str, description: str) -> list[str]:
+    """The head line, then the description indented under it (when there is one)."""
+    return [head, f"    {description}"] if description else [head]
+
+
+def _model_heads(models: Any) -> dict[str, str]:
+    """Per model, its name and what `--engine ensemble` does with it
+    (crl.engine.stacked.ensemble_note)."""
     import torch
 
     from crl.engine.stacked import ensemble_note
 
-    lines = []
+    heads = {}
     for name in models.names():
         with torch.device("meta"):
             model = models.get(name)(3, 32, 10)
-        lines.append(f"  {name} (ensemble engine: {ensemble_note(model)})")
-    return lines
+        heads[name] = f"  {name} (ensemble engine: {ensemble_note(model)})"
+    return heads
 
 
-def _component_lines(name: str, cls: Any, kind: str) -> list[str]:
+def _component_lines(name: str, cls: Any, kind: str, description: str = "") -> list[str]:
     spec = getattr(cls, "spec", None)
     params = list(spec) if spec is not None else []
     notes = []
@@ -132,7 +196,7 @@ def _component_lines(name: str, cls: Any, kind: str) -> list[str]:
     if spec is not None and not params:
         notes.append("no parameters")
     head = f"  {name}" + (f" ({'; '.join(notes)})" if notes else "")
-    return [head, *(f"      {p.describe()}" for p in params)]
+    return [*_described(head, description), *(f"      {p.describe()}" for p in params)]
 
 
 def _registries() -> list[Any]:
@@ -166,7 +230,8 @@ def _add_tune_parser(sub: Any) -> None:
                                     "front (Optuna)",
                        description="Search a defense's parameter ranges (its spec) for the "
                                    "front of test accuracy vs the strongest attack; recommend "
-                                   "a setting and re-run it on fresh seeds.")
+                                   "a setting and re-run it on fresh seeds.",
+                       epilog=recipe_epilog())
     t.add_argument("--config", help="YAML recipe whose keys mirror the audit flags")
     for spec in TUNE_SPECS.values():
         _add_field(t, spec)
@@ -187,7 +252,8 @@ def _tune(args: argparse.Namespace, argv: list[str]) -> None:
     from crl.tune.run import run_tune
 
     given = vars(args)
-    opts = TuneOptions(**{k: v for k, v in given.items() if k in TUNE_SPECS and v is not None})
+    opts = TuneOptions(**canonical_names(
+        {k: v for k, v in given.items() if k in TUNE_SPECS and v is not None}))
     audit_args = argparse.Namespace(**{k: v for k, v in given.items() if k not in TUNE_SPECS})
     if args.out is None and "out" not in (load_yaml_recipe(args.config) if args.config else {}):
         audit_args.out = "runs/tune"
@@ -202,7 +268,8 @@ def _add_train_parser(sub: Any) -> None:
                                      "deployment",
                        description="Train one model on the dataset's own train split (digits: a "
                                    "fixed stratified 80/20 split), evaluate it on the test split, "
-                                   "write model.pt (crl.load_model) and its metrics to --out.")
+                                   "write model.pt (crl.load_model) and its metrics to --out.",
+                       epilog=recipe_epilog(audit=False))
     for spec in TRAIN_SPECS.values():
         if spec.cli:
             _add_field(t, spec)
@@ -223,7 +290,7 @@ def _train(args: argparse.Namespace) -> None:
     from crl.deploy import TrainConfig, run_train
 
     values = {k: v for k, v in vars(args).items() if k not in ("command", "set") and v is not None}
-    run_train(TrainConfig(**values, set=parse_set(args.set)))
+    run_train(TrainConfig(**canonical_names({**values, "set": parse_set(args.set)})))
 
 
 def _report(args: argparse.Namespace) -> None:

@@ -32,12 +32,13 @@ from crl.audit.factory import ModelCache, ModelFactory, TrainedModel
 from crl.audit.plan import DefenseChoice, ModelJob
 from crl.audit.run import chance_warning, recipe_of
 from crl.config import AuditConfig, check_set, field_specs, option, set_warnings
-from crl.data.splits import own_split
+from crl.data.splits import _stratified_take, own_split
 from crl.data.types import ImageData
 from crl.defenses.base import build_defense
+from crl.errors import CRLError
 from crl.evaluation import evaluate
 from crl.models.zoo import MODELS
-from crl.seeding import seed_for
+from crl.seeding import numpy_rng, seed_for
 from crl.train import write_metrics
 from crl.utils import cache_dir, code_version, resolve_device, write_json_atomic, write_text_atomic
 
@@ -76,6 +77,11 @@ class TrainConfig:
     bf16: bool = _like("bf16")
     channels_last: bool = _like("channels_last")
     seed: int = option(0, kind=int, low=0, help="the model's seed (default 0)")
+    test_fraction: float | None = option(
+        None, kind=float, low=0.0, high=1.0, low_open=True, high_open=True, nullable=True,
+        help="for data without a test split of its own (digits, imagefolder with train/ "
+             "alone): the share held out for testing, stratified, from a fixed stream "
+             "(default 0.2)")
     out: str = _like("out", "runs/train", help="output directory (default runs/train)")
     device: str = _like("device")
     data_root: str | None = _like("data_root")
@@ -135,9 +141,31 @@ def prepare_train(cfg: TrainConfig) -> Prepared:
         print(f"crl: warning: {w}", file=sys.stderr)
     resolve_device(cfg.device)
     data = load_dataset(cfg.dataset, data_root=cfg.data_root, download=cfg.download)
-    train_idx, test_idx, boundary = own_split(data)
+    train_idx, test_idx, boundary = deployment_split(data, cfg.test_fraction)
     defense.check(recipe_of(cfg), len(train_idx))
     return Prepared(cfg, data, train_idx, test_idx, boundary)
+
+
+def deployment_split(data: ImageData, test_fraction: float | None
+                     ) -> tuple[np.ndarray, np.ndarray, str]:
+    """The dataset's own split (crl.data.splits.own_split); for data without one, a
+    `test_fraction` given holds out that share of every class instead of the default 20%,
+    drawn from the fixed stream seed_for(0, 'test-fraction-split')."""
+    if test_fraction is None:
+        return own_split(data)
+    if data.train_size is not None:
+        raise CRLError(f"test_fraction = {test_fraction!r}: {data.name} has a test split of its "
+                       "own; expected no --test-fraction for it")
+    labels = data.y.numpy().astype(np.int64)
+    k = round(test_fraction * len(labels))
+    if not 1 <= k <= len(labels) - 1:
+        raise CRLError(f"test_fraction = {test_fraction!r}: holds out {k} of {len(labels)} "
+                       "samples; expected a fraction that holds out at least 1 and keeps 1")
+    test, train = _stratified_take(np.arange(len(labels), dtype=np.int64), labels, k,
+                                   numpy_rng(0, "test-fraction-split"))
+    how = (f"no split of its own: a stratified {100 * test_fraction:g}% test split "
+           "(--test-fraction) from the stream seed_for(0, 'test-fraction-split')")
+    return np.sort(train), np.sort(test), how
 
 
 def _write_inputs(out: Path, p: Prepared) -> None:

@@ -1,6 +1,13 @@
-"""Name -> factory registries for datasets, models, defenses and attacks (timm-style)."""
+"""Name -> factory registries for datasets, models, defenses and attacks (timm-style).
+
+Each entry has a one-line description with its citation (`crl list` prints it): a class's
+`description` ClassVar, or the `description` given to `register` (functions). Lookups accept
+any capitalisation of a name when exactly one registered name matches it (`CRL`, `LiRA`); an
+unknown name gets the closest registered names as a suggestion (difflib).
+"""
 from __future__ import annotations
 
+import difflib
 from typing import Callable, Generic, TypeVar
 
 from crl.errors import CRLError
@@ -14,24 +21,56 @@ class Registry(Generic[T]):
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._items: dict[str, T] = {}
+        self._descriptions: dict[str, str] = {}
 
-    def register(self, name: str) -> Callable[[T], T]:
+    def register(self, name: str, description: str | None = None) -> Callable[[T], T]:
+        """Register under `name`; `description` (one line, with its citation) for entries that
+        carry no `description` attribute of their own (functions)."""
         def decorator(obj: T) -> T:
             if name in self._items:
                 raise RuntimeError(f"{self.kind} '{name}' registered twice")
             if isinstance(obj, type):
                 obj.name = name   # the registry is the one place a component's name is written
             self._items[name] = obj
+            if description is not None:
+                self._descriptions[name] = description
             return obj
 
         return decorator
 
+    def canonical(self, name: str) -> str:
+        """The registered name `name` means: itself, or the one registered name equal to it up
+        to capitalisation; otherwise `name` unchanged."""
+        if name in self._items or not isinstance(name, str):
+            return name
+        matches = [n for n in self._items if n.lower() == name.lower()]
+        return matches[0] if len(matches) == 1 else name
+
     def get(self, name: str) -> T:
-        if name not in self._items:
-            raise CRLError(
-                f"unknown {self.kind} '{name}'; expected one of: {', '.join(self.names())}"
-            )
-        return self._items[name]
+        key = self.canonical(name)
+        if key not in self._items:
+            raise CRLError(f"unknown {self.kind} '{name}'{self.suggestion(name)}; expected one "
+                           f"of: {', '.join(self.names())}")
+        return self._items[key]
+
+    def suggestion(self, name: str) -> str:
+        """The words ` (did you mean 'crl'?)` for a name close to registered ones, else ''."""
+        if not isinstance(name, str):
+            return ""
+        lower = {n.lower(): n for n in self._items}
+        close = difflib.get_close_matches(name.lower(), list(lower), n=3, cutoff=0.6)
+        if not close:
+            return ""
+        return " (did you mean " + " or ".join(f"'{lower[c]}'" for c in close) + "?)"
+
+    def description(self, name: str) -> str:
+        """The entry's one-line description ('' if it has none)."""
+        key = self.canonical(name)
+        if key in self._descriptions:
+            return self._descriptions[key]
+        obj = self._items.get(key)
+        own = vars(obj) if isinstance(obj, type) else {}   # a class's own, never inherited
+        return str(own.get("description") or "")
 
     def names(self) -> list[str]:
         return sorted(self._items)

@@ -203,11 +203,17 @@ class _LiRABase(Attack):
 class LiRAOnline(_LiRABase):
     """LiRA online: Gaussian likelihood ratio of IN vs OUT reference statistics."""
 
+    description: ClassVar[str] = ("LiRA online: per-sample Gaussian likelihood ratio, IN and "
+                                  "OUT references (Carlini et al., S&P 2022)")
+
     online = True
 
 
 @ATTACKS.register("lira_offline")
 class LiRAOffline(_LiRABase):
     """LiRA offline: one-sided test against the OUT reference statistics only."""
+
+    description: ClassVar[str] = ("LiRA offline: one-sided test against OUT references only "
+                                  "(Carlini et al., S&P 2022)")
 
     online = False

@@ -34,7 +34,7 @@ import contextlib
 import copy
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -281,6 +281,9 @@ def nn_attack_scores(model: nn.Module, x: np.ndarray) -> np.ndarray:
 @ATTACKS.register("nn")
 class NNAttack(Attack):
     """The paper's NN attack: MLP on [posterior, one-hot label], trained on the shadow models."""
+
+    description: ClassVar[str] = ("NN attack: an MLP on posterior and label, trained on shadow "
+                                  "models (Shokri et al., S&P 2017)")
 
     spec = NN_SPEC
 

@@ -267,8 +267,9 @@ def rmia_loo(signals: Signals, population: Signals, **params) -> np.ndarray:
 class RMIAAttack(Attack):
     """RMIA (offline by default). Scores of model 0; loo_scores for every model when possible."""
 
-    description: ClassVar[str] = ("RMIA: pairwise likelihood ratio against population samples "
-                                  "(Zarifzadeh et al., ICML 2024)")
+    description: ClassVar[str] = ("RMIA: likelihood ratio against population samples, reference "
+                                  "models (Zarifzadeh et al., ICML 2024)")
+
     spec = RMIA_SPEC
 
     def requirements(self) -> frozenset[str]:

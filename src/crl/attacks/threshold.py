@@ -178,9 +178,18 @@ class ThresholdAttack(Attack):
         return result
 
 
+THRESHOLD_DESCRIPTIONS = {
+    "loss": "loss threshold on log p_y (Yeom et al., CSF 2018)",
+    "confidence": "threshold on the top posterior probability (Salem et al., NDSS 2019)",
+    "entropy": "threshold on the posterior entropy (Salem et al., NDSS 2019)",
+    "mentr": "threshold on the modified entropy (Song & Mittal, USENIX Security 2021)",
+}
+
+
 def _register_threshold(name: str, doc: str) -> None:
     cls = type(f"{name.capitalize()}Attack", (ThresholdAttack,),
-               {"score_name": name, "__doc__": doc})
+               {"score_name": name, "__doc__": doc,
+                "description": THRESHOLD_DESCRIPTIONS.get(name, "")})
     ATTACKS.register(name)(cls)
 
 
@@ -194,6 +203,9 @@ class GradXAttack(ThresholdAttack):
 
     Needs the target's gradient norms (ctx.gradient_scores(0)); with shadows and their gradient
     norms (ctx.shadow_gradient_scores) it also fits per-class thresholds like the others."""
+
+    description: ClassVar[str] = ("Grad-x l2: threshold on the input-gradient norm, white-box "
+                                  "(Rezaei & Liu, CVPR 2021)")
 
     pool_all_models = False   # one backward pass per sample per model: target only
 

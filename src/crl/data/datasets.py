@@ -46,7 +46,8 @@ _TV_FILES = {
 
 # --------------------------------------------------------------------------- digits
 
-@DATASETS.register("digits")
+@DATASETS.register("digits", description="scikit-learn's 8x8 handwritten digits, 1797 images, "
+                   "offline (UCI; Alpaydin & Kaynak 1998)")
 def load_digits(data_root: str | None = None, download: bool = False) -> ImageData:
     """scikit-learn's bundled 8x8 digits (1797 images, offline); data_root is ignored. It has
     no train/test split of its own (train_size None; crl.data.splits.own_split)."""
@@ -146,8 +147,14 @@ def _register_tv(name: str) -> None:
 
     loader.__name__ = f"load_{name}"
     loader.__doc__ = f"torchvision {name} (train then test) from data_root; downloads only if asked."
-    DATASETS.register(name)(loader)
+    DATASETS.register(name, description=TV_DESCRIPTIONS[name])(loader)
 
+
+TV_DESCRIPTIONS = {
+    "cifar10": "CIFAR-10: 60k 32x32 colour images, 10 classes (Krizhevsky 2009)",
+    "cifar100": "CIFAR-100: 60k 32x32 colour images, 100 classes (Krizhevsky 2009)",
+    "svhn": "SVHN: 32x32 street-view house numbers, 10 classes (Netzer et al., 2011)",
+}
 
 for _n in ("cifar10", "cifar100", "svhn"):
     _register_tv(_n)
@@ -163,7 +170,8 @@ def load_dataset(name: str, data_root: str | None = None, download: bool = False
         raise CRLError(f"dataset name {name!r}: expected a string")
     if name.startswith(IMAGEFOLDER_PREFIX):
         return load_imagefolder(name[len(IMAGEFOLDER_PREFIX):], name=name)
+    name = DATASETS.canonical(name)
     if name not in DATASETS:
-        raise CRLError(f"unknown dataset '{name}'; expected one of: "
+        raise CRLError(f"unknown dataset '{name}'{DATASETS.suggestion(name)}; expected one of: "
                        f"{', '.join(DATASETS.names())}, or {IMAGEFOLDER_PREFIX}PATH")
     return DATASETS.get(name)(data_root=data_root, download=download)

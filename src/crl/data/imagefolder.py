@@ -1,5 +1,7 @@
 """`imagefolder:PATH`: a folder or tar archive laid out as `train/<class>/*` and
-`test/<class>/*` (optionally inside one top-level folder), decoded into one ImageData.
+`test/<class>/*` (optionally inside one top-level folder), decoded into one ImageData. With
+`train/` alone the data has no split of its own (train_size None): the audit pools it anyway,
+`crl train` splits it (`--test-fraction`, crl.data.splits.own_split).
 
 Untrusted input: archives are read through crl.data.archive (validated members, the whole
 stream checksummed); every image file is capped at CRL_MAX_MEMBER_BYTES and the decoded
@@ -37,11 +39,11 @@ def _hidden(parts: Sequence[str]) -> bool:
 
 
 def _find_prefix(files: list[str], dirs: set[str], source: str) -> str:
-    """'' or 'top/': where train/ and test/ live."""
+    """'' or 'top/': where train/ (and test/, if there is one) live."""
     top_dirs = sorted({d.split("/")[0] for d in dirs})
 
     def has_splits(prefix: str) -> bool:
-        return f"{prefix}train" in dirs and f"{prefix}test" in dirs
+        return f"{prefix}train" in dirs
 
     if has_splits(""):
         return ""
@@ -52,8 +54,8 @@ def _find_prefix(files: list[str], dirs: set[str], source: str) -> str:
     if len(top_dirs) == 1:
         inner = sorted({d.split("/")[1] for d in dirs if d.startswith(top_dirs[0] + "/")})
         found += f" (inside it: {', '.join(inner[:10]) or 'nothing'})"
-    raise CRLError(f"imagefolder {source}: expected train/ and test/ folders "
-                   f"(optionally inside one top-level folder); found: {found}")
+    raise CRLError(f"imagefolder {source}: expected a train/ folder, and optionally test/ "
+                   f"(both optionally inside one top-level folder); found: {found}")
 
 
 def _split_classes(files: list[str], dirs: set[str], base: str, source: str
@@ -104,17 +106,19 @@ def resolve_layout(files: list[str], dirs: set[str], source: str
 
 
 def split_layout(files: list[str], dirs: set[str], source: str
-                 ) -> tuple[list[str], list[tuple[str, int]], int]:
-    """`resolve_layout` plus the number of train/ items, which come first (the boundary)."""
+                 ) -> tuple[list[str], list[tuple[str, int]], int | None]:
+    """`resolve_layout` plus the number of train/ items, which come first (the boundary; None
+    when there is no test/ folder: no split of its own)."""
     files = [f for f in files if not _hidden(f.split("/"))]
     dirs = {d for d in dirs if not _hidden(d.split("/"))}
     prefix = _find_prefix(files, dirs, source)
-    per_split = {s: _split_classes(files, dirs, f"{prefix}{s}/", source) for s in ("train", "test")}
-    classes = _check_classes(set(per_split["train"]), set(per_split["test"]), source)
+    splits = ("train", "test") if f"{prefix}test" in dirs else ("train",)
+    per_split = {s: _split_classes(files, dirs, f"{prefix}{s}/", source) for s in splits}
+    classes = _check_classes(set(per_split["train"]), set(per_split[splits[-1]]), source)
     index = {c: i for i, c in enumerate(classes)}
-    items = [(f, index[c]) for s in ("train", "test") for c in classes
-             for f in sorted(per_split[s][c])]
-    return classes, items, sum(len(v) for v in per_split["train"].values())
+    items = [(f, index[c]) for s in splits for c in classes for f in sorted(per_split[s][c])]
+    n_train = sum(len(v) for v in per_split["train"].values())
+    return classes, items, n_train if len(splits) == 2 else None
 
 
 # --------------------------------------------------------------------------- decoding
@@ -182,7 +186,7 @@ def decode_images(paths: list[str], read: Callable[[str], bytes], source: str) -
 
 
 def _finish(x: np.ndarray, items: list[tuple[str, int]], classes: list[str], source: str,
-            train_size: int) -> dict:
+            train_size: int | None) -> dict:
     if x.shape[0] != len(items):
         raise CRLError(f"imagefolder {source}: decoded {x.shape[0]} images; expected the "
                        f"{len(items)} the listing holds")
@@ -190,7 +194,7 @@ def _finish(x: np.ndarray, items: list[tuple[str, int]], classes: list[str], sou
     mean, std = channel_stats(xt)
     y = torch.tensor([lab for _, lab in items], dtype=torch.int64)
     return {"x": xt, "y": y, "classes": classes, "mean": mean, "std": std,
-            "train_size": int(train_size)}
+            "train_size": None if train_size is None else int(train_size)}
 
 
 # --------------------------------------------------------------------------- sources

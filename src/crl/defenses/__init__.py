@@ -6,6 +6,7 @@ from crl.defenses import (  # noqa: F401  (registration)
     dmp,
     dpsgd,
     early_stopping,
+    hamp,
     label_smoothing,
     relaxloss,
 )

@@ -78,6 +78,9 @@ class AdvReg(LogsMeans, Defense):
     member_log_h.
     """
 
+    description: ClassVar[str] = ("AdvReg: adversarial regularisation against an inference "
+                                  "model (Nasr et al., CCS 2018)")
+
     spec: ClassVar[ParamSpec] = ParamSpec(
         Param("alpha", 1.0, float, low=0.0, search=(0.1, 10.0, "log"),
               help="weight of the adversarial term (the paper's lambda)"),

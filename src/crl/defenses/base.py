@@ -218,6 +218,8 @@ class Defense:
 class CrossEntropy(Defense):
     """No defense: ordinary cross-entropy."""
 
+    description: ClassVar[str] = "no defense: plain cross-entropy training (the baseline)"
+
     def batched_loss(self, steps: Step) -> torch.Tensor:
         return cross_entropy_per_model(steps.logits, steps.y)
 

@@ -27,6 +27,9 @@ class ConfidencePenalty(LogsMeans, Defense):
     end_epoch() metrics: the epoch's mean cross-entropy `l_ce` and mean entropy `entropy`.
     """
 
+    description: ClassVar[str] = ("confidence penalty: cross-entropy minus beta times the "
+                                  "posterior entropy (Pereyra et al., ICLR workshop 2017)")
+
     spec: ClassVar[ParamSpec] = ParamSpec(
         Param("beta", 0.1, float, low=0.0, search=(0.01, 2.0, "log"),
               help="weight of the entropy bonus"),

@@ -54,6 +54,9 @@ class CRLDefense(LogsMeans, Defense):
     in each branch (frac_rce_even/fit/relax, frac_rcl_even/fit/relax).
     """
 
+    description: ClassVar[str] = ("CRL: center-based relaxed learning, relaxed CE plus relaxed "
+                                  "center loss (Fang & Kim, UAI 2024)")
+
     spec: ClassVar[ParamSpec] = CRL_SPEC
     fixed: ClassVar[dict[str, Any]] = {}
     needs_features: ClassVar[bool] = True
@@ -176,6 +179,9 @@ class CRLDefense(LogsMeans, Defense):
 class ImpRelaxLossDefense(CRLDefense):
     """Ablation: ImpRelaxLoss alone (Eqs. 5-9), i.e. CRL with lam = 0 (paper Table 2)."""
 
+    description: ClassVar[str] = ("ImpRelaxLoss: CRL without the center loss, an ablation (Fang "
+                                  "& Kim, UAI 2024, Table 2)")
+
     fixed: ClassVar[dict[str, Any]] = {"lam": 0.0}
     spec: ClassVar[ParamSpec] = CRL_SPEC.without(fixed)
     needs_features: ClassVar[bool] = False
@@ -184,6 +190,9 @@ class ImpRelaxLossDefense(CRLDefense):
 @DEFENSES.register("rcl")
 class RelaxedCenterLossDefense(CRLDefense):
     """Ablation: relaxed center loss without normalisation, CRL with tau_rce = tau_rcl = 0."""
+
+    description: ClassVar[str] = ("RCL: CRL without normalisation (tau_rce = tau_rcl = 0), an "
+                                  "ablation (Fang & Kim, UAI 2024)")
 
     fixed: ClassVar[dict[str, Any]] = {"tau_rce": 0.0, "tau_rcl": 0.0}
     spec: ClassVar[ParamSpec] = CRL_SPEC.without(fixed)

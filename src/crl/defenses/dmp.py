@@ -46,6 +46,9 @@ class DMP(LogsMeans, Defense):
     end_epoch() metrics: l_kl, the epoch's mean distillation loss.
     """
 
+    description: ClassVar[str] = ("DMP: distillation for membership privacy on a reference set "
+                                  "(Shejwalkar & Houmansadr, AAAI 2021)")
+
     spec: ClassVar[ParamSpec] = ParamSpec(
         Param("ref_fraction", 0.5, float, low=0.0, high=1.0, low_open=True, high_open=True,
               help="share of the members held out from the teacher as the reference pool"),

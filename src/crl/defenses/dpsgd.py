@@ -65,6 +65,9 @@ class DPSGD(Defense):
     """DP-SGD with clipping norm `max_grad_norm` and noise std noise_multiplier * max_grad_norm
     on Poisson batches; report() gives (epsilon, delta) of the RDP accountant."""
 
+    description: ClassVar[str] = ("DP-SGD: per-sample clipping and Gaussian noise, Opacus RDP "
+                                  "accounting (Abadi et al., CCS 2016)")
+
     spec: ClassVar[ParamSpec] = ParamSpec(
         Param("noise_multiplier", 1.0, float, low=0.0, search=(0.3, 3.0, "log"),
               help="noise std / clipping norm"),

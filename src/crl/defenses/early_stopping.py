@@ -28,6 +28,9 @@ class EarlyStopping(Defense):
     end_epoch() metrics (patience mode): val_loss and val_acc of that epoch.
     """
 
+    description: ClassVar[str] = ("early stopping at a fixed epoch or on validation loss (Song "
+                                  "& Mittal, USENIX Security 2021)")
+
     spec: ClassVar[ParamSpec] = ParamSpec(
         Param("stop_epoch", None, int, low=1, nullable=True,
               help="stop after this epoch (null: stop by patience)"),

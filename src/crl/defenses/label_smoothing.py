@@ -15,6 +15,9 @@ from crl.registry import DEFENSES
 class LabelSmoothing(Defense):
     """Cross-entropy against (1 - epsilon) * one_hot(y) + epsilon / C (uniform mass on all C)."""
 
+    description: ClassVar[str] = ("label smoothing: cross-entropy against smoothed one-hot "
+                                  "targets (Szegedy et al., CVPR 2016)")
+
     spec: ClassVar[ParamSpec] = ParamSpec(
         Param("epsilon", 0.1, float, low=0.0, high=1.0, high_open=True,
               search=(0.02, 0.5, "log"), help="mass spread uniformly over all classes"),

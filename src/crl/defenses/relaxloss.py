@@ -21,6 +21,9 @@ class RelaxLossDefense(LogsMeans, Defense):
     (frac_ce_even/fit/relax).
     """
 
+    description: ClassVar[str] = ("RelaxLoss: keeps the training loss near a target level alpha "
+                                  "(Chen et al., ICLR 2022)")
+
     # Published: CIFAR-10 alpha 1 (ResNet) / 0.4 (VGG11-BN), CIFAR-100 3 / 0.5, upper 1.
     spec: ClassVar[ParamSpec] = ParamSpec(
         Param("alpha", 0.5, float, low=0.0, search=(0.02, 1.2, "log"),

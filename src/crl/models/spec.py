@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from crl.errors import CRLError
+from crl.models import output_modification  # noqa: F401  (registers 'hamp_output')
 from crl.models.features import FeatureTap, classifier_of
 from crl.models.transforms import MODEL_TRANSFORMS, apply_transforms
 from crl.models.zoo import create_model

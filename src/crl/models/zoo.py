@@ -46,7 +46,8 @@ def records_head(head: str | None = None) -> Callable:
     return wrap
 
 
-@MODELS.register("mlp")
+@MODELS.register("mlp",
+                 description="MLP: two hidden layers of 256 ReLU units on the flattened image")
 @records_head()
 def mlp(in_channels: int, image_size: int, num_classes: int, hidden: int = 256) -> nn.Module:
     """Two hidden layers of `hidden` ReLU units on the flattened image."""
@@ -59,7 +60,8 @@ def mlp(in_channels: int, image_size: int, num_classes: int, hidden: int = 256) 
     )
 
 
-@MODELS.register("cnn")
+@MODELS.register("cnn",
+                 description="CNN: 32-64 conv trunk, BatchNorm, a 512-unit head (docs/models.md)")
 @records_head()
 def cnn(in_channels: int, image_size: int, num_classes: int) -> nn.Module:
     """32-64 conv trunk + 512-unit FC head, BatchNorm after every conv and the FC layer.
@@ -90,7 +92,8 @@ def _cifar_stem(in_channels: int, out: int) -> nn.Conv2d:
     return nn.Conv2d(in_channels, out, kernel_size=3, stride=1, padding=1, bias=False)
 
 
-@MODELS.register("resnet18")
+@MODELS.register("resnet18",
+                 description="ResNet-18 with a CIFAR stem (He et al., CVPR 2016), torchvision")
 @records_head("fc")
 def resnet18(in_channels: int, image_size: int, num_classes: int) -> nn.Module:
     """torchvision ResNet-18 with a 3x3 stride-1 stem and no max-pool (CIFAR variant)."""
@@ -100,7 +103,8 @@ def resnet18(in_channels: int, image_size: int, num_classes: int) -> nn.Module:
     return m
 
 
-@MODELS.register("vgg11_bn")
+@MODELS.register("vgg11_bn",
+                 description="VGG-11 with BatchNorm (Simonyan & Zisserman, ICLR 2015), torchvision")
 @records_head()
 def vgg11_bn(in_channels: int, image_size: int, num_classes: int) -> nn.Module:
     """VGG11-BN with a 512-d hidden classifier layer (the paper's CRL features)."""
@@ -122,7 +126,8 @@ def vgg11_bn(in_channels: int, image_size: int, num_classes: int) -> nn.Module:
     )
 
 
-@MODELS.register("densenet121")
+@MODELS.register("densenet121",
+                 description="DenseNet-121 (Huang et al., CVPR 2017), torchvision")
 @records_head("classifier")
 def densenet121(in_channels: int, image_size: int, num_classes: int) -> nn.Module:
     """The true DenseNet-121 (growth 32, blocks 6-12-24-16) with a 3x3 stem, no max-pool."""
@@ -151,7 +156,8 @@ class _GoogLeNetLogits(nn.Module):
         return out.logits if hasattr(out, "logits") else out
 
 
-@MODELS.register("googlenet")
+@MODELS.register("googlenet",
+                 description="GoogLeNet (Szegedy et al., CVPR 2015), torchvision")
 @records_head("net.fc")
 def googlenet(in_channels: int, image_size: int, num_classes: int) -> nn.Module:
     """GoogLeNet with a 3x3 stride-1 stem and the first two max-pools removed (CIFAR variant)."""

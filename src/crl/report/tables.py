@@ -182,7 +182,7 @@ def write_report(out: Path, outcomes: list[TargetOutcome], cfg) -> str:
     for o in outcomes:
         if o.chance_warning:
             parts += [f"> **WARNING ({o.defense}, seed {o.seed}): {o.chance_warning}**", ""]
-    parts += [_header(outcomes, cfg), ""]
+    parts += [_header(outcomes, cfg), ""] + _output_notes(outcomes)
     for metric, title in METRICS.items():
         parts += [f"## {title}", "", auc if metric == "auc" else
                   format_table(outcomes, metric, n_boot=n_boot), ""]
@@ -200,6 +200,13 @@ def write_report(out: Path, outcomes: list[TargetOutcome], cfg) -> str:
     write_text_atomic(out / "report.md", "\n".join(parts))
     write_html(out)   # report.html, rendered from the report.md just written
     return auc
+
+
+def _output_notes(outcomes: list[TargetOutcome]) -> list[str]:
+    """One line per defense whose released model changes its outputs at query time (HAMP)."""
+    notes = {o.defense: o.defense_report["output_modification"] for o in outcomes
+             if o.defense_report.get("output_modification")}
+    return [line for d, note in notes.items() for line in (f"Note: `{d}`: {note}.", "")]
 
 
 def _recipe(cfg) -> str:
