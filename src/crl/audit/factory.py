@@ -27,7 +27,7 @@ from crl.errors import CRLError
 from crl.models.io import load_model_file, save_model
 from crl.models.spec import ModelSpec
 from crl.recipe import Recipe
-from crl.train import data_identity, indices_digest
+from crl.train import check_diverged, data_identity, indices_digest
 from crl.utils import code_hash
 
 
@@ -138,6 +138,8 @@ class ModelFactory:
 
             def done(k: int, output: TrainOutput, members=members) -> None:
                 i = members[k]
+                check_diverged(output.net, self.data, output.trained_on, len(output.history),
+                               jobs[i].defense.name, requests[k].desc)
                 out[i] = TrainedModel(output.net, output.spec, output.trained_on,
                                       output.report, output.history, output.groups)
                 self.cache.put(keys[i], out[i])
