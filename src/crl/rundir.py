@@ -36,8 +36,9 @@ def check_out_dir(out: str | os.PathLike) -> Path:
     try:   # a real write: os.access says yes to root, even on /proc or /sys
         os.rmdir(tempfile.mkdtemp(prefix=".crl-write-test-", dir=existing))
     except OSError as e:
-        raise CRLError(f"--out {path}: {existing} is not writable "
-                       f"({e.strerror or type(e).__name__}); expected a writable directory") from None
+        why = e.strerror or type(e).__name__
+        raise CRLError(f"--out {path}: {existing} is not writable ({why}); expected a "
+                       "writable directory") from None
     return path
 
 

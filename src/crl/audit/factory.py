@@ -161,7 +161,7 @@ class ModelFactory:
             requests = [self.request(jobs[i], (run_dirs or {}).get(i), eval_idx, desc)
                         for i in members]
 
-            def done(k: int, output: TrainOutput, members=members) -> None:
+            def done(k: int, output: TrainOutput, members=members, requests=requests) -> None:
                 i = members[k]
                 check_diverged(output.net, self.data, output.trained_on, len(output.history),
                                jobs[i].defense.name, requests[k].desc)
