@@ -157,7 +157,7 @@ def check_diverged(model: nn.Module, data: ImageData, train_idx, epoch: int, def
     bad = sum(int((~torch.isfinite(p)).sum()) for p in model.parameters())
     what = "weights"
     if not bad:
-        idx = np.asarray(train_idx)[:256]
+        idx = np.array(np.asarray(train_idx)[:256])   # a writable copy (Ray's are not)
         bad, what = int((~torch.isfinite(predict_logits(model, data, idx))).sum()), "logits"
     if bad:
         who = f" of model {label}" if label else ""
