@@ -33,7 +33,9 @@ def check_out_dir(out: str | os.PathLike) -> Path:
     existing = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
     if not existing.is_dir():
         raise CRLError(f"--out {path}: lies under the file {existing}; expected a directory path")
-    try:   # a real write: os.access says yes to root, even on /proc or /sys
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CRLError(f"--out {path}: {existing} is not writable")
+    try:   # a real write too: os.access says yes to root, even on /proc or /sys
         os.rmdir(tempfile.mkdtemp(prefix=".crl-write-test-", dir=existing))
     except OSError as e:
         why = e.strerror or type(e).__name__
