@@ -2,8 +2,9 @@
 `test/<class>/*` (optionally inside one top-level folder), decoded into one ImageData.
 
 Untrusted input: archives are read through crl.data.archive (validated members, the whole
-stream checksummed); every image file is capped at CRL_MAX_MEMBER_BYTES and the decoded
-array at CRL_MAX_DECODED_BYTES (crl.data.limits), checked before the memory is allocated. At
+stream checksummed, members streamed one at a time); every image file is capped at
+CRL_MAX_MEMBER_BYTES and the decoded array at CRL_MAX_DECODED_BYTES and the memory budget
+CRL_MEMORY_BUDGET (crl.data.limits), checked before the memory is allocated. At
 least two classes are required (membership inference audits a classifier). The decoded data
 is cached by crl.data.cache, keyed on the archive's bytes or the folder's file signatures.
 """
