@@ -3,7 +3,6 @@ errors where tracebacks were, words that name the cause, and Ray's token authent
 import io
 import os
 import random
-import sqlite3
 import tarfile
 import time
 import tracemalloc
@@ -180,7 +179,6 @@ def test_a_corrupt_study_file_is_a_one_line_error(tmp_path):
         _one_line(err)
         if content is not None:       # nothing changed on disk
             assert (out / STUDY_FILE).read_bytes() == content
-    assert sqlite3.sqlite_version
 
 
 class _TupleNet(nn.Module):
