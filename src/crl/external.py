@@ -116,9 +116,15 @@ class Queries:
         out = []
         with torch.no_grad():
             for _, xb in self._batches(model, idx):
-                out.append(model(xb.flip(-1) if flip else xb).float().cpu())
-        t = torch.cat(out)
-        z, c = t.numpy(), self.data.num_classes
+                out.append(model(xb.flip(-1) if flip else xb))
+        c = self.data.num_classes
+        if not all(isinstance(o, torch.Tensor) for o in out):
+            kind = next(type(o).__name__ for o in out if not isinstance(o, torch.Tensor))
+            raise CRLError(f"model(x) of {type(model).__name__} returned a {kind}: expected "
+                           f"a tensor of logits [samples, {c}] (wrap the model to return only "
+                           "its logits)")
+        t = torch.cat([o.float().cpu() for o in out])
+        z = t.numpy()
         if z.shape != (len(idx), c) or not np.isfinite(z).all():
             raise CRLError(f"model(x) of {type(model).__name__} = {_describe(t)}"
                            f"{'' if np.isfinite(z).all() else ' with NaN or inf'}: expected "

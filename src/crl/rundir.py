@@ -14,6 +14,7 @@ from __future__ import annotations
 import fcntl
 import fnmatch
 import os
+import tempfile
 from pathlib import Path
 
 from crl.errors import CRLError
@@ -34,6 +35,12 @@ def check_out_dir(out: str | os.PathLike) -> Path:
         raise CRLError(f"--out {path}: lies under the file {existing}; expected a directory path")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise CRLError(f"--out {path}: {existing} is not writable")
+    try:   # a real write too: os.access says yes to root, even on /proc or /sys
+        os.rmdir(tempfile.mkdtemp(prefix=".crl-write-test-", dir=existing))
+    except OSError as e:
+        why = e.strerror or type(e).__name__
+        raise CRLError(f"--out {path}: {existing} is not writable ({why}); expected a "
+                       "writable directory") from None
     return path
 
 

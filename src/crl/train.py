@@ -24,7 +24,7 @@ from crl.data.augment import augment_batch
 from crl.data.types import ImageData
 from crl.defenses.base import Defense, EpochEnd, Step, TrainContext, default_sampler
 from crl.errors import CRLError
-from crl.evaluation import evaluate
+from crl.evaluation import evaluate, predict_logits
 from crl.integrity import load_verified, save_verified
 from crl.models.features import FeatureTap, classifier_of
 from crl.recipe import Recipe
@@ -139,12 +139,30 @@ def fit(model: nn.Module, data: ImageData, train_idx, recipe: Recipe,
             if end.stop:
                 break
         defense.finish(ctx)
+        check_diverged(ctx.model, data, ctx.train_idx, len(history), defense.name,
+                       "" if desc == "train" else desc)
     finally:
         if tap is not None:
             tap.remove()
     return FitResult(model=ctx.model, defense=defense, history=history,
                      train_idx=ctx.train_idx.numpy().copy(), report=defense.report(),
                      groups=defense.evaluation_groups())
+
+
+def check_diverged(model: nn.Module, data: ImageData, train_idx, epoch: int, defense: str,
+                   label: str = "") -> None:
+    """CRLError naming the model when training ended with NaN or infinite weights, or logits
+    on (up to 256 of) its training samples: the last step diverged after a finite loss, so no
+    later loss showed it, and the attacks would only see non-finite logits."""
+    bad = sum(int((~torch.isfinite(p)).sum()) for p in model.parameters())
+    what = "weights"
+    if not bad:
+        idx = np.array(np.asarray(train_idx)[:256])   # a writable copy (Ray's are not)
+        bad, what = int((~torch.isfinite(predict_logits(model, data, idx))).sum()), "logits"
+    if bad:
+        who = f" of model {label}" if label else ""
+        raise CRLError(f"training diverged{who}: {bad} {what} are NaN or infinite after epoch "
+                       f"{epoch} (defense '{defense}'); expected finite values: lower --lr")
 
 
 def _epoch(ctx, defense, tap, gens, epoch, eval_idx) -> tuple[dict[str, float], EpochEnd]:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import warnings
+import sys
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from crl.errors import CRLError
 from crl.models.io import load_model_file, save_model
 from crl.models.spec import ModelSpec
 from crl.recipe import Recipe
-from crl.train import data_identity, indices_digest
+from crl.train import check_diverged, data_identity, indices_digest
 from crl.utils import code_hash
 
 
@@ -47,6 +48,8 @@ class ModelCache:
 
     def __init__(self, root: Path | None) -> None:
         self.root = root
+        if root is not None:
+            remove_stale_tmp(root)
 
     @staticmethod
     def digest(key: dict[str, Any]) -> str:
@@ -65,14 +68,36 @@ class ModelCache:
                 raise CRLError(f"cache entry {path} was stored for another key")
             return _from_extra(net, spec, extra, from_cache=True)
         except CRLError as e:
-            warnings.warn(f"ignoring a bad model-cache entry, retraining: {e}", RuntimeWarning,
-                          stacklevel=2)
+            print(f"crl: warning: ignoring a bad model-cache entry, retraining: {e}",
+                  file=sys.stderr)
             return None
 
     def put(self, key: dict[str, Any], trained: TrainedModel) -> None:
         if self.root is not None:
             save_model(self.path(key), trained.model, trained.spec,
                        extra={"key": key, **_extra(trained)})
+
+
+#: a temporary entry untouched this long was left by a killed process (a write in progress
+#: touches its file every few seconds)
+STALE_TMP_SECONDS = 30 * 60
+
+
+def remove_stale_tmp(root: Path, max_age: float = STALE_TMP_SECONDS) -> list[Path]:
+    """Remove the `.*.tmp` files (crl.utils.atomic_path's) in the cache folder `root` not
+    modified for `max_age` seconds; returns them. Younger ones may be another process's write."""
+    removed = []
+    try:
+        for path in root.glob(".*.tmp"):
+            try:
+                if path.is_file() and time.time() - path.stat().st_mtime > max_age:
+                    path.unlink()
+                    removed.append(path)
+            except OSError:
+                continue   # gone already, or not ours to remove
+    except OSError:
+        pass
+    return removed
 
 
 def _extra(t: TrainedModel) -> dict[str, Any]:
@@ -136,8 +161,10 @@ class ModelFactory:
             requests = [self.request(jobs[i], (run_dirs or {}).get(i), eval_idx, desc)
                         for i in members]
 
-            def done(k: int, output: TrainOutput, members=members) -> None:
+            def done(k: int, output: TrainOutput, members=members, requests=requests) -> None:
                 i = members[k]
+                check_diverged(output.net, self.data, output.trained_on, len(output.history),
+                               jobs[i].defense.name, requests[k].desc)
                 out[i] = TrainedModel(output.net, output.spec, output.trained_on,
                                       output.report, output.history, output.groups)
                 self.cache.put(keys[i], out[i])

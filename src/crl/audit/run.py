@@ -339,6 +339,7 @@ def prepare(cfg: AuditConfig, echo: Callable[[str], None] = print
     """Every check that can fail, before anything is written: config, names, data, splits,
     the defenses' recipe checks, the device."""
     from crl.data.datasets import load_dataset
+    from crl.data.limits import check_reference_scores
     from crl.rundir import check_out_dir
     from crl.utils import resolve_device
 
@@ -350,6 +351,7 @@ def prepare(cfg: AuditConfig, echo: Callable[[str], None] = print
     data = load_dataset(cfg.dataset, data_root=cfg.data_root, download=cfg.download)
     audit = Audit(cfg, data)
     splits = {s: audit.split(s) for s in cfg.seeds}
+    check_reference_scores(cfg.references, len(audit.data), audit.data.num_classes)
     for d in cfg.defenses:
         audit.check(DefenseChoice(d, cfg.set.get(d, {})), splits[cfg.seeds[0]])
     return cfg, audit, splits

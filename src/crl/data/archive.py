@@ -4,8 +4,7 @@ Every member is validated from its header before any member data is read: absolu
 `..` components, links of any kind (symlinks and hardlinks are refused outright, wherever they
 point), device/fifo members, and members larger than the per-member cap
 (CRL_MAX_MEMBER_BYTES, default 64 MiB; see crl.data.limits) are all refused with a CRLError
-naming the member. Reading a set of files first checks their total size against
-CRL_MAX_DECODED_BYTES (default 8 GiB).
+naming the member. Reading a set of files streams them, one member in memory at a time.
 
 The whole stream is verified when the archive is opened: after the last member, the
 decompressed stream is read to its end, which makes gzip (bz2, xz) check its CRC and length,
@@ -23,7 +22,7 @@ import zlib
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from crl.data.limits import check_decoded_size, check_member_size
+from crl.data.limits import check_member_size, check_memory
 from crl.errors import CRLError
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
@@ -99,7 +98,8 @@ class SafeArchive:
         try:
             self._tar = tarfile.open(self.path, mode="r:*", tarinfo=_NoteStop)
         except _READ_ERRORS as e:
-            raise CRLError(f"cannot read archive {self.label}: {e}") from e
+            raise CRLError(f"cannot read archive {self.label}: {_open_problem(self.path, e)}; "
+                           "expected a tar archive (.tar, or .tar.gz/.tgz)") from None
         try:
             self._scan()
             self._check_end()
@@ -168,14 +168,16 @@ class SafeArchive:
     def read(self, names: Iterable[str]) -> Iterator[tuple[str, bytes]]:
         """Yield (name, bytes) for the given file names, in archive order (one forward pass).
 
-        Their total size is checked against CRL_MAX_DECODED_BYTES before anything is read.
+        Members are streamed: one member's bytes are held at a time (each within
+        CRL_MAX_MEMBER_BYTES and the memory budget), so a caller that decodes each as it
+        comes never holds the archive's members all at once.
         """
         wanted = set(names)
         unknown = wanted - self.files.keys()
         if unknown:
             raise CRLError(f"archive {self.label} has no file '{sorted(unknown)[0]}'")
-        total = sum(self.files[n].size for n in wanted)
-        check_decoded_size(f"archive {self.label}: the {len(wanted)} files to read", total)
+        largest = max((self.files[n].size for n in wanted), default=0)
+        check_memory(f"archive {self.label}: its largest member", largest)
         for name in sorted(wanted, key=lambda n: self.files[n].offset):
             yield name, self._read_one(name)
 
@@ -199,6 +201,18 @@ class SafeArchive:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _open_problem(path: Path, error: BaseException) -> str:
+    """Why tarfile could not open `path`, in a few words (tarfile lists one line per method)."""
+    try:
+        if path.stat().st_size == 0:
+            return "the file is empty"
+    except OSError as e:
+        return e.strerror or type(e).__name__
+    if isinstance(error, OSError) and not isinstance(error, tarfile.TarError):
+        return error.strerror or str(error).splitlines()[0]
+    return "it is not a tar archive, plain or compressed (gzip, bzip2, xz)"
 
 
 def open_archive(path: str | os.PathLike) -> SafeArchive:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from crl.canary_spec import KINDS
+from crl.data.limits import check_memory
 from crl.data.types import ImageData
 from crl.errors import CRLError
 from crl.seeding import numpy_rng
@@ -74,6 +75,9 @@ def make_canaries(data: ImageData, n: int, kind: str, exclude: np.ndarray, *,
         raise CRLError(f"canaries = {n!r}: expected an integer >= 2 (half of them are members)")
     if data.num_classes < 2:
         raise CRLError(f"dataset of {data.num_classes} classes: canaries need at least 2")
+    # the canaries' images, then the dataset copied with them appended (with_canaries)
+    check_memory(f"canaries = {n}:{kind}: {n} images of {'x'.join(map(str, data.shape))}",
+                 (2 * int(n) + len(data)) * int(np.prod(data.shape)))
     rng = numpy_rng(seed, "canaries", kind)
     if kind == "mislabeled":
         images, labels, source = _mislabeled(data, int(n), np.asarray(exclude, np.int64), rng)

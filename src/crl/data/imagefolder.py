@@ -4,8 +4,9 @@
 `crl train` splits it (`--test-fraction`, crl.data.splits.own_split).
 
 Untrusted input: archives are read through crl.data.archive (validated members, the whole
-stream checksummed); every image file is capped at CRL_MAX_MEMBER_BYTES and the decoded
-array at CRL_MAX_DECODED_BYTES (crl.data.limits), checked before the memory is allocated. At
+stream checksummed, members streamed one at a time); every image file is capped at
+CRL_MAX_MEMBER_BYTES and the decoded array at CRL_MAX_DECODED_BYTES and the memory budget
+CRL_MEMORY_BUDGET (crl.data.limits), checked before the memory is allocated. At
 least two classes are required (membership inference audits a classifier). The decoded data
 is cached by crl.data.cache, keyed on the archive's bytes or the folder's file signatures.
 """
@@ -16,7 +17,7 @@ import io
 import os
 import re
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -145,43 +146,51 @@ def _image(blob: bytes, path: str, source: str) -> Iterator:
         raise CRLError(f"cannot read image '{path}' in {source}: {e}") from e
 
 
-def _scan(paths: list[str], read: Callable[[str], bytes], source: str
-          ) -> tuple[tuple[int, int], bool]:
+Blobs = Callable[[], Iterable[tuple[str, bytes]]]
+
+
+def _scan(paths: list[str], blobs: Blobs, source: str) -> tuple[tuple[int, int], bool]:
     """The most common (width, height) and whether every image is grayscale; each image's
     decoded size is checked against the cap from its header, before it is decoded."""
     sizes: Counter = Counter()
     gray = True
-    for p in _progress(paths, len(paths), "scanning images"):
-        with _image(read(p), p, source) as im:
+    for p, blob in _progress(blobs(), len(paths), "scanning images"):
+        with _image(blob, p, source) as im:
             w, h = im.size
             check_decoded_size(f"image '{p}' in {source} ({w}x{h}, {len(im.getbands())} "
                                "bands) decoded", w * h * len(im.getbands()))
             sizes[im.size] += 1
             gray = gray and im.mode in _GRAY_MODES
+    if sum(sizes.values()) != len(paths):
+        raise CRLError(f"imagefolder {source}: read {sum(sizes.values())} images; expected "
+                       f"the {len(paths)} it lists")
     return sizes.most_common(1)[0][0], gray
 
 
-def decode_images(paths: list[str], read: Callable[[str], bytes], source: str) -> np.ndarray:
-    """Decode images into uint8 [N, C, H, W].
+def decode_images(paths: list[str], blobs: Blobs, source: str) -> np.ndarray:
+    """Decode images into uint8 [N, C, H, W], in the order of `paths`.
 
-    1 channel if every image is grayscale, else RGB; images whose size differs from the most
-    common size are resized to it (bilinear). Unreadable image -> CRLError naming the file;
-    a result larger than CRL_MAX_DECODED_BYTES -> CRLError before it is allocated.
+    `blobs()` yields (path, bytes) for every path once, in any order; it is called twice
+    (scan, then decode), and one image's bytes are held at a time. 1 channel if every image
+    is grayscale, else RGB; images whose size differs from the most common size are resized to
+    it (bilinear). Unreadable image -> CRLError naming the file; a result larger than
+    CRL_MAX_DECODED_BYTES or the memory budget -> CRLError before it is allocated.
     """
     from PIL import Image
 
-    (w, h), gray = _scan(paths, read, source)
+    (w, h), gray = _scan(paths, blobs, source)
     mode, c = ("L", 1) if gray else ("RGB", 3)
     check_decoded_size(f"imagefolder {source}: {len(paths)} images of {c}x{h}x{w}",
                        len(paths) * c * h * w)
+    position = {p: i for i, p in enumerate(paths)}
     out = np.empty((len(paths), h, w, c), dtype=np.uint8)
     view = out[..., 0] if c == 1 else out
-    for i, p in enumerate(_progress(paths, len(paths), f"decoding {source}")):
-        with _image(read(p), p, source) as im:
+    for p, blob in _progress(blobs(), len(paths), f"decoding {source}"):
+        with _image(blob, p, source) as im:
             im = im.convert(mode)
             if im.size != (w, h):
                 im = im.resize((w, h), Image.BILINEAR)
-            view[i] = np.asarray(im)
+            view[position[p]] = np.asarray(im)
     return np.ascontiguousarray(out.transpose(0, 3, 1, 2))
 
 
@@ -232,8 +241,9 @@ def _load_folder(root: Path, source: str, name: str, stem: str) -> ImageData:
         paths = [f for f, _ in items]
         for p in paths:  # early, from the listing
             check_member_size(f"imagefolder {source}: file '{p}'", sigs[p][0])
-        x = decode_images(paths, lambda p: _read_capped(root / p, f"imagefolder {source}: "
-                                                         f"file '{p}'"), source)
+        x = decode_images(paths, lambda: ((p, _read_capped(root / p, f"imagefolder {source}: "
+                                                             f"file '{p}'")) for p in paths),
+                          source)
         return _finish(x, items, classes, source, n_train)
 
     info = ["imagefolder-dir", str(root), sorted(sigs.items())]
@@ -245,15 +255,11 @@ def _load_archive(path: Path, source: str, name: str, stem: str) -> ImageData:
     before = file_signature(path)
 
     def build() -> dict:
-        with open_archive(path) as arc:
+        with open_archive(path) as arc:   # members streamed twice (scan, decode)
             classes, items, n_train = split_layout(list(arc.files), arc.dirs, source)
             paths = [f for f, _ in items]
-            blobs = dict(_progress(arc.read(paths), len(paths), f"reading {path.name}"))
-        if len(blobs) != len(paths):
-            raise CRLError(f"imagefolder {source}: read {len(blobs)} images; expected the "
-                           f"{len(paths)} the archive lists")
-        return _finish(decode_images(paths, blobs.__getitem__, source), items, classes, source,
-                       n_train)
+            x = decode_images(paths, lambda: arc.read(paths), source)
+        return _finish(x, items, classes, source, n_train)
 
     info = ["imagefolder-tar", file_sha256(path)]
     return cached(name, cache_path(stem, info), build,

@@ -17,11 +17,15 @@ share the driver's disk), so `resume` resumes across models (the cache), not wit
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
+import os
+import sys
 import tempfile
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +99,39 @@ def train_chunk(spec: ModelSpec, data: ImageData, recipe: Recipe, defense: str,
     return {"code": code_hash(), "outputs": [pack(o) for o in outputs]}
 
 
+#: what Ray says when a cluster with token authentication refuses this process
+_AUTH_SIGNS = ("InvalidAuthToken", "Unauthenticated", "AuthenticationError",
+               "authentication token")
+
+
+def connection_error(address: str, error: BaseException, log: str = "") -> str:
+    """The one-line reason `ray.init(address=...)` failed; `log`: what Ray wrote to stderr."""
+    said = f"{type(error).__name__} {error}\n{log}"
+    if any(sign.lower() in said.lower() for sign in _AUTH_SIGNS):
+        return (f"ray.address = {address!r}: the Ray cluster refused this process's "
+                "authentication token (Ray 2.60 clusters use token authentication); expected "
+                "RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN, or the file "
+                "~/.ray/auth_token or RAY_AUTH_TOKEN_PATH) on the driver and on every node "
+                "(docs/scaling.md)")
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return (f"ray.address = {address!r}: expected the address of a running Ray head "
+            f"(`ray start --head` prints it); {reason}")
+
+
+@contextlib.contextmanager
+def _fd2_into(file: Any) -> Iterator[None]:
+    """File descriptor 2 (stderr) redirected into `file` for the block."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(file.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 OPTIONS = ParamSpec(
     Param("address", None, kind=str, nullable=True,
           help="a running Ray cluster (HEAD:6379, or 'auto'); null: start a local Ray"),
@@ -141,12 +178,14 @@ class RayEngine:
             ray.init(num_cpus=self.options["num_cpus"], include_dashboard=False,
                      _temp_dir=str(Path(tempfile.gettempdir()) / "crl-ray"), **common)
         else:
-            try:
-                ray.init(address=address, **common)
-            except (ConnectionError, ValueError, RuntimeError) as e:
-                reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                raise CRLError(f"ray.address = {address!r}: expected the address of a running "
-                               f"Ray head (`ray start --head` prints it); {reason}") from None
+            with tempfile.TemporaryFile() as log:
+                try:
+                    with _fd2_into(log):   # Ray's C++ core logs to fd 2, past `logging_level`
+                        ray.init(address=address, **common)
+                except (ConnectionError, ValueError, RuntimeError, ray.exceptions.RayError) as e:
+                    log.seek(0)
+                    text = log.read().decode(errors="replace")
+                    raise CRLError(connection_error(address, e, text)) from None
         self._shutdown = weakref.finalize(self, ray.shutdown)
         self._data = None
 

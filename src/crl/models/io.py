@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from crl.data.limits import check_memory
 from crl.errors import CRLError
 from crl.integrity import load_verified, save_verified
 from crl.models.spec import ModelSpec, NormalizedModel
@@ -64,11 +65,15 @@ def load_model_file(path: str | os.PathLike) -> tuple[nn.Module, ModelSpec, dict
     extra = payload.get("extra", {})
     if not isinstance(extra, dict):
         raise CRLError(f"{where}: extra = {type(extra).__name__}: expected a dict")
-    net = spec.build()
-    problem = _weights_mismatch(net.state_dict(), state)
+    with torch.device("meta"):   # the header's network, shapes only: nothing allocated yet
+        reference = spec.build().state_dict()
+    problem = _weights_mismatch(reference, state)
     if problem:
         raise CRLError(f"{where}: its weights do not match its header ({spec.describe()}): "
                        f"{problem}")
+    check_memory(f"{where}: the network of its header ({spec.describe()})",
+                 sum(t.numel() * t.element_size() for t in reference.values()))
+    net = spec.build()
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as e:

@@ -12,6 +12,7 @@ continued study draws new random numbers rather than replaying the first run's.
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any, Callable
 import optuna
 from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.exc import SQLAlchemyError
 
 from crl.audit import Audit, DefenseChoice
 from crl.config import FIELD_SPECS, AuditConfig
@@ -69,12 +71,8 @@ def setup_of(cfg: AuditConfig, opts: TuneOptions, data: ImageData) -> dict[str, 
 
 def open_study(out: Path, setup: dict[str, Any], run_seed: int) -> optuna.Study:
     """The run directory's study (created on first use), with a sampler for this run."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     path = Path(out) / STUDY_FILE
-    storage = optuna.storages.RDBStorage(f"sqlite:///{path.resolve()}")
-    study = optuna.create_study(storage=storage, study_name=STUDY_NAME, directions=DIRECTIONS,
-                                load_if_exists=True)
-    stored = study.user_attrs.get("setup")
+    study, stored = _load_study(path)
     if stored is None:
         study.set_user_attr("setup", setup)
     elif (key := first_difference(stored, setup)) is not None:
@@ -85,6 +83,25 @@ def open_study(out: Path, setup: dict[str, Any], run_seed: int) -> optuna.Study:
         study.tell(t.number, state=TrialState.FAIL)      # left by a killed run
     study.sampler = sampler_for(run_seed, len(study.trials))
     return study
+
+
+def _load_study(path: Path) -> tuple[optuna.Study, Any]:
+    """The study in `path` (created if missing) and its stored setup; an unreadable file (not
+    SQLite, truncated, a folder, another schema) is a one-line CRLError naming it."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    bad = (f"study file {path} is unreadable; expected the SQLite study crl tune writes "
+           "(move it away to start a new study, or choose another --out)")
+    if path.is_dir() or (path.exists() and not path.is_file()):
+        raise CRLError(bad.replace("is unreadable", "is not a file", 1))
+    try:
+        storage = optuna.storages.RDBStorage(f"sqlite:///{path.resolve()}")
+        study = optuna.create_study(storage=storage, study_name=STUDY_NAME,
+                                    directions=DIRECTIONS, load_if_exists=True)
+        study.get_trials(deepcopy=False)      # reads every trial: damage shows here
+        return study, study.user_attrs.get("setup")
+    except (SQLAlchemyError, sqlite3.Error, OSError, ValueError, KeyError) as e:
+        cause = str(getattr(e, "orig", None) or e).splitlines()[0]
+        raise CRLError(bad.replace("is unreadable", f"is unreadable ({cause})", 1)) from None
 
 
 def first_difference(stored: dict[str, Any], setup: dict[str, Any]) -> str | None:
