@@ -310,5 +310,17 @@ def run_audit(cfg: AuditConfig, *, echo: Callable[[str], None] = print) -> dict[
         table = write_report(out, outcomes, cfg)
         write_json_atomic(out / "results.json", rows)
     echo(table)
-    echo(f"wrote {out}/results.json, report.md and figures/ in {time.time() - t0:.0f} s")
+    echo(f"wrote {out}/results.json, verdict.json, report.md and figures/ in "
+         f"{time.time() - t0:.0f} s")
+    echo_verdict(out, echo)
     return {"rows": rows, "outcomes": outcomes, "out": out}
+
+
+def echo_verdict(out: Path, echo: Callable[[str], None] = print) -> None:
+    """The verdict that write_report put in out/verdict.json, lines of <= 100 characters."""
+    import json
+
+    from crl.verdict import console_lines
+
+    for line in console_lines(json.loads((Path(out) / "verdict.json").read_text())):
+        echo(line)
