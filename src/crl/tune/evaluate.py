@@ -18,6 +18,7 @@ from crl.audit import Audit, DefenseChoice, TargetOutcome
 from crl.data.splits import PoolSplit
 from crl.errors import CRLError
 from crl.metrics import LOW_FPRS, pooled_ci
+from crl.verdict import strongest
 
 TARGET, POOLED = "target", "leave-one-out"
 
@@ -38,7 +39,7 @@ class Point:
 
     @property
     def strongest(self) -> str:
-        return max(self.attacks, key=lambda a: self.attacks[a])
+        return strongest(self.attacks)
 
     @property
     def objective(self) -> float:
@@ -46,8 +47,7 @@ class Point:
 
     def strongest_of(self, names: list[str]) -> str | None:
         """The strongest among `names` (None when this point has none of them)."""
-        have = [a for a in names if a in self.attacks]
-        return max(have, key=lambda a: self.attacks[a]) if have else None
+        return strongest({a: self.attacks[a] for a in names if a in self.attacks})
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "strongest": self.strongest, "objective": self.objective}
