@@ -241,9 +241,71 @@ def write_report(out: Path, outcomes: list[TargetOutcome], cfg) -> str:
               "", "![roc](figures/roc.png)", "", "Most exposed training samples per attack: "
               "`vulnerability/` (exposure rankings with score distributions, `exposed_*.png` "
               "the 16 most exposed images).", "", *most_exposed_summary(outcomes), ""]
-    write_text_atomic(out / "report.md", "\n".join(parts))
+    write_text_atomic(out / "report.md", "\n".join(split_wide_tables(parts)))
     write_html(out)   # report.html, rendered from the report.md just written
     return format_table(outcomes, "auc", n_boot=n_boot)
+
+
+KEY_COLUMNS = ("Defense", "seed", "Attack", "Models")
+WIDTH_BUDGET_PX = 1150   # what a 1280 px screen leaves a table (main's padding, the box)
+
+
+def _width_px(column: list[str]) -> float:
+    """About how wide a column renders in report.html (0.9 rem text, 0.9 rem padding a side)."""
+    return 7.6 * max(len(c) for c in column) + 30
+
+
+def _first_word(header: str) -> str:
+    return (header.split() or [""])[0]
+
+
+def _split_table(rows: list[list[str]]) -> list[list[list[str]]]:
+    """The table (header first, no rule) cut into tables that each fit WIDTH_BUDGET_PX: the key
+    columns (KEY_COLUMNS leading the header) repeated, the other columns in order, those whose
+    headers share a first word (one attack's) kept together."""
+    cols = list(zip(*rows))
+    keys = next((k for k, h in enumerate(rows[0]) if h not in KEY_COLUMNS), len(cols))
+    budget = WIDTH_BUDGET_PX - sum(_width_px(list(c)) for c in cols[:keys])
+    units: list[list[int]] = []      # columns of one attack ("lira AUC", "lira TPR") together
+    for j in range(keys, len(cols)):
+        if units and _first_word(rows[0][units[-1][0]]) == _first_word(rows[0][j]):
+            units[-1].append(j)
+        else:
+            units.append([j])
+    chunks: list[list[int]] = [[]]
+    used = 0.0
+    for unit in units:
+        w = sum(_width_px(list(cols[j])) for j in unit)
+        if chunks[-1] and used + w > budget:
+            chunks.append([])
+            used = 0.0
+        chunks[-1] += unit
+        used += w
+    return [[[r[k] for k in [*range(keys), *chunk]] for r in rows] for chunk in chunks]
+
+
+def split_wide_tables(parts: list[str]) -> list[str]:
+    """report.md's lines with every table too wide for a laptop screen cut in column groups
+    (one table after the other, the key columns repeated), so that none scrolls sideways."""
+    out: list[str] = []
+    i = 0
+    while i < len(parts):
+        j = i
+        while j < len(parts) and parts[j].startswith("|"):
+            j += 1
+        if j - i < 2:
+            out.append(parts[i])
+            i += 1
+            continue
+        rows = [[c.strip() for c in line.strip().strip("|").split("|")]
+                for k, line in enumerate(parts[i:j]) if k != 1]
+        tables = _split_table(rows) if len({len(r) for r in rows}) == 1 else [rows]
+        for n, t in enumerate(tables):
+            out += ([""] if n else []) + ["| " + " | ".join(t[0]) + " |",
+                                          "|" + "---|" * len(t[0])]
+            out += ["| " + " | ".join(r) + " |" for r in t[1:]]
+        i = j
+    return out
 
 
 CAPTIONS = {

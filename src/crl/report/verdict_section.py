@@ -29,8 +29,8 @@ def verdict_section(verdict: dict[str, Any]) -> list[str]:
     if verdict["baseline"] is None:
         return parts + [f"No verdict: {verdict['reason']}.", ""]
     tpr = [METRIC_NAMES[m] for m in verdict["metrics"][1:]]
-    parts += [f"- **{v['defense']}**: {v['sentence'].split(': ', 1)[1]}"
-              for v in verdict["defenses"]]
+    parts += [f"- **{v['defense']}**: {v['sentence'].split(': ', 1)[1].rsplit(': ', 1)[0]}: "
+              f"**{v['sentence'].rsplit(': ', 1)[1]}**" for v in verdict["defenses"]]
     parts += ["", f"Each defense against the baseline, {verdict['baseline_reason']}, on the same "
               "splits and seeds: the strongest attack by AUC"
               + (f" and by {tpr[0]} (the lowest FPR every target resolves)" if tpr else "")
