@@ -238,5 +238,8 @@ def console_lines(v: dict[str, Any]) -> list[str]:
             "intervals")
     lines = wrap(head, indent="")
     for d in v["defenses"]:
-        lines += wrap(d["sentence"])
+        lines += wrap(f"{d['defense']}: {d['words']}" + (f", {d['cost']}" if d["cost"] else ""))
+        numbers = d["sentence"].split(": ", 1)[1].rsplit(": ", 1)[0]
+        for part in numbers.split("; "):
+            lines += wrap(part, indent="    ")
     return lines

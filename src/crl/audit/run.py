@@ -17,6 +17,7 @@ from crl.audit.canaries import exposure_of, subset_metrics
 from crl.audit.factory import ModelCache, ModelFactory, TrainedModel
 from crl.audit.outcome import Evaluation, TargetOutcome, save_outcome
 from crl.audit.plan import DefenseChoice, ModelJob, plan_models
+from crl.audit.progress import AuditProgress, CountingCache
 from crl.audit.runner import run_attacks
 from crl.audit.signals import extract_signals, target_pool_of
 from crl.canary_spec import parse_canaries
@@ -101,6 +102,12 @@ class Audit:
             ModelCache(cache_dir() / "models" if cfg.cache else None),
             resume=cfg.resume, progress=cfg.progress, engine=cfg.engine,
             engine_options=engine_options(cfg))
+        self.progress: AuditProgress | None = None
+
+    def follow(self, progress: AuditProgress) -> None:
+        """Report every model served or trained, and each attack, to `progress`."""
+        self.progress = progress
+        self.factory.cache = CountingCache(self.factory.cache, progress.model_done)
 
     def split(self, seed: int) -> PoolSplit:
         """The seed's split of the dataset without its canaries."""
@@ -152,7 +159,10 @@ class Audit:
         ctx = extract_signals(pool_models, shadow_models, self.data, split, self.requirements,
                               seed, canaries=self.canary_idx)
         n_boot = getattr(self.cfg, "bootstrap", 200)
-        attacks = run_attacks(self.attacks, ctx, ev, n_boot=n_boot)
+        tag = f"[{defense.name} seed {seed}]"
+        on_attack = (None if self.progress is None
+                     else lambda i, n, name: self.progress.attack(tag, i, n, name))
+        attacks = run_attacks(self.attacks, ctx, ev, n_boot=n_boot, on_attack=on_attack)
         member = ctx.target.member
         if run_dir is not None and self.canaries is not None:
             write_canary_members(run_dir, jobs, member, ev)
@@ -297,13 +307,18 @@ def run_audit(cfg: AuditConfig, *, echo: Callable[[str], None] = print) -> dict[
             save_canaries(out, audit.canaries)
         outcomes = []
         t0 = time.time()
+        progress = follow_progress(cfg, audit, splits)
         for d in cfg.defenses:
             for s in cfg.seeds:
                 echo(f"[{d} seed {s}] training and attacking ...")
+                if progress is not None:
+                    progress.target(f"[{d} seed {s}]")
                 o = audit.audit_one(DefenseChoice(d, cfg.set.get(d, {})), s, splits[s], out=out)
                 if o.chance_warning:
                     echo(f"WARNING [{d} seed {s}]: {o.chance_warning}")
                 outcomes.append(o)
+        if progress is not None:
+            progress.close()
         for o in outcomes:
             save_outcome(out / "scores", o)
         rows = [o.row() for o in outcomes]
@@ -314,6 +329,18 @@ def run_audit(cfg: AuditConfig, *, echo: Callable[[str], None] = print) -> dict[
          f"{time.time() - t0:.0f} s")
     echo_verdict(out, echo)
     return {"rows": rows, "outcomes": outcomes, "out": out}
+
+
+def follow_progress(cfg: AuditConfig, audit: Audit, splits: dict[int, PoolSplit]
+                    ) -> AuditProgress | None:
+    """The audit's overall progress line over every planned model (None with --quiet)."""
+    if not cfg.progress:
+        return None
+    total = sum(len(audit.plan(DefenseChoice(d, cfg.set.get(d, {})), s, splits[s]))
+                for d in cfg.defenses for s in cfg.seeds)
+    progress = AuditProgress(total)
+    audit.follow(progress)
+    return progress
 
 
 def echo_verdict(out: Path, echo: Callable[[str], None] = print) -> None:
