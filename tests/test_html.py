@@ -134,6 +134,22 @@ def audited(tmp_path_factory):
     return root / "run"
 
 
+def test_the_report_opens_with_the_verdict_then_what_shows_it_then_the_full_tables(audited):
+    md = (audited / "report.md").read_text()
+    heads = re.findall(r"^## (.*)$", md, re.MULTILINE)
+    assert heads[:4] == ["Verdict", "The strongest attacks", "Figures behind the verdict",
+                         "Accuracy"]
+    verdict = json.loads((audited / "verdict.json").read_text())
+    (d,) = verdict["defenses"]
+    assert verdict["baseline"] == "ce" and d["defense"] == "crl"
+    assert d["sentence"].split(": ", 1)[1].rsplit(": ", 1)[0] in md
+    assert "![roc roc_crl](figures/roc_crl.png)" in md.split("## Accuracy")[0]
+    for head in heads[1:]:          # every section says what it measures before its table
+        body = md.split(f"## {head}\n", 1)[1].lstrip("\n")
+        assert not body.startswith(("|", "![")), head
+    assert isinstance(json.loads((audited / "results.json").read_text()), list)
+
+
 def test_the_audit_writes_report_html_with_its_tables_figures_config_and_version(audited):
     page = (audited / "report.html").read_text()
     md = (audited / "report.md").read_text()
@@ -233,9 +249,10 @@ def test_report_html_renders_in_a_real_headless_browser(audited, tmp_path):
 def test_crl_report_rebuilds_the_report_without_training(audited, tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
     shutil.copytree(audited, run)
-    before = {p: (run / p).read_bytes() for p in ("report.md", "report.html",
-                                                   "figures/roc.png", "figures/margins.png")}
-    for p in ("report.md", "report.html"):
+    before = {p: (run / p).read_bytes() for p in ("report.md", "report.html", "verdict.json",
+                                                   "figures/roc.png", "figures/margins.png",
+                                                   "figures/roc_crl.png")}
+    for p in ("report.md", "report.html", "verdict.json"):
         (run / p).unlink()
     shutil.rmtree(run / "figures")
     shutil.rmtree(run / "vulnerability")
@@ -247,7 +264,8 @@ def test_crl_report_rebuilds_the_report_without_training(audited, tmp_path, monk
     monkeypatch.setattr("crl.engine.sequential.fit", no_training)
     capsys.readouterr()
     assert main(["report", str(run)]) == 0
-    assert "| ce |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| ce |" in out and "Verdict: each defense vs ce" in out and "\n  crl: " in out
     for p, data in before.items():
         assert (run / p).read_bytes() == data, p
     assert sorted(p.name for p in (run / "vulnerability").iterdir()) == \

@@ -173,5 +173,12 @@ def test_the_audit_prints_its_progress_and_verdict_and_quiet_silences_progress(
     tail = out.splitlines()[-len(console_lines(verdict)):]
     assert tail == console_lines(verdict) and tail[1].startswith("  crl: ")
     assert isinstance(json.loads((tmp_path / "a" / "results.json").read_text()), list)
+    from crl.report.verdict_section import write_verdict
+
+    def verdict_only(out, outcomes, cfg):      # the same audit, no figures (fast)
+        write_verdict(out, outcomes, 10)
+        return ""
+
+    monkeypatch.setattr("crl.report.write_report", verdict_only)
     assert main([*args, "--quiet", "--out", str(tmp_path / "b")]) == 0
     assert "audit: models" not in capsys.readouterr().err
