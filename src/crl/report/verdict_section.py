@@ -74,5 +74,5 @@ def strongest_table(verdict: dict[str, Any]) -> list[str]:
             "Target-only view (each released target's own scores), means over seeds; attack "
             f"names as '{base}'s / the defense's' when the strongest differs; AUC changes in "
             "AUC, the others in percentage points.", "",
-            f"| Defense | Measure | Strongest attack | {base} | Defense | Change [95%] |",
+            f"| Defense | Measure | Strongest attack | {base} | Defended | Change [95%] |",
             "|---|---|---|---|---|---|", *[r for v in verdict["defenses"] for r in _rows(v)], ""]
