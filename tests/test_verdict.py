@@ -11,8 +11,7 @@ from crl.audit.outcome import AttackOutcome, Evaluation, TargetOutcome
 from crl.audit.progress import AuditProgress, clock_text
 from crl.cli import main
 from crl.metrics import attack_metrics
-from crl.verdict import (compute_verdict, console_lines, lowest_resolved_tpr, strongest,
-                         words_of)
+from crl.verdict import compute_verdict, console_lines, lowest_resolved_tpr, strongest, words_of
 
 N = 400   # members and non-members each
 

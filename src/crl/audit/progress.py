@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any, Callable, TextIO
+from collections.abc import Callable
+from typing import Any, TextIO
 
 
 def clock_text(seconds: float) -> str:
     """h:mm:ss or m:ss."""
-    s = int(round(max(seconds, 0.0)))
+    s = round(max(seconds, 0.0))
     h, m = divmod(s // 60, 60)
     return f"{h}:{m:02d}:{s % 60:02d}" if h else f"{m}:{s % 60:02d}"
 

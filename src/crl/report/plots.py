@@ -15,7 +15,6 @@ from crl.audit.outcome import TargetOutcome
 from crl.metrics import roc
 from crl.utils import atomic_path
 
-
 FONT_PT, DPI, FIG_WIDTH = 11, 100, 5.0
 
 
