@@ -181,3 +181,17 @@ def test_the_audit_prints_its_progress_and_verdict_and_quiet_silences_progress(
     monkeypatch.setattr("crl.report.write_report", verdict_only)
     assert main([*args, "--quiet", "--out", str(tmp_path / "b")]) == 0
     assert "audit: models" not in capsys.readouterr().err
+
+
+def test_one_training_gets_no_verdict_in_the_report_but_the_reason():
+    from crl.report.verdict_section import strongest_table, verdict_section
+
+    outcomes = _pairs(np.random.default_rng(4), seeds=(0,))
+    v = compute_verdict(outcomes[:1], n_boot=20)
+    section = verdict_section(v)
+    assert section[0] == "## Verdict" and section[2].startswith("No verdict: only one training")
+    assert strongest_table(v) == []
+    v = compute_verdict(outcomes, n_boot=20)
+    table = strongest_table(v)
+    assert table[0] == "## The strongest attacks" and len([r for r in table if
+                                                           r.startswith("| crl |")]) == 3
