@@ -227,9 +227,8 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _report(args: argparse.Namespace) -> None:
-    from crl.report.rebuild import rebuild_report
-
     from crl.audit.run import echo_verdict
+    from crl.report.rebuild import rebuild_report
 
     print(rebuild_report(args.run))
     print(f"wrote {args.run}/report.md, report.html, verdict.json and figures/")

@@ -147,6 +147,9 @@ class Audit:
 
     def audit_one(self, defense: DefenseChoice, seed: int, split: PoolSplit, *,
                   out: Path | None = None) -> TargetOutcome:
+        tag = f"[{defense.name} seed {seed}]"
+        if self.progress is not None:
+            self.progress.target(tag)
         jobs = self.plan(defense, seed, split)
         run_dir = None if out is None else released_dir(out, defense.name, seed)
         models = self.train_all(jobs, f"{defense.name} seed {seed}", run_dir, split)
@@ -159,9 +162,8 @@ class Audit:
         ctx = extract_signals(pool_models, shadow_models, self.data, split, self.requirements,
                               seed, canaries=self.canary_idx)
         n_boot = getattr(self.cfg, "bootstrap", 200)
-        tag = f"[{defense.name} seed {seed}]"
-        on_attack = (None if self.progress is None
-                     else lambda i, n, name: self.progress.attack(tag, i, n, name))
+        on_attack = (None if self.progress is None else
+                     lambda i, n, name: self.progress.attack(tag, i, n, name))
         attacks = run_attacks(self.attacks, ctx, ev, n_boot=n_boot, on_attack=on_attack)
         member = ctx.target.member
         if run_dir is not None and self.canaries is not None:
@@ -307,18 +309,15 @@ def run_audit(cfg: AuditConfig, *, echo: Callable[[str], None] = print) -> dict[
             save_canaries(out, audit.canaries)
         outcomes = []
         t0 = time.time()
-        progress = follow_progress(cfg, audit, splits)
+        finish_progress = follow_progress(cfg, audit, splits)
         for d in cfg.defenses:
             for s in cfg.seeds:
                 echo(f"[{d} seed {s}] training and attacking ...")
-                if progress is not None:
-                    progress.target(f"[{d} seed {s}]")
                 o = audit.audit_one(DefenseChoice(d, cfg.set.get(d, {})), s, splits[s], out=out)
                 if o.chance_warning:
                     echo(f"WARNING [{d} seed {s}]: {o.chance_warning}")
                 outcomes.append(o)
-        if progress is not None:
-            progress.close()
+        finish_progress()
         for o in outcomes:
             save_outcome(out / "scores", o)
         rows = [o.row() for o in outcomes]
@@ -332,15 +331,16 @@ def run_audit(cfg: AuditConfig, *, echo: Callable[[str], None] = print) -> dict[
 
 
 def follow_progress(cfg: AuditConfig, audit: Audit, splits: dict[int, PoolSplit]
-                    ) -> AuditProgress | None:
-    """The audit's overall progress line over every planned model (None with --quiet)."""
+                    ) -> Callable[[], None]:
+    """Start the audit's overall progress line over every planned model (none with --quiet);
+    returns the function that ends it."""
     if not cfg.progress:
-        return None
+        return lambda: None
     total = sum(len(audit.plan(DefenseChoice(d, cfg.set.get(d, {})), s, splits[s]))
                 for d in cfg.defenses for s in cfg.seeds)
     progress = AuditProgress(total)
     audit.follow(progress)
-    return progress
+    return progress.close
 
 
 def echo_verdict(out: Path, echo: Callable[[str], None] = print) -> None:
