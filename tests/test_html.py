@@ -309,7 +309,7 @@ function layoutFacts() {
   });
   var verdict = document.querySelector("h2#verdict + ul");
   var figs = Array.from(document.querySelectorAll("main > figure img")).map(function (im) {
-    return [im.alt, im.getBoundingClientRect().width, im.naturalWidth]; });
+    return [im.alt, im.clientWidth, im.naturalWidth]; });
   return JSON.stringify({tables: tables.length, wide: wide, font: Math.min.apply(null, fonts),
     verdict: verdict ? verdict.getBoundingClientRect().bottom : null,
     height: window.innerHeight, width: document.documentElement.clientWidth,
