@@ -150,7 +150,7 @@ TARGET_VIEW = ("Target-only view: each released target scored by each attack on 
                "and non-members")
 
 
-def attack_families(attacks: list[str], size: int = 4) -> list[tuple[str, list[str]]]:
+def attack_families(attacks: list[str], size: int = 5) -> list[tuple[str, list[str]]]:
     """The attacks grouped by what they need (reference models, shadow models, neither), in
     chunks of at most `size` so that no table needs scrolling sideways on a laptop."""
     from crl.attacks.base import build_attack
