@@ -30,6 +30,7 @@ import yaml
 from crl.config import FIELDS, load_yaml_recipe
 from crl.errors import CRLError
 from crl.utils import atomic_path, write_text_atomic
+from crl.verdict import strongest
 
 KEYS = ("base", "config", "out", "variants")
 
@@ -173,7 +174,7 @@ def summary_rows(sweep: Sweep) -> list[dict[str, Any]]:
         rows.append({"variant": v.name, "defense": v.defense, "params": v.params,
                      "train_acc": _mean([r["train_acc"] for r in results]),
                      "test_acc": _mean([r["test_acc"] for r in results]),
-                     "auc": aucs, "strongest": max(aucs.values()), "seeds": len(results)})
+                     "auc": aucs, "strongest": aucs[strongest(aucs)], "seeds": len(results)})
     return rows
 
 

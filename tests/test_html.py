@@ -2,6 +2,7 @@
 `crl report RUN` (the report rebuilt from a finished run without training)."""
 import base64
 import io
+import json
 import os
 import re
 import shutil
@@ -17,7 +18,8 @@ from crl.errors import CRLError
 from crl.report.html import render_page
 
 TINY = ["--epochs", "3", "--subset", "200", "--seeds", "0", "--quiet", "--shadows", "0",
-        "--defenses", "ce,crl", "--attacks", "loss,mentr"]
+        "--references", "8", "--defenses", "ce,crl",
+        "--attacks", "loss,confidence,entropy,mentr,gradx,lira,rmia"]
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 
 
@@ -95,7 +97,8 @@ def test_markdown_subset_becomes_self_contained_html(tmp_path):
     assert "<p>First line of a paragraph and its second line, with <code>code &lt;b&gt;</code> " \
            "and <strong>bold</strong>.</p>" in page
     assert len(tags.all("table")) == 1 and len(tags.all("tr")) == 3 and len(tags.all("li")) == 2
-    assert "<td>0.640 [0.5, 0.7]</td>" in page and "<td><strong>x</strong></td>" in page
+    assert '<td data-label="AUC">0.640 [0.5, 0.7]</td>' in page
+    assert '<td data-label="note"><strong>x</strong></td>' in page
     assert "<li>item <strong><code>two</code></strong></li>" in page
     (img,) = tags.all("img")
     assert img["alt"] == "margins"
@@ -129,6 +132,22 @@ def audited(tmp_path_factory):
         mp.setenv("CRL_CACHE", str(root / "cache"))
         assert main(["audit", *TINY, "--out", str(root / "run")]) == 0
     return root / "run"
+
+
+def test_the_report_opens_with_the_verdict_then_what_shows_it_then_the_full_tables(audited):
+    md = (audited / "report.md").read_text()
+    heads = re.findall(r"^## (.*)$", md, re.MULTILINE)
+    assert heads[:4] == ["Verdict", "The strongest attacks", "Figures behind the verdict",
+                         "Accuracy"]
+    verdict = json.loads((audited / "verdict.json").read_text())
+    (d,) = verdict["defenses"]
+    assert verdict["baseline"] == "ce" and d["defense"] == "crl"
+    assert d["sentence"].split(": ", 1)[1].rsplit(": ", 1)[0] in md
+    assert "![roc roc_crl](figures/roc_crl.png)" in md.split("## Accuracy")[0]
+    for head in heads[1:]:          # every section says what it measures before its table
+        body = md.split(f"## {head}\n", 1)[1].lstrip("\n")
+        assert not body.startswith(("|", "![")), head
+    assert isinstance(json.loads((audited / "results.json").read_text()), list)
 
 
 def test_the_audit_writes_report_html_with_its_tables_figures_config_and_version(audited):
@@ -230,9 +249,10 @@ def test_report_html_renders_in_a_real_headless_browser(audited, tmp_path):
 def test_crl_report_rebuilds_the_report_without_training(audited, tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
     shutil.copytree(audited, run)
-    before = {p: (run / p).read_bytes() for p in ("report.md", "report.html",
-                                                   "figures/roc.png", "figures/margins.png")}
-    for p in ("report.md", "report.html"):
+    before = {p: (run / p).read_bytes() for p in ("report.md", "report.html", "verdict.json",
+                                                   "figures/roc.png", "figures/margins.png",
+                                                   "figures/roc_crl.png")}
+    for p in ("report.md", "report.html", "verdict.json"):
         (run / p).unlink()
     shutil.rmtree(run / "figures")
     shutil.rmtree(run / "vulnerability")
@@ -244,7 +264,8 @@ def test_crl_report_rebuilds_the_report_without_training(audited, tmp_path, monk
     monkeypatch.setattr("crl.engine.sequential.fit", no_training)
     capsys.readouterr()
     assert main(["report", str(run)]) == 0
-    assert "| ce |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| ce |" in out and "Verdict: each defense vs ce" in out and "\n  crl: " in out
     for p, data in before.items():
         assert (run / p).read_bytes() == data, p
     assert sorted(p.name for p in (run / "vulnerability").iterdir()) == \
@@ -273,3 +294,67 @@ def test_crl_report_refuses_what_is_not_a_finished_run(audited, tmp_path, capsys
                               "run directory") and why in err, err
         assert len(err.strip().splitlines()) == 1
     assert list((tmp_path / "empty").iterdir()) == []         # nothing written, not even a lock
+
+
+LAYOUT = """<script>
+function layoutFacts() {
+  var main = document.querySelector("main"), wide = [], fonts = [];
+  var tables = Array.from(document.querySelectorAll("main > .table > table"));
+  tables.forEach(function (t, i) {
+    var box = t.parentElement;
+    if (t.getBoundingClientRect().width > box.clientWidth + 1 ||
+        box.getBoundingClientRect().width > main.clientWidth + 1) { wide.push(i); }
+    t.querySelectorAll("td").forEach(function (td) {
+      fonts.push(parseFloat(getComputedStyle(td).fontSize)); });
+  });
+  var verdict = document.querySelector("h2#verdict + ul");
+  var figs = Array.from(document.querySelectorAll("main > figure img")).map(function (im) {
+    return [im.alt, im.clientWidth, im.naturalWidth]; });
+  return JSON.stringify({tables: tables.length, wide: wide, font: Math.min.apply(null, fonts),
+    verdict: verdict ? verdict.getBoundingClientRect().bottom : null,
+    height: window.innerHeight, width: document.documentElement.clientWidth,
+    overflow: document.documentElement.scrollWidth > document.documentElement.clientWidth,
+    figures: figs});
+}
+window.addEventListener("load", function () { document.body.dataset.facts = layoutFacts(); });
+</script></body>"""
+
+FRAME = """<!DOCTYPE html><html><body style="margin:0">
+<iframe id="f" src="layout.html" style="width:{w}px;height:{h}px;border:0"></iframe>
+<script>
+window.addEventListener("load", function () {{
+  document.body.dataset.facts = document.getElementById("f").contentDocument.body.dataset.facts;
+}});
+</script></body></html>"""
+
+
+def _layout(browser: str, tmp: Path, width: int, height: int) -> dict:
+    """The layout facts of the report (LAYOUT's probe) in a width x height viewport."""
+    (tmp / "frame.html").write_text(FRAME.format(w=width, h=height))
+    dom = _chromium(browser, tmp, "--allow-file-access-from-files", "--window-size=1400,1000",
+                    "--dump-dom", (tmp / "frame.html").as_uri())
+    return json.loads(_Tags(dom).all("body")[0]["data-facts"])
+
+
+def test_the_verdict_and_its_tables_read_on_a_laptop_and_a_phone(audited, tmp_path):
+    """At 1280x800 and 390x844: no table of the report body is wider than its box (none
+    scrolls sideways, which is how wide tables hid attacks), the verdict lies in the first
+    viewport, table text is at least 12 px and figure text at least 10 px as rendered."""
+    from crl.report.plots import DPI, FONT_PT
+
+    browser = _browser()
+    if browser is None:
+        pytest.skip("no chromium/chrome found (CI installs Debian's chromium with apt-get; "
+                    "install it to run this browser test)")
+    page = (audited / "report.html").read_text()
+    (tmp_path / "layout.html").write_text(page.replace("</body>", LAYOUT))
+    for width, height in ((1280, 800), (390, 844)):
+        facts = _layout(browser, tmp_path, width, height)
+        assert (facts["width"], facts["height"], facts["overflow"]) == (width, height, False)
+        assert facts["tables"] >= 5 and facts["wide"] == [], (width, facts)
+        assert facts["font"] >= 12, (width, facts["font"])
+        assert facts["verdict"] is not None and 0 < facts["verdict"] <= height, (width, facts)
+        figures = [f for f in facts["figures"] if f[0].startswith(("roc", "margins"))]
+        assert len(figures) >= 3
+        for alt, shown, natural in figures:
+            assert FONT_PT * DPI / 72 * shown / natural >= 10, (width, alt, shown, natural)

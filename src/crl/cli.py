@@ -294,10 +294,12 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _report(args: argparse.Namespace) -> None:
+    from crl.audit.run import echo_verdict
     from crl.report.rebuild import rebuild_report
 
     print(rebuild_report(args.run))
-    print(f"wrote {args.run}/report.md, report.html and figures/")
+    print(f"wrote {args.run}/report.md, report.html, verdict.json and figures/")
+    echo_verdict(args.run)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,6 +30,7 @@ from crl.audit.outcome import AttackOutcome, Exposure
 from crl.data.types import ImageData
 from crl.metrics import LOW_FPRS, clustered_metrics_with_ci
 from crl.seeding import seed_for
+from crl.verdict import strongest
 
 EXPOSURE_FPR = 0.001
 TOP_EXPOSED = 16
@@ -120,10 +121,8 @@ def exposure_attack(attacks: dict[str, AttackOutcome]) -> str:
     leave-one-out scores, else highest target AUC."""
     if "lira" in attacks:
         return "lira"
-    pooled = {k: a for k, a in attacks.items() if a.leave_one_out is not None}
-    if pooled:
-        return max(pooled, key=lambda k: pooled[k].leave_one_out["auc"])
-    return max(attacks, key=lambda k: attacks[k].metrics["auc"])
+    pooled = {k: a.leave_one_out["auc"] for k, a in attacks.items() if a.leave_one_out is not None}
+    return strongest(pooled) or strongest({k: a.metrics["auc"] for k, a in attacks.items()})
 
 
 def exposure_of(attacks: dict[str, AttackOutcome], member: np.ndarray, data: ImageData,

@@ -17,6 +17,7 @@ from crl.audit.canaries import exposure_of, subset_metrics
 from crl.audit.factory import ModelCache, ModelFactory, TrainedModel
 from crl.audit.outcome import Evaluation, TargetOutcome, save_outcome
 from crl.audit.plan import DefenseChoice, ModelJob, models_needed, plan_models, planned_membership
+from crl.audit.progress import AuditProgress, CountingCache
 from crl.audit.runner import run_attacks
 from crl.audit.signals import extract_signals, target_pool_of
 from crl.canary_spec import parse_canaries
@@ -101,6 +102,12 @@ class Audit:
             ModelCache(cache_dir() / "models" if cfg.cache else None),
             resume=cfg.resume, progress=cfg.progress, engine=cfg.engine,
             engine_options=engine_options(cfg))
+        self.progress: AuditProgress | None = None
+
+    def follow(self, progress: AuditProgress) -> None:
+        """Report every model served or trained, and each attack, to `progress`."""
+        self.progress = progress
+        self.factory.cache = CountingCache(self.factory.cache, progress.model_done)
 
     def split(self, seed: int) -> PoolSplit:
         """The seed's split of the dataset without its canaries."""
@@ -214,6 +221,9 @@ class Audit:
     def audit_one(self, defense: DefenseChoice, seed: int, split: PoolSplit, *,
                   out: Path | None = None) -> TargetOutcome:
         self.check_references(defense, seed, split)      # stops before training
+        tag = f"[{defense.name} seed {seed}]"
+        if self.progress is not None:
+            self.progress.target(tag)
         jobs = self.plan(defense, seed, split)
         run_dir = None if out is None else released_dir(out, defense.name, seed)
         models = self.train_all(jobs, f"{defense.name} seed {seed}", run_dir, split)
@@ -227,8 +237,10 @@ class Audit:
                               seed, canaries=self.canary_idx,
                               handed=[j.train_idx for j in jobs if j.role != "shadow"])
         n_boot = getattr(self.cfg, "bootstrap", 200)
+        on_attack = (None if self.progress is None else
+                     lambda i, n, name: self.progress.attack(tag, i, n, name))
         attacks = run_attacks(self.attacks, ctx, ev, n_boot=n_boot,
-                              unpooled=self.unpooled(defense))
+                              unpooled=self.unpooled(defense), on_attack=on_attack)
         member, held = ctx.target.member, ctx.target.held_out
         if run_dir is not None and self.canaries is not None:
             write_canary_members(run_dir, jobs, member, ev)
@@ -376,6 +388,7 @@ def run_audit(cfg: AuditConfig, *, echo: Callable[[str], None] = print) -> dict[
             save_canaries(out, audit.canaries)
         outcomes = []
         t0 = time.time()
+        finish_progress = follow_progress(cfg, audit, splits)
         for d in cfg.defenses:
             for s in cfg.seeds:
                 echo(f"[{d} seed {s}] training and attacking ...")
@@ -383,11 +396,37 @@ def run_audit(cfg: AuditConfig, *, echo: Callable[[str], None] = print) -> dict[
                 if o.chance_warning:
                     echo(f"WARNING [{d} seed {s}]: {o.chance_warning}")
                 outcomes.append(o)
+        finish_progress()
         for o in outcomes:
             save_outcome(out / "scores", o)
         rows = [o.row() for o in outcomes]
         table = write_report(out, outcomes, cfg)
         write_json_atomic(out / "results.json", rows)
     echo(table)
-    echo(f"wrote {out}/results.json, report.md and figures/ in {time.time() - t0:.0f} s")
+    echo(f"wrote {out}/results.json, verdict.json, report.md and figures/ in "
+         f"{time.time() - t0:.0f} s")
+    echo_verdict(out, echo)
     return {"rows": rows, "outcomes": outcomes, "out": out}
+
+
+def follow_progress(cfg: AuditConfig, audit: Audit, splits: dict[int, PoolSplit]
+                    ) -> Callable[[], None]:
+    """Start the audit's overall progress line over every planned model (none with --quiet);
+    returns the function that ends it."""
+    if not cfg.progress:
+        return lambda: None
+    total = sum(len(audit.plan(DefenseChoice(d, cfg.set.get(d, {})), s, splits[s]))
+                for d in cfg.defenses for s in cfg.seeds)
+    progress = AuditProgress(total)
+    audit.follow(progress)
+    return progress.close
+
+
+def echo_verdict(out: Path, echo: Callable[[str], None] = print) -> None:
+    """The verdict that write_report put in out/verdict.json, lines of <= 100 characters."""
+    import json
+
+    from crl.verdict import console_lines
+
+    for line in console_lines(json.loads((Path(out) / "verdict.json").read_text())):
+        echo(line)

@@ -66,6 +66,12 @@ def run_attack(name: str, attack: Attack, ctx: AttackContext, ev: Evaluation, *,
 
 
 def run_attacks(attacks: dict[str, Attack], ctx: AttackContext, ev: Evaluation, *,
-                n_boot: int = 200, unpooled: str | None = None) -> dict[str, AttackOutcome]:
-    return {name: run_attack(name, a, ctx, ev, n_boot=n_boot, unpooled=unpooled)
-            for name, a in attacks.items()}
+                n_boot: int = 200, unpooled: str | None = None,
+                on_attack=None) -> dict[str, AttackOutcome]:
+    """Every attack in turn; on_attack(i, n, name) before attack i of n (progress)."""
+    out = {}
+    for i, (name, a) in enumerate(attacks.items()):
+        if on_attack is not None:
+            on_attack(i, len(attacks), name)
+        out[name] = run_attack(name, a, ctx, ev, n_boot=n_boot, unpooled=unpooled)
+    return out

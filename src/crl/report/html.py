@@ -8,7 +8,9 @@ network references at all (no external stylesheets, scripts, fonts or images), s
 offline, from an e-mail attachment, anywhere. Collapsible sections add the most exposed
 training samples (vulnerability/*.csv), the resolved config (config.yaml) and the code version
 (version.json) where the run holds them. The layout fits a laptop and a phone: text reflows,
-figures shrink to the width, and wide tables scroll sideways inside their own box.
+figures shrink to the width (never grow past their natural size, so their text stays legible),
+and on a phone each table row becomes a card of "column: value" lines; report.md splits wide
+tables per attack family so that a laptop needs no sideways scrolling.
 """
 from __future__ import annotations
 
@@ -68,12 +70,20 @@ def _cells(line: str) -> list[str]:
     return [c.strip() for c in line.strip().removeprefix("|").removesuffix("|").split("|")]
 
 
+def _label(cell_html: str) -> str:
+    """A header cell's HTML as the plain text of a data-label attribute."""
+    return html.escape(html.unescape(re.sub(r"<[^>]+>", "", cell_html)), quote=True)
+
+
 def _table(lines: list[str], image: ImageSource) -> str:
-    """A pipe table (header, rule, rows) in a box that scrolls sideways on narrow screens."""
-    head = "".join(f'<th scope="col">{inline(c, image)}</th>' for c in _cells(lines[0]))
+    """A pipe table (header, rule, rows); on a phone each row becomes a card of label: value
+    lines (the CSS reads each cell's data-label, its column's header)."""
+    heads = [inline(c, image) for c in _cells(lines[0])]
+    head = "".join(f'<th scope="col">{h}</th>' for h in heads)
     rows = []
     for line in lines[2:]:
-        cells = [f"<td>{inline(c, image)}</td>" for c in _cells(line)]
+        cells = [f'<td data-label="{_label(h)}">{inline(c, image)}</td>'
+                 for h, c in zip(heads + [""] * len(_cells(line)), _cells(line))]
         rows.append(f"<tr>{''.join(cells)}</tr>")
     return (f'<div class="table"><table><thead><tr>{head}</tr></thead>'
             f"<tbody>{''.join(rows)}</tbody></table></div>")
@@ -291,7 +301,11 @@ tbody tr:nth-child(even) td { background: color-mix(in srgb, var(--panel) 55%, v
 th:first-child, td:first-child { position: sticky; left: 0; background: var(--bg);
   text-align: left; font-weight: 600; box-shadow: inset -1px 0 0 var(--line); }
 thead th:first-child { background: var(--panel); }
-figure { margin: 1.2rem 0; }
+figure { margin: 1.2rem 1rem 1.2rem 0; display: inline-block; vertical-align: top;
+  max-width: 100%; }
+h2#verdict + ul { list-style: none; padding: .6rem 1rem; margin: .8rem 0;
+  border-left: 4px solid var(--accent); background: var(--panel); border-radius: 0 8px 8px 0; }
+h2#verdict + ul li { margin: .3rem 0; max-width: none; }
 .gallery { display: grid; gap: 1rem; margin: 1rem 0;
   grid-template-columns: repeat(auto-fill, minmax(min(22rem, 100%), 1fr)); }
 .gallery figure { margin: 0; }
@@ -312,7 +326,19 @@ footer { margin-top: 2.5rem; font-size: .85rem; }
   main { padding: 1.1rem .8rem 2rem; }
   h1 { font-size: 1.35rem; }
   h2 { font-size: 1.08rem; }
-  th, td { padding: .38rem .55rem; }
-  table { font-size: .84rem; }
+  .table { width: 100%; border: 0; overflow: visible; }
+  .table table, .table tbody, .table tr, .table td { display: block; width: 100%; }
+  .table thead { display: none; }
+  .table tr { border: 1px solid var(--line); border-radius: 8px; margin: 0 0 .6rem;
+    padding: .2rem 0; }
+  .table td, .table td:first-child { display: flex; justify-content: space-between; gap: .8rem;
+    position: static; box-shadow: none; background: none; white-space: normal;
+    text-align: right; padding: .28rem .7rem; }
+  .table td:first-child { background: var(--panel); }
+  .table tbody tr:nth-child(even) td { background: none; }
+  .table td::before { content: attr(data-label); font-weight: 600; text-align: left;
+    color: var(--muted); }
+  .table td[data-label=""]::before { content: none; }
+  table { font-size: .9rem; }
 }
 """

@@ -1,6 +1,11 @@
-"""Figures: logit-margin histograms (paper Fig. 6) and ROC curves on log-log axes."""
+"""Figures: logit-margin histograms (paper Fig. 6) and ROC curves on log-log axes.
+
+Every figure is one column of panels FIG_WIDTH inches wide at DPI, every text FONT_PT points
+or more, legends below the axes: the report shows a figure at most at its natural width, so at
+390 px (a phone) its text still renders at about 10 px or more (tests/test_html.py)."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -10,16 +15,22 @@ from crl.audit.outcome import TargetOutcome
 from crl.metrics import roc
 from crl.utils import atomic_path
 
+FONT_PT, DPI, FIG_WIDTH = 11, 100, 5.0
 
-def _figure_grid(n: int, width: float = 4.2, height: float = 3.4, cols: int = 3):
+
+def _figure_grid(n: int, width: float = FIG_WIDTH, height: float = 4.4, cols: int = 1):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cols = min(n, cols)
+    plt.rcParams.update({k: FONT_PT for k in ("font.size", "axes.titlesize", "axes.labelsize",
+                                              "xtick.labelsize", "ytick.labelsize",
+                                              "legend.fontsize")})
+    n, cols = max(n, 1), min(max(n, 1), cols)
     rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False,
+                             layout="constrained")
     for ax in axes.flat[n:]:
         ax.axis("off")
     return plt, fig, axes.flat
@@ -35,9 +46,8 @@ def _first_seed(outcomes: list[TargetOutcome]) -> list[TargetOutcome]:
 
 
 def _save(fig, plt, path: Path) -> None:
-    fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+        fig.savefig(tmp, format="png", dpi=DPI)
     plt.close(fig)
 
 
@@ -54,10 +64,10 @@ def plot_margins(path: Path, outcomes: list[TargetOutcome]) -> None:
                 density=True)
         ax.axvline(0, color="k", lw=0.8)
         ax.set_title(f"{o.defense} (seed {o.seed}): train {100 * o.train_acc:.1f}%, "
-                     f"test {100 * o.test_acc:.1f}%", fontsize=9)
+                     f"test {100 * o.test_acc:.1f}%")
         ax.set_xlabel("logit margin to the decision boundary")
         ax.set_ylabel("density")
-        ax.legend(fontsize=8)
+        _legend_below(ax)
     _save(fig, plt, path)
 
 
@@ -75,8 +85,13 @@ def _roc_panel(ax, title: str, curves: list[tuple[str, np.ndarray, np.ndarray]])
     ax.set_ylim(floor / 2, 1)
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title(title)
+    _legend_below(ax)
+
+
+def _legend_below(ax) -> None:
+    """The legend under the axes, outside every curve."""
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
 
 
 def _population_curves(o: TargetOutcome) -> list[tuple[str, np.ndarray, np.ndarray]]:
@@ -110,3 +125,31 @@ def plot_rocs(path: Path, outcomes: list[TargetOutcome]) -> None:
     for ax, (title, curves) in zip(axes, panels):
         _roc_panel(ax, title, curves)
     _save(fig, plt, path)
+
+
+def _outcome(outcomes: list[TargetOutcome], defense: str, seed: int) -> TargetOutcome:
+    return next(o for o in outcomes if o.defense == defense and o.seed == seed)
+
+
+def plot_verdict_rocs(folder: Path, outcomes: list[TargetOutcome], verdict: dict) -> list[str]:
+    """figures/roc_<defense>.png per defense of the verdict: the strongest attack by AUC on the
+    baseline and on the defense (first shared seed) on the same log-log axes; the paths
+    relative to the run directory."""
+    paths = []
+    for v in verdict["defenses"]:
+        c = v["strongest"].get("auc")
+        if c is None:
+            continue
+        seed, base = v["seeds"][0], verdict["baseline"]
+        curves = []
+        for defense, attack in ((base, c["baseline_attack"]), (v["defense"], c["attack"])):
+            o = _outcome(outcomes, defense, seed)
+            curves.append((f"{defense}: {attack} (AUC {o.attacks[attack].metrics['auc']:.3f})",
+                           o.evaluated(o.attacks[attack].scores), o.is_member))
+        name = f"roc_{re.sub(r'[^A-Za-z0-9_-]+', '_', v['defense'])}.png"
+        plt, fig, axes = _figure_grid(1)
+        _roc_panel(next(iter(axes)), f"{v['defense']} vs {base}, strongest attack (seed {seed})",
+                   curves)
+        _save(fig, plt, folder / name)
+        paths.append(f"figures/{name}")
+    return paths

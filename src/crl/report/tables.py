@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from crl.audit.outcome import TargetOutcome
+from crl.errors import CRLError
 from crl.metrics import paired_difference_over_seeds, pooled_ci
 from crl.utils import write_text_atomic
 
@@ -69,14 +70,16 @@ def _side(o: TargetOutcome, attack: str) -> tuple[np.ndarray, np.ndarray, np.nda
 
 
 def comparison_table(outcomes: list[TargetOutcome], metric: str = "auc", *,
-                     n_boot: int = 200, baseline: str = "ce") -> str | None:
-    """Difference of each defense's `metric` from the baseline's, per attack, averaged over the
-    seeds both ran, with a paired-bootstrap 95% interval; "within noise" if it includes 0."""
+                     n_boot: int = 200, baseline: str = "ce",
+                     attacks: list[str] | None = None) -> str | None:
+    """Difference of each defense's `metric` from the baseline's, per attack (`attacks`, default
+    all), averaged over the seeds both ran, with a paired-bootstrap 95% interval; "within
+    noise" if it includes 0."""
     groups = _grouped(outcomes)
     if baseline not in groups or len(groups) < 2:
         return None
     base = {o.seed: o for o in groups[baseline]}
-    attacks = list(outcomes[0].attacks)
+    attacks = list(outcomes[0].attacks) if attacks is None else attacks
     lines = ["| Defense | " + " | ".join(attacks) + " |", "|" + "---|" * (len(attacks) + 1)]
     for defense, group in groups.items():
         pairs = [(o, base[o.seed]) for o in group if o.seed in base and defense != baseline]
@@ -165,41 +168,206 @@ def _group_tables(outcomes: list[TargetOutcome]) -> list[str]:
     return parts
 
 
+FAMILIES = {"references": "Attacks with reference models", "shadows": "Shadow-model attacks"}
+TARGET_ONLY = "Target-only attacks (the target's own outputs)"
+TARGET_VIEW = ("Target-only view: each released target scored by each attack on its own members "
+               "and non-members")
+
+
+def attack_families(attacks: list[str], size: int = 5) -> list[tuple[str, list[str]]]:
+    """The attacks grouped by what they need (reference models, shadow models, neither), in
+    chunks of at most `size` so that no table needs scrolling sideways on a laptop."""
+    from crl.attacks.base import build_attack
+
+    groups: dict[str, list[str]] = {}
+    for a in attacks:
+        try:
+            needs = build_attack(a).requirements()
+        except CRLError:
+            needs = frozenset()
+        title = next((t for k, t in FAMILIES.items() if k in needs), TARGET_ONLY)
+        groups.setdefault(title, []).append(a)
+    out = []
+    for title, names in groups.items():
+        chunks = [names[i:i + size] for i in range(0, len(names), size)]
+        out += [(title if len(chunks) == 1 else f"{title}, {k + 1} of {len(chunks)}", c)
+                for k, c in enumerate(chunks)]
+    return out
+
+
+def accuracy_table(outcomes: list[TargetOutcome]) -> str:
+    """Train and test accuracy per defense, mean ± std over seeds."""
+    lines = ["| Defense | Train acc % | Test acc % |", "|---|---|---|"]
+    for defense, group in _grouped(outcomes).items():
+        lines.append(f"| {defense} | {_mean_std([o.train_acc for o in group])} | "
+                     f"{_mean_std([o.test_acc for o in group])} |")
+    return "\n".join(lines)
+
+
+def family_tables(outcomes: list[TargetOutcome], metric: str, n_boot: int) -> list[str]:
+    """`metric` per defense and attack with 95% intervals, one table per attack family."""
+    parts: list[str] = []
+    for title, names in attack_families(list(outcomes[0].attacks)):
+        lines = ["| Defense | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
+        for defense, group in _grouped(outcomes).items():
+            cells = [_interval_cell(group, a, metric, n_boot) for a in names]
+            lines.append("| " + " | ".join([defense, *cells]) + " |")
+        parts += [f"### {title}", "", *lines, ""]
+    return parts
+
+
+def full_tables(outcomes: list[TargetOutcome], n_boot: int) -> list[str]:
+    """The full tables: accuracies, every attack's metrics, and each defense minus `ce`."""
+    parts = ["## Accuracy", "", "Train accuracy on the members each target trained on, test "
+             "accuracy on the held-out non-members; mean ± std over seeds.", "",
+             accuracy_table(outcomes), ""]
+    for metric, title in METRICS.items():
+        parts += [f"## {title}", "", f"{TARGET_VIEW}; value [95% interval], bootstrap over "
+                  "samples and seeds.", "", *family_tables(outcomes, metric, n_boot)]
+    for metric in ("auc", "tpr_at_1pct_fpr"):
+        tables = [(title, comparison_table(outcomes, metric, n_boot=n_boot, attacks=names))
+                  for title, names in attack_families(list(outcomes[0].attacks), size=3)]
+        if any(t for _, t in tables):
+            parts += [f"## Each defense minus `ce`: {METRICS[metric]}, paired bootstrap "
+                      "on the shared split", "", f"{TARGET_VIEW}, paired: the same attack on "
+                      "the same samples for both models; \"within noise\" when the 95% "
+                      "interval holds 0.", ""]
+            parts += [line for title, t in tables for line in (f"### {title}", "", t, "")]
+    return parts
+
+
 def write_report(out: Path, outcomes: list[TargetOutcome], cfg) -> str:
-    """Write report.md, report.html, figures/*.png and vulnerability files; return the AUC
-    table."""
+    """Write report.md, report.html, verdict.json, figures/*.png and vulnerability files;
+    return the AUC table. Order: verdict, strongest attacks, the figures behind the verdict,
+    the full tables, the rest."""
     from crl.report.html import write_html
-    from crl.report.plots import plot_margins, plot_rocs
+    from crl.report.plots import plot_margins, plot_rocs, plot_verdict_rocs
+    from crl.report.verdict_section import strongest_table, verdict_section, write_verdict
     from crl.report.vulnerability import write_vulnerability
     from crl.report.worst_case import most_exposed_summary, worst_case_table
 
     n_boot = int(getattr(cfg, "bootstrap", 200))
+    verdict = write_verdict(out, outcomes, n_boot)
     plot_margins(out / "figures" / "margins.png", outcomes)
     plot_rocs(out / "figures" / "roc.png", outcomes)
+    verdict_figures = plot_verdict_rocs(out / "figures", outcomes, verdict)
     write_vulnerability(out / "vulnerability", outcomes)
-    auc = format_table(outcomes, "auc", n_boot=n_boot)
     parts = [f"# Membership-inference audit: {cfg.dataset} / {cfg.model}", ""]
     for o in outcomes:
         if o.chance_warning:
             parts += [f"> **WARNING ({o.defense}, seed {o.seed}): {o.chance_warning}**", ""]
-    parts += [_header(outcomes, cfg), ""] + _output_notes(outcomes)
-    for metric, title in METRICS.items():
-        parts += [f"## {title}", "", auc if metric == "auc" else
-                  format_table(outcomes, metric, n_boot=n_boot), ""]
-    parts += worst_case_table(outcomes, n_boot=n_boot)
-    for metric in ("auc", "tpr_at_1pct_fpr"):
-        cmp = comparison_table(outcomes, metric, n_boot=n_boot)
-        if cmp:
-            parts += [f"## Each defense minus `ce`: {METRICS[metric]}, paired bootstrap "
-                      "on the shared split", "", cmp, ""]
-    parts += _extra_tables(outcomes, n_boot) + _group_tables(outcomes)
-    parts += ["## Figures", "", "![margins](figures/margins.png)", "", "![roc](figures/roc.png)",
-              "", "Most exposed training samples per attack: `vulnerability/` (exposure "
-              "rankings with score distributions, `exposed_*.png` the 16 most exposed images).",
-              "", *most_exposed_summary(outcomes), ""]
-    write_text_atomic(out / "report.md", "\n".join(parts))
+    parts += verdict_section(verdict) + [_header(outcomes, cfg), ""] + _output_notes(outcomes)
+    parts += strongest_table(verdict) + _verdict_figures(verdict_figures)
+    parts += full_tables(outcomes, n_boot) + worst_case_table(outcomes, n_boot=n_boot)
+    parts += _captioned(_extra_tables(outcomes, n_boot) + _group_tables(outcomes))
+    parts += ["## Every attack's ROC curve", "", f"{TARGET_VIEW} (canary panels: leave-one-out "
+              "pooled over every model), first seed; log-log axes, chance on the diagonal.",
+              "", "![roc](figures/roc.png)", "", "Most exposed training samples per attack: "
+              "`vulnerability/` (exposure rankings with score distributions, `exposed_*.png` "
+              "the 16 most exposed images).", "", *most_exposed_summary(outcomes), ""]
+    write_text_atomic(out / "report.md", "\n".join(split_wide_tables(parts)))
     write_html(out)   # report.html, rendered from the report.md just written
-    return auc
+    return format_table(outcomes, "auc", n_boot=n_boot)
+
+
+KEY_COLUMNS = ("Defense", "seed", "Attack", "Models")
+WIDTH_BUDGET_PX = 1150   # what a 1280 px screen leaves a table (main's padding, the box)
+
+
+def _width_px(column: list[str]) -> float:
+    """About how wide a column renders in report.html (0.9 rem text, 0.9 rem padding a side)."""
+    return 7.6 * max(len(c) for c in column) + 30
+
+
+def _first_word(header: str) -> str:
+    return (header.split() or [""])[0]
+
+
+def _split_table(rows: list[list[str]]) -> list[list[list[str]]]:
+    """The table (header first, no rule) cut into tables that each fit WIDTH_BUDGET_PX: the key
+    columns (KEY_COLUMNS leading the header) repeated, the other columns in order, those whose
+    headers share a first word (one attack's) kept together."""
+    cols = list(zip(*rows))
+    keys = next((k for k, h in enumerate(rows[0]) if h not in KEY_COLUMNS), len(cols))
+    budget = WIDTH_BUDGET_PX - sum(_width_px(list(c)) for c in cols[:keys])
+    units: list[list[int]] = []      # columns of one attack ("lira AUC", "lira TPR") together
+    for j in range(keys, len(cols)):
+        if units and _first_word(rows[0][units[-1][0]]) == _first_word(rows[0][j]):
+            units[-1].append(j)
+        else:
+            units.append([j])
+    chunks: list[list[int]] = [[]]
+    used = 0.0
+    for unit in units:
+        w = sum(_width_px(list(cols[j])) for j in unit)
+        if chunks[-1] and used + w > budget:
+            chunks.append([])
+            used = 0.0
+        chunks[-1] += unit
+        used += w
+    return [[[r[k] for k in [*range(keys), *chunk]] for r in rows] for chunk in chunks]
+
+
+def split_wide_tables(parts: list[str]) -> list[str]:
+    """report.md's lines with every table too wide for a laptop screen cut in column groups
+    (one table after the other, the key columns repeated), so that none scrolls sideways."""
+    out: list[str] = []
+    i = 0
+    while i < len(parts):
+        j = i
+        while j < len(parts) and parts[j].startswith("|"):
+            j += 1
+        if j - i < 2:
+            out.append(parts[i])
+            i += 1
+            continue
+        rows = [[c.strip() for c in line.strip().strip("|").split("|")]
+                for k, line in enumerate(parts[i:j]) if k != 1]
+        tables = _split_table(rows) if len({len(r) for r in rows}) == 1 else [rows]
+        for n, t in enumerate(tables):
+            out += ([""] if n else []) + ["| " + " | ".join(t[0]) + " |",
+                                          "|" + "---|" * len(t[0])]
+            out += ["| " + " | ".join(r) + " |" for r in t[1:]]
+        i = j
+    return out
+
+
+CAPTIONS = {
+    "## Leave-one-out": "Leave-one-out pooled view: every pool model (the target and each "
+    "reference model) in turn is the target, scored against the others, and the (score, "
+    "membership) pairs are pooled over the models: many more non-members than one target, so "
+    "lower FPRs resolve, and the value can differ from the target-only view.",
+    "## Attack accuracy with per-class thresholds": "Thresholds fitted on shadow models (one "
+    "per class), then applied to the target: the balanced accuracy an attacker reaches without "
+    "the target's membership labels; the AUC and TPR views use those labels and read higher.",
+    "## Attack AUC on the": f"{TARGET_VIEW}: a group of samples (e.g. those only a teacher "
+    "model saw) as the positives against the same non-members; one target per row.",
+}
+
+
+def _captioned(parts: list[str]) -> list[str]:
+    """`parts` with the one-line caption of CAPTIONS after each heading it knows."""
+    out: list[str] = []
+    for line in parts:
+        out.append(line)
+        caption = next((c for k, c in CAPTIONS.items() if line.startswith(k)), None)
+        if caption:
+            out += ["", caption]
+    return out
+
+
+def _verdict_figures(rocs: list[str]) -> list[str]:
+    """The figures that show the verdict: each defense's strongest attack against the
+    baseline's on one ROC plot, then the logit margins."""
+    parts = ["## Figures behind the verdict", ""]
+    if rocs:
+        parts += [f"{TARGET_VIEW}, first shared seed: the strongest attack by AUC on the "
+                  "baseline and on each defense, on the same log-log axes (chance: the "
+                  "diagonal).", "", *(f"![roc {Path(p).stem}]({p})" for p in rocs), ""]
+    parts += ["Logit margin to the decision boundary (the paper's Fig. 6) on members and "
+              "non-members, first seed: the further apart, the more a threshold attack can "
+              "tell them apart.", "", "![margins](figures/margins.png)", ""]
+    return parts
 
 
 def _output_notes(outcomes: list[TargetOutcome]) -> list[str]:

@@ -24,6 +24,7 @@ from crl.data.splits import PoolSplit
 from crl.errors import CRLError
 from crl.metrics import LOW_FPRS, _cluster_replicates, _interval, pooled_ci
 from crl.seeding import numpy_rng
+from crl.verdict import strongest
 
 TARGET, POOLED = "target", "leave-one-out"
 
@@ -45,7 +46,7 @@ class Point:
 
     @property
     def strongest(self) -> str:
-        return max(self.attacks, key=lambda a: self.attacks[a])
+        return strongest(self.attacks)
 
     @property
     def objective(self) -> float:
@@ -53,8 +54,7 @@ class Point:
 
     def strongest_of(self, names: list[str]) -> str | None:
         """The strongest among `names` (None when this point has none of them)."""
-        have = [a for a in names if a in self.attacks]
-        return max(have, key=lambda a: self.attacks[a]) if have else None
+        return strongest({a: self.attacks[a] for a in names if a in self.attacks})
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "strongest": self.strongest, "objective": self.objective}
