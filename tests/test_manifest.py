@@ -13,7 +13,6 @@ import crl
 from crl.cli import main
 from crl.errors import CRLError
 from crl.manifest import MANIFEST, read_manifest
-from crl.rundir import RunDir
 
 QUICK = ["--epochs", "2", "--attacks", "loss", "--shadows", "0", "--seeds", "0", "--subset",
          "200", "--quiet", "--no-cache"]
@@ -255,6 +254,8 @@ def test_a_folder_that_is_no_crl_run_is_never_written_or_removed(tmp_path, capsy
 
 
 def test_an_overwrite_killed_while_deleting_leaves_nothing_the_next_run_keeps(tmp_path):
+    from crl.rundir import RunDir
+
     out = tmp_path / "run"
     trash = tmp_path / ".run.crl-old-123-abcd"
     (trash / "scores").mkdir(parents=True)
@@ -269,6 +270,8 @@ def test_an_overwrite_killed_while_deleting_leaves_nothing_the_next_run_keeps(tm
 
 
 def test_a_legacy_run_is_continued_only_with_its_config(tmp_path):
+    from crl.rundir import RunDir
+
     out = tmp_path / "old"
     out.mkdir()
     (out / "config.yaml").write_text(yaml.safe_dump({"lr": 0.1, "out": "x", "resume": False}))
