@@ -93,13 +93,20 @@ def read_manifest(out: str | os.PathLike) -> dict[str, Any] | None:
     return m
 
 
+def under(rel: str, paths: Iterable[str]) -> bool:
+    """Whether the relative path `rel` is one of `paths` (a file, or a folder ending in '/')."""
+    return any(rel == p or (p.endswith("/") and rel.startswith(p)) for p in paths)
+
+
 def file_problems(out: str | os.PathLike, manifest: dict[str, Any],
-                  closed: Iterable[str] = ("scores/",)) -> list[str]:
+                  closed: Iterable[str] = ("scores/",), skip: Iterable[str] = ()) -> list[str]:
     """One line per file that does not match `manifest`: missing, changed, or (under a folder
-    of `closed`) present but not listed."""
-    root, files = Path(out), manifest["files"]
+    of `closed`) present but not listed; the paths under `skip` (about to be rewritten) aside."""
+    root, files, skip = Path(out), manifest["files"], tuple(skip)
     problems = []
     for rel, entry in files.items():
+        if under(rel, skip):
+            continue
         path = root / rel
         if not path.is_file():
             problems.append(f"{rel} is missing")
@@ -115,13 +122,10 @@ def refresh_manifest(out: str | os.PathLike, manifest: dict[str, Any],
                      rewritten: Iterable[str]) -> dict[str, Any]:
     """`manifest` with the files under the paths `rewritten` (a file, or a folder ending in
     '/') checksummed again as they are now; written atomically. Returns it."""
-    prefixes = tuple(rewritten)
-
-    def under(rel: str) -> bool:
-        return any(rel == p or (p.endswith("/") and rel.startswith(p)) for p in prefixes)
-
-    files = {rel: e for rel, e in manifest["files"].items() if not under(rel)}
-    files.update({rel: file_digest(Path(out) / rel) for rel in run_files(out) if under(rel)})
+    paths = tuple(rewritten)
+    files = {rel: e for rel, e in manifest["files"].items() if not under(rel, paths)}
+    files.update({rel: file_digest(Path(out) / rel) for rel in run_files(out)
+                  if under(rel, paths)})
     manifest = {**manifest, "files": dict(sorted(files.items()))}
     write_json_atomic(Path(out) / MANIFEST, manifest)
     return manifest

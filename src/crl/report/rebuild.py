@@ -2,7 +2,8 @@
 finished audit run, rebuilt without training from its config.yaml and the per-target outcomes
 in RUN/scores/, after checking the run against its manifest.json (crl.manifest): a missing or
 changed file, a scores file the run did not write, a foreign config.yaml or an unfinished run
-is refused in one line. A run written before manifests existed is rendered with a warning that
+is refused in one line; the report's own files (REPORT_FILES) are rewritten whatever they hold,
+and the manifest updated for them. A run written before manifests existed is rendered with a warning that
 it is not verified."""
 from __future__ import annotations
 
@@ -58,8 +59,9 @@ def _layout(run: Path) -> tuple[AuditConfig, dict[Path, tuple[str, int]]]:
 
 
 def verify_run(run: Path) -> dict[str, Any] | None:
-    """The run's manifest after checking every file against it; None (and a warning on stderr)
-    for a run written before manifests existed; a one-line CRLError for what does not match."""
+    """The run's manifest after checking every file against it but the report's own, which the
+    rebuild rewrites; None (and a warning on stderr) for a run written before manifests
+    existed; a one-line CRLError for what does not match."""
     try:
         manifest = read_manifest(run)
     except CRLError as e:
@@ -72,7 +74,7 @@ def verify_run(run: Path) -> dict[str, Any] | None:
         what = ("an unfinished run (killed, or still running): rerun it with --resume"
                 if manifest["state"] != "complete" else f"written by {manifest['command']}")
         raise _not_a_run(run, f"its {MANIFEST} says {what}")
-    problems = _config_problems(run, manifest) + file_problems(run, manifest)
+    problems = _config_problems(run, manifest) + file_problems(run, manifest, skip=REPORT_FILES)
     if problems:
         more = f" (and {len(problems) - 1} more: {'; '.join(problems[1:4])})" \
             if len(problems) > 1 else ""
