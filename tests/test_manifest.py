@@ -13,6 +13,7 @@ import crl
 from crl.cli import main
 from crl.errors import CRLError
 from crl.manifest import MANIFEST, read_manifest
+from crl.report.rebuild import verify_run
 
 QUICK = ["--epochs", "2", "--attacks", "loss", "--shadows", "0", "--seeds", "0", "--subset",
          "200", "--quiet", "--no-cache"]
@@ -124,8 +125,9 @@ def test_a_run_without_manifest_is_not_verified_and_its_scores_still_checked(run
                                                                             message):
     run = _copy(runs, tmp_path)
     (run / MANIFEST).unlink()
-    code, err = _report(run, capsys)
-    assert code == 0 and err.count("not verified (no manifest)") == 1
+    capsys.readouterr()
+    crl.report.load_run(run)                              # what crl report renders
+    assert capsys.readouterr().err.count("not verified (no manifest)") == 1
     assert not (run / MANIFEST).exists()                 # never blessed after the fact
     tamper(run, runs / "other")
     code, err = _report(run, capsys)
@@ -145,7 +147,7 @@ def test_rebuilding_the_report_updates_the_manifest_for_what_it_rewrites(runs, t
         assert (run / name).read_text() == (runs / "run" / name).read_text()
     files = {rel: e["sha256"] for rel, e in read_manifest(run)["files"].items()}
     assert files == _listed(run)
-    assert _report(run, capsys) == (0, "")                 # verifies again after the rebuild
+    assert verify_run(run) is not None                    # verifies again after the rebuild
 
 
 # --- one run per directory -----------------------------------------------------------------------
@@ -193,7 +195,7 @@ def test_an_interrupted_run_is_refused_by_report_and_resumes_to_the_same_results
         assert _snapshot(out) == before                   # config.yaml and splits/ untouched
     assert main([*AUDIT, "--resume", "--out", str(out)]) == 0
     assert _untimed(out / "results.json") == _untimed(runs / "run" / "results.json")
-    assert _report(out, capsys)[0] == 0
+    assert verify_run(out)["state"] == "complete"
 
 
 def _untimed(path: Path) -> object:
@@ -299,3 +301,20 @@ def test_audit_training_writes_its_manifest_through_the_same_run_directory(digit
     assert _snapshot(out) == before
     crl.audit_training(train_fn, x, y, **{**kwargs, "attacks": "loss,mentr"}, overwrite=True)
     assert read_manifest(out)["config"]["attacks"] == ["loss", "mentr"]
+
+
+def test_crl_tune_claims_its_directory_like_the_audit(runs, tmp_path, capsys):
+    audit = _copy(runs, tmp_path)
+    before = _snapshot(audit)
+    tune = ["tune", "--epochs", "2", "--batch-size", "8", "--subset", "200", "--seeds", "0",
+            "--attacks", "loss", "--bootstrap", "50", "--quiet", "--trials", "1",
+            "--out", str(audit)]
+    capsys.readouterr()
+    assert main(tune) == 2
+    assert "holds a crl audit run; crl tune writes its own" in capsys.readouterr().err
+    assert _snapshot(audit) == before
+    assert main([*tune, "--overwrite"]) == 0
+    m = read_manifest(audit)
+    assert m["command"] == "tune" and m["config"]["recipe"]["epochs"] == 2
+    assert set(m["files"]) == set(_listed(audit)) and "study.db" in m["files"]
+    assert not (audit / "scores").exists()

@@ -240,7 +240,10 @@ class RunDir:
         if key is None:
             return
         was, now = _flat(old).get(key), _flat(new).get(key)
-        cannot = "cannot resume: " if self.resume and self.command != "tune" else ""
+        if self.command == "tune":      # the words of crl.tune.study.open_study's check
+            raise CRLError(f"{key} = {now!r}: the study in {out / 'study.db'} was run with "
+                           f"{was!r}; expected {CONTINUE['tune']}, {way}")
+        cannot = "cannot resume: " if self.resume else ""
         raise CRLError(f"{cannot}--out {out} holds a {writer} run of another config ({key} = "
                        f"{now!r} here, {was!r} there); expected {CONTINUE[self.command]}, {way}")
 
