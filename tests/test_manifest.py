@@ -116,8 +116,8 @@ def test_crl_report_refuses_a_run_that_does_not_match_its_manifest(runs, tmp_pat
 
 
 @pytest.mark.parametrize("tamper, message", [
-    (_other_defense, "scores file scores/crl_seed0.npz holds the scores of ce seed 0; expected "
-                     "crl seed 0"),
+    (_other_defense, ("scores file scores/crl_seed0.npz holds the scores of ce seed 0; expected "
+                      "crl seed 0")),
     (_truncated, "scores file scores/ce_seed0.npz is unreadable (BadZipFile)"),
 ])
 def test_a_run_without_manifest_is_not_verified_and_its_scores_still_checked(runs, tmp_path,
@@ -289,7 +289,8 @@ def test_audit_training_writes_its_manifest_through_the_same_run_directory(digit
         return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
 
     x, y, out = digits.x.float() / 255, digits.y, tmp_path / "user"
-    kwargs = dict(attacks="loss", references=2, seeds=(0,), out=out, subset=200, progress=False)
+    kwargs = {"attacks": "loss", "references": 2, "seeds": (0,), "out": out, "subset": 200,
+              "progress": False}
     crl.audit_training(train_fn, x, y, **kwargs)
     m = read_manifest(out)
     assert m["command"] == "audit_training" and m["config"]["model"] == "Sequential"

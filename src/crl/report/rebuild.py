@@ -70,14 +70,16 @@ def verify_run(run: Path) -> dict[str, Any] | None:
         print(f"crl: warning: {run} not verified (no manifest): written before crl checksummed "
               "its run directories; its scores are rendered as found", file=sys.stderr)
         return None
-    if manifest["state"] != "complete" or manifest["command"] not in AUDITS:
-        what = ("an unfinished run (killed, or still running): rerun it with --resume"
-                if manifest["state"] != "complete" else f"written by {manifest['command']}")
-        raise _not_a_run(run, f"its {MANIFEST} says {what}")
+    if manifest["command"] not in AUDITS:
+        raise _not_a_run(run, f"its {MANIFEST} says it was written by {manifest['command']}")
+    if manifest["state"] != "complete":
+        raise _not_a_run(run, f"its {MANIFEST} says an unfinished run (killed, or still "
+                              "running): rerun it with --resume")
     problems = _config_problems(run, manifest) + file_problems(run, manifest, skip=REPORT_FILES)
     if problems:
-        more = f" (and {len(problems) - 1} more: {'; '.join(problems[1:4])})" \
-            if len(problems) > 1 else ""
+        more = ""
+        if len(problems) > 1:
+            more = f" (and {len(problems) - 1} more: {'; '.join(problems[1:4])})"
         raise CRLError(f"report.run = '{run}': {problems[0]}{more}; expected the files its "
                        f"{MANIFEST} lists, unchanged")
     return manifest
@@ -91,8 +93,8 @@ def _config_problems(run: Path, manifest: dict[str, Any]) -> list[str]:
         identity = None
     if identity is not None and config_sha256(identity) == manifest["config_sha256"]:
         return []
-    return [f"config.yaml is not the config this run was written with (a foreign config: its "
-            f"hash is not {MANIFEST}'s config_sha256)"]
+    return [(f"config.yaml is not the config this run was written with (a foreign config: its "
+             f"hash is not {MANIFEST}'s config_sha256)")]
 
 
 def _outcome(run: Path, path: Path, defense: str, seed: int) -> TargetOutcome:
