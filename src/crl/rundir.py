@@ -256,8 +256,8 @@ class RunDir:
         lock = RunLock(self.out).__enter__()
         try:
             if self.check():
-                lock = _replace_run(self.out, lock)
-            _remove_trash(self.out)
+                lock = _replace_run(self.out.absolute(), lock)
+            _remove_trash(self.out.absolute())
             clean_stale_tmp(self.out)
             write_json_atomic(self.out / MANIFEST, new_manifest(
                 self.command, self.identity, self.derived, state="running"))
