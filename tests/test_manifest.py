@@ -278,6 +278,10 @@ def test_a_legacy_run_is_continued_only_with_its_config(tmp_path):
     with pytest.raises(CRLError, match=r"cannot resume: --out .* \(lr = 0.2 here, 0.1 there\)"):
         RunDir(out, "train", {"lr": 0.2}, resume=True).check()
     assert RunDir(out, "train", {"lr": 0.2}, overwrite=True).check() is True
+    # a field added to crl since, at its default, is the same config; set otherwise, another
+    RunDir(out, "train", {"lr": 0.1, "bootstrap": 200}, resume=True).check()
+    with pytest.raises(CRLError, match=r"\(bootstrap = 50 here, None there\)"):
+        RunDir(out, "train", {"lr": 0.1, "bootstrap": 50}, resume=True).check()
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]
 
 

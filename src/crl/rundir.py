@@ -181,10 +181,19 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def first_difference(old: dict[str, Any], new: dict[str, Any]) -> str | None:
-    """The first (flattened, sorted) key whose value differs between two configs."""
+    """The first (flattened, sorted) key whose value differs between two configs; a config
+    field only one side has (added to crl after the other was written) counts only when it is
+    not at its default."""
+    from crl.config import FIELD_SPECS
+
     a, b = _flat(old), _flat(new)
-    return next((k for k in sorted(set(a) | set(b)) if a.get(k, None) != b.get(k, None)
-                 or (k in a) != (k in b)), None)
+    for k in sorted(set(a) | set(b)):
+        if k in a and k in b:
+            if a[k] != b[k]:
+                return k
+        elif k not in FIELD_SPECS or a.get(k, b.get(k)) != FIELD_SPECS[k].default:
+            return k
+    return None
 
 
 class RunDir:
