@@ -137,6 +137,8 @@ class AuditConfig:
                                    help="folder holding torchvision dataset files")
     download: bool = option(False, kind=bool, help="allow torchvision to download the dataset")
     resume: bool = option(False, kind=bool, help="continue an interrupted run in --out")
+    overwrite: bool = option(False, kind=bool,
+                             help="replace the run in --out (removed first) by this one")
     cache: bool = option(True, kind=bool, flag="--no-cache",
                          help="do not reuse or store trained models in the model cache")
     progress: bool = option(True, kind=bool, flag="--quiet", help="no progress bars")

@@ -11,10 +11,12 @@ evaluated on the test split. OUT then holds
     config.yaml     the resolved options; version.json: the code version
     split.json      the train and test indices used and where the boundary came from
     result.json     train and test accuracy (and the chance-level warning, if any)
+    manifest.json   the command, the config's hash and every file's sha256 (crl.manifest)
 
 with the audit's guarantees: every option checked before anything is written (the audit's own
 field checks and per-dataset defaults), atomic writes, OUT locked against a second run, and
-the verified model cache (`--no-cache` bypasses it).
+the verified model cache (`--no-cache` bypasses it); OUT holds this run alone (another config
+is refused unless `--overwrite`; crl.rundir.RunDir).
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ from crl.defenses.base import build_defense
 from crl.errors import CRLError
 from crl.evaluation import evaluate
 from crl.models.zoo import MODELS
+from crl.rundir import RunDir
 from crl.seeding import numpy_rng, seed_for
 from crl.train import write_metrics
 from crl.utils import cache_dir, code_version, resolve_device, write_json_atomic, write_text_atomic
@@ -45,7 +48,7 @@ from crl.utils import cache_dir, code_version, resolve_device, write_json_atomic
 _AUDIT_FIELDS = {f.name: f for f in dataclasses.fields(AuditConfig)}
 SHARED = ("dataset", "model", "epochs", "batch_size", "lr", "momentum", "weight_decay",
           "milestones", "augment", "bf16", "channels_last", "device", "data_root", "download",
-          "resume", "cache", "progress")
+          "resume", "overwrite", "cache", "progress")
 
 
 def _like(name: str, default: Any = dataclasses.MISSING, **change: Any) -> Any:
@@ -87,6 +90,7 @@ class TrainConfig:
     data_root: str | None = _like("data_root")
     download: bool = _like("download")
     resume: bool = _like("resume")
+    overwrite: bool = _like("overwrite")
     cache: bool = _like("cache")
     progress: bool = _like("progress")
     set: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -131,10 +135,9 @@ def prepare_train(cfg: TrainConfig) -> Prepared:
     """Every check that can fail, before anything is written: options, names, parameters,
     the device, the data and its split, the defense's recipe check."""
     from crl.data.datasets import load_dataset
-    from crl.rundir import check_out_dir
 
     cfg = cfg.resolved()
-    check_out_dir(cfg.out)
+    run_dir_of(cfg).check()      # --out holds no other run (read-only)
     MODELS.get(cfg.model)
     defense = build_defense(cfg.defense, cfg.set.get(cfg.defense))
     for w in set_warnings(cfg):
@@ -166,6 +169,11 @@ def deployment_split(data: ImageData, test_fraction: float | None
     how = (f"no split of its own: a stratified {100 * test_fraction:g}% test split "
            "(--test-fraction) from the stream seed_for(0, 'test-fraction-split')")
     return np.sort(train), np.sort(test), how
+
+
+def run_dir_of(cfg: TrainConfig) -> RunDir:
+    """OUT as the run directory of this config (crl.rundir.RunDir)."""
+    return RunDir(cfg.out, "train", cfg.to_dict(), resume=cfg.resume, overwrite=cfg.overwrite)
 
 
 def _write_inputs(out: Path, p: Prepared) -> None:
@@ -202,19 +210,16 @@ def _result(trained: TrainedModel, p: Prepared) -> dict[str, Any]:
 
 def run_train(cfg: TrainConfig, *, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """The whole command; returns result.json's content. Writes atomically into a locked OUT."""
-    from crl.rundir import RunLock, clean_stale_tmp
-
     p = prepare_train(cfg)
     out = Path(p.cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with RunLock(out):
-        clean_stale_tmp(out)
+    with run_dir_of(p.cfg).claim() as run:
         _write_inputs(out, p)
         factory, trained = _train(out, p)
         factory.save(out / "model.pt", trained)
         write_metrics(out / "metrics.jsonl", trained.history)
         result = _result(trained, p)
         write_json_atomic(out / "result.json", result)
+        run.finish()
     echo(f"split: {p.boundary}")
     echo(f"train accuracy {100 * result['train_acc']:.2f}% on {result['n_train']} samples, "
          f"test accuracy {100 * result['test_acc']:.2f}% on {result['n_test']} samples")

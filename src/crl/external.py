@@ -11,7 +11,8 @@ Run directory (with `out`): config.yaml, version.json, splits/seed*.json, result
 report.md, figures/, vulnerability/, scores/ (crl.audit.outcome.save_outcome), and per seed
 logits/seed*.npz (every model's logits, which crl.attack_signals takes back) and
 models/user/seed*/ (members.json; target.pt, reference*.pt, shadow*.pt: state dicts and
-training indices in checksummed files, never pickled modules).
+training indices in checksummed files, never pickled modules), and manifest.json last (every
+file's sha256; crl.manifest): `out` holds this run alone, as crl audit's --out does.
 """
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ from crl.errors import CRLError
 from crl.evaluation import _device_of
 from crl.from_logits import build_attacks
 from crl.integrity import save_verified
+from crl.rundir import RunDir
 from crl.seeding import seed_for
 from crl.utils import atomic_path, code_version, write_json_atomic, write_text_atomic
 
@@ -292,11 +294,13 @@ def audit_seeds(audit: UserAudit, splits: dict[int, PoolSplit],
     return outcomes
 
 
-def write_run(out: Path, audit: UserAudit, splits: dict[int, PoolSplit],
+def write_run(run: RunDir, audit: UserAudit, splits: dict[int, PoolSplit],
               outcomes: list[TargetOutcome]) -> str:
-    """config.yaml, version.json, splits, scores, results.json and the report; the AUC table."""
+    """config.yaml, version.json, splits, scores, results.json, the report and, last, the
+    manifest (the config with the caller's model class); the AUC table."""
     from crl.report import write_report
 
+    out = run.out
     cfg = dataclasses.replace(audit.cfg, model=outcomes[0].model)
     write_text_atomic(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     write_json_atomic(out / "version.json", code_version())
@@ -306,6 +310,7 @@ def write_run(out: Path, audit: UserAudit, splits: dict[int, PoolSplit],
         save_outcome(out / "scores", o)
     table = write_report(out, outcomes, cfg)
     write_json_atomic(out / "results.json", [o.row() for o in outcomes])
+    run.finish(cfg.to_dict())
     return table
 
 
@@ -328,28 +333,31 @@ def audit_training(train_fn: TrainFn, x: torch.Tensor, y: torch.Tensor, *,
                    shadows: int = 0, seeds: Sequence[int] = (0,), out: str | Path | None = None,
                    num_classes: int | None = None, batch_size: int = 512, progress: bool = True,
                    subset: int | None = None, bootstrap: int = 200,
-                   params: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+                   params: dict[str, dict[str, Any]] | None = None,
+                   overwrite: bool = False) -> dict[str, Any]:
     """Audit `train_fn(x_train, y_train, seed) -> nn.Module` on the data x [N, ...], y [N]
     (int64 class ids) as `crl audit` audits a defense: returns {'rows': results.json's rows,
     'outcomes': TargetOutcome per seed, 'out': the run directory or None}. `params` maps an
-    attack to its parameters; the rest mirrors crl audit's flags."""
+    attack to its parameters; `overwrite` replaces another run in `out`; the rest mirrors
+    crl audit's flags."""
     from crl.report import format_table
-    from crl.rundir import RunLock, check_out_dir, clean_stale_tmp
 
     cfg = user_config(attacks, seeds, references, shadows, bootstrap, subset, out, params)
     audit = prepare_user_audit(train_fn, x, y, cfg, num_classes=num_classes,
                                batch_size=batch_size, progress=progress)
+    run = None if out is None else RunDir(out, "audit_training", cfg.to_dict(),
+                                          overwrite=overwrite, derived=("model",))
+    if run is not None:
+        run.check()       # another run in `out` is refused before any model trains
     splits = {s: audit.split(s) for s in cfg.seeds}
-    t0, folder = time.time(), None
-    if out is None:
+    t0, folder = time.time(), None if run is None else run.out
+    if run is None:
         outcomes = audit_seeds(audit, splits)
         table = format_table(outcomes, "auc", n_boot=cfg.bootstrap)
     else:
-        folder = check_out_dir(out)
-        with RunLock(folder):
-            clean_stale_tmp(folder)
+        with run.claim():
             outcomes = audit_seeds(audit, splits, folder)
-            table = write_run(folder, audit, splits, outcomes)
+            table = write_run(run, audit, splits, outcomes)
     if progress:
         print(table)
         print(f"audited {len(outcomes)} target(s) in {time.time() - t0:.0f} s"

@@ -70,3 +70,13 @@ def load_verified(path: str | os.PathLike, what: str = "file") -> Any:
     if digest(blob["payload"]) != blob.get("sha256"):
         raise CRLError(f"{what} {path} fails its checksum: the file is corrupt or was edited")
     return blob["payload"]
+
+
+def file_digest(path: str | os.PathLike) -> dict[str, Any]:
+    """{"sha256": hex digest of the file's bytes, "size": bytes}, read in 1 MiB blocks."""
+    h, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+            size += len(block)
+    return {"sha256": h.hexdigest(), "size": size}

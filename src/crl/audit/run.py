@@ -371,15 +371,16 @@ def prepare(cfg: AuditConfig, echo: Callable[[str], None] = print
 
 def run_audit(cfg: AuditConfig, *, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """The whole audit; returns {'rows', 'outcomes', 'out'}. Writes results atomically, in a
-    locked run directory."""
+    locked run directory that holds this run alone (crl.rundir.RunDir); its manifest last."""
     from crl.report import write_report
-    from crl.rundir import RunLock, clean_stale_tmp
+    from crl.rundir import RunDir
 
+    cfg = cfg.resolved()
+    run = RunDir(cfg.out, "audit", cfg.to_dict(), resume=cfg.resume, overwrite=cfg.overwrite)
+    run.check()          # another run in --out is refused before any data is loaded
     cfg, audit, splits = prepare(cfg, echo)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with RunLock(out):
-        clean_stale_tmp(out)
+    with run.claim():
         write_text_atomic(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         write_json_atomic(out / "version.json", code_version())
         for s, split in splits.items():
@@ -402,6 +403,7 @@ def run_audit(cfg: AuditConfig, *, echo: Callable[[str], None] = print) -> dict[
         rows = [o.row() for o in outcomes]
         table = write_report(out, outcomes, cfg)
         write_json_atomic(out / "results.json", rows)
+        run.finish()
     echo(table)
     echo(f"wrote {out}/results.json, verdict.json, report.md and figures/ in "
          f"{time.time() - t0:.0f} s")

@@ -8,7 +8,9 @@
 3. Audit CE, the defense at its defaults and every --compare defense on the search seeds
    (reference points), recommend the most private trial within --max-accuracy-drop of CE's
    test accuracy, and re-run it, CE and the defaults on fresh seeds with the confirm attacks.
-4. Write tune.json, tune.md and pareto.png, and print the recommendation.
+4. Write tune.json, tune.md and pareto.png, then manifest.json (crl.manifest; the setup is
+   the run's config: another setup in OUT is refused unless --overwrite), and print the
+   recommendation.
 """
 from __future__ import annotations
 
@@ -28,14 +30,14 @@ from crl.audit.run import prepare
 from crl.config import AuditConfig
 from crl.data.splits import PoolSplit
 from crl.defenses.base import build_defense
-from crl.rundir import RunLock, clean_stale_tmp
+from crl.rundir import RunDir
 from crl.seeding import seed_for
 from crl.tune.evaluate import Point, check_resolvable, evaluate_setting, objective_interval
 from crl.tune.options import OBJECTIVES, TuneOptions, stage_configs
 from crl.tune.output import ConfirmRow, TuneResult, fmt, write_outputs
 from crl.tune.space import search_space
-from crl.tune.study import (Search, completed_points, open_study, recommend, run_trials, setup_of,
-                            study_seconds)
+from crl.tune.study import (Search, completed_points, first_difference, open_study, recommend,
+                            run_trials, setup_of, study_seconds)
 from crl.utils import code_version
 
 
@@ -54,19 +56,31 @@ def run_tune(cfg: AuditConfig, opts: TuneOptions, *, command: str = "",
     for a, s in ((audit, splits), (confirm_audit, confirm_splits)):
         check_resolvable(a, s[a.cfg.seeds[0]], opts.objective, metric)
     out = Path(search_cfg.out)
-    with RunLock(out):
-        clean_stale_tmp(out)
-        result = _tune_locked(out, search, opts, (confirm_audit, confirm_splits), command, echo)
+    setup = tune_setup(search_cfg, opts, audit)
+    run = RunDir(out, "tune", setup, resume=True, overwrite=search_cfg.overwrite,
+                 differ=first_difference)
+    run.check()
+    with run.claim():
+        result = _tune_locked(out, search, opts, (confirm_audit, confirm_splits), command, echo,
+                              setup)
+        run.finish()
     for line in summary(result, out):
         echo(line)
     return result
 
 
+def tune_setup(cfg: AuditConfig, opts: TuneOptions, audit: Audit) -> dict:
+    """The study's setup (crl.tune.study.setup_of), without --overwrite (how this run treats
+    OUT, not what its trials computed)."""
+    setup = setup_of(cfg, opts, audit.data)
+    setup["recipe"].pop("overwrite", None)
+    return setup
+
+
 def _tune_locked(out: Path, search: Search, opts: TuneOptions,
                  confirm: tuple[Audit, dict[int, PoolSplit]], command: str,
-                 echo: Callable[[str], None]) -> TuneResult:
+                 echo: Callable[[str], None], setup: dict) -> TuneResult:
     t0 = time.time()
-    setup = setup_of(search.audit.cfg, opts, search.audit.data)
     study = open_study(out, setup, run_seed=search.seeds[0])
     before = study_seconds(study)          # earlier runs, finished or killed after a trial
     run_trials(study, search, opts.trials, echo)
