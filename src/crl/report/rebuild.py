@@ -20,7 +20,8 @@ from crl.manifest import (MANIFEST, config_identity, config_sha256, file_problem
                           read_manifest, refresh_manifest)
 
 #: what rebuilding the report rewrites (a folder ends in '/')
-REPORT_FILES = ("report.md", "report.html", "results.json", "figures/", "vulnerability/")
+REPORT_FILES = ("report.md", "report.html", "results.json", "verdict.json", "figures/",
+                "vulnerability/")
 AUDITS = ("audit", "audit_training")
 
 
