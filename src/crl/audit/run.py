@@ -150,7 +150,7 @@ class Audit:
         if run_dir is not None:
             write_released(run_dir, self.factory, target, ev)
         ctx = extract_signals(pool_models, shadow_models, self.data, split, self.requirements,
-                              seed, canaries=self.canary_idx)
+                              seed, canaries=self.canary_idx, progress=self.cfg.progress)
         n_boot = getattr(self.cfg, "bootstrap", 200)
         attacks = run_attacks(self.attacks, ctx, ev, n_boot=n_boot)
         member = ctx.target.member

@@ -6,6 +6,7 @@
     logits of the same models on the population (the shadow pool)   ("population")
     shadow models' logits on the shadow pool                        ("shadows")
     per-sample input-gradient norms, computed on first use          ("input_gradients")
+    query access to the pool models on the pool's images            ("oracle")
 
 Membership matrices are what each model actually trained on (`TrainedModel.trained_on`), so a
 sample a defense held out is a non-member of that model.
@@ -23,6 +24,7 @@ from crl.audit.factory import TrainedModel
 from crl.data.splits import PoolSplit
 from crl.data.types import ImageData
 from crl.evaluation import predict_logits
+from crl.query import QueryAccess
 
 
 def model_signals(models: list[TrainedModel], data: ImageData, idx: np.ndarray, *,
@@ -56,9 +58,18 @@ def _memo(fn: Callable[[int], np.ndarray]) -> Callable[[int], np.ndarray]:
     return wrapped
 
 
+def query_access(pool_models: list[TrainedModel], data: ImageData, pool: np.ndarray, *,
+                 progress: bool = True) -> QueryAccess:
+    """The pool's images and an oracle factory per pool model (requirement "oracle")."""
+    return QueryAccess(images=data.x[np.asarray(pool, np.int64)],
+                       models=[m.model for m in pool_models], mean=data.mean, std=data.std,
+                       progress=progress)
+
+
 def extract_signals(pool_models: list[TrainedModel], shadow_models: list[TrainedModel],
                     data: ImageData, split: PoolSplit, requirements: frozenset[str],
-                    run_seed: int, *, canaries: np.ndarray | None = None) -> AttackContext:
+                    run_seed: int, *, canaries: np.ndarray | None = None,
+                    progress: bool = True) -> AttackContext:
     """The AttackContext for one target: model 0 of `pool_models` is the target; `canaries`
     (dataset indices) are scored with the target pool (`target_pool_of`)."""
     flip = "flip" in requirements
@@ -77,6 +88,8 @@ def extract_signals(pool_models: list[TrainedModel], shadow_models: list[Trained
         if shadow_models:
             shadow_grads = _memo(lambda k: input_gradient_norms(
                 shadow_models[k].model, data, split.shadow_pool))
+    queries = (query_access(pool_models, data, pool, progress=progress)
+               if "oracle" in requirements else None)
     return AttackContext(target=target, num_classes=data.num_classes, seed=run_seed,
                          shadow=shadow, population=population, gradient_scores=grads,
-                         shadow_gradient_scores=shadow_grads)
+                         shadow_gradient_scores=shadow_grads, queries=queries)

@@ -1,0 +1,226 @@
+"""Label-only attacks: the attacker sees only the predicted label of inputs it chooses.
+
+Each queries the pool models through crl.query (ctx.queries, requirement "oracle"), in
+label-only mode, so no score here can read a confidence. Scores are for the target (model 0)
+on the target pool, higher = member:
+
+    gap       1 if the target predicts the true label, else 0 (Yeom et al., CSF 2018)
+    augment   how many of the sample's flips and translations (|i| + |j| = 0..d pixels) the
+              target labels correctly (Choquette-Choo et al., ICML 2021, Sec. 4)
+    boundary  estimated L2 distance (inputs on the [0, 1] scale) from the sample to the target's
+              decision boundary, found with label queries only (HopSkipJump-style, Chen, Jordan
+              & Wainwright, S&P 2020, as Li & Zhang, CCS 2021 and Choquette-Choo et al. use it);
+              0 for a misclassified sample
+"""
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from crl.attacks.base import Attack, AttackContext, AttackResult
+from crl.errors import CRLError
+from crl.params import Param, ParamSpec
+from crl.query import QueryAccess, QueryOracle
+from crl.registry import ATTACKS
+from crl.seeding import torch_generator
+
+CHUNK = 256   # samples per batch of queries
+
+
+class LabelOnlyAttack(Attack):
+    """Base: needs label-only query access to the target ("oracle")."""
+
+    def requirements(self) -> frozenset[str]:
+        return frozenset({"oracle"})
+
+    def access(self, ctx: AttackContext) -> QueryAccess:
+        if ctx.queries is None:
+            raise CRLError(f"attack '{self.name}' needs query access to the target "
+                           "(ctx.queries is None)")
+        return ctx.queries
+
+    def chunks(self, n: int):
+        return [np.arange(s, min(s + CHUNK, n)) for s in range(0, n, CHUNK)]
+
+
+@ATTACKS.register("gap")
+class GapAttack(LabelOnlyAttack):
+    """Correct prediction means member: score 1 if the predicted label is right, else 0."""
+
+    description: ClassVar[str] = ("gap: correctly classified means member, labels only "
+                                   "(Yeom et al., CSF 2018)")
+
+    def run(self, ctx: AttackContext) -> AttackResult:
+        access = self.access(ctx)
+        oracle = access.oracle(0)
+        pred = np.concatenate([oracle.labels(access.inputs(p))
+                               for p in self.chunks(len(ctx.target.labels))] or [np.zeros(0)])
+        scores = (pred == ctx.target.labels).astype(np.float64)
+        return AttackResult(scores=scores, extra={"queries": oracle.queries})
+
+
+def translate(x: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
+    """Shift images [B, C, H, W] by dx columns and dy rows, filling with zeros (black)."""
+    out = torch.zeros_like(x)
+    h, w = x.shape[-2:]
+    if abs(dx) >= w or abs(dy) >= h:
+        return out
+    src_r, dst_r = slice(max(0, -dy), h - max(0, dy)), slice(max(0, dy), h - max(0, -dy))
+    src_c, dst_c = slice(max(0, -dx), w - max(0, dx)), slice(max(0, dx), w - max(0, -dx))
+    out[..., dst_r, dst_c] = x[..., src_r, src_c]
+    return out
+
+
+def augmentations(d: int, flip: bool) -> list[tuple[bool, int, int]]:
+    """(flip, dx, dy) for every translation with |dx| + |dy| <= d, with and without a
+    horizontal flip: 2 (2 d^2 + 2 d + 1) augmentations (10 for d = 1)."""
+    shifts = [(dx, dy) for dx in range(-d, d + 1) for dy in range(-d, d + 1)
+              if abs(dx) + abs(dy) <= d]
+    return [(f, dx, dy) for f in ((False, True) if flip else (False,)) for dx, dy in shifts]
+
+
+def augmented_correct(oracle: QueryOracle, x: torch.Tensor, y: np.ndarray,
+                      augs: list[tuple[bool, int, int]]) -> np.ndarray:
+    """Bool [B, A]: whether each augmentation of each image is labelled y (one batched query)."""
+    views = [translate(x.flip(-1) if f else x, dx, dy) for f, dx, dy in augs]
+    pred = oracle.labels(torch.cat(views)).reshape(len(augs), len(x)).T
+    return pred == y[:, None]
+
+
+@ATTACKS.register("augment")
+class AugmentAttack(LabelOnlyAttack):
+    """Number of augmented views (flips, translations up to d pixels) labelled correctly."""
+
+    description: ClassVar[str] = ("augment: labels of flipped and translated copies, count "
+                                  "correct (Choquette-Choo et al., ICML 2021)")
+    spec: ClassVar[ParamSpec] = ParamSpec(
+        Param("d", 1, int, low=0, help="largest translation, |dx| + |dy| <= d pixels"),
+        Param("flip", True, bool, help="also query horizontally flipped copies"),
+    )
+
+    def run(self, ctx: AttackContext) -> AttackResult:
+        access = self.access(ctx)
+        oracle = access.oracle(0)
+        augs = augmentations(self.params["d"], self.params["flip"])
+        y = ctx.target.labels
+        correct = np.concatenate(
+            [augmented_correct(oracle, access.inputs(p), y[p], augs)
+             for p in self.chunks(len(y))] or [np.zeros((0, len(augs)), bool)])
+        return AttackResult(scores=correct.sum(1).astype(np.float64),
+                            extra={"queries": oracle.queries, "augmentations": len(augs)})
+
+
+BOUNDARY_SPEC = ParamSpec(
+    Param("steps", 3, int, low=0, help="HopSkipJump iterations after the first boundary point"),
+    Param("grad_samples", 32, int, low=1,
+          help="label queries per gradient-direction estimate"),
+    Param("search_steps", 10, int, low=1, help="binary-search queries per boundary point"),
+    Param("init_tries", 8, int, low=1, help="uniform-noise starts tried per sample"),
+)
+
+
+class BoundarySearch:
+    """The decision-based distance of a batch of correctly classified images (module doc).
+
+    1. start: the first of `init_tries` uniform-noise images the target labels differently
+       (none: the sample keeps the largest distance possible on [0, 1]^D, sqrt(D));
+    2. binary search (`search_steps` queries) on the segment from the sample to that start:
+       the boundary point is the last adversarial point found;
+    3. `steps` HopSkipJump iterations: estimate the boundary's normal at the boundary point
+       from `grad_samples` random directions of radius dist / sqrt(D) (sign of "label changed",
+       mean-centred), step along it by dist / sqrt(t) (halved up to 5 times until the label
+       still differs), binary-search back toward the sample; keep the closer boundary point.
+    The distance is the L2 norm from the sample to its final boundary point.
+    """
+
+    def __init__(self, oracle: QueryOracle, params: dict, gen: torch.Generator) -> None:
+        self.oracle, self.p, self.gen = oracle, params, gen
+
+    def differs(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Whether the target labels the flat points z [n, D] differently from y [n]."""
+        pred = self.oracle.labels(z.reshape(-1, *self.shape))
+        return torch.from_numpy(pred != y.numpy())
+
+    def search(self, x: torch.Tensor, adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        lo, hi = torch.zeros(len(x), 1), torch.ones(len(x), 1)
+        for _ in range(self.p["search_steps"]):
+            mid = (lo + hi) / 2
+            a = self.differs(x + mid * (adv - x), y)[:, None]
+            hi, lo = torch.where(a, mid, hi), torch.where(a, lo, mid)
+        return x + hi * (adv - x)
+
+    def start(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = self.p["init_tries"]
+        noise = torch.rand(len(x), t, x.shape[1], generator=self.gen)
+        found = self.differs(noise.reshape(-1, x.shape[1]), y.repeat_interleave(t)).view(-1, t)
+        first = found.float().argmax(1)
+        return noise[torch.arange(len(x)), first], found.any(1)
+
+    def normal(self, xb: torch.Tensor, y: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
+        b = self.p["grad_samples"]
+        u = torch.randn(len(xb), b, xb.shape[1], generator=self.gen)
+        u = u / u.norm(dim=2, keepdim=True)
+        z = (xb[:, None] + radius[:, None, None] * u).clamp(0, 1)
+        phi = self.differs(z.reshape(-1, xb.shape[1]), y.repeat_interleave(b)).view(-1, b)
+        phi = phi.float() * 2 - 1
+        centred = phi - phi.mean(1, keepdim=True)
+        mixed = (phi.abs().sum(1) != phi.sum(1).abs())[:, None]   # both signs seen
+        g = (torch.where(mixed, centred, phi)[:, :, None] * u).mean(1)
+        return g / g.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    def step(self, x, xb, y, dist, t: int) -> torch.Tensor:
+        g = self.normal(xb, y, dist / math.sqrt(x.shape[1]))
+        size = dist / math.sqrt(t)
+        cand, ok = xb.clone(), torch.zeros(len(x), dtype=torch.bool)
+        for _ in range(5):
+            trial = (xb + size[:, None] * g).clamp(0, 1)
+            a = self.differs(trial, y) & ~ok
+            cand[a], ok = trial[a], ok | a
+            size = torch.where(ok, size, size / 2)
+        new = self.search(x, cand, y)
+        closer = ((new - x).norm(dim=1) < dist) & ok
+        return torch.where(closer[:, None], new, xb)
+
+    def distances(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """L2 distances [n] for images x [n, C, H, W] that the target labels y."""
+        self.shape = x.shape[1:]
+        x = x.reshape(len(x), -1)
+        adv, found = self.start(x, y)
+        xb = self.search(x, adv, y)
+        for t in range(1, self.p["steps"] + 1):
+            xb = self.step(x, xb, y, (xb - x).norm(dim=1), t)
+        dist = (xb - x).norm(dim=1).double()
+        return torch.where(found, dist, torch.full_like(dist, math.sqrt(x.shape[1])))
+
+
+@ATTACKS.register("boundary")
+class BoundaryAttack(LabelOnlyAttack):
+    """Estimated L2 distance to the decision boundary from label queries (larger: member)."""
+
+    description: ClassVar[str] = ("boundary: label-only distance to the decision boundary "
+                                  "(HopSkipJump, Chen et al. 2020; Li & Zhang, CCS 2021)")
+    spec: ClassVar[ParamSpec] = BOUNDARY_SPEC
+
+    def queries_per_sample(self) -> int:
+        p = self.params
+        return (p["init_tries"] + p["search_steps"] + 1
+                + p["steps"] * (p["grad_samples"] + 5 + p["search_steps"]))
+
+    def run(self, ctx: AttackContext) -> AttackResult:
+        access = self.access(ctx)
+        oracle = access.oracle(0)
+        search = BoundarySearch(oracle, self.params, torch_generator(ctx.seed, "boundary"))
+        y_all = ctx.target.labels
+        scores = np.zeros(len(y_all))
+        for p in tqdm(self.chunks(len(y_all)), desc="boundary", leave=False,
+                      disable=not access.progress, dynamic_ncols=True):
+            x, y = access.inputs(p), torch.as_tensor(y_all[p])
+            right = torch.from_numpy(oracle.labels(x) == y_all[p])
+            if right.any():
+                scores[p[right.numpy()]] = search.distances(x[right], y[right]).numpy()
+        return AttackResult(scores=scores, extra={
+            "queries": oracle.queries, "queries_per_sample_max": self.queries_per_sample()})
