@@ -1,6 +1,7 @@
 """Known-answer tests of the empirical epsilon lower bounds (crl.privacy_audit)."""
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -8,9 +9,9 @@ import pytest
 from scipy import optimize, stats
 
 from crl.errors import CRLError
-from crl.privacy_audit import (claim_warning, clopper_pearson_upper, many_run_audit,
-                               one_run_audit, one_run_epsilon, one_run_p_value,
-                               two_point_epsilon)
+from crl.privacy_audit import (canary_epsilon, claim_warning, clopper_pearson_upper,
+                               epsilon_attack_name, many_run_audit, one_run_audit,
+                               one_run_epsilon, one_run_p_value, two_point_epsilon)
 
 DELTA = 1e-5
 DRAWS = 200
@@ -124,3 +125,43 @@ def test_bad_input_is_one_line_error():
         one_run_audit([1.0, 2.0], [True, False], delta=1.5)
     with pytest.raises(CRLError, match="canary scores"):
         one_run_audit([1.0, np.nan], [True, False])
+
+
+def test_canary_epsilon_warns_when_the_bound_beats_the_accountant():
+    rng = np.random.default_rng(3)
+    included = rng.random(400) < 0.5
+    pooled_member = np.stack([included] + [rng.random(400) < 0.5 for _ in range(4)])
+    pooled = pooled_member + 0.01 * rng.random((5, 400))   # a perfect attack on every model
+    with pytest.warns(RuntimeWarning, match="PRIVACY AUDIT FAILURE"):
+        out = canary_epsilon("loss", pooled[0], included, pooled, pooled_member,
+                             claimed_epsilon=0.5)
+    assert out["one_run"]["epsilon_lower_bound"] == out["one_run"]["ceiling"] > 0.5
+    assert out["many_runs"]["epsilon_lower_bound"] > 0.5 and out["warning"]
+    quiet = canary_epsilon("loss", rng.random(400), included, claimed_epsilon=0.5)
+    assert quiet["warning"] is None and quiet["many_runs"] is None
+
+
+def test_epsilon_attack_name():
+    assert epsilon_attack_name(None, ["loss", "lira"]) == "lira"
+    assert epsilon_attack_name(None, ["loss", "gap"]) == "loss"
+    assert epsilon_attack_name(None, ["gap"]) is None
+    with pytest.raises(CRLError, match="epsilon_attack = 'rmia'"):
+        epsilon_attack_name("rmia", ["loss"])
+
+
+def test_dpsgd_canary_audit_reports_bound_beside_accountant(tmp_path, capsys):
+    from crl.cli import main
+
+    out = tmp_path / "run"
+    code = main(["audit", "--epochs", "2", "--seeds", "0", "--quiet", "--shadows", "0",
+                 "--defenses", "dpsgd", "--attacks", "loss", "--references", "2",
+                 "--canaries", "40", "--bootstrap", "50", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    row = json.loads((out / "results.json").read_text())[0]
+    eps = row["canaries"]["epsilon_lower_bound"]
+    assert eps["attack"] == "loss" and eps["delta"] == 1e-5
+    assert eps["accountant_epsilon"] == row["defense_report"]["epsilon"] > 0
+    one = eps["one_run"]
+    assert 0 <= one["epsilon_lower_bound"] <= one["ceiling"] and one["canaries"] == 40
+    assert "randomised canaries of this audit" in one["what"]
+    assert "## Empirical epsilon lower bounds" in (out / "report.md").read_text()

@@ -209,3 +209,44 @@ def claim_warning(bound: float, claimed_epsilon: float | None) -> str | None:
             "wrong")
     warnings.warn(text, RuntimeWarning, stacklevel=2)
     return text
+
+
+def epsilon_attack_name(chosen: str | None, attacks: Sequence[str]) -> str | None:
+    """The attack behind an audit's epsilon bound: `chosen` (it must run), else lira when it
+    runs, else loss when it runs, else None (no bound)."""
+    if chosen is not None:
+        if chosen not in attacks:
+            raise CRLError(f"epsilon_attack = {chosen!r}: expected one of the attacks that run "
+                           f"({', '.join(attacks)})")
+        return chosen
+    return next((a for a in ("lira", "loss") if a in attacks), None)
+
+
+def canary_epsilon(name: str, target_scores, included, pooled=None, pooled_member=None, *,
+                   delta: float = 1e-5, claimed_epsilon: float | None = None,
+                   seed: int = 0) -> dict[str, Any]:
+    """The audit's epsilon entry for its canaries (results.json, report).
+
+    one_run: `one_run_audit` on the target's canary scores and inclusion bits (row 0).
+    many_runs: `many_run_audit` over the reference models (rows 1.. of `pooled` and
+    `pooled_member`, every model as the target): threshold fitted on the first half of them,
+    rates counted on the second half (None with fewer than 2 references).
+    accountant_epsilon: `claimed_epsilon` (DP-SGD's); `warning` when a bound exceeds it."""
+    out: dict[str, Any] = {"attack": name, "delta": delta,
+                           "one_run": one_run_audit(target_scores, included, delta=delta,
+                                                    seed=seed),
+                           "many_runs": None, "accountant_epsilon": claimed_epsilon,
+                           "warning": None}
+    if pooled is not None and pooled_member is not None and len(pooled) >= 3:
+        s, m = np.asarray(pooled)[1:], np.asarray(pooled_member, bool)[1:]
+        h = len(s) // 2
+        try:
+            out["many_runs"] = {**many_run_audit(s[:h], m[:h], s[h:], m[h:], delta=delta),
+                                "fit_models": h, "eval_models": len(s) - h}
+        except CRLError as e:
+            out["many_runs"] = {"skipped": str(e)}
+    bounds = [out["one_run"]["epsilon_lower_bound"]]
+    if out["many_runs"] and "epsilon_lower_bound" in out["many_runs"]:
+        bounds.append(out["many_runs"]["epsilon_lower_bound"])
+    out["warning"] = claim_warning(max(bounds), claimed_epsilon)
+    return out

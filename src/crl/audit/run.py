@@ -28,6 +28,7 @@ from crl.defenses.base import build_defense
 from crl.errors import CRLError
 from crl.evaluation import evaluate
 from crl.models.zoo import MODELS
+from crl.privacy_audit import canary_epsilon, epsilon_attack_name
 from crl.recipe import Recipe
 from crl.seeding import seed_for
 from crl.train import write_metrics
@@ -93,6 +94,7 @@ class Audit:
         data, self.canaries = canaries_for(cfg, data)
         self.cfg, self.data = cfg, data
         self.attacks: dict[str, Attack] = {n: build_attack(n, cfg.set.get(n)) for n in cfg.attacks}
+        epsilon_attack_name(cfg.epsilon_attack, cfg.attacks)   # a bad name fails before training
         self.requirements = frozenset().union(*(a.requirements() for a in self.attacks.values()))
         optional = frozenset().union(*(a.optional_inputs() for a in self.attacks.values()))
         self.wants_shadows = "shadows" in self.requirements | optional
@@ -166,17 +168,26 @@ class Audit:
             train_acc=train_acc, test_acc=test_acc, evaluation=ev,
             labels=ctx.target.labels, margins=margins(ctx.target.logits[0], ctx.target.labels),
             attacks=attacks, defense_report=target.report, chance_warning=warning,
-            model_member=member, canaries=self.canary_row(attacks, member, ev, seed, n_boot),
+            model_member=member, canaries=self.canary_row(attacks, member, ev, seed, n_boot,
+                                                          target.report.get("epsilon")),
             exposure=exposure_of(attacks, member, self.data, ev.sample_idx))
 
     def canary_row(self, attacks: dict, member: np.ndarray, ev: Evaluation, seed: int,
-                   n_boot: int) -> dict[str, Any] | None:
+                   n_boot: int, claimed_epsilon: float | None = None) -> dict[str, Any] | None:
         """{"n", "kind", "attacks": {name: metrics on the canaries alone}} (crl.audit.canaries)."""
         if self.canaries is None:
             return None
         metrics = subset_metrics(attacks, member, ev.sample_idx, ev.canary, n_boot=n_boot,
                                  seed=seed)
-        return {"n": self.canaries.n, "kind": self.canaries.kind, "attacks": metrics}
+        row = {"n": self.canaries.n, "kind": self.canaries.kind, "attacks": metrics}
+        name = epsilon_attack_name(self.cfg.epsilon_attack, list(attacks))
+        if name is not None:   # crl.privacy_audit; docs/attacks.md "Empirical epsilon"
+            a, c = attacks[name], ev.canary
+            row["epsilon_lower_bound"] = canary_epsilon(
+                name, a.scores[c], member[0, c], None if a.pooled is None else a.pooled[:, c],
+                member[:, c], delta=self.cfg.epsilon_delta, claimed_epsilon=claimed_epsilon,
+                seed=seed_for(seed, "epsilon"))
+        return row
 
 
 def released_dir(out: Path, defense: str, seed: int) -> Path:
