@@ -132,7 +132,9 @@ def test_boundary_distance_of_a_linear_model_is_exact():
 
 
 def test_augmentations_and_translation():
-    assert len(augmentations(1, True)) == 10 and len(augmentations(2, False)) == 13
+    assert len(augmentations(1, True)) == 10 and len(augmentations(2, False)) == 9
+    assert augmentations(0, False) == [(False, 0, 0)]
+    assert all(abs(dx) + abs(dy) == 2 for _, dx, dy in augmentations(2, False)[1:])
     x = torch.arange(9.0).view(1, 1, 3, 3)
     assert translate(x, 1, 0)[0, 0].tolist() == [[0, 0, 1], [0, 3, 4], [0, 6, 7]]
     assert translate(x, 0, -1)[0, 0].tolist() == [[3, 4, 5], [6, 7, 8], [0, 0, 0]]

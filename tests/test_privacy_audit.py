@@ -153,7 +153,8 @@ def test_dpsgd_canary_audit_reports_bound_beside_accountant(tmp_path, capsys):
     from crl.cli import main
 
     out = tmp_path / "run"
-    code = main(["audit", "--epochs", "2", "--seeds", "0", "--quiet", "--shadows", "0",
+    code = main(["audit", "--epochs", "1", "--seeds", "0", "--quiet", "--shadows", "0",
+                 "--subset", "300",
                  "--defenses", "dpsgd", "--attacks", "loss", "--references", "2",
                  "--canaries", "40", "--bootstrap", "50", "--out", str(out)])
     assert code == 0, capsys.readouterr().err

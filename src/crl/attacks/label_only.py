@@ -5,7 +5,7 @@ label-only mode, so no score here can read a confidence. Scores are for the targ
 on the target pool, higher = member:
 
     gap       1 if the target predicts the true label, else 0 (Yeom et al., CSF 2018)
-    augment   how many of the sample's flips and translations (|i| + |j| = 0..d pixels) the
+    augment   how many of the sample's flips and translations (|i| + |j| = d pixels) the
               target labels correctly (Choquette-Choo et al., ICML 2021, Sec. 4)
     boundary  estimated L2 distance (inputs on the [0, 1] scale) from the sample to the target's
               decision boundary, found with label queries only (HopSkipJump-style, Chen, Jordan
@@ -76,10 +76,11 @@ def translate(x: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
 
 
 def augmentations(d: int, flip: bool) -> list[tuple[bool, int, int]]:
-    """(flip, dx, dy) for every translation with |dx| + |dy| <= d, with and without a
-    horizontal flip: 2 (2 d^2 + 2 d + 1) augmentations (10 for d = 1)."""
-    shifts = [(dx, dy) for dx in range(-d, d + 1) for dy in range(-d, d + 1)
-              if abs(dx) + abs(dy) <= d]
+    """(flip, dx, dy): the image itself and its 4 d translations with |dx| + |dy| = d (the
+    paper's 4 d + 1 translation queries), each also horizontally flipped when `flip`: 10
+    augmentations for d = 1."""
+    shifts = [(0, 0)] + [(dx, dy) for dx in range(-d, d + 1) for dy in range(-d, d + 1)
+                         if d > 0 and abs(dx) + abs(dy) == d]
     return [(f, dx, dy) for f in ((False, True) if flip else (False,)) for dx, dy in shifts]
 
 
@@ -98,7 +99,7 @@ class AugmentAttack(LabelOnlyAttack):
     description: ClassVar[str] = ("augment: labels of flipped and translated copies, count "
                                   "correct (Choquette-Choo et al., ICML 2021)")
     spec: ClassVar[ParamSpec] = ParamSpec(
-        Param("d", 1, int, low=0, help="largest translation, |dx| + |dy| <= d pixels"),
+        Param("d", 1, int, low=0, help="translations by |dx| + |dy| = d pixels (0: none)"),
         Param("flip", True, bool, help="also query horizontally flipped copies"),
     )
 
@@ -114,12 +115,15 @@ class AugmentAttack(LabelOnlyAttack):
                             extra={"queries": oracle.queries, "augmentations": len(augs)})
 
 
+#: Defaults: at most 4 + 8 + 1 + 2 (24 + 5 + 8) = 87 label queries per sample. The CPU `cnn`
+#: answers about 560 CIFAR-10 images per core-second (docs/performance.md), so the 7,500-sample
+#: target pool of a 15k CIFAR-10 audit costs at most 650k queries, about 19 core-minutes.
 BOUNDARY_SPEC = ParamSpec(
-    Param("steps", 3, int, low=0, help="HopSkipJump iterations after the first boundary point"),
-    Param("grad_samples", 32, int, low=1,
+    Param("steps", 2, int, low=0, help="HopSkipJump iterations after the first boundary point"),
+    Param("grad_samples", 24, int, low=1,
           help="label queries per gradient-direction estimate"),
-    Param("search_steps", 10, int, low=1, help="binary-search queries per boundary point"),
-    Param("init_tries", 8, int, low=1, help="uniform-noise starts tried per sample"),
+    Param("search_steps", 8, int, low=1, help="binary-search queries per boundary point"),
+    Param("init_tries", 4, int, low=1, help="uniform-noise starts tried per sample"),
 )
 
 
