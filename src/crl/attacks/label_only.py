@@ -130,8 +130,9 @@ BOUNDARY_SPEC = ParamSpec(
 class BoundarySearch:
     """The decision-based distance of a batch of correctly classified images (module doc).
 
-    1. start: the first of `init_tries` uniform-noise images the target labels differently
-       (none: the sample keeps the largest distance possible on [0, 1]^D, sqrt(D));
+    1. start: the first of `init_tries` uniform-noise images the target labels differently,
+       else a random image of the batch that it labels (correctly) as another class (none: the
+       sample keeps the largest distance possible on [0, 1]^D, sqrt(D));
     2. binary search (`search_steps` queries) on the segment from the sample to that start:
        the boundary point is the last adversarial point found;
     3. `steps` HopSkipJump iterations: estimate the boundary's normal at the boundary point
@@ -161,8 +162,13 @@ class BoundarySearch:
         t = self.p["init_tries"]
         noise = torch.rand(len(x), t, x.shape[1], generator=self.gen)
         found = self.differs(noise.reshape(-1, x.shape[1]), y.repeat_interleave(t)).view(-1, t)
-        first = found.float().argmax(1)
-        return noise[torch.arange(len(x)), first], found.any(1)
+        adv, found = noise[torch.arange(len(x)), found.float().argmax(1)], found.any(1)
+        for i in torch.nonzero(~found).flatten().tolist():   # a batch image of another class
+            other = torch.nonzero(y != y[i]).flatten()
+            if len(other):
+                pick = other[torch.randint(len(other), (1,), generator=self.gen)]
+                adv[i], found[i] = x[pick][0], True
+        return adv, found
 
     def normal(self, xb: torch.Tensor, y: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
         b = self.p["grad_samples"]
