@@ -145,3 +145,27 @@ def test_missing_query_access_is_an_error(setting):
     ctx = dataclasses.replace(context(data, pool, member, memoriser), queries=None)
     with pytest.raises(CRLError, match="query access"):
         build_attack("gap").run(ctx)
+
+
+def test_augment_fitted_on_shadow_models(setting):
+    """The paper's variant: a logistic regression on the shadow models' correctness vectors."""
+    data, pool, member, memoriser, _ = setting
+    rng = np.random.default_rng(1)
+    shadow_pool = np.setdiff1d(np.arange(len(data)), pool)[:400]
+    shadow_member = np.stack([rng.random(400) < 0.5 for _ in range(2)])
+    shadows = []
+    for k in range(2):
+        torch.manual_seed(k)
+        shadows.append(fit(create_model("mlp", 1, 8, 10), data, shadow_pool[shadow_member[k]],
+                           Recipe(epochs=40, batch_size=32, lr=0.05, device="cpu"),
+                           progress=False).model)
+    ctx = context(data, pool, member, memoriser)
+    ctx.shadow = Signals(logits=np.full((2, 400, 10), np.nan), member=shadow_member,
+                         labels=data.y[shadow_pool].numpy(), sample_idx=shadow_pool)
+    ctx.queries.shadow_images, ctx.queries.shadow_models = data.x[shadow_pool], shadows
+    attack = build_attack("augment", {"fitted": True})
+    assert "shadows" in attack.requirements()
+    lo, _ = metrics_with_ci(attack.run(ctx).scores, member, n_boot=200, seed=0)["auc_ci"]
+    assert lo > 0.5
+    with pytest.raises(CRLError, match="expected shadow models"):
+        attack.run(context(data, pool, member, memoriser))

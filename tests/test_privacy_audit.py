@@ -9,9 +9,17 @@ import pytest
 from scipy import optimize, stats
 
 from crl.errors import CRLError
-from crl.privacy_audit import (canary_epsilon, claim_warning, clopper_pearson_upper,
-                               epsilon_attack_name, many_run_audit, one_run_audit,
-                               one_run_epsilon, one_run_p_value, two_point_epsilon)
+from crl.privacy_audit import (
+    canary_epsilon,
+    claim_warning,
+    clopper_pearson_upper,
+    epsilon_attack_name,
+    many_run_audit,
+    one_run_audit,
+    one_run_epsilon,
+    one_run_p_value,
+    two_point_epsilon,
+)
 
 DELTA = 1e-5
 DRAWS = 200

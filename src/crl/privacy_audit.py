@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from functools import lru_cache
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from scipy import stats
@@ -87,7 +88,7 @@ def guess_counts(m: int, fractions: Sequence[float] = GUESS_FRACTIONS) -> list[t
     """The (k+, k-) pairs tried: symmetric guesses on a fraction of the m canaries."""
     out: list[tuple[int, int]] = []
     for f in fractions:
-        k = max(1, int(round(f * m / 2)))
+        k = max(1, round(f * m / 2))
         pair = (min(k, m - m // 2), min(k, m // 2)) if f < 1.0 else (m - m // 2, m // 2)
         if pair not in out and sum(pair) > 0:
             out.append(pair)

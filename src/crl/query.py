@@ -12,8 +12,8 @@ images and one oracle per pool model (model 0 is the target), label-only unless 
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -133,6 +133,8 @@ class QueryAccess:
     mean: Sequence[float]
     std: Sequence[float]
     progress: bool = True   # attacks show a progress bar (the audit's --quiet turns it off)
+    shadow_images: torch.Tensor | None = None   # uint8, the shadow pool (ctx.shadow's order)
+    shadow_models: Sequence[nn.Module] = ()      # the shadow models (ctx.shadow's order)
 
     def inputs(self, positions=None) -> torch.Tensor:
         """float [n, C, H, W] in [0, 1] of the pool samples at `positions` (default all)."""
@@ -140,10 +142,20 @@ class QueryAccess:
             np.asarray(positions), dtype=torch.long)]
         return x.float() / 255.0
 
-    def oracle(self, model: int = 0, *, label_only: bool = True,
-               budget: int | None = None) -> QueryOracle:
-        """A fresh oracle (query count 0) for pool model `model`: label-only unless asked."""
-        if not 0 <= model < len(self.models):
-            raise CRLError(f"model = {model}: expected 0 to {len(self.models) - 1}")
-        return QueryOracle(self.models[model], self.mean, self.std, label_only=label_only,
+    def oracle(self, model: int = 0, *, label_only: bool = True, budget: int | None = None,
+               shadow: bool = False) -> QueryOracle:
+        """A fresh oracle (query count 0) for pool model `model` (or shadow model `model`):
+        label-only unless asked."""
+        models = self.shadow_models if shadow else self.models
+        if not 0 <= model < len(models):
+            raise CRLError(f"{'shadow ' if shadow else ''}model = {model}: expected 0 to "
+                           f"{len(models) - 1}")
+        return QueryOracle(models[model], self.mean, self.std, label_only=label_only,
                            budget=budget)
+
+    def shadow_inputs(self, positions) -> torch.Tensor:
+        """float [n, C, H, W] in [0, 1] of the shadow-pool samples at `positions`."""
+        if self.shadow_images is None:
+            raise CRLError("query access has no shadow models (run with --shadows >= 1)")
+        return self.shadow_images[torch.as_tensor(np.asarray(positions),
+                                                  dtype=torch.long)].float() / 255.0

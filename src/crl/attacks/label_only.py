@@ -101,18 +101,42 @@ class AugmentAttack(LabelOnlyAttack):
     spec: ClassVar[ParamSpec] = ParamSpec(
         Param("d", 1, int, low=0, help="translations by |dx| + |dy| = d pixels (0: none)"),
         Param("flip", True, bool, help="also query horizontally flipped copies"),
+        Param("fitted", False, bool,
+              help="score with a logistic regression on the correctness vectors, fitted on "
+                   "the shadow models (the paper's attack model; needs --shadows >= 1)"),
     )
+
+    def requirements(self) -> frozenset[str]:
+        return super().requirements() | ({"shadows"} if self.params["fitted"] else set())
+
+    def correctness(self, oracle: QueryOracle, inputs, labels: np.ndarray) -> np.ndarray:
+        """Bool [N, A]: which augmentations of each sample `oracle` labels correctly."""
+        augs = augmentations(self.params["d"], self.params["flip"])
+        return np.concatenate([augmented_correct(oracle, inputs(p), labels[p], augs)
+                               for p in self.chunks(len(labels))]
+                              or [np.zeros((0, len(augs)), bool)])
+
+    def shadow_model_fit(self, ctx: AttackContext, access: QueryAccess):
+        """Logistic regression from shadow correctness vectors to shadow membership."""
+        from sklearn.linear_model import LogisticRegression
+
+        if ctx.shadow is None or not access.shadow_models:
+            raise CRLError("augment.fitted = true: expected shadow models (--shadows >= 1)")
+        x = np.concatenate([self.correctness(access.oracle(k, shadow=True),
+                                             access.shadow_inputs, ctx.shadow.labels)
+                            for k in range(len(access.shadow_models))])
+        return LogisticRegression().fit(x.astype(np.float64), ctx.shadow.member.reshape(-1))
 
     def run(self, ctx: AttackContext) -> AttackResult:
         access = self.access(ctx)
         oracle = access.oracle(0)
-        augs = augmentations(self.params["d"], self.params["flip"])
-        y = ctx.target.labels
-        correct = np.concatenate(
-            [augmented_correct(oracle, access.inputs(p), y[p], augs)
-             for p in self.chunks(len(y))] or [np.zeros((0, len(augs)), bool)])
-        return AttackResult(scores=correct.sum(1).astype(np.float64),
-                            extra={"queries": oracle.queries, "augmentations": len(augs)})
+        correct = self.correctness(oracle, access.inputs, ctx.target.labels)
+        extra = {"queries": oracle.queries, "augmentations": correct.shape[1]}
+        if not self.params["fitted"]:
+            return AttackResult(scores=correct.sum(1).astype(np.float64), extra=extra)
+        clf = self.shadow_model_fit(ctx, access)
+        return AttackResult(scores=clf.decision_function(correct.astype(np.float64)),
+                            extra=extra)
 
 
 #: Defaults: at most 4 + 8 + 1 + 2 (24 + 5 + 8) = 87 label queries per sample. The CPU `cnn`

@@ -59,11 +59,16 @@ def _memo(fn: Callable[[int], np.ndarray]) -> Callable[[int], np.ndarray]:
 
 
 def query_access(pool_models: list[TrainedModel], data: ImageData, pool: np.ndarray, *,
-                 progress: bool = True) -> QueryAccess:
-    """The pool's images and an oracle factory per pool model (requirement "oracle")."""
+                 progress: bool = True, shadow_models: list[TrainedModel] | None = None,
+                 shadow_pool: np.ndarray | None = None) -> QueryAccess:
+    """The pool's images and an oracle factory per pool model (requirement "oracle"), and the
+    shadow pool's images and shadow models when there are any."""
+    shadows = shadow_models or []
     return QueryAccess(images=data.x[np.asarray(pool, np.int64)],
                        models=[m.model for m in pool_models], mean=data.mean, std=data.std,
-                       progress=progress)
+                       progress=progress, shadow_models=[m.model for m in shadows],
+                       shadow_images=(data.x[np.asarray(shadow_pool, np.int64)]
+                                      if shadows and shadow_pool is not None else None))
 
 
 def extract_signals(pool_models: list[TrainedModel], shadow_models: list[TrainedModel],
@@ -88,7 +93,8 @@ def extract_signals(pool_models: list[TrainedModel], shadow_models: list[Trained
         if shadow_models:
             shadow_grads = _memo(lambda k: input_gradient_norms(
                 shadow_models[k].model, data, split.shadow_pool))
-    queries = (query_access(pool_models, data, pool, progress=progress)
+    queries = (query_access(pool_models, data, pool, progress=progress,
+                            shadow_models=shadow_models, shadow_pool=split.shadow_pool)
                if "oracle" in requirements else None)
     return AttackContext(target=target, num_classes=data.num_classes, seed=run_seed,
                          shadow=shadow, population=population, gradient_scores=grads,

@@ -231,19 +231,19 @@ def epsilon_section(outcomes: list[TargetOutcome]) -> list[str]:
     if not rows:
         return []
     delta = rows[0][1]["delta"]
-    parts = [f"## Empirical epsilon lower bounds (delta {delta:g}, 95%)", "",
-             "One run (Steinke et al. 2023): a lower bound at 95% that holds for the randomised "
-             "canaries of this audit (each included in the target independently with "
-             "probability 1/2), from the named attack's guesses on its highest and lowest "
-             "canary scores; the ceiling is the most any attack could prove with these "
-             "canaries. Two-point (Jagielski et al. 2020): over the reference models, threshold "
-             "fitted on half of them; an empirical epsilon, not a certificate (canary "
-             "memberships across models are not independent). Not an upper bound on leakage.",
-             ""]
+    meaning = ("One run (Steinke et al. 2023): a lower bound at 95% that holds for the "
+               "randomised canaries of this audit (each included in the target independently "
+               "with probability 1/2), from the named attack's guesses on its highest and "
+               "lowest canary scores; the ceiling is the most any attack could prove with these "
+               "canaries. Two-point (Jagielski et al. 2020): over the reference models, "
+               "threshold fitted on half of them; an empirical epsilon, not a certificate "
+               "(canary memberships across models are not independent). Not an upper bound on "
+               "leakage.")
+    parts = [f"## Empirical epsilon lower bounds (delta {delta:g}, 95%)", "", meaning, ""]
     parts += [f"> **WARNING ({o.defense}, seed {o.seed}): {e['warning']}**"
               for o, e in rows if e.get("warning")]
-    parts += ["| Defense | Seed | Attack | One run (ceiling) | Correct / guesses | Two-point | "
-              "Accountant's epsilon |", "|---|---|---|---|---|---|---|"]
+    parts += [("| Defense | Seed | Attack | One run (ceiling) | Correct / guesses | Two-point | "
+               "Accountant's epsilon |"), "|---|---|---|---|---|---|---|"]
     for o, e in rows:
         one, many = e["one_run"], e.get("many_runs") or {}
         parts.append(f"| {o.defense} | {o.seed} | {e['attack']} | "
