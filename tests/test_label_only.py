@@ -129,6 +129,19 @@ def test_boundary_distance_of_a_linear_model_is_exact():
     assert inside.sum() > 10
     np.testing.assert_allclose(est[inside], true[inside], rtol=0.05)
     assert (est >= true - 1e-3).all()   # never closer than the true boundary
+    white = build_attack("boundary_whitebox", {"search_steps": 20}).run(ctx).scores
+    np.testing.assert_allclose(white[inside], true[inside], rtol=0.01)   # the gradient is normal
+
+
+def test_whitebox_boundary_is_closer_and_beats_chance(setting):
+    data, pool, member, memoriser, outsider = setting
+    ctx = context(data, pool, member, memoriser)
+    white = build_attack("boundary_whitebox").run(ctx).scores
+    label_only = build_attack("boundary").run(ctx).scores
+    assert (white <= label_only + 1e-6).mean() > 0.95
+    assert metrics_with_ci(white, member, n_boot=200, seed=0)["auc_ci"][0] > 0.5
+    lo, hi = auc_interval("boundary_whitebox", context(data, pool, member, outsider), member)
+    assert lo <= 0.5 <= hi
 
 
 def test_augmentations_and_translation():
