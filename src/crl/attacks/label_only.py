@@ -11,6 +11,9 @@ on the target pool, higher = member:
               decision boundary, found with label queries only (HopSkipJump-style, Chen, Jordan
               & Wainwright, S&P 2020, as Li & Zhang, CCS 2021 and Choquette-Choo et al. use it);
               0 for a misclassified sample
+
+and, NOT label-only and reported separately, boundary_whitebox: the same distance found with
+the target's input gradients, the reference a label-only search can at best approach.
 """
 from __future__ import annotations
 
