@@ -174,7 +174,8 @@ class Audit:
 
     def canary_row(self, attacks: dict, member: np.ndarray, ev: Evaluation, seed: int,
                    n_boot: int, claimed_epsilon: float | None = None) -> dict[str, Any] | None:
-        """{"n", "kind", "attacks": {name: metrics on the canaries alone}} (crl.audit.canaries)."""
+        """{"n", "kind", "attacks": {name: metrics on the canaries alone}} (crl.audit.canaries),
+        and "epsilon_lower_bound" (crl.privacy_audit.canary_epsilon) when its attack ran."""
         if self.canaries is None:
             return None
         metrics = subset_metrics(attacks, member, ev.sample_idx, ev.canary, n_boot=n_boot,
