@@ -182,3 +182,13 @@ def test_augment_fitted_on_shadow_models(setting):
     assert lo > 0.5
     with pytest.raises(CRLError, match="expected shadow models"):
         attack.run(context(data, pool, member, memoriser))
+
+
+@pytest.mark.parametrize("name", ["gap", "augment", "boundary", "boundary_whitebox"])
+def test_attack_signals_explains_that_query_attacks_need_the_model(name):
+    import crl
+
+    rng = np.random.default_rng(0)
+    with pytest.raises(CRLError, match="needs query access to the model"):
+        crl.attack_signals(rng.normal(size=(1, 50, 10)), rng.integers(0, 10, 50),
+                           rng.random((1, 50)) < 0.5, attack=name)
