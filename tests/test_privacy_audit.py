@@ -147,6 +147,8 @@ def test_canary_epsilon_warns_when_the_bound_beats_the_accountant():
     assert out["many_runs"]["epsilon_lower_bound"] > 0.5 and out["warning"]
     quiet = canary_epsilon("loss", rng.random(400), included, claimed_epsilon=0.5)
     assert quiet["warning"] is None and quiet["many_runs"] is None
+    bad = canary_epsilon("loss", np.full(400, np.nan), included, claimed_epsilon=0.5)
+    assert "canary scores" in bad["one_run"]["skipped"] and bad["warning"] is None
 
 
 def test_epsilon_attack_name():

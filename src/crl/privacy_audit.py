@@ -38,8 +38,8 @@ from scipy import stats
 from crl.errors import CRLError
 
 #: What the number is, written beside it in results.json and the report.
-ONE_RUN_MEANING = ("a lower bound at 95% that holds for the randomised canaries of this audit "
-                   "(Steinke et al. 2023), not a certificate")
+ONE_RUN_MEANING = ("a lower bound at {level:g}% that holds for the randomised canaries of this "
+                   "audit (Steinke et al. 2023)")
 GUESS_FRACTIONS = (0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 MAX_CANDIDATES = 10
 EPS_MAX = 60.0
@@ -143,7 +143,7 @@ def one_run_audit(scores, included, *, delta: float = 1e-5, confidence: float = 
             "k_plus": best["k_plus"], "k_minus": best["k_minus"], "correct": best["correct"],
             "guesses": best["k_plus"] + best["k_minus"], "canaries": m, "included": int(inc.sum()),
             "delta": delta, "confidence": confidence, "choices_tried": len(pairs),
-            "what": ONE_RUN_MEANING}
+            "what": ONE_RUN_MEANING.format(level=100 * confidence)}
 
 
 def clopper_pearson_upper(k: int, n: int, alpha: float) -> float:
@@ -233,11 +233,12 @@ def canary_epsilon(name: str, target_scores, included, pooled=None, pooled_membe
     `pooled_member`, every model as the target): threshold fitted on the first half of them,
     rates counted on the second half (None with fewer than 2 references).
     accountant_epsilon: `claimed_epsilon` (DP-SGD's); `warning` when a bound exceeds it."""
-    out: dict[str, Any] = {"attack": name, "delta": delta,
-                           "one_run": one_run_audit(target_scores, included, delta=delta,
-                                                    seed=seed),
-                           "many_runs": None, "accountant_epsilon": claimed_epsilon,
-                           "warning": None}
+    out: dict[str, Any] = {"attack": name, "delta": delta, "one_run": None, "many_runs": None,
+                           "accountant_epsilon": claimed_epsilon, "warning": None}
+    try:   # e.g. an attack that gave some canary a NaN score: say so, keep the audit
+        out["one_run"] = one_run_audit(target_scores, included, delta=delta, seed=seed)
+    except CRLError as e:
+        out["one_run"] = {"skipped": str(e)}
     if pooled is not None and pooled_member is not None and len(pooled) >= 3:
         s, m = np.asarray(pooled)[1:], np.asarray(pooled_member, bool)[1:]
         h = len(s) // 2
@@ -246,8 +247,7 @@ def canary_epsilon(name: str, target_scores, included, pooled=None, pooled_membe
                                 "fit_models": h, "eval_models": len(s) - h}
         except CRLError as e:
             out["many_runs"] = {"skipped": str(e)}
-    bounds = [out["one_run"]["epsilon_lower_bound"]]
-    if out["many_runs"] and "epsilon_lower_bound" in out["many_runs"]:
-        bounds.append(out["many_runs"]["epsilon_lower_bound"])
-    out["warning"] = claim_warning(max(bounds), claimed_epsilon)
+    bounds = [part["epsilon_lower_bound"] for part in (out["one_run"], out["many_runs"])
+              if part and "epsilon_lower_bound" in part]
+    out["warning"] = claim_warning(max(bounds), claimed_epsilon) if bounds else None
     return out

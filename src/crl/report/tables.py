@@ -246,6 +246,10 @@ def epsilon_section(outcomes: list[TargetOutcome]) -> list[str]:
                "Accountant's epsilon |"), "|---|---|---|---|---|---|---|"]
     for o, e in rows:
         one, many = e["one_run"], e.get("many_runs") or {}
+        if "skipped" in one:
+            parts.append(f"| {o.defense} | {o.seed} | {e['attack']} | skipped: "
+                         f"{one['skipped']} | - | - | {_eps(e.get('accountant_epsilon'))} |")
+            continue
         parts.append(f"| {o.defense} | {o.seed} | {e['attack']} | "
                      f"{_eps(one['epsilon_lower_bound'])} ({_eps(one['ceiling'])}) | "
                      f"{one['correct']} / {one['guesses']} of {one['canaries']} | "
