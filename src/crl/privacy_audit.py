@@ -196,8 +196,10 @@ def many_run_audit(fit_scores, fit_member, eval_scores, eval_member, *, delta: f
             "threshold": t, "fpr": fp / int((~m).sum()), "fnr": fn / int(m.sum()),
             "fpr_upper": fpr_hi, "fnr_upper": fnr_hi, "pairs": len(s), "delta": delta,
             "confidence": confidence,
-            "what": "a two-point lower bound at 95% over models with random membership "
-                    "(Jagielski et al. 2020), threshold fitted on separate models"}
+            "what": f"an empirical epsilon, not a certificate: the two-point bound at "
+                    f"{100 * confidence:g}% over models with random membership (Jagielski et "
+                    "al. 2020), threshold fitted on separate models, (model, sample) pairs "
+                    "treated as independent trials"}
 
 
 def claim_warning(bound: float, claimed_epsilon: float | None) -> str | None:
