@@ -143,8 +143,8 @@ class AugmentAttack(LabelOnlyAttack):
 
 
 #: Defaults: at most 4 + 8 + 1 + 2 (24 + 5 + 8) = 87 label queries per sample. The CPU `cnn`
-#: answers about 560 CIFAR-10 images per core-second (docs/performance.md), so the 7,500-sample
-#: target pool of a 15k CIFAR-10 audit costs at most 650k queries, about 19 core-minutes.
+#: answers about 550 CIFAR-10 images per core-second (docs/performance.md), so the 7,500-sample
+#: target pool of a 15k CIFAR-10 audit costs at most 650k queries, about 20 core-minutes.
 BOUNDARY_SPEC = ParamSpec(
     Param("steps", 2, int, low=0, help="HopSkipJump iterations after the first boundary point"),
     Param("grad_samples", 24, int, low=1,
