@@ -51,12 +51,14 @@ def test_each_canary_is_a_member_of_half_the_models_and_never_of_a_shadow(digits
     jobs = audit.plan(DefenseChoice("ce"), 0, split)
     canary = audit.canaries.idx
     member = np.stack([np.isin(canary, j.train_idx) for j in jobs if j.role != "shadow"])
-    assert member[0].sum() == 15                                       # the target: half of them
+    assert 0 < member[0].sum() < 30              # the target: each canary independently, p 1/2
     assert (member[1:].sum(0) == 2).all()                              # every reference pair: one
     assert all(not np.isin(j.train_idx, canary).any() for j in jobs if j.role == "shadow")
     assert np.isin(split.target_members, jobs[0].train_idx).all()
     halves = canary_halves(31, 6, seed=5)
-    assert halves[0].sum() == 15 and (halves[1:].sum(0) == 3).all()
+    assert (halves[1:].sum(0) == 3).all()
+    draws = np.stack([canary_halves(31, 0, seed=s)[0] for s in range(200)])
+    assert abs(draws.mean() - 0.5) < 0.03 and len(set(draws.sum(1))) > 5   # not a fixed size
 
 
 def test_canaries_are_excluded_from_accuracy_and_population_metrics(digits):
@@ -186,7 +188,7 @@ def test_mislabeled_canaries_leak_more_than_the_population_on_an_undefended_mlp(
     assert canary["tpr_at_1pct_fpr_ci"][0] > population["tpr_at_1pct_fpr"]
     stored = json.loads((out / "models" / "ce" / "seed0" / "canaries.json").read_text())
     assert stored["models"] == ["target"] + [f"reference {j}" for j in range(4)]
-    assert stored["member"][0].count("1") == 50
+    assert stored["member"][0].count("1") == canary_halves(100, 4, 0)[0].sum()   # independent
     saved = json.loads((out / "canaries.json").read_text())
     assert saved["indices"] == stored["canary_idx"] and saved["kind"] == "mislabeled"
     members = json.loads((out / "models" / "ce" / "seed0" / "members.json").read_text())

@@ -128,6 +128,13 @@ class AuditConfig:
                                   words=CANARY_WORDS,
                                   help="N[:KIND]: add N canaries (mislabeled, default, or noise) "
                                        "to the target pool; worst-case metrics (docs/worst-case.md)")
+    epsilon_attack: str | None = option(None, kind=str, nullable=True, pattern=r"[A-Za-z0-9_]+",
+                                        words="an attack name or null",
+                                        help="--canaries: the attack whose canary scores give "
+                                             "the epsilon lower bound (default: lira when it "
+                                             "runs, else loss)")
+    epsilon_delta: float = option(1e-5, kind=float, low=0, high=1, high_open=True,
+                                  help="delta of the epsilon lower bound (default 1e-5)")
     out: str = option("runs/audit", kind=str, pattern=r"(?s).+", words="a non-empty path",
                       help="run directory (default runs/audit)")
     device: str = option("auto", kind=str, pattern=r"auto|cpu|cuda(:\d+)?",

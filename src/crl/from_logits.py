@@ -26,7 +26,8 @@ from crl.errors import CRLError
 #: population logits; the rest (flip, shadows, input_gradients) needs the models themselves.
 FROM_LOGITS = frozenset({"references", "population"})
 _NEEDS_MODELS = {"flip": "logits on flipped inputs", "shadows": "shadow models",
-                 "input_gradients": "the models' input gradients"}
+                 "input_gradients": "the models' input gradients",
+                 "oracle": "query access to the model (crl audit gives it)"}
 
 
 def as_array(value: Any, what: str) -> np.ndarray:

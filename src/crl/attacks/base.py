@@ -27,7 +27,10 @@ from crl.registry import ATTACKS
 #:   flip             logits on horizontally flipped inputs (Signals.logits_flip) for every pool
 #:   input_gradients  per-sample input-gradient norms (ctx.gradient_scores, and
 #:                    ctx.shadow_gradient_scores when shadows are extracted too)
-REQUIREMENTS = frozenset({"references", "shadows", "population", "flip", "input_gradients"})
+#:   oracle           query access to the pool models on inputs the attack builds
+#:                    (ctx.queries, crl.query.QueryAccess; label-only oracles by default)
+REQUIREMENTS = frozenset({"references", "shadows", "population", "flip", "input_gradients",
+                          "oracle"})
 
 
 @dataclass
@@ -42,6 +45,7 @@ class AttackContext:
         trained on (the shadow pool), same model order as `target`; for RMIA.
     gradient_scores: callable(model_index) -> per-sample Grad-x norms on the target pool.
     shadow_gradient_scores: the same for the shadow models on the shadow pool.
+    queries: the target pool's images and an oracle per pool model (crl.query.QueryAccess).
     seed: the run seed; an attack that draws randomness derives its streams from it by name.
     """
 
@@ -52,6 +56,7 @@ class AttackContext:
     population: Signals | None = None
     gradient_scores: Callable[[int], np.ndarray] | None = None
     shadow_gradient_scores: Callable[[int], np.ndarray] | None = None
+    queries: Any = None   # crl.query.QueryAccess (Any: attacks.base stays free of torch)
 
 
 @dataclass

@@ -60,10 +60,10 @@ def reference_halves(pool_size: int, count: int, seed: int,
 
 
 def canary_halves(n: int, references: int, seed: int) -> np.ndarray:
-    """Bool [1 + references, n]: which canaries the target (row 0, a random half drawn from
-    the stream 'canary-target') and each reference model (complementary pairs) train on."""
-    target = np.zeros(n, bool)
-    target[numpy_rng(seed, "canary-target").permutation(n)[: n // 2]] = True
+    """Bool [1 + references, n]: which canaries the target (row 0: each independently with
+    probability 1/2, stream 'canary-target', the setting of the one-run epsilon bound,
+    crl.privacy_audit) and each reference model (complementary pairs) train on."""
+    target = numpy_rng(seed, "canary-target").random(n) < 0.5
     return np.vstack([target[None], reference_halves(n, references, seed, "canary-pair")])
 
 

@@ -29,6 +29,7 @@ from crl.defenses.base import build_defense
 from crl.errors import CRLError
 from crl.evaluation import evaluate
 from crl.models.zoo import MODELS
+from crl.privacy_audit import canary_epsilon, epsilon_attack_name
 from crl.recipe import Recipe
 from crl.seeding import seed_for
 from crl.train import write_metrics
@@ -94,6 +95,7 @@ class Audit:
         data, self.canaries = canaries_for(cfg, data)
         self.cfg, self.data = cfg, data
         self.attacks: dict[str, Attack] = {n: build_attack(n, cfg.set.get(n)) for n in cfg.attacks}
+        epsilon_attack_name(cfg.epsilon_attack, cfg.attacks)   # a bad name fails before training
         self.requirements = frozenset().union(*(a.requirements() for a in self.attacks.values()))
         optional = frozenset().union(*(a.optional_inputs() for a in self.attacks.values()))
         self.wants_shadows = "shadows" in self.requirements | optional
@@ -234,7 +236,7 @@ class Audit:
         if run_dir is not None:
             write_released(run_dir, self.factory, target, ev)
         ctx = extract_signals(pool_models, shadow_models, self.data, split, self.requirements,
-                              seed, canaries=self.canary_idx,
+                              seed, canaries=self.canary_idx, progress=self.cfg.progress,
                               handed=[j.train_idx for j in jobs if j.role != "shadow"])
         n_boot = getattr(self.cfg, "bootstrap", 200)
         on_attack = (None if self.progress is None else
@@ -255,17 +257,29 @@ class Audit:
             labels=ctx.target.labels, margins=margins(ctx.target.logits[0], ctx.target.labels),
             attacks=attacks, defense_report=target.report, chance_warning=warning,
             model_member=member, model_held_out=held,
-            canaries=self.canary_row(attacks, member, ev, seed, n_boot, held),
+            canaries=self.canary_row(attacks, member, ev, seed, n_boot, held,
+                                     target.report.get("epsilon")),
             exposure=exposure_of(attacks, member, self.data, ev.sample_idx, held_out=held))
 
     def canary_row(self, attacks: dict, member: np.ndarray, ev: Evaluation, seed: int,
-                   n_boot: int, held: np.ndarray | None = None) -> dict[str, Any] | None:
-        """{"n", "kind", "attacks": {name: metrics on the canaries alone}} (crl.audit.canaries)."""
+                   n_boot: int, held: np.ndarray | None = None,
+                   claimed_epsilon: float | None = None) -> dict[str, Any] | None:
+        """{"n", "kind", "attacks": {name: metrics on the canaries alone}} (crl.audit.canaries),
+        and "epsilon_lower_bound" (crl.privacy_audit.canary_epsilon) when its attack ran."""
         if self.canaries is None:
             return None
         metrics = subset_metrics(attacks, member, ev.sample_idx, ev.canary, n_boot=n_boot,
                                  seed=seed, held_out=held)
-        return {"n": self.canaries.n, "kind": self.canaries.kind, "attacks": metrics}
+        row = {"n": self.canaries.n, "kind": self.canaries.kind, "attacks": metrics}
+        name = epsilon_attack_name(self.cfg.epsilon_attack, list(attacks))
+        if name is not None:   # crl.privacy_audit; docs/attacks.md "Empirical epsilon"
+            # canaries the target's defense held out of training are neither in nor out
+            a, c = attacks[name], ev.canary if held is None else ev.canary & ~held[0]
+            row["epsilon_lower_bound"] = canary_epsilon(
+                name, a.scores[c], member[0, c], None if a.pooled is None else a.pooled[:, c],
+                member[:, c], delta=self.cfg.epsilon_delta, claimed_epsilon=claimed_epsilon,
+                seed=seed_for(seed, "epsilon"))
+        return row
 
 
 def released_dir(out: Path, defense: str, seed: int) -> Path:

@@ -6,6 +6,7 @@
     logits of the same models on the population (the shadow pool)   ("population")
     shadow models' logits on the shadow pool                        ("shadows")
     per-sample input-gradient norms, computed on first use          ("input_gradients")
+    query access to the pool models on the pool's images            ("oracle")
 
 Membership matrices are what each model actually trained on (`TrainedModel.trained_on`). A
 sample a model was handed but a defense held out of its training (`held_out_matrix`: a
@@ -25,6 +26,7 @@ from crl.audit.factory import TrainedModel
 from crl.data.splits import PoolSplit
 from crl.data.types import ImageData
 from crl.evaluation import predict_logits
+from crl.query import QueryAccess
 
 
 def held_out_matrix(handed: list[np.ndarray], models: list[TrainedModel],
@@ -69,10 +71,24 @@ def _memo(fn: Callable[[int], np.ndarray]) -> Callable[[int], np.ndarray]:
     return wrapped
 
 
+def query_access(pool_models: list[TrainedModel], data: ImageData, pool: np.ndarray, *,
+                 progress: bool = True, shadow_models: list[TrainedModel] | None = None,
+                 shadow_pool: np.ndarray | None = None) -> QueryAccess:
+    """The pool's images and an oracle factory per pool model (requirement "oracle"), and the
+    shadow pool's images and shadow models when there are any."""
+    shadows = shadow_models or []
+    return QueryAccess(images=data.x[np.asarray(pool, np.int64)],
+                       models=[m.model for m in pool_models], mean=data.mean, std=data.std,
+                       progress=progress, shadow_models=[m.model for m in shadows],
+                       shadow_images=(data.x[np.asarray(shadow_pool, np.int64)]
+                                      if shadows and shadow_pool is not None else None))
+
+
 def extract_signals(pool_models: list[TrainedModel], shadow_models: list[TrainedModel],
                     data: ImageData, split: PoolSplit, requirements: frozenset[str],
                     run_seed: int, *, canaries: np.ndarray | None = None,
-                    handed: list[np.ndarray] | None = None) -> AttackContext:
+                    handed: list[np.ndarray] | None = None,
+                    progress: bool = True) -> AttackContext:
     """The AttackContext for one target: model 0 of `pool_models` is the target; `canaries`
     (dataset indices) are scored with the target pool (`target_pool_of`); handed[k]: the
     training indices planned for pool model k (what it did not train on of them is held out)."""
@@ -93,6 +109,9 @@ def extract_signals(pool_models: list[TrainedModel], shadow_models: list[Trained
         if shadow_models:
             shadow_grads = _memo(lambda k: input_gradient_norms(
                 shadow_models[k].model, data, split.shadow_pool))
+    queries = (query_access(pool_models, data, pool, progress=progress,
+                            shadow_models=shadow_models, shadow_pool=split.shadow_pool)
+               if "oracle" in requirements else None)
     return AttackContext(target=target, num_classes=data.num_classes, seed=run_seed,
                          shadow=shadow, population=population, gradient_scores=grads,
-                         shadow_gradient_scores=shadow_grads)
+                         shadow_gradient_scores=shadow_grads, queries=queries)

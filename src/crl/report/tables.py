@@ -259,6 +259,7 @@ def write_report(out: Path, outcomes: list[TargetOutcome], cfg) -> str:
     parts += verdict_section(verdict) + [_header(outcomes, cfg), ""] + _output_notes(outcomes)
     parts += strongest_table(verdict) + _verdict_figures(verdict_figures)
     parts += full_tables(outcomes, n_boot) + worst_case_table(outcomes, n_boot=n_boot)
+    parts += epsilon_section(outcomes)
     parts += _captioned(_extra_tables(outcomes, n_boot) + _group_tables(outcomes))
     parts += ["## Every attack's ROC curve", "", f"{TARGET_VIEW} (canary panels: leave-one-out "
               "pooled over every model), first seed; log-log axes, chance on the diagonal.",
@@ -426,3 +427,43 @@ def _header(outcomes: list[TargetOutcome], cfg) -> str:
                  "TPR at 0.1% FPR is n/a; the leave-one-out rows pool every model but resolve "
                  "only down to 1 / (distinct non-member samples).")
     return text
+
+
+def _eps(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+def epsilon_section(outcomes: list[TargetOutcome]) -> list[str]:
+    """report.md's "Empirical epsilon" section (--canaries; crl.privacy_audit): per target,
+    the one-run bound with its ceiling, the two-point bound over the reference models, and
+    the DP accountant's epsilon where the defense has one; empty without canaries."""
+    rows = [(o, o.canaries["epsilon_lower_bound"]) for o in outcomes
+            if o.canaries and "epsilon_lower_bound" in o.canaries]
+    if not rows:
+        return []
+    delta = rows[0][1]["delta"]
+    meaning = ("One run (Steinke et al. 2023): a lower bound at 95% that holds for the "
+               "randomised canaries of this audit (each included in the target independently "
+               "with probability 1/2), from the named attack's guesses on its highest and "
+               "lowest canary scores; the ceiling is the most any attack could prove with these "
+               "canaries. Two-point (Jagielski et al. 2020): over the reference models, "
+               "threshold fitted on half of them; an empirical epsilon, not a certificate "
+               "(canary memberships across models are not independent). Not an upper bound on "
+               "leakage.")
+    parts = [f"## Empirical epsilon lower bounds (delta {delta:g}, 95%)", "", meaning, ""]
+    parts += [f"> **WARNING ({o.defense}, seed {o.seed}): {e['warning']}**"
+              for o, e in rows if e.get("warning")]
+    parts += [("| Defense | Seed | Attack | One run (ceiling) | Correct / guesses | Two-point | "
+               "Accountant's epsilon |"), "|---|---|---|---|---|---|---|"]
+    for o, e in rows:
+        one, many = e["one_run"], e.get("many_runs") or {}
+        if "skipped" in one:
+            parts.append(f"| {o.defense} | {o.seed} | {e['attack']} | skipped: "
+                         f"{one['skipped']} | - | - | {_eps(e.get('accountant_epsilon'))} |")
+            continue
+        parts.append(f"| {o.defense} | {o.seed} | {e['attack']} | "
+                     f"{_eps(one['epsilon_lower_bound'])} ({_eps(one['ceiling'])}) | "
+                     f"{one['correct']} / {one['guesses']} of {one['canaries']} | "
+                     f"{_eps(many.get('epsilon_lower_bound'))} | "
+                     f"{_eps(e.get('accountant_epsilon'))} |")
+    return parts + [""]
