@@ -298,9 +298,8 @@ class WhiteboxBoundaryAttack(LabelOnlyAttack):
     """NOT label-only: the boundary distance found with input gradients of the target, the
     reference a label-only boundary search can at best approach (reported separately)."""
 
-    description: ClassVar[str] = ("boundary_whitebox: distance to the boundary found with input "
-                                  "gradients, an upper bound for label-only attackers "
-                                  "(Choquette-Choo et al., ICML 2021)")
+    description: ClassVar[str] = ("boundary_whitebox: boundary distance found with gradients, "
+                                  "white-box upper bound (Choquette-Choo et al., ICML 2021)")
     spec: ClassVar[ParamSpec] = ParamSpec(
         Param("steps", 20, int, low=1, help="gradient steps at most (step size grows 1.5x)"),
         Param("search_steps", 10, int, low=1, help="binary-search queries on the segment"),
