@@ -7,9 +7,12 @@ under vmap runs each convolution as one grouped convolution and BatchNorm on sta
 which round differently (~1e-7 a step); in a ReLU / max-pool network such a difference now and
 then moves a unit across its kink, and the training amplifies that: the same sequential cnn
 training with channels_last (other kernels, other rounding) moved one model's logits by 4e-4 to
-1e-2 for several defenses (measured 2026-11-29), as the ensemble did for the same models. So a
-cnn model's tolerance is the larger of 1e-4 and 10 times that channels_last spread, measured per
-model here; a wrong seed, order, update or statistic moves logits by far more than 1e-4.
+1e-2 for several defenses (measured 2026-11-29 and 2026-12-03), and the ensemble moves some
+models as far (which ones is chance). So a cnn model's tolerance is the larger of 1e-4 and twice
+the largest channels_last spread of the recipe's cnn models; a wrong seed, order, update or
+statistic moves logits by far more (order 1). The mlp's ensemble models agree with the
+sequential ones to 1e-6 here; over the full 60-epoch recipe the relaxed objectives drift apart
+(other branch decisions), which the distribution-level test below covers.
 The images are digits with seeded uint8 noise: without it, exactly tied max-pooling inputs over
 constant image regions are broken differently by kernels of another layout.
 """
@@ -98,7 +101,10 @@ def _assert_same(seq, ens, formulation: str, tols=None) -> None:
     assert len(seq) == len(ens)
     for a, b, tol in zip(seq, ens, tols or [1e-4] * len(seq)):
         ensemble_report = {k: v for k, v in b.report.items() if k != "channels_last"}
-        assert ensemble_report == {**a.report, "engine": f"ensemble/{formulation}"}
+        assert ensemble_report == {**a.report, "engine": f"ensemble/{formulation}",
+                                   "arithmetic": f"{formulation}/cpu",
+                                   "models_in_chunk": len(ens)}
+        assert a.report["arithmetic"] == "sequential/cpu"
         assert _relative(a.net, b.net) <= tol
         np.testing.assert_array_equal(a.trained_on, b.trained_on)
         assert [list(r) for r in a.history] == [list(r) for r in b.history]
@@ -133,15 +139,25 @@ def test_bf16_autocast_runs_through_stacked_batchnorm():
         assert _relative(a.net, b.net) <= max(0.1, 5 * _relative(a.net, c.net))
 
 
+def _layout_spread(defense: str, recipe: str = "") -> list[float]:
+    """Per cnn model: how far the same sequential training moves through the other memory
+    layout's kernels (its rounding amplified by training)."""
+    pairs = zip(_sequential("cnn", defense, recipe), _sequential("cnn", defense, recipe, True))
+    return [_relative(a.net, b.net) for a, b in pairs]
+
+
 def _tolerances(arch: str, defense: str, recipe: str = "") -> list[float]:
-    """1e-4 per model; for the cnn, at least 10 times how far the same sequential training
-    moves through the other memory layout's kernels (its rounding amplified by training)."""
+    """1e-4 per model; for the cnn, at least 2 times the largest layout spread of this recipe's
+    cnn models (every batchable defense's for the default recipe): whether a model's rounding
+    crosses a ReLU or max-pool kink, and is then amplified, is chance, so it is calibrated over
+    many models, not the same one (measured 2026-12-03, 14 models: most agree to 1e-6, three
+    moved 4e-4 to 1e-2 through the other layout; the ensemble moved two others by 6e-4 to 8e-4)."""
     if arch == "mlp":
         return [1e-4] * MODELS[arch]
-    pairs = zip(_sequential(arch, defense, recipe), _sequential(arch, defense, recipe, True))
-    tols = [max(1e-4, 10 * _relative(a.net, b.net)) for a, b in pairs]
-    assert min(tols) == 1e-4, "no cnn model is held to 1e-4: choose other seeds"
-    return tols
+    spreads = [x for d in (BATCHABLE if not recipe else [defense])
+               for x in _layout_spread(d, recipe)]
+    assert max(spreads) < 0.05, "the layouts disagree beyond amplified rounding"
+    return [max(1e-4, 2 * max(spreads))] * MODELS[arch]
 
 
 def test_a_defense_that_cannot_batch_falls_back_to_sequential(digits):
@@ -167,7 +183,7 @@ def test_a_batched_loss_before_batched_prepare_is_a_clear_error(defense):
         build_defense(defense).batched_end_epoch([], 1)
 
 
-def test_unequal_train_sizes_group_by_size_and_a_lone_size_trains_sequentially(digits):
+def test_unequal_train_sizes_group_by_size_and_a_lone_size_trains_as_a_stack(digits):
     spec = ModelSpec.for_data("mlp", digits)
     recipe = Recipe(epochs=2, batch_size=32, lr=0.05, device="cpu")
     requests = _requests(5, sizes=[64, 48, 64, 48, 40])
@@ -175,46 +191,63 @@ def test_unequal_train_sizes_group_by_size_and_a_lone_size_trains_sequentially(d
     ens = get_engine("ensemble").train(spec, digits, recipe, "crl", {}, requests,
                                        progress=False, on_done=lambda i, o: done.append(i))
     assert sorted(done) == [0, 1, 2, 3, 4]
-    engines = [o.report["engine"] for o in ens]
-    assert engines == ["ensemble/baddbmm"] * 4 + ["sequential"]
+    assert [o.report["engine"] for o in ens] == ["ensemble/baddbmm"] * 5
+    assert [o.report["models_in_chunk"] for o in ens] == [2, 2, 2, 2, 1]
+    alone = get_engine("ensemble").train(spec, digits, recipe, "crl", {}, requests[1:2],
+                                         progress=False)[0]
+    assert _relative(alone.net, ens[1].net) == 0.0         # the same bits alone or in a chunk
     for req, out in zip(requests, ens):
         seq = train_one(spec, digits, recipe, "crl", {}, req, progress=False)
         assert _relative(seq.net, out.net) <= 1e-6
         assert len(out.trained_on) == len(req.train_idx)
 
 
-def test_chunks_give_the_models_of_one_chunk(digits):
+@pytest.mark.parametrize("formulation", ["baddbmm", "vmap"])
+@pytest.mark.parametrize("defense", ["ce", "crl", "relaxloss"])
+def test_an_mlps_weights_do_not_depend_on_its_chunk(digits, formulation, defense):
+    """Bitwise within the ensemble: chunks of 5, 2 and 1 give an mlp the same weights (the
+    fused CPU SGD, which rounds by position in the stack, changed them)."""
     spec = ModelSpec.for_data("mlp", digits)
-    recipe = Recipe(epochs=2, batch_size=32, lr=0.05, device="cpu")
+    recipe = Recipe(epochs=3, batch_size=32, lr=0.05, milestones=(2,), device="cpu")
     requests = _requests(5)
-    whole = get_engine("ensemble").train(spec, digits, recipe, "crl", {}, requests,
-                                         progress=False)
-    done = []
-    chunked = get_engine("ensemble", ensemble_size=2).train(
-        spec, digits, recipe, "crl", {}, requests, progress=False,
-        on_done=lambda i, o: done.append(i))
-    assert done == [0, 1, 2, 3, 4]
-    for a, b in zip(whole, chunked):
-        assert _relative(a.net, b.net) <= 1e-6
-        assert [r["train_loss"] for r in a.history] == pytest.approx(
-            [r["train_loss"] for r in b.history], rel=1e-6)
+    whole = get_engine("ensemble", formulation=formulation).train(
+        spec, digits, recipe, defense, {}, requests, progress=False)
+    for size in (2, 1):
+        done = []
+        chunked = get_engine("ensemble", ensemble_size=size, formulation=formulation).train(
+            spec, digits, recipe, defense, {}, requests, progress=False,
+            on_done=lambda i, o: done.append(i))
+        assert done == [0, 1, 2, 3, 4]
+        for a, b in zip(whole, chunked):
+            assert _relative(a.net, b.net) == 0.0
+            assert [r["train_loss"] for r in a.history] == [r["train_loss"] for r in b.history]
 
 
-def test_the_ensembles_cache_entries_serve_the_sequential_engine(digits, tmp_path):
+def test_a_cache_entry_serves_only_runs_of_the_same_arithmetic(digits, tmp_path):
+    """The cache key names the arithmetic: the ensemble's entries do not serve the sequential
+    engine nor the reverse; each engine's own entries serve it bitwise; a defense that cannot
+    batch trains sequentially under either engine, so its entries serve both."""
     recipe = Recipe(epochs=2, batch_size=32, lr=0.05, device="cpu")
     rng = np.random.default_rng(1)
-    jobs = [ModelJob("reference", j, 100 + j, DefenseChoice("crl"),
-                     np.sort(rng.choice(len(digits), 64, replace=False))) for j in range(3)]
+    jobs = [ModelJob("reference", j, 100 + j, DefenseChoice(d),
+                     np.sort(rng.choice(len(digits), 64, replace=False)))
+            for j, d in enumerate(["crl", "crl", "crl", "early_stopping"])]
     cache = ModelCache(tmp_path / "models")
-    trained = ModelFactory(digits, "mlp", recipe, cache, progress=False,
-                           engine="ensemble").get_many(jobs)
-    assert len(list((tmp_path / "models").glob("*.pt"))) == 3
-    served = ModelFactory(digits, "mlp", recipe, cache, progress=False,
-                          engine="sequential").get_many(jobs)
-    for a, b in zip(trained, served):
-        assert b.from_cache and not a.from_cache
-        assert b.report["engine"] == "ensemble/baddbmm"
-        assert _relative(a.model, b.model) == 0.0
+
+    def get(engine):
+        return ModelFactory(digits, "mlp", recipe, cache, progress=False,
+                            engine=engine).get_many(jobs)
+
+    ens, seq, ens_again, seq_again = get("ensemble"), get("sequential"), get("ensemble"), \
+        get("sequential")
+    assert len(list((tmp_path / "models").glob("*.pt"))) == 7
+    assert [m.report["arithmetic"] for m in ens] == ["baddbmm/cpu"] * 3 + ["sequential/cpu"]
+    assert {m.report["arithmetic"] for m in seq} == {"sequential/cpu"}
+    assert [m.from_cache for m in seq] == [False, False, False, True]
+    for first, again in ((ens, ens_again), (seq, seq_again)):
+        for a, b in zip(first, again):
+            assert b.from_cache and b.report == a.report
+            assert _relative(a.model, b.model) == 0.0
 
 
 def test_batchnorm_models_keep_per_model_running_statistics():
@@ -318,6 +351,8 @@ def test_a_stack_that_cannot_train_falls_back_to_sequential_with_a_warning(monke
     for a, b in zip(seq, ens):
         assert b.report["engine"] == "sequential"
         assert _relative(a.net, b.net) == 0.0
+    spec = ModelSpec.for_data("cnn", _data())          # ModelSpec.build is still patched
+    assert get_engine("ensemble").arithmetic(spec, _data(), recipe, "ce") == "sequential/cpu"
 
 
 def test_auto_follows_the_measured_table(digits):
@@ -327,6 +362,9 @@ def test_auto_follows_the_measured_table(digits):
     assert auto.choose(mlp, cpu) == "baddbmm" and auto.choose(cnn, cpu) == "sequential"
     outs = auto.train(cnn, digits, cpu, "ce", {}, _requests(2), progress=False)
     assert [o.report["engine"] for o in outs] == ["sequential", "sequential"]
+    assert auto.arithmetic(cnn, digits, cpu, "ce") == "sequential/cpu"
+    assert auto.arithmetic(mlp, digits, cpu, "ce") == "baddbmm/cpu"
+    assert auto.arithmetic(mlp, digits, cpu, "dpsgd") == "sequential/cpu"
 
 
 def test_engine_options_and_config_are_checked():

@@ -1,8 +1,12 @@
 """Stage 2, the model factory: a planned model is fetched from the cache (verified) or trained,
 then saved. Cache keys cover everything that shapes the weights: the code (package version and a
 hash of the package source), the dataset's content hash, the model spec, the defense and its
-parameters, the recipe (the model's seed included) and the exact training indices. Which engine
-trained a model is not part of the key.
+parameters, the recipe (the model's seed included), the exact training indices and the
+arithmetic that trains it (crl.engine.arithmetic_label: the engine's formulation and the device
+class). Engines give the same distribution of models, not the same model (crl.engine), so an
+entry the ensemble trained never serves a run whose engine would train the model sequentially,
+nor the reverse; the engine says in advance which arithmetic it will use, and a model that
+trained otherwise (a stack that could not train) is stored under the arithmetic its report names.
 
 Every entry is a checksummed model file that also stores its full key; an entry that fails its
 checksum or whose stored key differs from the request is retrained with a warning.
@@ -102,13 +106,22 @@ class ModelFactory:
         self.resume, self.progress = resume, progress
         self.engine = get_engine(engine, **(engine_options or {}))
 
-    def key(self, job: ModelJob, recipe: Recipe) -> dict[str, Any]:
+    def key(self, job: ModelJob, recipe: Recipe, arithmetic: str | None = None
+            ) -> dict[str, Any]:
+        """The cache key of `job` trained with `recipe` (and `arithmetic`; default: the one
+        this factory's engine uses for its defense)."""
+        arithmetic = arithmetic or self.arithmetic(job.defense.name)
         defense = build_defense(job.defense.name, job.defense.params)
         return _jsonable({
             "code": code_hash(), "data": data_identity(self.data), "spec": self.spec.to_dict(),
             "defense": defense.name, "params": defense.params, "recipe": recipe.weights_key(),
             "train": indices_digest(np.sort(job.train_idx)), "n_train": int(len(job.train_idx)),
+            "arithmetic": arithmetic,
         })
+
+    def arithmetic(self, defense: str) -> str:
+        """The arithmetic this factory's engine trains `defense`'s models with."""
+        return self.engine.arithmetic(self.spec, self.data, self.recipe, defense)
 
     def recipe_of(self, job: ModelJob) -> Recipe:
         return replace(self.recipe, seed=job.seed)
@@ -125,7 +138,8 @@ class ModelFactory:
         are trained by the engine, one group per defense, and cached as each finishes.
         run_dirs: job position -> folder for its checkpoint and metrics; eval_idx: indices
         whose accuracy is logged per epoch for the target (monitoring only)."""
-        keys = [self.key(job, self.recipe_of(job)) for job in jobs]
+        planned = {name: self.arithmetic(name) for name in {job.defense.name for job in jobs}}
+        keys = [self.key(job, self.recipe_of(job), planned[job.defense.name]) for job in jobs]
         out: list[TrainedModel | None] = [self.cache.get(k) for k in keys]
         groups: dict[str, list[int]] = {}
         for i, t in enumerate(out):
@@ -140,7 +154,8 @@ class ModelFactory:
                 i = members[k]
                 out[i] = TrainedModel(output.net, output.spec, output.trained_on,
                                       output.report, output.history, output.groups)
-                self.cache.put(keys[i], out[i])
+                actual = output.report.get("arithmetic", keys[i]["arithmetic"])
+                self.cache.put({**keys[i], "arithmetic": actual}, out[i])
 
             job = jobs[members[0]]
             self.engine.train(self.spec, self.data, self.recipe, job.defense.name,

@@ -216,6 +216,17 @@ class RayEngine:
                            f"{code_hash()}: expected the same crl installed on every node")
         return [unpack(d) for d in got["outputs"]]
 
+    def arithmetic(self, spec: ModelSpec, data: ImageData, recipe: Recipe,
+                   defense: str) -> str:
+        """The inner engine's arithmetic on the workers' device: cuda when tasks hold GPUs (asked
+        of the cluster once Ray is up), else as the recipe resolves here. A worker that computes
+        otherwise says so in its models' reports (the cache stores them under that)."""
+        worker = worker_recipe(recipe)
+        if recipe.device == "auto" and self.ray.is_initialized():
+            worker = dataclasses.replace(worker, device="cuda" if self.gpus(recipe) else "cpu")
+        inner = get_engine(self.options["inner"], **self.inner_options)
+        return inner.arithmetic(spec, data, worker, defense)
+
     def train(self, spec: ModelSpec, data: ImageData, recipe: Recipe, defense: str,
               params: dict[str, Any], requests: list[TrainRequest], *, resume: bool = False,
               progress: bool = True, on_done: OnDone | None = None) -> list[TrainOutput]:
