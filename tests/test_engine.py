@@ -17,11 +17,13 @@ The images are digits with seeded uint8 noise: without it, exactly tied max-pool
 constant image regions are broken differently by kernels of another layout.
 """
 import functools
+import json
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from crl.audit import DefenseChoice, ModelCache, ModelFactory, ModelJob
@@ -31,10 +33,12 @@ from crl.data.datasets import load_dataset
 from crl.data.types import ImageData, normalize
 from crl.defenses.base import build_defense
 from crl.engine import ENGINES, TrainRequest, get_engine
-from crl.engine.ensemble import AutoEngine, batchable, default_ensemble_size
+from crl.engine.ensemble import AutoEngine, EnsembleEngine, batchable, default_ensemble_size
 from crl.engine.sequential import train_one
 from crl.engine.stacked import VmapStack, agrees, ensemble_note, formulation_for
 from crl.errors import CRLError
+from crl.metrics import attack_metrics
+from crl.models.io import load_model_file
 from crl.models.spec import ModelSpec
 from crl.recipe import Recipe
 
@@ -411,3 +415,116 @@ def test_crl_list_says_what_the_ensemble_does_per_model_and_defense():
     assert any(line.startswith("  vgg11_bn (ensemble engine: sequential: active dropout")
                for line in lines)
     assert "  crl (engine: ensemble)" in lines and "  dpsgd (engine: sequential)" in lines
+
+
+# --- across engines: the same distribution of models over the full recipe --------------------
+FULL = Recipe(epochs=60, batch_size=32, lr=0.05, device="cpu")     # the digits audit's recipe
+AGREE_MODELS = 16
+
+
+@functools.cache
+def _full_recipe_requests() -> tuple[np.ndarray, list[np.ndarray], list[TrainRequest]]:
+    """A 200-sample pool; per model its own seed and random half of the pool (100 members,
+    as the digits audit's target), the same for every engine (paired)."""
+    rng = np.random.default_rng(0)
+    pool = rng.choice(len(load_dataset("digits")), 200, replace=False)
+    member = [rng.permutation(200) < 100 for _ in range(AGREE_MODELS)]
+    return pool, member, [TrainRequest(seed=1000 + k, train_idx=np.sort(pool[m]))
+                          for k, m in enumerate(member)]
+
+
+def _loss_aucs(engine, defense: str = "relaxloss") -> np.ndarray:
+    """Each model's loss-attack AUC (members vs the pool's other half)."""
+    data = load_dataset("digits")
+    pool, member, requests = _full_recipe_requests()
+    outs = engine.train(ModelSpec.for_data("mlp", data), data, FULL, defense, {}, requests,
+                        progress=False)
+    aucs = []
+    for out, m in zip(outs, member):
+        with torch.no_grad():
+            logits = out.net.eval()(normalize(data.x[pool], data.mean, data.std))
+        loss = F.cross_entropy(logits, data.y[pool], reduction="none").numpy()
+        aucs.append(attack_metrics(-loss, m)["auc"])
+    return np.array(aucs)
+
+
+@functools.cache
+def _sequential_full_aucs() -> np.ndarray:
+    return _loss_aucs(get_engine("sequential"))
+
+
+def _z(a: np.ndarray, b: np.ndarray) -> float:
+    """The mean AUC difference over its standard error (paired: model k of each engine has the
+    same seed and training set); 0 when the engines agree exactly."""
+    diff = a - b
+    se = diff.std(ddof=1) / np.sqrt(len(diff))
+    return 0.0 if not diff.any() else float(diff.mean() / se)
+
+
+@pytest.mark.slow
+def test_engines_give_the_same_distribution_of_relaxloss_models_over_the_full_recipe():
+    """RelaxLoss drifts apart across engines (its branch decisions compare a batch loss with
+    alpha, and rounding flips some), so the models differ; their mean loss AUC agrees within 3
+    standard errors of the difference (measured 2026-12-03: sequential 0.631, ensemble 0.617,
+    z 1.9, 16 models each)."""
+    seq, ens = _sequential_full_aucs(), _loss_aucs(get_engine("ensemble"))
+    assert np.abs(seq - ens).max() > 0.01              # not the same models: they drifted
+    assert abs(_z(seq, ens)) < 3
+
+
+class _DropsTheDefense(EnsembleEngine):
+    """A biased engine: trains the requested models with plain cross-entropy."""
+
+    def train(self, spec, data, recipe, defense, params, requests, **kw):
+        return super().train(spec, data, recipe, "ce", {}, requests, **kw)
+
+
+@pytest.mark.slow
+def test_the_same_check_fails_for_a_biased_engine():
+    """The check has power: an engine that loses the defense moves the mean AUC by about 7
+    standard errors (measured 2026-12-03: 0.631 -> 0.705). Its resolution at 16 models is about
+    0.02 AUC, and RelaxLoss's AUC is pinned by alpha more than by its schedule: measured with the
+    same models, an ensemble that skips the last epoch shifted it by 0.024 (z 2.9; at alpha 1,
+    0.0004), one that counts epochs from 2 (the other parity) by 0.010 (z 1.7), one that trains
+    with cross-entropy in every relaxing epoch by z 0.8. None of these would fail this check."""
+    assert abs(_z(_sequential_full_aucs(), _loss_aucs(_DropsTheDefense()))) > 3
+
+
+def _cached_audit(tmp_path, monkeypatch, engine: str, cache: str, out: str):
+    """A tiny RelaxLoss audit with the model cache in tmp_path/cache: the row, the released
+    model's stored report and every model's report (target first), as the cache holds them."""
+    monkeypatch.setenv("CRL_CACHE", str(tmp_path / cache))
+    cfg = AuditConfig(engine=engine, defenses=["relaxloss"], attacks=["loss", "lira"],
+                      references=4, shadows=0, epochs=3, subset=200, seeds=[0],
+                      progress=False, cache=True, out=str(tmp_path / out))
+    cfg, audit, splits = prepare(cfg, echo=lambda _: None)
+    choice = DefenseChoice("relaxloss")
+    row = audit.audit_one(choice, 0, splits[0], out=tmp_path / out).row()
+    _, _, extra = load_model_file(tmp_path / out / "models" / "relaxloss" / "seed0" / "model.pt")
+    models = audit.train_all(audit.plan(choice, 0, splits[0]), "again", None, splits[0])
+    assert all(m.from_cache for m in models)
+    return row, extra["report"], models
+
+
+@pytest.mark.parametrize("engine, other, arithmetic",
+                         [("sequential", "ensemble", "sequential/cpu"),
+                          ("ensemble", "sequential", "baddbmm/cpu")])
+def test_a_rerun_gives_the_engine_recorded_in_the_run_directory(tmp_path, monkeypatch, engine,
+                                                                other, arithmetic):
+    """The same audit with a cold cache and with a cache the other engine filled: every model
+    is trained (or served) with the arithmetic of the run's own engine, recorded per model
+    (results.json's defense_report, model.pt, each cache entry), and the numbers are the same."""
+    cold, cold_report, cold_models = _cached_audit(tmp_path, monkeypatch, engine, "a", "cold")
+    _cached_audit(tmp_path, monkeypatch, other, "b", "other")
+    again, again_report, again_models = _cached_audit(tmp_path, monkeypatch, engine, "b",
+                                                      "again")
+    assert cold["defense_report"]["arithmetic"] == cold_report["arithmetic"] == arithmetic
+    assert again["defense_report"]["arithmetic"] == again_report["arithmetic"] == arithmetic
+    assert len(cold_models) == 5
+    for a, b in zip(cold_models, again_models):
+        assert a.report["arithmetic"] == b.report["arithmetic"] == arithmetic
+        assert _relative(a.model, b.model) == 0.0                  # bitwise within an engine
+    for name, result in cold["attacks"].items():          # every number but the timing
+        numbers = [{k: v for k, v in r.items() if k != "seconds"}
+                   for r in (result, again["attacks"][name])]
+        assert json.dumps(numbers[0], sort_keys=True) == json.dumps(numbers[1], sort_keys=True)
