@@ -37,6 +37,7 @@ from crl.engine.ensemble import AutoEngine, EnsembleEngine, batchable, default_e
 from crl.engine.sequential import train_one
 from crl.engine.stacked import VmapStack, agrees, ensemble_note, formulation_for
 from crl.errors import CRLError
+from crl.integrity import load_verified, save_verified
 from crl.metrics import attack_metrics
 from crl.models.io import load_model_file
 from crl.models.spec import ModelSpec
@@ -528,3 +529,20 @@ def test_a_rerun_gives_the_engine_recorded_in_the_run_directory(tmp_path, monkey
         numbers = [{k: v for k, v in r.items() if k != "seconds"}
                    for r in (result, again["attacks"][name])]
         assert json.dumps(numbers[0], sort_keys=True) == json.dumps(numbers[1], sort_keys=True)
+
+
+def test_a_checkpoint_is_resumed_only_with_its_arithmetic(digits, tmp_path):
+    """A checkpoint's fingerprint names the device class it was written on: one written on a
+    GPU ("sequential/cuda") is not resumed on the CPU, which would mix two arithmetics in a
+    model recorded as one."""
+    spec, run_dir = ModelSpec.for_data("mlp", digits), tmp_path / "run"
+    recipe = Recipe(epochs=2, batch_size=32, lr=0.05, device="cpu")
+    request = TrainRequest(seed=3, train_idx=np.arange(64), run_dir=run_dir)
+    out = train_one(spec, digits, recipe, "ce", {}, request, progress=False)
+    assert out.report["arithmetic"] == "sequential/cpu"
+    state = load_verified(run_dir / "checkpoint.pt", "checkpoint")
+    assert state["fingerprint"]["arithmetic"] == "sequential/cpu"
+    state["fingerprint"]["arithmetic"] = "sequential/cuda"
+    save_verified(run_dir / "checkpoint.pt", state)
+    with pytest.raises(CRLError, match="written for another arithmetic; expected"):
+        train_one(spec, digits, recipe, "ce", {}, request, resume=True, progress=False)
