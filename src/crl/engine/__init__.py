@@ -12,9 +12,11 @@ decisions compare a batch loss with alpha, into other models). What holds (docs/
 tests/test_engine.py): bitwise within one arithmetic; across arithmetics the same distribution
 of models (the mean attack AUC agrees within its standard error), not the same model. So each
 output's report names its arithmetic ("arithmetic": "sequential/cpu", "baddbmm/cpu",
-"vmap/cuda", ...: `arithmetic_label`), each engine says in advance which one it will use
-(`Engine.arithmetic`), and the audit's `ModelFactory` makes it part of the cache key: a model is
-served only to a run that would have trained it with the same arithmetic.
+"vmap/cuda", ...: `arithmetic_label`), each engine plans in advance which one each request of
+a group gets (`Engine.plan`, over every request of the group, cached or not) and honours a
+request's planned `arithmetic` when it trains it, and the audit's `ModelFactory` makes it part
+of the cache key: a model is served only to a run that would have trained it the same way,
+whichever of the group's other models the cache already held.
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ class TrainRequest:
     eval_idx: np.ndarray | None = None
     run_dir: Path | None = None
     desc: str = ""
+    arithmetic: str | None = None        # planned by Engine.plan (None: planned at train time)
 
 
 @dataclass
@@ -84,6 +87,12 @@ class Engine(Protocol):
                    defense: str) -> str:
         """The `arithmetic_label` this engine trains such models with (the cache key's part;
         each output's report["arithmetic"] says what actually trained it)."""
+        ...
+
+    def plan(self, spec: ModelSpec, data: ImageData, recipe: Recipe, defense: str,
+             requests: list[TrainRequest], *, resume: bool = False) -> list[str]:
+        """Per request, the `arithmetic_label` it trains with as one of `requests` (a whole
+        group, cached or not); `train` honours it when set on the request."""
         ...
 
 

@@ -227,6 +227,16 @@ class RayEngine:
         inner = get_engine(self.options["inner"], **self.inner_options)
         return inner.arithmetic(spec, data, worker, defense)
 
+    def plan(self, spec: ModelSpec, data: ImageData, recipe: Recipe, defense: str,
+             requests: list[TrainRequest], *, resume: bool = False) -> list[str]:
+        """The inner engine's plan over the whole group (each task's inner engine honours it;
+        no checkpoints travel, so nothing is planned for resuming)."""
+        label = self.arithmetic(spec, data, recipe, defense)
+        inner = get_engine(self.options["inner"], **self.inner_options)
+        planned = inner.plan(spec, data, worker_recipe(recipe), defense, requests)
+        device = label.rsplit("/", 1)[1]
+        return [f"{p.rsplit('/', 1)[0]}/{device}" for p in planned]
+
     def train(self, spec: ModelSpec, data: ImageData, recipe: Recipe, defense: str,
               params: dict[str, Any], requests: list[TrainRequest], *, resume: bool = False,
               progress: bool = True, on_done: OnDone | None = None) -> list[TrainOutput]:

@@ -55,6 +55,10 @@ class SequentialEngine:
                    defense: str) -> str:
         return arithmetic_label("sequential", recipe)
 
+    def plan(self, spec: ModelSpec, data: ImageData, recipe: Recipe, defense: str,
+             requests: list[TrainRequest], *, resume: bool = False) -> list[str]:
+        return [self.arithmetic(spec, data, recipe, defense)] * len(requests)
+
     def train(self, spec: ModelSpec, data: ImageData, recipe: Recipe, defense: str,
               params: dict[str, Any], requests: list[TrainRequest], *, resume: bool = False,
               progress: bool = True, on_done: OnDone | None = None) -> list[TrainOutput]:
