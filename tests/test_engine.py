@@ -227,7 +227,7 @@ def test_an_mlps_weights_do_not_depend_on_its_chunk(digits, formulation, defense
         done = []
         chunked = get_engine("ensemble", ensemble_size=size, formulation=formulation).train(
             spec, digits, recipe, defense, {}, requests, progress=False,
-            on_done=lambda i, o: done.append(i))
+            on_done=lambda i, o, done=done: done.append(i))
         assert done == [0, 1, 2, 3, 4]
         for a, b in zip(whole, chunked):
             assert _relative(a.net, b.net) == 0.0
