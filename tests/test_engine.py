@@ -553,3 +553,22 @@ def test_a_checkpoint_is_resumed_only_with_its_arithmetic(digits, tmp_path):
     save_verified(run_dir / "checkpoint.pt", state)
     with pytest.raises(CRLError, match="written for another arithmetic; expected"):
         train_one(spec, digits, recipe, "ce", {}, request, resume=True, progress=False)
+
+
+def test_a_model_whose_stack_mates_are_cached_trains_as_planned(digits, tmp_path):
+    """The factory plans every model of the group, cached or not: with the other models served
+    from the cache, the one missing still trains in a stack (of one) and gets the same bits as
+    in the cold run; before, it trained alone, sequentially."""
+    recipe = Recipe(epochs=2, batch_size=32, lr=0.05, device="cpu")
+    rng = np.random.default_rng(2)
+    jobs = [ModelJob("reference", j, 200 + j, DefenseChoice("relaxloss"),
+                     np.sort(rng.choice(len(digits), 64, replace=False))) for j in range(3)]
+    cache = ModelCache(tmp_path / "models")
+    factory = ModelFactory(digits, "mlp", recipe, cache, progress=False, engine="ensemble")
+    cold = factory.get_many(jobs)
+    cache.path(factory.key(jobs[1], factory.recipe_of(jobs[1]), "baddbmm/cpu")).unlink()
+    again = factory.get_many(jobs)
+    assert [m.from_cache for m in again] == [True, False, True]
+    assert again[1].report["arithmetic"] == "baddbmm/cpu"
+    assert again[1].report["models_in_chunk"] == 1
+    assert _relative(cold[1].model, again[1].model) == 0.0
