@@ -572,3 +572,32 @@ def test_a_model_whose_stack_mates_are_cached_trains_as_planned(digits, tmp_path
     assert again[1].report["arithmetic"] == "baddbmm/cpu"
     assert again[1].report["models_in_chunk"] == 1
     assert _relative(cold[1].model, again[1].model) == 0.0
+
+
+def test_the_run_directory_names_the_cache_entries_its_numbers_come_from(tmp_path,
+                                                                         monkeypatch):
+    """models.json (checksummed by the manifest) lists every model of a target with its
+    arithmetic and its cache entry (name, sha256); the entries exist with those bytes, and the
+    target's loss AUC recomputes from its entry and members.json."""
+    import hashlib
+
+    from crl.attacks.scores import log_prob_true
+    from crl.evaluation import predict_logits
+
+    row, _, _ = _cached_audit(tmp_path, monkeypatch, "sequential", "c", "run")
+    released = tmp_path / "run" / "models" / "relaxloss" / "seed0"
+    index = json.loads((released / "models.json").read_text())
+    assert [m["role"] for m in index] == ["target"] + ["reference"] * 4
+    assert {m["arithmetic"] for m in index} == {"sequential/cpu"}
+    for m in index:
+        path = tmp_path / "c" / "models" / m["cache_entry"]["entry"]
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == m["cache_entry"]["sha256"]
+    net, _, extra = load_model_file(tmp_path / "c" / "models" / index[0]["cache_entry"]["entry"])
+    members = json.loads((released / "members.json").read_text())
+    data = load_dataset("digits")
+    idx = np.array(members["members"] + members["nonmembers"])
+    truth = np.r_[np.ones(len(members["members"]), bool),
+                  np.zeros(len(members["nonmembers"]), bool)]
+    logits = predict_logits(net.eval(), data, idx).numpy()
+    auc = attack_metrics(log_prob_true(logits, data.y.numpy()[idx]), truth)["auc"]   # -loss
+    assert auc == pytest.approx(row["attacks"]["loss"]["auc"], abs=1e-9)

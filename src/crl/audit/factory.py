@@ -31,6 +31,7 @@ from crl.data.types import ImageData
 from crl.defenses.base import build_defense
 from crl.engine import TrainOutput, TrainRequest, get_engine
 from crl.errors import CRLError
+from crl.integrity import file_digest
 from crl.models.io import load_model_file, save_model
 from crl.models.spec import ModelSpec
 from crl.recipe import Recipe
@@ -47,6 +48,7 @@ class TrainedModel:
     history: list[dict[str, float]] = field(default_factory=list)
     groups: dict[str, np.ndarray] = field(default_factory=dict)
     from_cache: bool = False
+    cache_entry: dict[str, Any] | None = None   # {"entry", "sha256", "size"} of its cache file
 
 
 class ModelCache:
@@ -82,6 +84,14 @@ class ModelCache:
         if self.root is not None:
             save_model(self.path(key), trained.model, trained.spec,
                        extra={"key": key, **_extra(trained)})
+
+    def entry(self, key: dict[str, Any]) -> dict[str, Any] | None:
+        """The cache file of `key` by name and checksum (None: caching off or no such file):
+        what a run directory records so that its numbers can be traced to the models."""
+        path = self.path(key)
+        if path is None or not path.exists():
+            return None
+        return {"entry": path.name, **file_digest(path)}
 
 
 #: a temporary entry untouched this long was left by a killed process (a write in progress
@@ -188,6 +198,9 @@ class ModelFactory:
         planned = self.plan(jobs, requests)
         keys = [self.key(job, self.recipe_of(job), planned[i]) for i, job in enumerate(jobs)]
         out: list[TrainedModel | None] = [self.cache.get(k) for k in keys]
+        for i, t in enumerate(out):
+            if t is not None:
+                t.cache_entry = self.cache.entry(keys[i])
         for group in _by_defense(jobs):
             missing = [i for i in group if out[i] is None]
             if not missing:
@@ -201,6 +214,7 @@ class ModelFactory:
                                       output.report, output.history, output.groups)
                 actual = output.report.get("arithmetic", keys[i]["arithmetic"])
                 self.cache.put({**keys[i], "arithmetic": actual}, out[i])
+                out[i].cache_entry = self.cache.entry({**keys[i], "arithmetic": actual})
 
             job = jobs[missing[0]]
             self.engine.train(self.spec, self.data, self.recipe, job.defense.name,

@@ -235,6 +235,7 @@ class Audit:
         ev = evaluation_of(split, target, self.canary_idx)
         if run_dir is not None:
             write_released(run_dir, self.factory, target, ev)
+            write_model_index(run_dir, jobs, models)
         ctx = extract_signals(pool_models, shadow_models, self.data, split, self.requirements,
                               seed, canaries=self.canary_idx, progress=self.cfg.progress,
                               handed=[j.train_idx for j in jobs if j.role != "shadow"])
@@ -341,6 +342,17 @@ def write_released(run_dir: Path, factory: ModelFactory, target: TrainedModel,
         members["canaries"] = ev.sample_idx[ev.canary & trained].tolist()
         members["canaries_not_trained_on"] = ev.sample_idx[ev.canary & ~trained].tolist()
     write_json_atomic(run_dir / "members.json", members)
+
+
+def write_model_index(run_dir: Path, jobs: list[ModelJob], models: list[TrainedModel]) -> None:
+    """models.json: every model behind this target's numbers (the target, its reference and
+    shadow models) with its seed, defense, the arithmetic that trained it and the model-cache
+    entry that holds it (file name and sha256; null with --no-cache). The run's manifest
+    checksums this file, so it names the cache entries the run's numbers come from."""
+    write_json_atomic(run_dir / "models.json", [
+        {"role": j.role, "index": j.index, "seed": j.seed, "defense": j.defense.name,
+         "arithmetic": m.report.get("arithmetic"), "from_cache": m.from_cache,
+         "cache_entry": m.cache_entry} for j, m in zip(jobs, models)])
 
 
 def validate_names(cfg: AuditConfig) -> list[str]:
