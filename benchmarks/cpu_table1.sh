@@ -10,7 +10,8 @@
 #              targets come from the model cache when `main` ran first)
 #   baselines  label smoothing, confidence penalty, early stopping, AdvReg, DMP, DP-SGD and CE
 #              (cached) on seed 0, with main's attacks
-# The cnn's per-dataset recipe (docs/models.md: 30 epochs, batch 128, lr 0.05) and every
+# The cnn's per-dataset recipe (docs/models.md: 30 epochs, batch 128, lr 0.05, x0.1 at epochs
+# 15 and 25; the numbers in docs/benchmarks.md predate the decay: constant lr 0.05) and every
 # defense's default parameters (`crl list`; CRL's from docs/tuning.md); bf16 and channels_last.
 # Each stage writes OUT/<stage>/ (OUT default runs/cpu_table1); add --resume to continue one.
 set -euo pipefail

@@ -4,9 +4,9 @@ Trains one target model the way `crl audit` does with the default (non-digits) r
 torch so the number does not depend on the audit pipeline: the stratified pool split of
 `crl.data.make_pool_split` (members = a quarter of the data or of `--subset`), per-channel
 normalisation with the dataset's mean/std, shuffled batches, SGD with momentum 0.9 and weight
-decay 5e-4, no augmentation; the split, the model's init and its batch order come from the
-seed streams `crl audit` uses for a seed's target model, so `--seeds 1` trains the model the
-audit's seed 1 trains.
+decay 5e-4, the lr multiplied by 0.1 after each of `--milestones` epochs, no augmentation;
+the split, the model's init and its batch order come from the seed streams `crl audit` uses
+for a seed's target model, so `--seeds 1` trains the model the audit's seed 1 trains.
 Prints the command, machine and date, the per-epoch training loss, then one Markdown row per
 seed: train (member) accuracy, test (non-member) accuracy, gap, and the loss attack's AUC
 (members vs non-members, scored by -cross-entropy).
@@ -70,9 +70,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dataset", required=True, help="a crl dataset name or imagefolder:PATH")
     p.add_argument("--model", default=RECIPE["model"])
-    p.add_argument("--epochs", type=int, default=RECIPE["epochs"])
+    p.add_argument("--epochs", type=int, help=f"default {RECIPE['epochs']}")
     p.add_argument("--batch-size", type=int, default=RECIPE["batch_size"])
     p.add_argument("--lr", type=float, default=RECIPE["lr"])
+    p.add_argument("--milestones", type=lambda t: [int(m) for m in t.split(",") if m.strip()],
+                   help="epochs after which lr *= 0.1 ('' none; default: the recipe's when "
+                   "--epochs is unset too, as in crl audit)")
     p.add_argument("--subset", type=int, default=RECIPE["subset"])
     p.add_argument("--seeds", type=seed_list, default=[0],
                    help="comma-separated split and model seeds (default 0)")
@@ -80,7 +83,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--save", metavar="DIR", help="also write each trained model's state dict "
                    "to DIR/<model>-seed<N>.pt")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    if a.milestones is None:     # crl.config: the default schedule belongs to the default epochs
+        a.milestones = RECIPE["milestones"] if a.epochs is None else []
+    if a.epochs is None:
+        a.epochs = RECIPE["epochs"]
+    return a
 
 
 def train_epoch(model: nn.Module, opt: torch.optim.Optimizer, data: ImageData,
@@ -121,11 +129,13 @@ def run_seed(data: ImageData, seed: int, a: argparse.Namespace) -> dict[str, flo
     if a.channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=a.lr, momentum=0.9, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, a.milestones, gamma=0.1)
     gen = torch_generator(model_seed, "shuffle")
     members = torch.as_tensor(split.target_members)
     t0 = time.perf_counter()
     for epoch in range(1, a.epochs + 1):
         loss = train_epoch(model, opt, data, members, gen, a)
+        sched.step()
         print(f"  seed {seed} epoch {epoch}: train loss {loss:.4f}", flush=True)
     wall = time.perf_counter() - t0
     if a.save:

@@ -97,6 +97,17 @@ def test_declared_and_per_dataset_defaults_pass_their_own_checks():
         assert cfg.epochs and cfg.batch_size and cfg.lr and cfg.model
 
 
+def test_cnn_default_recipe_decays_lr_late_unless_the_user_sets_the_schedule():
+    # docs/models.md: the cnn's late excursions at constant lr 0.05 are damped by these milestones
+    dataset = "imagefolder:x.tar.gz"
+    assert _config("--dataset", dataset).resolved().milestones == [15, 25]
+    assert _config("--dataset", dataset, "--milestones", "5").resolved().milestones == [5]
+    assert _config("--dataset", dataset, "--milestones", "").resolved().milestones == []
+    # a schedule belongs to its epoch count: other epochs get a constant lr unless given one
+    assert _config("--dataset", dataset, "--epochs", "60").resolved().milestones == []
+    assert AuditConfig(dataset="digits").resolved().milestones == []
+
+
 def test_resolved_leaves_the_original_alone_and_validate_raises():
     cfg = AuditConfig(epochs=2.0)
     assert cfg.resolved().epochs == 2 and cfg.epochs == 2.0 and cfg.model is None

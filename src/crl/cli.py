@@ -84,6 +84,8 @@ def recipe_epilog(audit: bool = True) -> str:
 
     def words(d: dict[str, Any]) -> str:
         text = f"{d['model']}, {d['epochs']} epochs, batch {d['batch_size']}, lr {d['lr']}"
+        if d.get("milestones"):
+            text += f" (x0.1 at epochs {','.join(map(str, d['milestones']))})"
         if not audit:
             return text
         subset = f"subset {d['subset']}" if d.get("subset") else "no subset"

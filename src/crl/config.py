@@ -22,12 +22,13 @@ from crl.params import Param
 ENGINE_NAMES = ("sequential", "ensemble", "auto", "ray")   # crl.engine's registered engines
 DEFAULT_ATTACKS = ["loss", "confidence", "entropy", "mentr", "gradx", "nn", "lira", "rmia"]
 
-# Per-dataset defaults, applied to every field the user left unset (see docs/models.md).
+# Per-dataset defaults, applied to every field the user left unset (see docs/models.md); the
+# milestones only together with the epochs (a schedule fits one epoch count: see resolved()).
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
-    "digits": {"model": "mlp", "epochs": 60, "batch_size": 32, "lr": 0.05, "subset": 400,
-               "references": 64},
-    "*": {"model": "cnn", "epochs": 30, "batch_size": 128, "lr": 0.05, "subset": None,
-          "references": 16},
+    "digits": {"model": "mlp", "epochs": 60, "batch_size": 32, "lr": 0.05, "milestones": [],
+               "subset": 400, "references": 64},
+    "*": {"model": "cnn", "epochs": 30, "batch_size": 128, "lr": 0.05, "milestones": [15, 25],
+          "subset": None, "references": 16},
 }
 
 
@@ -103,9 +104,11 @@ class AuditConfig:
                               help=f"SGD learning rate {_FILL}")
     momentum: float = option(0.9, kind=float, low=0, cli=False)
     weight_decay: float = option(5e-4, kind=float, low=0, cli=False)
-    milestones: list[int] = option(factory=list, kind=int, low=1, many=True,
-                                   words="a list of positive integers",
-                                   help="epochs at which the lr is multiplied by 0.1")
+    milestones: list[int] | None = option(None, kind=int, low=1, many=True, nullable=True,
+                                          words="a list of positive integers",
+                                          help="epochs at which the lr is multiplied by 0.1 "
+                                               "(default per dataset when --epochs is too; "
+                                               "'' for none)")
     augment: bool = option(False, kind=bool, help="random crop + flip")
     bf16: bool = option(False, kind=bool, help="bfloat16 autocast")
     channels_last: bool = option(False, kind=bool,
@@ -170,6 +173,8 @@ class AuditConfig:
         cfg = dataclasses.replace(self, **self.checked())
         key = cfg.dataset if cfg.dataset in DATASET_DEFAULTS else "*"
         filled = {k: v for k, v in DATASET_DEFAULTS[key].items() if getattr(cfg, k) is None}
+        if cfg.milestones is None and cfg.epochs is not None:
+            filled["milestones"] = []    # the default schedule belongs to the default epochs
         return dataclasses.replace(cfg, **filled)
 
     def validate(self) -> None:
