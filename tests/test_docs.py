@@ -47,3 +47,14 @@ def test_the_readme_indexes_every_doc():
     listed = set(re.findall(r"`docs/([\w-]+\.md)`", index))
     assert listed == {p.name for p in (ROOT / "docs").glob("*.md")}
     assert "`experiments/README.md`" in index
+
+
+def test_choosing_a_defense_quotes_only_numbers_its_sources_hold():
+    """Every decimal number on docs/choosing-a-defense.md appears on a page it cites: it quotes
+    measurements, it does not make them."""
+    sources = " ".join((ROOT / "docs" / f).read_text() for f in
+                       ("benchmarks.md", "tuning.md", "attacks.md", "worst-case.md"))
+    page = (ROOT / "docs" / "choosing-a-defense.md").read_text()
+    numbers = set(re.findall(r"(?<![\w.])-?\d+\.\d+", page))
+    assert len(numbers) > 50
+    assert sorted(n for n in numbers if n not in sources) == []
