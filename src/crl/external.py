@@ -338,6 +338,7 @@ def print_user_verdict(outcomes: list[TargetOutcome], folder: Path | None, n_boo
         echo_verdict(folder)
     else:
         print("\n".join(console_lines(compute_verdict(outcomes, n_boot=n_boot))))
+    print("  (to compare trainings, audit each one and set their rows side by side)")
 
 
 def audit_training(train_fn: TrainFn, x: torch.Tensor, y: torch.Tensor, *,
