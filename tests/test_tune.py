@@ -309,3 +309,30 @@ def test_a_setting_is_recommended_only_when_it_beats_ce_beyond_noise(case, expec
     body = section.split("\n", 1)[1]               # below its heading
     assert words[1:] in body
     assert ("recommended" in body.lower()) == (expected == "recommended")
+
+
+@pytest.mark.parametrize("change_ci, label", [((-0.09, -0.01), "trial 7: recommended"),
+                                              ((-0.09, 0.01), "trial 7: best within the budget, "
+                                                              "within noise on fresh seeds")])
+def test_pareto_png_labels_trials_by_their_numbers(change_ci, label, tmp_path, monkeypatch):
+    """The front's points carry the trial numbers of tune.md and tune.json, and the marked
+    trial is called recommended only when it is."""
+    import matplotlib.axes
+
+    from crl.tune.output import plot_front
+
+    p = _point(0.9, 0.60)
+    r = _result((7, p), change_ci=change_ci)
+    r.trials = [{"number": 7, "state": "COMPLETE", "point": p.to_dict()}]
+    r.front = [7]
+    r.meta["setup"]["recipe"] = {"seeds": [0]}
+    notes, labels = [], []
+    real_annotate, real_legend = matplotlib.axes.Axes.annotate, matplotlib.axes.Axes.legend
+    monkeypatch.setattr(matplotlib.axes.Axes, "annotate",
+                        lambda ax, text, *a, **k: notes.append(text) or real_annotate(
+                            ax, text, *a, **k))
+    monkeypatch.setattr(matplotlib.axes.Axes, "legend", lambda ax, *a, **k: labels.extend(
+        ax.get_legend_handles_labels()[1]) or real_legend(ax, *a, **k))
+    plot_front(tmp_path / "pareto.png", r)
+    assert notes == ["7"] and label in labels
+    assert (tmp_path / "pareto.png").read_bytes()[:4] == b"\x89PNG"
