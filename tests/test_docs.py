@@ -12,8 +12,8 @@ README = ROOT / "README.md"
 #: references a reader of the repository cannot follow
 OUTSIDE = [
     re.compile(r"\bthe SPEC\b|\bSPEC(-crl)?(\.md| section)"),
-    re.compile(r"\bthe issue('s)?\b", re.I),
-    re.compile(r"\bissues? #?\d+", re.I),
+    re.compile(r"\bthe issue('s)?\b", re.IGNORECASE),
+    re.compile(r"\bissues? #?\d+", re.IGNORECASE),
     re.compile(r"\.\./shared|/work/"),
     re.compile(r"\b(ANCHORS|DESIGN)\.md\b"),
 ]

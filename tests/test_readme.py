@@ -57,7 +57,7 @@ def readme_commands() -> list[list[str]]:
     import shlex
 
     commands = []
-    for block in re.findall(r"```bash\n(.*?)```", README.read_text(), re.S):
+    for block in re.findall(r"```bash\n(.*?)```", README.read_text(), re.DOTALL):
         for line in block.replace("\\\n", " ").splitlines():
             for part in line.split("&&"):
                 argv = shlex.split(part, comments=True)

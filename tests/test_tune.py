@@ -92,7 +92,7 @@ def test_study_persists_and_a_larger_n_continues_it(tmp_path, capsys):
     _check_recommendation(result, 0.05)
     assert result["seconds"]["total"] >= result["seconds"]["run"]
     # one numbering everywhere: the console, tune.json, tune.md and the recommendation
-    assert [int(n) for n in re.findall(r"^trial (\d+) \(", stdout, re.M)] == [2]
+    assert [int(n) for n in re.findall(r"^trial (\d+) \(", stdout, re.MULTILINE)] == [2]
     rec, md = result["best_within_budget"]["trial"], (out / "tune.md").read_text()
     assert f"(trial {rec})" in stdout and f"Trial {rec}:" in md and f"crl (trial {rec})" in md
     words = result["recommendation"]["words"]
@@ -312,8 +312,8 @@ def test_a_setting_is_recommended_only_when_it_beats_ce_beyond_noise(case, expec
 
 
 @pytest.mark.parametrize("change_ci, label", [((-0.09, -0.01), "trial 7: recommended"),
-                                              ((-0.09, 0.01), "trial 7: best within the budget, "
-                                                              "within noise on fresh seeds")])
+                                              ((-0.09, 0.01), ("trial 7: best within the budget, "
+                                                               "within noise on fresh seeds"))])
 def test_pareto_png_labels_trials_by_their_numbers(change_ci, label, tmp_path, monkeypatch):
     """The front's points carry the trial numbers of tune.md and tune.json, and the marked
     trial is called recommended only when it is."""
