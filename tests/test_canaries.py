@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import yaml
 
-from crl.audit import DefenseChoice, TrainedModel
+from crl.audit import DefenseChoice, ModelCache, ModelFactory, TrainedModel
 from crl.audit.canaries import exposure_thresholds, exposure_values, subset_metrics
 from crl.audit.outcome import AttackOutcome, load_outcome
 from crl.audit.plan import canary_halves
-from crl.audit.run import Audit, canaries_for, evaluation_of
+from crl.audit.run import Audit, canaries_for, evaluation_of, write_released
 from crl.audit.signals import extract_signals
 from crl.canary_spec import parse_canaries
 from crl.cli import main
@@ -20,7 +20,9 @@ from crl.config import AuditConfig
 from crl.data.canaries import load_canaries
 from crl.errors import CRLError
 from crl.metrics import clustered_metrics_with_ci
+from crl.models.io import load_model_file
 from crl.models.spec import ModelSpec
+from crl.recipe import Recipe
 
 
 def _audit(digits, canaries="30", seeds=(0, 1), **kw):
@@ -84,6 +86,32 @@ def test_canaries_are_excluded_from_accuracy_and_population_metrics(digits):
     planned = np.stack([np.isin(ev.sample_idx[ev.canary], j.train_idx) for j in jobs])
     got = ctx.target.member[:, ev.canary]
     assert got.sum() == planned.sum() - planned[:, 0].sum() and not got[:, 0].any()
+
+
+def test_members_json_lists_every_sample_the_model_trained_on_canaries_flagged(digits,
+                                                                               tmp_path):
+    """README: members.json holds exactly the samples the released model trained on. The
+    canaries it trained on are listed under "canaries" (they are neither members nor
+    non-members of the population evaluation); the pool's others, "canaries_not_trained_on"."""
+    audit = _audit(digits, seeds=(0,))
+    split = audit.split(0)
+    job = audit.plan(DefenseChoice("ce"), 0, split)[0]
+    spec = ModelSpec.for_data("mlp", audit.data)
+    trained_on = np.setdiff1d(job.train_idx, [audit.canary_idx[0], split.target_members[0]])
+    target = TrainedModel(spec.build().eval(), spec, trained_on)
+    ev = evaluation_of(split, target, audit.canary_idx)
+    factory = ModelFactory(audit.data, "mlp", Recipe(epochs=1), ModelCache(None),
+                           progress=False)
+    write_released(tmp_path, factory, target, ev)
+    members = json.loads((tmp_path / "members.json").read_text())
+    assert sorted(members["members"] + members["canaries"]) == trained_on.tolist()
+    assert set(members["canaries"]) < set(audit.canary_idx.tolist())
+    assert len(members["canaries"]) == 14                    # half of 30, one not trained on
+    assert sorted(members["canaries"] + members["canaries_not_trained_on"]) == \
+        sorted(audit.canary_idx.tolist())
+    assert not set(members["canaries"]) & set(members["members"] + members["nonmembers"])
+    _, _, extra = load_model_file(tmp_path / "model.pt")
+    assert sorted(extra["trained_on"]) == trained_on.tolist()
 
 
 def test_the_config_checks_canaries_without_importing_torch():
@@ -193,6 +221,8 @@ def test_mislabeled_canaries_leak_more_than_the_population_on_an_undefended_mlp(
     assert saved["indices"] == stored["canary_idx"] and saved["kind"] == "mislabeled"
     members = json.loads((out / "models" / "ce" / "seed0" / "members.json").read_text())
     assert not set(members["members"] + members["nonmembers"]) & set(saved["indices"])
+    target_canaries = [i for i, m in zip(stored["canary_idx"], stored["member"][0]) if m == "1"]
+    assert members["canaries"] == target_canaries and len(target_canaries) == 20
     report = (out / "report.md").read_text()
     assert "## Worst case: 100 mislabeled canaries" in report
     assert (out / "vulnerability" / "exposed_ce_seed0.png").is_file()

@@ -81,7 +81,8 @@ def ref_relaxloss(g, y, epoch, *, alpha, upper=1.0):
     log_p = torch.log_softmax(g, dim=1)
     ce = -log_p[rows, y]
     l_ce = ce.mean()
-    if epoch % 2 == 0:
+    chen_epoch = epoch - 1          # Chen et al.'s code counts epochs from 0
+    if chen_epoch % 2 == 0:
         return (l_ce - alpha).abs()
     if l_ce.item() > alpha:
         return l_ce
@@ -359,8 +360,8 @@ def test_centers_initialised_from_generator():
 
 # --- RelaxLoss ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("epoch,alpha,branch", [(2, 0.3, "even"), (6, BIG, "even"),
-                                                (3, 0.0, "fit"), (5, BIG, "relax")])
+@pytest.mark.parametrize("epoch,alpha,branch", [(1, 0.3, "even"), (5, BIG, "even"),
+                                                (2, 0.0, "fit"), (4, BIG, "relax")])
 @pytest.mark.parametrize("upper", [1.0, 0.3])
 def test_relaxloss_matches_reference(dtype, epoch, alpha, branch, upper):
     g, _, y = confident_batch(dtype)
@@ -372,6 +373,27 @@ def test_relaxloss_matches_reference(dtype, epoch, alpha, branch, upper):
     assert loss.last_stats["branch"] == branch
     torch.testing.assert_close(got, want, **tol(dtype))
     assert_close_all(grads(got, (g,)), grads(want, (g,)), dtype)
+
+
+def test_epoch_parity_follows_each_methods_source():
+    """RelaxLoss as Chen et al.'s code runs it (epochs from 0: crl's first epoch is their even
+    epoch 0, |L_ce - alpha|); CRL as its paper's Algorithm 1 (epochs from 1: epoch 2 is the
+    first even one). A loss below alpha shows the parity: even -> gradient reversed."""
+    g, q, y = confident_batch(torch.float64)
+    relax = RelaxLoss(C, alpha=BIG)
+    got = [(relax(g, y, e), relax.last_stats["branch"])[1] for e in (1, 2, 3, 4)]
+    assert got == ["even", "relax", "even", "relax"]
+    l_ce = torch.nn.functional.cross_entropy(g, y)
+    torch.testing.assert_close(relax(g, y, 1), BIG - l_ce)          # |L_ce - alpha|, alpha > L
+    crl = CRLLoss(C, D, alpha_rce=BIG, alpha_rcl=BIG, tau_rce=0.1, tau_rcl=0.1, lam=0.1)
+    branches = []
+    for e in (1, 2, 3, 4):
+        crl(g, q, y, e)
+        branches.append(crl.last_stats["rce_branch"])
+    assert branches == ["relax", "even", "relax", "even"]
+    stats = LossStats()
+    relaxloss_batched(g.unsqueeze(0), y.unsqueeze(0), BIG, 1, stats=stats)
+    assert stats["branch"] == ("even",)
 
 
 # --- K models at once: branch-free batched forms -----------------------------------------------
@@ -397,13 +419,14 @@ def as_kind(values, kind):
     return {"list": list(values), "tensor": torch.tensor(values, dtype=F64)}[kind]
 
 
-# odd epoch: every model in another branch; even epoch: above and below alpha
-RELAX_ALPHAS = {3: [0.0, BIG, 0.0, BIG], 2: [0.0, BIG, 0.3, BIG]}
-RELAX_WANT = {3: ("fit", "relax", "fit", "relax"), 2: ("even",) * K}
+# RelaxLoss's odd epoch (crl's 2, 4, ...): every model in another branch; its even epoch
+# (crl's 1, 3, ...): above and below alpha
+RELAX_ALPHAS = {2: [0.0, BIG, 0.0, BIG], 1: [0.0, BIG, 0.3, BIG]}
+RELAX_WANT = {2: ("fit", "relax", "fit", "relax"), 1: ("even",) * K}
 
 
 @pytest.mark.parametrize("kind", ["list", "tensor"])
-@pytest.mark.parametrize("epoch", [2, 3])
+@pytest.mark.parametrize("epoch", [1, 2])
 def test_relaxloss_batched_equals_k_single_calls(epoch, kind):
     g, _, y = model_batches()
     alphas = RELAX_ALPHAS[epoch]
@@ -491,7 +514,7 @@ class CountSyncs(TorchDispatchMode):
 def run_batched(name, validate, stats):
     g, q, y = model_batches()
     if name == "relaxloss":
-        return relaxloss_batched(g, y, torch.tensor(RELAX_ALPHAS[3], dtype=F64), 3,
+        return relaxloss_batched(g, y, torch.tensor(RELAX_ALPHAS[2], dtype=F64), 2,
                                  validate=validate, stats=stats)
     centers = torch.randn(K, C, D, dtype=F64, requires_grad=True)
     return crl_batched(g, q, y, centers, 3, alpha_rce=0.5, alpha_rcl=1.0, tau_rce=0.05,

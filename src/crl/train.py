@@ -4,8 +4,9 @@ A model trains on data[train_idx] with a `Recipe` and a `Defense` (crl.defenses.
 defense module this loop knows). Every epoch appends to run_dir/metrics.jsonl and writes an
 atomic, checksummed run_dir/checkpoint.pt; `resume=True` continues from it and ends with exactly
 the weights an uninterrupted run gives. The checkpoint's fingerprint covers the recipe, the
-defense and its parameters, the dataset's identity, the exact training indices and the
-architecture, so a checkpoint is never resumed into another run.
+defense and its parameters, the dataset's identity, the exact training indices, the
+architecture and the arithmetic (the device class: a checkpoint written on a GPU is not resumed
+on a CPU), so a checkpoint is never resumed into another run.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 from crl.data.augment import augment_batch
 from crl.data.types import ImageData
 from crl.defenses.base import Defense, EpochEnd, Step, TrainContext, default_sampler
+from crl.engine import arithmetic_label
 from crl.errors import CRLError
 from crl.evaluation import evaluate, predict_logits
 from crl.integrity import load_verified, save_verified
@@ -73,7 +75,8 @@ def _fingerprint(model, data, train_idx, recipe: Recipe, defense: Defense) -> di
     return json.loads(json.dumps({
         "recipe": recipe.weights_key(), "defense": defense.name, "params": defense.params,
         "data": data_identity(data), "train": indices_digest(train_idx),
-        "architecture": architecture_digest(model)}, default=str))
+        "architecture": architecture_digest(model),
+        "arithmetic": arithmetic_label("sequential", recipe)}, default=str))
 
 
 def _submodel_trainer(data: ImageData, recipe: Recipe):

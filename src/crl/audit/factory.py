@@ -1,8 +1,14 @@
 """Stage 2, the model factory: a planned model is fetched from the cache (verified) or trained,
 then saved. Cache keys cover everything that shapes the weights: the code (package version and a
 hash of the package source), the dataset's content hash, the model spec, the defense and its
-parameters, the recipe (the model's seed included) and the exact training indices. Which engine
-trained a model is not part of the key.
+parameters, the recipe (the model's seed included), the exact training indices and the
+arithmetic that trains it (crl.engine.arithmetic_label: the engine's formulation and the device
+class). Engines give the same distribution of models, not the same model (crl.engine), so an
+entry the ensemble trained never serves a run whose engine would train the model sequentially,
+nor the reverse. The engine plans each model's arithmetic over its whole group (every model of
+one defense, cached or not: `ModelFactory.plan`), so the plan does not depend on what the cache
+holds; a model that trained otherwise (a stack that failed at the start of its chunk, a Ray
+worker on another device) is stored under the arithmetic its report names.
 
 Every entry is a checksummed model file that also stores its full key; an entry that fails its
 checksum or whose stored key differs from the request is retrained with a warning.
@@ -116,6 +122,16 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
 
 
+def _by_defense(jobs: list[ModelJob]) -> list[list[int]]:
+    """Job positions grouped by defense and (resolved) parameters, in order."""
+    groups: dict[str, list[int]] = {}
+    for i, job in enumerate(jobs):
+        defense = build_defense(job.defense.name, job.defense.params)
+        name = defense.name + json.dumps(_jsonable(defense.params), sort_keys=True)
+        groups.setdefault(name, []).append(i)
+    return list(groups.values())
+
+
 class ModelFactory:
     """Train-or-fetch for one dataset, architecture and recipe."""
 
@@ -127,13 +143,30 @@ class ModelFactory:
         self.resume, self.progress = resume, progress
         self.engine = get_engine(engine, **(engine_options or {}))
 
-    def key(self, job: ModelJob, recipe: Recipe) -> dict[str, Any]:
+    def key(self, job: ModelJob, recipe: Recipe, arithmetic: str | None = None
+            ) -> dict[str, Any]:
+        """The cache key of `job` trained with `recipe` and `arithmetic` (default: what this
+        factory's engine plans for the job alone)."""
+        arithmetic = arithmetic or self.plan([job], [self.request(job, None, None, "")])[0]
         defense = build_defense(job.defense.name, job.defense.params)
         return _jsonable({
             "code": code_hash(), "data": data_identity(self.data), "spec": self.spec.to_dict(),
             "defense": defense.name, "params": defense.params, "recipe": recipe.weights_key(),
             "train": indices_digest(np.sort(job.train_idx)), "n_train": int(len(job.train_idx)),
+            "arithmetic": arithmetic,
         })
+
+    def plan(self, jobs: list[ModelJob], requests: list[TrainRequest]) -> list[str]:
+        """Each job's arithmetic, planned by the engine over its whole group (one defense and
+        parameters), cached or not, and set on its request (the engine honours it)."""
+        planned = [""] * len(jobs)
+        for members in _by_defense(jobs):
+            job = jobs[members[0]]
+            labels = self.engine.plan(self.spec, self.data, self.recipe, job.defense.name,
+                                      [requests[i] for i in members], resume=self.resume)
+            for i, label in zip(members, labels):
+                planned[i] = requests[i].arithmetic = label
+        return planned
 
     def recipe_of(self, job: ModelJob) -> Recipe:
         return replace(self.recipe, seed=job.seed)
@@ -150,29 +183,29 @@ class ModelFactory:
         are trained by the engine, one group per defense, and cached as each finishes.
         run_dirs: job position -> folder for its checkpoint and metrics; eval_idx: indices
         whose accuracy is logged per epoch for the target (monitoring only)."""
-        keys = [self.key(job, self.recipe_of(job)) for job in jobs]
+        requests = [self.request(job, (run_dirs or {}).get(i), eval_idx, desc)
+                    for i, job in enumerate(jobs)]
+        planned = self.plan(jobs, requests)
+        keys = [self.key(job, self.recipe_of(job), planned[i]) for i, job in enumerate(jobs)]
         out: list[TrainedModel | None] = [self.cache.get(k) for k in keys]
-        groups: dict[str, list[int]] = {}
-        for i, t in enumerate(out):
-            if t is None:
-                groups.setdefault(json.dumps(keys[i]["params"], sort_keys=True)
-                                  + keys[i]["defense"], []).append(i)
-        for members in groups.values():
-            requests = [self.request(jobs[i], (run_dirs or {}).get(i), eval_idx, desc)
-                        for i in members]
+        for group in _by_defense(jobs):
+            missing = [i for i in group if out[i] is None]
+            if not missing:
+                continue
 
-            def done(k: int, output: TrainOutput, members=members, requests=requests) -> None:
-                i = members[k]
+            def done(k: int, output: TrainOutput, missing=missing) -> None:
+                i = missing[k]
                 check_diverged(output.net, self.data, output.trained_on, len(output.history),
-                               jobs[i].defense.name, requests[k].desc)
+                               jobs[i].defense.name, requests[i].desc)
                 out[i] = TrainedModel(output.net, output.spec, output.trained_on,
                                       output.report, output.history, output.groups)
-                self.cache.put(keys[i], out[i])
+                actual = output.report.get("arithmetic", keys[i]["arithmetic"])
+                self.cache.put({**keys[i], "arithmetic": actual}, out[i])
 
-            job = jobs[members[0]]
+            job = jobs[missing[0]]
             self.engine.train(self.spec, self.data, self.recipe, job.defense.name,
-                              job.defense.params, requests, resume=self.resume,
-                              progress=self.progress, on_done=done)
+                              job.defense.params, [requests[i] for i in missing],
+                              resume=self.resume, progress=self.progress, on_done=done)
         return out  # type: ignore[return-value]
 
     @staticmethod

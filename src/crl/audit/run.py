@@ -327,12 +327,19 @@ def evaluation_of(split: PoolSplit, target: TrainedModel,
 
 def write_released(run_dir: Path, factory: ModelFactory, target: TrainedModel,
                    ev: Evaluation) -> None:
-    """model.pt, metrics.jsonl and members.json: every number is recomputable from these."""
+    """model.pt, metrics.jsonl and members.json: every number is recomputable from these.
+    members.json lists every sample the released model trained on: "members" (the evaluated
+    ones) and, with --canaries, "canaries" (the canaries it trained on, scored on their own);
+    "canaries_not_trained_on" are the pool's other canaries."""
     factory.save(run_dir / "model.pt", target)
     write_metrics(run_dir / "metrics.jsonl", target.history)
     members = {"members": ev.sample_idx[ev.members].tolist(),
                "nonmembers": ev.sample_idx[ev.nonmembers].tolist()}
     members.update({k: ev.sample_idx[m].tolist() for k, m in ev.groups.items()})
+    if ev.canary is not None and ev.canary.any():
+        trained = np.isin(ev.sample_idx, target.trained_on)
+        members["canaries"] = ev.sample_idx[ev.canary & trained].tolist()
+        members["canaries_not_trained_on"] = ev.sample_idx[ev.canary & ~trained].tolist()
     write_json_atomic(run_dir / "members.json", members)
 
 

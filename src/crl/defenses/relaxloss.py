@@ -16,6 +16,8 @@ from crl.registry import DEFENSES
 @DEFENSES.register("relaxloss")
 class RelaxLossDefense(LogsMeans, Defense):
     """RelaxLoss: even epoch |L_ce - alpha|; L_ce > alpha -> L_ce; else posterior flattening.
+    Epochs' parity as Chen et al.'s code counts them, from 0: crl's epochs 1, 3, 5, ... are
+    their even ones (crl.losses.relaxloss.relaxloss_epoch).
 
     end_epoch() metrics: the epoch's mean l_ce and the share of steps in each branch
     (frac_ce_even/fit/relax).

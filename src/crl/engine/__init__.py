@@ -5,9 +5,18 @@
     ray          chunks of models as Ray tasks, on one machine or a cluster (crl.engine.ray_engine)
     auto         per model and device, from the measured table in docs/performance.md
 
-Every engine trains the same model for the same request (own seed, indices, shuffle order,
-defense state): which engine trained a model is not part of the cache key. The audit's
-`ModelFactory` hands each group of cache misses to `get_engine(name).train(...)`.
+Every engine trains a request from the same inputs (own seed, indices, shuffle order, defense
+state), but not with the same arithmetic: the ensemble's batched products round differently from
+one model's, and training grows those differences (for the relaxed objectives, whose branch
+decisions compare a batch loss with alpha, into other models). What holds (docs/performance.md,
+tests/test_engine.py): bitwise within one arithmetic; across arithmetics the same distribution
+of models (the mean attack AUC agrees within its standard error), not the same model. So each
+output's report names its arithmetic ("arithmetic": "sequential/cpu", "baddbmm/cpu",
+"vmap/cuda", ...: `arithmetic_label`), each engine plans in advance which one each request of
+a group gets (`Engine.plan`, over every request of the group, cached or not) and honours a
+request's planned `arithmetic` when it trains it, and the audit's `ModelFactory` makes it part
+of the cache key: a model is served only to a run that would have trained it the same way,
+whichever of the group's other models the cache already held.
 """
 from __future__ import annotations
 
@@ -37,6 +46,7 @@ class TrainRequest:
     eval_idx: np.ndarray | None = None
     run_dir: Path | None = None
     desc: str = ""
+    arithmetic: str | None = None        # planned by Engine.plan (None: planned at train time)
 
 
 @dataclass
@@ -52,6 +62,17 @@ class TrainOutput:
 OnDone = Callable[[int, TrainOutput], None]
 
 
+def arithmetic_label(formulation: str, recipe: Recipe) -> str:
+    """How a model's weights were computed: the formulation ('sequential', 'baddbmm', 'vmap')
+    and the device class the recipe resolves to on this machine ('cpu', 'cuda', ...)."""
+    import torch
+
+    from crl.utils import resolve_device
+
+    device = resolve_device() if recipe.device == "auto" else torch.device(recipe.device)
+    return f"{formulation}/{device.type}"
+
+
 class Engine(Protocol):
     name: str
 
@@ -60,6 +81,18 @@ class Engine(Protocol):
               progress: bool = True, on_done: OnDone | None = None) -> list[TrainOutput]:
         """Train every request (recipe.seed is replaced by each request's seed); call
         on_done(position, output) as each model finishes, so a caller can cache it at once."""
+        ...
+
+    def arithmetic(self, spec: ModelSpec, data: ImageData, recipe: Recipe,
+                   defense: str) -> str:
+        """The `arithmetic_label` this engine trains such models with (the cache key's part;
+        each output's report["arithmetic"] says what actually trained it)."""
+        ...
+
+    def plan(self, spec: ModelSpec, data: ImageData, recipe: Recipe, defense: str,
+             requests: list[TrainRequest], *, resume: bool = False) -> list[str]:
+        """Per request, the `arithmetic_label` it trains with as one of `requests` (a whole
+        group, cached or not); `train` honours it when set on the request."""
         ...
 
 

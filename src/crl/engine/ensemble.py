@@ -1,26 +1,40 @@
 """The ensemble engine: K models of one architecture trained at once with stacked parameters,
-each the same model the sequential engine gives for its request; and the `auto` engine.
+each from the same inputs as the sequential engine's model for its request; and the `auto`
+engine. The same inputs, not the same arithmetic: batched products round differently from one
+model's, so an ensemble model equals the sequential one only to rounding grown by training
+(crl.engine: the arithmetic is recorded per model and is part of the cache key).
 
 Per model, exactly as `fit` does it: initialisation from the stream (seed, "init") before
 `spec.build()`, batches from its own shuffle stream (the same `ShuffledBatches`), augmentation
 from its own "augment" stream, the defense's per-model state (CRL's centers stacked [K, C, D],
 drawn from each model's "centers" stream). SGD with momentum and weight decay, and the centers'
 own SGD, run on the stacked tensors: every update is elementwise, so one optimizer over [K, ...]
-is K optimizers. One LambdaLR multistep schedule serves all (the recipe is shared). Two
-formulations (crl.engine.stacked): `baddbmm` (explicit batched layers, the `mlp`) and `vmap`
-(torch.func, any other model). Measured in docs/performance.md.
+is K optimizers. Not the fused SGD: on the CPU its vectorised kernel rounds an element by where
+it falls in the stacked tensor, so a model's weights changed with the chunk it trained in; with
+the plain (per-tensor or foreach) update an mlp's weights are bitwise the same in any chunk.
+One LambdaLR multistep schedule serves all (the recipe is shared). Two formulations
+(crl.engine.stacked): `baddbmm` (explicit batched layers, the `mlp`) and `vmap` (torch.func,
+any other model). Measured in docs/performance.md.
 
 What falls back to the sequential engine, never an error: a defense that is not batchable
 (dpsgd, advreg, dmp, early_stopping), a model no formulation reproduces (active dropout), a
 model whose stack fails a trial training step on two samples (an operation vmap does not
-support; a warning names it), a request alone in its train size (batches must align), a request
-with a checkpoint to resume. The stack computes in the default memory format even when the
-recipe asks for channels_last: vmap cannot answer a query for another format, which CUDA's
-batch norm makes (the models differ from channels_last ones only in rounding).
+support; a warning names it), a request with a checkpoint to resume, and a request alone in its
+train size within its group (batches must align), which keeps its per-epoch checkpoints. That is
+decided over the whole group by `plan` (the audit's factory plans every model of a defense,
+cached or not, and sets each request's `arithmetic`); `train` honours a planned arithmetic, so
+a request planned into a stack whose mates the cache already held trains as a stack of one, and
+which arithmetic trains a model never depends on the cache's contents. The stack computes in the
+default memory format even when the recipe asks for channels_last: vmap cannot answer a query
+for another format, which CUDA's batch norm makes (the models differ from channels_last ones
+only in rounding).
 Models train in chunks of `ensemble_size` (default: as many as fit a memory budget, at most 64).
 No per-epoch checkpoints: `on_done` is called per model as its chunk finishes, so a rerun skips
 finished models through the cache. Each output's report names what trained it:
-"engine": "ensemble/baddbmm", "ensemble/vmap" or "sequential".
+"engine": "ensemble/baddbmm", "ensemble/vmap" or "sequential", "arithmetic" (crl.engine's
+`arithmetic_label`) and, for a stack, "models_in_chunk". Chunking does not change an mlp's
+weights (baddbmm or vmap); a vmap model with convolutions computes them as one grouped
+convolution over the chunk, whose kernels round by the chunk's size (docs/performance.md).
 """
 from __future__ import annotations
 
@@ -38,7 +52,7 @@ from tqdm.auto import tqdm
 from crl.data.augment import augment_batch
 from crl.data.types import ImageData, normalize
 from crl.defenses.base import Defense, Step, TrainContext, build_defense, default_sampler
-from crl.engine import ENGINES, OnDone, TrainOutput, TrainRequest
+from crl.engine import ENGINES, OnDone, TrainOutput, TrainRequest, arithmetic_label
 from crl.engine.sequential import initial_model, train_one
 from crl.engine.stacked import (FORMULATIONS, Stack, agrees, build_stack, formulation_for,
                                 trial_step)
@@ -77,6 +91,7 @@ class EnsembleEngine:
 
     def __init__(self, **options: Any) -> None:
         self.options = OPTIONS.resolve("ensemble", options)
+        self._trains: dict[tuple, str | None] = {}
 
     def formulation(self, spec: ModelSpec, defense: str) -> str | None:
         """The formulation for this model and defense, or None (sequential)."""
@@ -85,6 +100,36 @@ class EnsembleEngine:
         with torch.device("meta"):
             probe = spec.build()
         return formulation_for(probe, self.options["formulation"])
+
+    def arithmetic(self, spec: ModelSpec, data: ImageData, recipe: Recipe,
+                   defense: str) -> str:
+        """The formulation that will train such models ('sequential' where none can, a stack
+        that fails its trial step included), with the recipe's device class. The trial step
+        runs where the device is present (not for a Ray driver without the workers' GPU)."""
+        formulation = self.formulation(spec, defense)
+        if formulation is not None and _present(recipe.device):
+            device = resolve_device(recipe.device)
+            key = (repr(spec.to_dict()), formulation, str(device), recipe.bf16)
+            if key not in self._trains:
+                self._trains[key] = _stack_failure(spec, data, recipe, formulation)
+                if self._trains[key] is not None:
+                    warnings.warn(f"the {formulation} stack of {spec.arch} cannot train: "
+                                  f"{self._trains[key]}; training these models sequentially",
+                                  RuntimeWarning, stacklevel=2)
+            formulation = None if self._trains[key] is not None else formulation
+        return arithmetic_label(formulation or "sequential", recipe)
+
+    def plan(self, spec: ModelSpec, data: ImageData, recipe: Recipe, defense: str,
+             requests: list[TrainRequest], *, resume: bool = False) -> list[str]:
+        """Sequential for a request with a checkpoint to resume and for one alone in its train
+        size among `requests`; the stack's arithmetic for the rest."""
+        label = self.arithmetic(spec, data, recipe, defense)
+        sequential = arithmetic_label("sequential", recipe)
+        if label == sequential:
+            return [sequential] * len(requests)
+        alone, groups = _groups(requests, resume)
+        alone += [g[0] for g in groups if len(g) == 1]
+        return [sequential if i in alone else label for i in range(len(requests))]
 
     def train(self, spec: ModelSpec, data: ImageData, recipe: Recipe, defense: str,
               params: dict[str, Any], requests: list[TrainRequest], *, resume: bool = False,
@@ -98,13 +143,15 @@ class EnsembleEngine:
 
         run = _Run(spec, data, recipe, defense, params, progress)
         formulation = self.formulation(spec, defense)
-        groups = _groups(requests, resume, batched=formulation is not None)
-        if any(len(g) > 1 for g in groups):
+        planned = [r.arithmetic for r in requests]
+        if None in planned:
+            planned = self.plan(spec, data, recipe, defense, requests, resume=resume)
+        stacked = [formulation is not None and not p.startswith("sequential/") for p in planned]
+        run.sequential(requests, [i for i, s in enumerate(stacked) if not s], done, resume)
+        groups = _by_size(requests, [i for i, s in enumerate(stacked) if s])
+        if groups:
             size = self.options["ensemble_size"] or default_ensemble_size(spec, recipe)
         for positions in groups:
-            if len(positions) < 2:
-                run.sequential(requests, positions, done, resume)
-                continue
             for chunk in _chunks(positions, size):
                 run.ensemble(requests, chunk, formulation, done)
         return outputs  # type: ignore[return-value]
@@ -144,23 +191,48 @@ class _Mismatch(Exception):
     """The stacked model does not compute what the models compute (a foreign architecture)."""
 
 
-def _groups(requests: list[TrainRequest], resume: bool, batched: bool) -> list[list[int]]:
-    """Positions in groups that train together: equal train sizes (batch boundaries align);
-    a request with a checkpoint to resume, or every request when not batched, alone."""
-    alone, by_size = [], {}
-    for i, req in enumerate(requests):
-        ckpt = req.run_dir is not None and (Path(req.run_dir) / "checkpoint.pt").exists()
-        if not batched or (resume and ckpt):
-            alone.append([i])
-        else:
-            by_size.setdefault(len(req.train_idx), []).append(i)
-    return alone + list(by_size.values())
+def _groups(requests: list[TrainRequest], resume: bool) -> tuple[list[int], list[list[int]]]:
+    """(positions with a checkpoint to resume, the others grouped by train size)."""
+    alone = [i for i, req in enumerate(requests) if resume and req.run_dir is not None
+             and (Path(req.run_dir) / "checkpoint.pt").exists()]
+    return alone, _by_size(requests, [i for i in range(len(requests)) if i not in alone])
+
+
+def _by_size(requests: list[TrainRequest], positions: list[int]) -> list[list[int]]:
+    """`positions` grouped by their requests' train size (a size alone: a group of one)."""
+    by_size: dict[int, list[int]] = {}
+    for i in positions:
+        by_size.setdefault(len(requests[i].train_idx), []).append(i)
+    return list(by_size.values())
 
 
 def _chunks(positions: list[int], size: int) -> list[list[int]]:
     """`positions` in the fewest chunks of at most `size`, of (nearly) equal length."""
     count = math.ceil(len(positions) / size)
     return [[int(i) for i in part] for part in np.array_split(positions, count)]
+
+
+def _present(device: str) -> bool:
+    """Whether `device` exists on this machine."""
+    try:
+        resolve_device(device)
+    except CRLError:
+        return False
+    return True
+
+
+def _stack_failure(spec: ModelSpec, data: ImageData, recipe: Recipe,
+                   formulation: str) -> str | None:
+    """Why a stack of two such models cannot train like `fit` (None: it can): the trial step
+    and the logits check `_Ensemble.start` makes, on two fresh models and two samples."""
+    device = resolve_device(recipe.device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        models = [initial_model(spec, seed).to(device) for seed in (0, 1)]
+    probe = normalize(data.x[:2].to(device), data.mean, data.std)
+    failure = trial_step(models, formulation, probe, recipe.bf16)
+    if failure is None and not agrees(build_stack(models, formulation), models, probe):
+        failure = "the stack does not reproduce the model's own logits"
+    return failure
 
 
 def default_ensemble_size(spec: ModelSpec, recipe: Recipe) -> int:
@@ -231,8 +303,9 @@ class _Ensemble:
         if not agrees(stack, models, probe):
             raise _Mismatch(f"the {formulation} stack of {run.spec.arch} does not reproduce "
                             "the model's own logits")
+        # not fused: the fused CPU kernel rounds by position in the stack (module docstring)
         optimizer = torch.optim.SGD(stack.parameters(), lr=recipe.lr, momentum=recipe.momentum,
-                                    weight_decay=recipe.weight_decay, fused=True)
+                                    weight_decay=recipe.weight_decay)
         defense = build_defense(run.defense, run.params)
         defense.check(recipe, len(requests[0].train_idx))
         contexts = [_context(run, req, model, optimizer, device, defense)
@@ -332,7 +405,9 @@ class _Ensemble:
     def output(self, k: int, history: list[dict[str, float]]) -> TrainOutput:
         """Model k as the sequential engine returns it (CPU, eval mode), its report naming
         this engine and formulation."""
-        report = {"engine": f"ensemble/{self.stack.formulation}"}
+        report = {"engine": f"ensemble/{self.stack.formulation}",
+                  "arithmetic": arithmetic_label(self.stack.formulation, self.run.recipe),
+                  "models_in_chunk": len(self.requests)}
         if self.run.recipe.channels_last:
             report["channels_last"] = "not applied (the ensemble computes in the default layout)"
         return TrainOutput(self.stack.module(k).cpu().eval(), self.run.spec,
@@ -374,6 +449,22 @@ class AutoEngine:
 
     def __init__(self, **options: Any) -> None:
         self.options = OPTIONS.without(["formulation"]).resolve("auto", options)
+        self._inner: dict[str, EnsembleEngine] = {}
+
+    def arithmetic(self, spec: ModelSpec, data: ImageData, recipe: Recipe,
+                   defense: str) -> str:
+        return self.inner(self.choose(spec, recipe)).arithmetic(spec, data, recipe, defense)
+
+    def plan(self, spec: ModelSpec, data: ImageData, recipe: Recipe, defense: str,
+             requests: list[TrainRequest], *, resume: bool = False) -> list[str]:
+        return self.inner(self.choose(spec, recipe)).plan(spec, data, recipe, defense,
+                                                          requests, resume=resume)
+
+    def inner(self, formulation: str) -> EnsembleEngine:
+        """The ensemble engine of `formulation` (kept: it remembers its trial steps)."""
+        if formulation not in self._inner:
+            self._inner[formulation] = EnsembleEngine(**self.options, formulation=formulation)
+        return self._inner[formulation]
 
     def choose(self, spec: ModelSpec, recipe: Recipe) -> str:
         """'baddbmm', 'vmap' or 'sequential' for this model on the recipe's device."""
@@ -382,6 +473,6 @@ class AutoEngine:
     def train(self, spec: ModelSpec, data: ImageData, recipe: Recipe, defense: str,
               params: dict[str, Any], requests: list[TrainRequest], *, resume: bool = False,
               progress: bool = True, on_done: OnDone | None = None) -> list[TrainOutput]:
-        engine = EnsembleEngine(**self.options, formulation=self.choose(spec, recipe))
+        engine = self.inner(self.choose(spec, recipe))
         return engine.train(spec, data, recipe, defense, params, requests, resume=resume,
                             progress=progress, on_done=on_done)

@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from crl.data.types import ImageData
-from crl.engine import ENGINES, OnDone, TrainOutput, TrainRequest, get_engine
+from crl.engine import ENGINES, OnDone, TrainOutput, TrainRequest, arithmetic_label, get_engine
 from crl.engine.sequential import _jsonable
 from crl.errors import CRLError
 from crl.models.spec import ModelSpec
@@ -254,6 +254,34 @@ class RayEngine:
             raise CRLError(f"a Ray worker runs crl source {got['code']}, this driver "
                            f"{code_hash()}: expected the same crl installed on every node")
         return [unpack(d) for d in got["outputs"]]
+
+    def worker_device(self, recipe: Recipe) -> str:
+        """The device class the tasks compute on: cuda when they hold GPUs (asked of the cluster
+        once Ray is up, for --device auto), else the recipe's as it resolves here."""
+        if recipe.device == "auto" and self.ray.is_initialized():
+            return "cuda" if self.gpus(recipe) else "cpu"
+        return arithmetic_label("", worker_recipe(recipe)).rsplit("/", 1)[1]
+
+    def arithmetic(self, spec: ModelSpec, data: ImageData, recipe: Recipe,
+                   defense: str) -> str:
+        """The inner engine's formulation on the workers' device class. A worker that computes
+        otherwise says so in its models' reports (the cache stores them under that)."""
+        label = self.inner().arithmetic(spec, data, worker_recipe(recipe), defense)
+        return self._on_workers(label, recipe)
+
+    def plan(self, spec: ModelSpec, data: ImageData, recipe: Recipe, defense: str,
+             requests: list[TrainRequest], *, resume: bool = False) -> list[str]:
+        """The inner engine's plan over the whole group (each task's inner engine honours it;
+        no checkpoints travel, so nothing is planned for resuming)."""
+        planned = self.inner().plan(spec, data, worker_recipe(recipe), defense, requests)
+        return [self._on_workers(label, recipe) for label in planned]
+
+    def inner(self) -> Any:
+        """The engine each task runs (as the driver builds it)."""
+        return get_engine(self.options["inner"], **self.inner_options)
+
+    def _on_workers(self, label: str, recipe: Recipe) -> str:
+        return f"{label.rsplit('/', 1)[0]}/{self.worker_device(recipe)}"
 
     def train(self, spec: ModelSpec, data: ImageData, recipe: Recipe, defense: str,
               params: dict[str, Any], requests: list[TrainRequest], *, resume: bool = False,

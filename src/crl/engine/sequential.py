@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from crl.data.types import ImageData
 from crl.defenses.base import build_defense
-from crl.engine import ENGINES, OnDone, TrainOutput, TrainRequest
+from crl.engine import ENGINES, OnDone, TrainOutput, TrainRequest, arithmetic_label
 from crl.models.spec import ModelSpec
 from crl.recipe import Recipe
 from crl.seeding import seed_for
@@ -42,13 +42,22 @@ def train_one(spec: ModelSpec, data: ImageData, recipe: Recipe, defense: str,
     for name in result.report.get("model_transforms", []):
         spec = spec.with_transform(name)
     return TrainOutput(result.model.cpu().eval(), spec, np.sort(result.train_idx),
-                       {**_jsonable(result.report), "engine": "sequential"}, result.history,
+                       {**_jsonable(result.report), "engine": "sequential",
+                        "arithmetic": arithmetic_label("sequential", recipe)}, result.history,
                        {k: np.sort(np.asarray(v)) for k, v in result.groups.items()})
 
 
 @ENGINES.register("sequential")
 class SequentialEngine:
     """Models one after another in this process."""
+
+    def arithmetic(self, spec: ModelSpec, data: ImageData, recipe: Recipe,
+                   defense: str) -> str:
+        return arithmetic_label("sequential", recipe)
+
+    def plan(self, spec: ModelSpec, data: ImageData, recipe: Recipe, defense: str,
+             requests: list[TrainRequest], *, resume: bool = False) -> list[str]:
+        return [self.arithmetic(spec, data, recipe, defense)] * len(requests)
 
     def train(self, spec: ModelSpec, data: ImageData, recipe: Recipe, defense: str,
               params: dict[str, Any], requests: list[TrainRequest], *, resume: bool = False,

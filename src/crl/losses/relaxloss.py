@@ -221,8 +221,9 @@ def relaxed_objective(level: torch.Tensor, alpha: float | torch.Tensor, epoch: i
     """The relaxed policy shared by Eq. 3, Eq. 9 and Algorithm 1 lines 9-18, per model.
 
     `level` is the batch-mean loss that decides the branch (once per mini-batch and model):
-    even epoch -> |level - alpha|; else level > alpha -> level; else `relaxed`. All three are
-    computed and `torch.where` selects, so the gradient is exactly the chosen branch's.
+    even `epoch` (as the caller counts it: CRL from 1, RelaxLoss from 0) -> |level - alpha|;
+    else level > alpha -> level; else `relaxed`. All three are computed and `torch.where`
+    selects, so the gradient is exactly the chosen branch's.
     """
     fit_or_relax = torch.where(level > alpha, level, relaxed)
     return torch.where(_even(epoch, level), (level - alpha).abs(), fit_or_relax)
@@ -258,6 +259,14 @@ def nll(log_probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 # --- the original RelaxLoss -------------------------------------------------------------------
+def relaxloss_epoch(epoch: int) -> int:
+    """The epoch index RelaxLoss's parity is taken on: Chen et al.'s code counts epochs from 0
+    (`for epoch in range(start_epoch, num_epochs)`, start_epoch 0; `epoch % 2 == 0` takes
+    |L_ce - alpha|), so crl's epoch e (counted from 1) is their e - 1 and crl's first epoch is
+    their even epoch 0. CRL keeps its paper's count (Algorithm 1: epochs 1..E)."""
+    return epoch - 1
+
+
 def _relaxloss(logits: torch.Tensor, targets: torch.Tensor, alpha: float | torch.Tensor,
                epoch: int, upper: float, stats: LossStats | None) -> torch.Tensor:
     """RelaxLoss per model ([..., B, C] -> [...]) on checked inputs; fills `stats` if given."""
@@ -269,11 +278,12 @@ def _relaxloss(logits: torch.Tensor, targets: torch.Tensor, alpha: float | torch
     conf = target_confidence(logits, targets, upper=upper)
     soft = soft_cross_entropy(log_p, soft_target(conf, targets, logits.shape[-1]))
     flatten = ((1.0 - correct) * soft - ce).mean(dim=-1)
+    parity_epoch = relaxloss_epoch(epoch)
     if stats is not None:
         stats.clear()
         stats.put("l_ce", l_ce)
-        stats.put_branch("branch", l_ce, alpha, epoch)
-    return relaxed_objective(l_ce, alpha, epoch, flatten)
+        stats.put_branch("branch", l_ce, alpha, parity_epoch)
+    return relaxed_objective(l_ce, alpha, parity_epoch, flatten)
 
 
 def relaxloss_batched(logits: torch.Tensor, targets: torch.Tensor,
@@ -298,7 +308,8 @@ def relaxloss_batched(logits: torch.Tensor, targets: torch.Tensor,
 class RelaxLoss(nn.Module):
     """The original RelaxLoss (Chen et al. 2022; CRL paper Eq. 3; SPEC section 4).
 
-    even epoch -> |L_ce - alpha|; else L_ce > alpha -> L_ce; else posterior flattening
+    even epoch (counted from 0 as Chen et al.'s code does: crl's epochs 1, 3, 5, ...; see
+    `relaxloss_epoch`) -> |L_ce - alpha|; else L_ce > alpha -> L_ce; else posterior flattening
     mean_j[(1 - correct_j) * soft_ce_j - ce_j] with the Eq. 7 soft target built from p[y]
     clamped at `upper` (gradient flowing), on the plain logits.
     `last_stats` (a `LossStats`) holds the last batch's diagnostics: l_ce and the branch taken.
