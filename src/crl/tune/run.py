@@ -6,11 +6,13 @@
    audits DefenseChoice(defense, sampled parameters) on every search seed (Audit.audit_one;
    the model cache makes repeated settings free).
 3. Audit CE, the defense at its defaults and every --compare defense on the search seeds
-   (reference points), recommend the most private trial within --max-accuracy-drop of CE's
-   test accuracy, and re-run it, CE and the defaults on fresh seeds with the confirm attacks.
+   (reference points), take the most private trial within --max-accuracy-drop of CE's test
+   accuracy, and re-run it, CE and the defaults on fresh seeds with the confirm attacks (test
+   accuracy with its interval; changes against CE paired, by crl.verdict's functions).
 4. Write tune.json, tune.md and pareto.png, then manifest.json (crl.manifest; the setup is
    the run's config: another setup in OUT is refused unless --overwrite), and print the
-   recommendation.
+   outcome: "recommended" only when the trial beats CE beyond noise (crl.tune.output.status),
+   else "no setting beats ce within the budget" and why.
 """
 from __future__ import annotations
 
