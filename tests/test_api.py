@@ -140,7 +140,12 @@ def test_readme_example_runs(tmp_path, monkeypatch, capsys):
     exec(compile(code, "README.md", "exec"), scope)
     row = scope["result"]["rows"][0]
     assert set(row["attacks"]) == {"loss", "lira"} and row["test_acc"] > 0.8
-    assert str(row["attacks"]["lira"]["auc"]) in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert str(row["attacks"]["lira"]["auc"]) in printed
+    # the verdict closes the output as crl audit's does: one training audited, so none, and why
+    verdict = printed[printed.index("Verdict: none"):].splitlines()
+    assert "only one training audited (user)" in " ".join(verdict)
+    assert all(len(line) <= 100 for line in verdict)
     run = tmp_path / "runs" / "my-training"
     for name in ("results.json", "report.md", "logits/seed0.npz", "scores/user_seed0.npz",
                  "models/user/seed0/members.json", "models/user/seed0/reference7.pt"):
@@ -153,6 +158,14 @@ def test_a_target_at_chance_is_named(digits):
         result = crl.audit_training(lambda xt, yt, seed: _mlp(seed), x, y, attacks=("loss",),
                                     subset=200, progress=False)
     assert "target at chance" in result["rows"][0]["warning"] and result["out"] is None
+
+
+def test_no_verdict_without_a_run_directory_either(digits, capsys):
+    x, y = digits.x.float() / 255, digits.y
+    with pytest.warns(RuntimeWarning):
+        crl.audit_training(lambda xt, yt, seed: _mlp(seed), x, y, attacks=("loss",),
+                           subset=200, bootstrap=50)
+    assert "Verdict: none (only one training audited (user)" in capsys.readouterr().out
 
 
 def _digits_xy(digits):

@@ -2,6 +2,7 @@
 collapsed trials are failed, the recommendation respects --max-accuracy-drop, and tune.json /
 tune.md / pareto.png agree with the stored trials; bad options fail with one line."""
 import json
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -53,7 +54,7 @@ def _check_recommendation(result, drop):
     ce = result["references"]["ce"]["test_acc"]
     feasible = [t for t in result["trials"] if t["state"] == "COMPLETE"
                 and t["values"][0] >= ce - drop - 1e-12]
-    rec = result["recommended"]
+    rec = result["best_within_budget"]
     if not feasible:
         assert rec is None
         return
@@ -63,6 +64,12 @@ def _check_recommendation(result, drop):
     labels = [r["label"] for r in result["confirm"]["rows"]]
     assert labels[:2] == ["ce", f"crl (trial {rec['trial']})"]
     assert result["confirm"]["seeds"] == [1]          # fresh: the search used seed 0
+    for row in result["confirm"]["rows"]:             # fresh-seed accuracy has its interval
+        lo, hi = row["accuracy_interval"]
+        assert lo <= row["point"]["test_acc"] <= hi and hi - lo > 0
+        assert (row["change"] is None) == (row["label"] == "ce")
+    assert result["recommendation"]["status"] in ("recommended", "no gain",
+                                                  "within noise on fresh seeds")
 
 
 def test_study_persists_and_a_larger_n_continues_it(tmp_path, capsys):
@@ -75,7 +82,7 @@ def test_study_persists_and_a_larger_n_continues_it(tmp_path, capsys):
 
     code, stdout, err = _tune([*args, "--trials", "3"], capsys)
     assert code == 0, err
-    assert "trial 3/3" in stdout and "trial 1/3" not in stdout     # only the third ran
+    assert "trial 2 (3/3)" in stdout and "(1/3)" not in stdout     # only the third ran
     result = json.loads((out / "tune.json").read_text())
     assert [t["searched"] for t in result["trials"][:2]] == \
         [t["searched"] for t in first["trials"]]
@@ -84,6 +91,14 @@ def test_study_persists_and_a_larger_n_continues_it(tmp_path, capsys):
     _check_consistent(out, result)
     _check_recommendation(result, 0.05)
     assert result["seconds"]["total"] >= result["seconds"]["run"]
+    # one numbering everywhere: the console, tune.json, tune.md and the recommendation
+    assert [int(n) for n in re.findall(r"^trial (\d+) \(", stdout, re.MULTILINE)] == [2]
+    rec, md = result["best_within_budget"]["trial"], (out / "tune.md").read_text()
+    assert f"(trial {rec})" in stdout and f"Trial {rec}:" in md and f"crl (trial {rec})" in md
+    words = result["recommendation"]["words"]
+    assert words in " ".join(stdout.split()) and words[1:] in " ".join(md.split())
+    assert ("recommended (trial" in stdout) == (result["recommendation"]["status"]
+                                                 == "recommended")
 
     code, _, err = _tune([*TINY, "--trials", "3", "--epochs", "4", "--out", str(out)], capsys)
     assert code == 2 and err.count("\n") == 1                      # another recipe: refused
@@ -113,8 +128,9 @@ def test_trials_that_collapse_to_chance_are_failed(tmp_path, capsys):
     assert [t["state"] for t in result["trials"]] == ["FAIL", "FAIL"]
     assert all(t["failed"].startswith("chance: target at chance") for t in result["trials"])
     assert all(t["point"]["warnings"] for t in result["trials"])
-    assert result["front"] == [] and result["recommended"] is None
-    assert "nothing to recommend" in stdout
+    assert result["front"] == [] and result["best_within_budget"] is None
+    assert result["recommendation"]["status"] == "no trial within the budget"
+    assert "no setting beats ce within the budget" in stdout and "recommended" not in stdout
     _check_consistent(out, result)
     code, stdout, err = _tune(args, capsys)                         # N = 2 already reached
     assert code == 0, err
@@ -236,13 +252,87 @@ def test_a_killed_run_keeps_the_time_of_its_finished_trials(tmp_path, capsys, mo
         m.setattr(tune_run, "reference_points", killed)
         with pytest.raises(Killed):
             main(["tune", *args])
-    assert "trial 2/2" in capsys.readouterr().out
+    assert "trial 1 (2/2)" in capsys.readouterr().out
     storage = optuna.storages.RDBStorage(f"sqlite:///{out / STUDY_FILE}")
     kept = optuna.load_study(study_name=STUDY_NAME, storage=storage).user_attrs["seconds"]
     assert kept > 0 and not (out / "tune.json").exists()
 
     code, stdout, err = _tune(args, capsys)
     assert code == 0, err
-    assert "trial 1/2" not in stdout                     # the two trials were kept, not rerun
+    assert "(1/2)" not in stdout                     # the two trials were kept, not rerun
     seconds = json.loads((out / "tune.json").read_text())["seconds"]
     assert abs(seconds["total"] - (kept + seconds["run"])) <= 1    # both rounded to 1 s
+
+
+def _result(rec, ce_objective=0.70, change_ci=None, intervals=((0.60, 0.66), (0.67, 0.73))):
+    """A TuneResult with CE at `ce_objective`, the best trial within the budget `rec` and, on
+    fresh seeds, the trial's paired change against CE (`change_ci`) and both intervals."""
+    from crl.tune.output import ConfirmRow, TuneResult
+
+    ce = _point(0.90, ce_objective, "ce")
+    rows = []
+    if rec is not None:
+        change = None if change_ci is None else {
+            "metric": "auc", "attack": "loss", "baseline_attack": "loss", "defense": 0.6,
+            "baseline": 0.7, "change": sum(change_ci) / 2, "ci": list(change_ci)}
+        rows = [ConfirmRow("ce", _point(0.9, 0.7, "ce"), list(intervals[1])),
+                ConfirmRow(f"crl (trial {rec[0]})", rec[1], list(intervals[0]), change=change)]
+    return TuneResult({"setup": {"defense": "crl"}}, "auc", [], ["loss"], [], [], {"ce": ce},
+                      0.01, rec, rows, [3], ["loss"])
+
+
+@pytest.mark.parametrize("case, expected", [
+    ({"rec": None}, "no trial within the budget"),
+    ({"rec": (7, _point(0.9, 0.71))}, "no gain"),                         # worse than CE
+    ({"rec": (7, _point(0.9, 0.70))}, "no gain"),                         # equal to CE
+    ({"rec": (7, _point(0.9, 0.60)), "change_ci": (-0.09, 0.01)}, "within noise on fresh seeds"),
+    ({"rec": (7, _point(0.9, 0.60)), "change_ci": (-0.09, -0.01)}, "recommended"),
+    ({"rec": (7, _point(0.9, 0.60))}, "recommended"),                     # intervals apart
+    ({"rec": (7, _point(0.9, 0.60)), "intervals": ((0.6, 0.68), (0.67, 0.73))},
+     "within noise on fresh seeds"),                                      # overlapping
+])
+def test_a_setting_is_recommended_only_when_it_beats_ce_beyond_noise(case, expected):
+    from crl.tune.output import markdown, status
+
+    r = _result(**case)
+    state, words = status(r)
+    assert state == expected
+    assert words.startswith("recommended: trial 7") == (expected == "recommended")
+    if expected != "recommended":
+        assert words.startswith("no setting beats ce within the budget")
+        assert "recommended" not in words
+    if expected == "no gain":
+        assert "trial 7" in words
+    r.meta.update(command="crl tune", machine="m", date="d", seconds={"run": 1, "total": 1})
+    r.meta["setup"]["objective"] = "auc"
+    section = "\n".join(markdown(r)).split("## Recommendation")[1].split("\n##")[0]
+    body = section.split("\n", 1)[1]               # below its heading
+    assert words[1:] in body
+    assert ("recommended" in body.lower()) == (expected == "recommended")
+
+
+@pytest.mark.parametrize("change_ci, label", [((-0.09, -0.01), "trial 7: recommended"),
+                                              ((-0.09, 0.01), ("trial 7: best within the budget, "
+                                                               "within noise on fresh seeds"))])
+def test_pareto_png_labels_trials_by_their_numbers(change_ci, label, tmp_path, monkeypatch):
+    """The front's points carry the trial numbers of tune.md and tune.json, and the marked
+    trial is called recommended only when it is."""
+    import matplotlib.axes
+
+    from crl.tune.output import plot_front
+
+    p = _point(0.9, 0.60)
+    r = _result((7, p), change_ci=change_ci)
+    r.trials = [{"number": 7, "state": "COMPLETE", "point": p.to_dict()}]
+    r.front = [7]
+    r.meta["setup"]["recipe"] = {"seeds": [0]}
+    notes, labels = [], []
+    real_annotate, real_legend = matplotlib.axes.Axes.annotate, matplotlib.axes.Axes.legend
+    monkeypatch.setattr(matplotlib.axes.Axes, "annotate",
+                        lambda ax, text, *a, **k: notes.append(text) or real_annotate(
+                            ax, text, *a, **k))
+    monkeypatch.setattr(matplotlib.axes.Axes, "legend", lambda ax, *a, **k: labels.extend(
+        ax.get_legend_handles_labels()[1]) or real_legend(ax, *a, **k))
+    plot_front(tmp_path / "pareto.png", r)
+    assert notes == ["7"] and label in labels
+    assert (tmp_path / "pareto.png").read_bytes()[:4] == b"\x89PNG"

@@ -328,6 +328,19 @@ def prepare_user_audit(train_fn: Any, x: Any, y: Any, cfg: AuditConfig, *,
     return UserAudit(train_fn, data, cfg, attacks, Queries(data, batch_size, flip), progress)
 
 
+def print_user_verdict(outcomes: list[TargetOutcome], folder: Path | None, n_boot: int) -> None:
+    """The verdict as `crl audit` prints it: from verdict.json with a run directory, else
+    computed (one training audited: no verdict, with the reason)."""
+    from crl.audit.run import echo_verdict
+    from crl.verdict import compute_verdict, console_lines
+
+    if folder is not None:
+        echo_verdict(folder)
+    else:
+        print("\n".join(console_lines(compute_verdict(outcomes, n_boot=n_boot))))
+    print("  (to compare trainings, audit each one and set their rows side by side)")
+
+
 def audit_training(train_fn: TrainFn, x: torch.Tensor, y: torch.Tensor, *,
                    attacks: Sequence[str] | str = DEFAULT_ATTACKS, references: int = 8,
                    shadows: int = 0, seeds: Sequence[int] = (0,), out: str | Path | None = None,
@@ -362,4 +375,5 @@ def audit_training(train_fn: TrainFn, x: torch.Tensor, y: torch.Tensor, *,
         print(table)
         print(f"audited {len(outcomes)} target(s) in {time.time() - t0:.0f} s"
               + (f"; wrote {folder}" if folder is not None else ""))
+        print_user_verdict(outcomes, folder, cfg.bootstrap)
     return {"rows": [o.row() for o in outcomes], "outcomes": outcomes, "out": folder}

@@ -23,6 +23,14 @@ class ConfirmRow:
     label: str
     point: Point
     interval: list[float] | None       # 95% interval of the strongest attack's metric
+    accuracy_interval: list[float] | None = None     # 95% interval of test accuracy (samples)
+    change: dict[str, Any] | None = None             # strongest attack vs CE, paired (verdict)
+    accuracy_change: dict[str, Any] | None = None    # test accuracy vs CE, paired (verdict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"label": self.label, "point": self.point.to_dict(), "interval": self.interval,
+                "accuracy_interval": self.accuracy_interval, "change": self.change,
+                "accuracy_change": self.accuracy_change}
 
 
 @dataclass
@@ -52,11 +60,47 @@ class TuneResult:
                 "search_attacks": self.search_attacks, "trials": self.trials,
                 "front": self.front, "max_accuracy_drop": self.max_accuracy_drop,
                 "references": {k: p.to_dict() for k, p in self.references.items()},
-                "recommended": None if rec is None else {"trial": rec[0],
-                                                         "point": rec[1].to_dict()},
+                "best_within_budget": None if rec is None else {"trial": rec[0],
+                                                                "point": rec[1].to_dict()},
+                "recommendation": dict(zip(("status", "words"), status(self))),
                 "confirm": {"seeds": self.confirm_seeds, "attacks": self.confirm_attacks,
-                            "rows": [{"label": r.label, "point": r.point.to_dict(),
-                                      "interval": r.interval} for r in self.confirm]}}
+                            "rows": [r.to_dict() for r in self.confirm]}}
+
+
+#: status(r)[0]: whether the most private trial within the budget is recommended
+RECOMMENDED, NO_TRIAL, NO_GAIN, WITHIN_NOISE = ("recommended", "no trial within the budget",
+                                                "no gain", "within noise on fresh seeds")
+
+
+def status(r: TuneResult) -> tuple[str, str]:
+    """(status, one sentence): a trial is "recommended" only when it is more private than CE on
+    the search seeds and, on the fresh seeds, its strongest attack's paired change against CE
+    lies wholly below 0 (without a paired change: its interval wholly below CE's)."""
+    drop, none = _points(r.max_accuracy_drop), "no setting beats ce within the budget"
+    if r.recommended is None:
+        return NO_TRIAL, f"{none}: no completed trial is within {drop} of CE's test accuracy"
+    (n, p), ce = r.recommended, r.references["ce"]
+    search = f"{fmt(r.metric, p.objective)} vs CE's {fmt(r.metric, ce.objective)}"
+    if p.objective >= ce.objective:
+        return NO_GAIN, (f"{none}: the most private trial within {drop} of CE's test accuracy, "
+                         f"trial {n}, is no more private than CE on the search seeds ({search})")
+    if not _confirmed(r):
+        return WITHIN_NOISE, (f"{none} beyond noise: trial {n} is more private than CE on the "
+                              f"search seeds ({search}), but on the fresh seeds "
+                              f"{r.confirm_seeds} its change is within noise")
+    return RECOMMENDED, (f"recommended: trial {n}, more private than CE on the search seeds "
+                         f"({search}) and on the fresh seeds {r.confirm_seeds}")
+
+
+def _confirmed(r: TuneResult) -> bool:
+    rows = {row.label: row for row in r.confirm}
+    ours = rows.get(f"{r.meta['setup']['defense']} (trial {r.recommended[0]})")
+    if ours is None or "ce" not in rows:
+        return False
+    if ours.change is not None:
+        return ours.change["ci"][1] < 0
+    ce = rows["ce"].interval
+    return ours.interval is not None and ce is not None and ours.interval[1] < ce[0]
 
 
 def write_outputs(out: Path, result: TuneResult) -> None:
@@ -100,26 +144,18 @@ def markdown(r: TuneResult) -> list[str]:
 def _recommendation(r: TuneResult) -> list[str]:
     ce = r.references["ce"]
     drop = _points(r.max_accuracy_drop)
-    head = (f"## Recommendation (test accuracy at least CE's {_acc(ce)}% minus {drop}, "
-            "lowest objective)")
+    head = (f"## Recommendation (the most private trial with test accuracy at least CE's "
+            f"{_acc(ce)}% minus {drop}, if it beats CE)")
+    words = status(r)[1]
+    lines = [head, "", f"**{words[0].upper() + words[1:]}.**", ""]
     if r.recommended is None:
-        return [head, "", f"No completed trial is within {drop} of CE's test accuracy: nothing "
-                "to recommend.", ""]
+        return lines
     n, p = r.recommended
-    return [head, "", f"Trial {n}: {format_params({k: p.params[k] for k in r.searched})}.", "",
-            f"On the search seeds {p.seeds} (the front is chosen on them, so this is "
-            f"optimistic): test {_acc(p)}%, {_strongest(r, p)}; CE: test {_acc(ce)}%, "
-            f"{_strongest(r, ce)}.", "", *_no_gain(r, p, ce)]
-
-
-def _no_gain(r: TuneResult, p: Point, ce: Point) -> list[str]:
-    """A warning when the recommendation is no more private than CE on the search seeds."""
-    if p.objective < ce.objective:
-        return []
-    return [f"**No gain**: even this trial is no more private than CE on the search seeds "
-            f"({fmt(r.metric, p.objective)} vs {fmt(r.metric, ce.objective)}): within "
-            f"{_points(r.max_accuracy_drop)} of CE's accuracy the search found no setting "
-            "that lowers the strongest attack.", ""]
+    return lines + [
+        f"Trial {n}: {format_params({k: p.params[k] for k in r.searched})}.", "",
+        f"On the search seeds {p.seeds} (the front is chosen on them, so this is "
+        f"optimistic): test {_acc(p)}%, {_strongest(r, p)}; CE: test {_acc(ce)}%, "
+        f"{_strongest(r, ce)}.", ""]
 
 
 def _points(drop: float) -> str:
@@ -137,16 +173,19 @@ def _confirm_table(r: TuneResult) -> list[str]:
     lines = [f"## Fresh seeds {r.confirm_seeds} (not used in the search), attacks "
              f"{', '.join(r.confirm_attacks)}", "",
              f"{METRIC_WORDS[r.metric]} per attack (mean over seeds); the strongest with a 95% "
-             "interval over seeds and samples; test accuracy mean ± std over seeds.", "",
+             "interval over seeds and samples; test accuracy, mean over seeds, with a 95% "
+             "bootstrap interval over test samples; the changes against CE are paired (same "
+             "seeds and samples) with 95% intervals, as in crl audit's verdict.", "",
              "| setting | params | train % | test % | " + " | ".join(attacks)
-             + " | strongest |", "|" + "---|" * (len(attacks) + 5)]
+             + " | strongest | vs CE: strongest | vs CE: test (points) |",
+             "|" + "---|" * (len(attacks) + 7)]
     for row in r.confirm:
         p = row.point
         lines.append(f"| {row.label} | {_searched(r, p)} | {100 * p.train_acc:.1f} | "
-                     f"{_acc_std(p)} | " + " | ".join(fmt(r.metric, p.attacks.get(a))
-                                                      for a in attacks)
+                     f"{_acc_interval(p, row)} | " + " | ".join(fmt(r.metric, p.attacks.get(a))
+                                                               for a in attacks)
                      + f" | {p.strongest} {_with_interval(r.metric, p.objective, row.interval)}"
-                     + " |")
+                     + f" | {_change(row.change)} | {_accuracy_change(row.accuracy_change)} |")
     lines += ["", *_same_attacks_line(r), ""]
     return lines
 
@@ -164,11 +203,27 @@ def _same_attacks_line(r: TuneResult) -> list[str]:
             f"{'; '.join(cells)}."]
 
 
-def _acc_std(p: Point) -> str:
-    import numpy as np
+def _acc_interval(p: Point, row: ConfirmRow) -> str:
+    if row.accuracy_interval is None:
+        return _acc(p)
+    lo, hi = row.accuracy_interval
+    return f"{_acc(p)} [{100 * lo:.1f}, {100 * hi:.1f}]"
 
-    accs = 100 * np.asarray(p.test_accs)
-    return f"{accs.mean():.1f} ± {accs.std(ddof=1):.1f}" if len(accs) > 1 else f"{accs[0]:.1f}"
+
+def _change(c: dict[str, Any] | None) -> str:
+    """The paired change of the strongest attack against CE (crl.verdict's words)."""
+    if c is None:
+        return "-"
+    from crl.verdict import change_text
+
+    return change_text(c)
+
+
+def _accuracy_change(a: dict[str, Any] | None) -> str:
+    if a is None:
+        return "-"
+    lo, hi = a["ci"]
+    return f"{100 * a['change']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
 
 
 def _searched(r: TuneResult, p: Point) -> str:
@@ -236,9 +291,12 @@ def plot_front(path: Path, r: TuneResult) -> None:
         ax.scatter([scale * p.objective], [100 * p.test_acc], zorder=5, marker=marker,
                    s=130 if label == "ce" else 60, color=color, label=f"{label} at its defaults")
     if r.recommended is not None:
-        p = r.recommended[1]
+        n, p = r.recommended
+        state = status(r)[0]
         ax.scatter([scale * p.objective], [100 * p.test_acc], s=220, facecolors="none",
-                   edgecolors="red", linewidths=1.8, zorder=6, label="recommended")
+                   edgecolors="red", linewidths=1.8, zorder=6,
+                   label=f"trial {n}: " + ("recommended" if state == RECOMMENDED
+                                           else f"best within the budget, {state}"))
     ax.set_xlabel(f"strongest attack's {METRIC_WORDS[r.metric]} (lower = more private)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"{r.meta['setup']['defense']}: {len(r.trials)} trials, seeds "
@@ -261,4 +319,7 @@ def _scatter_trials(ax, r: TuneResult, scale: float) -> None:
                + (f"; {failed} failed, not shown)" if failed else ")"))
     front = sorted(r.points(r.front), key=lambda item: item[1].objective)
     ax.plot([scale * p.objective for _, p in front], [100 * p.test_acc for _, p in front],
-            "o-", color="C0", ms=5, drawstyle="steps-post", label="Pareto front")
+            "o-", color="C0", ms=5, drawstyle="steps-post", label="Pareto front (trial numbers)")
+    for n, p in front:                  # the numbers of tune.md, tune.json and the console
+        ax.annotate(str(n), (scale * p.objective, 100 * p.test_acc), fontsize=7,
+                    xytext=(3, 3), textcoords="offset points", color="C0")

@@ -6,11 +6,13 @@
    audits DefenseChoice(defense, sampled parameters) on every search seed (Audit.audit_one;
    the model cache makes repeated settings free).
 3. Audit CE, the defense at its defaults and every --compare defense on the search seeds
-   (reference points), recommend the most private trial within --max-accuracy-drop of CE's
-   test accuracy, and re-run it, CE and the defaults on fresh seeds with the confirm attacks.
+   (reference points), take the most private trial within --max-accuracy-drop of CE's test
+   accuracy, and re-run it, CE and the defaults on fresh seeds with the confirm attacks (test
+   accuracy with its interval; changes against CE paired, by crl.verdict's functions).
 4. Write tune.json, tune.md and pareto.png, then manifest.json (crl.manifest; the setup is
    the run's config: another setup in OUT is refused unless --overwrite), and print the
-   recommendation.
+   outcome: "recommended" only when the trial beats CE beyond noise (crl.tune.output.status),
+   else "no setting beats ce within the budget" and why.
 """
 from __future__ import annotations
 
@@ -31,14 +33,16 @@ from crl.config import AuditConfig
 from crl.data.splits import PoolSplit
 from crl.defenses.base import build_defense
 from crl.rundir import RunDir
-from crl.seeding import seed_for
+from crl.seeding import numpy_rng, seed_for
 from crl.tune.evaluate import Point, check_resolvable, evaluate_setting, objective_interval
 from crl.tune.options import OBJECTIVES, TuneOptions, stage_configs
-from crl.tune.output import ConfirmRow, TuneResult, fmt, write_outputs
+from crl.tune.output import RECOMMENDED, ConfirmRow, TuneResult, fmt, status, write_outputs
 from crl.tune.space import search_space
 from crl.tune.study import (Search, completed_points, first_difference, open_study, recommend,
                             run_trials, setup_of, study_seconds)
 from crl.utils import code_version
+from crl.verdict import (accuracy_text, change_text, paired_accuracy_change, strongest_change,
+                         wrap)
 
 
 def run_tune(cfg: AuditConfig, opts: TuneOptions, *, command: str = "",
@@ -124,14 +128,36 @@ def confirm_rows(audit: Audit, splits: dict[int, PoolSplit], search: Search,
                f"{search.defense} (trial {number})": DefenseChoice(search.defense, point.params)}
     if build_defense(defaults.name, defaults.params).params != point.params:
         choices[f"{search.defense} (defaults)"] = defaults
-    seeds = list(audit.cfg.seeds)
-    rows = []
+    seeds, n_boot = list(audit.cfg.seeds), audit.cfg.bootstrap
+    rows, ce = [], None
     for label, choice in choices.items():
         p, outcomes = evaluate_setting(audit, splits, choice, seeds, search.metric)
-        interval = objective_interval(p, outcomes, search.metric, n_boot=audit.cfg.bootstrap,
-                                      seed=seed_for(seeds[0], "tune", "interval", label))
-        rows.append(ConfirmRow(label, p, interval))
+        stream = seed_for(seeds[0], "tune", "interval", label)
+        row = ConfirmRow(label, p, objective_interval(p, outcomes, search.metric, n_boot=n_boot,
+                                                      seed=stream),
+                         accuracy_interval(outcomes, n_boot=n_boot, seed=stream))
+        if ce is None:
+            ce = outcomes
+        else:                           # paired with CE on the same fresh seeds and samples
+            pairs = list(zip(outcomes, ce))
+            row.change = strongest_change(pairs, search.metric, n_boot=n_boot, seed=stream)
+            row.accuracy_change = paired_accuracy_change(pairs, n_boot=n_boot, seed=stream)
+        rows.append(row)
     return rows
+
+
+def accuracy_interval(outcomes: list, *, n_boot: int, seed: int) -> list[float]:
+    """95% interval of the test accuracy averaged over seeds: a bootstrap over each seed's test
+    samples (a prediction is right when its logit margin is above 0)."""
+    import numpy as np
+
+    rng = numpy_rng(seed, "tune", "accuracy")
+    reps = []
+    for o in outcomes:
+        right = (np.asarray(o.margins)[o.evaluation.nonmembers] > 0).astype(float)
+        reps.append(right[rng.integers(0, len(right), size=(n_boot, len(right)))].mean(1))
+    lo, hi = np.percentile(np.mean(reps, axis=0), [2.5, 97.5])
+    return [float(lo), float(hi)]
 
 
 def trial_rows(study: optuna.Study) -> list[dict]:
@@ -147,6 +173,20 @@ def trial_rows(study: optuna.Study) -> list[dict]:
     return rows
 
 
+def confirm_line(r: TuneResult, row: ConfirmRow) -> list[str]:
+    """One fresh-seed row on the console: test accuracy and the strongest attack, each with its
+    95% interval, and the paired changes against CE."""
+    q, lo_hi = row.point, row.accuracy_interval
+    text = (f"fresh seeds {q.seeds}, {row.label}: test {100 * q.test_acc:.1f}%"
+            + (f" [{100 * lo_hi[0]:.1f}, {100 * lo_hi[1]:.1f}]" if lo_hi else "")
+            + f", strongest {q.strongest} {fmt(r.metric, q.objective)}"
+            + (f" [{fmt(r.metric, row.interval[0])}, {fmt(r.metric, row.interval[1])}]"
+               if row.interval else ""))
+    if row.change is not None and row.accuracy_change is not None:
+        text += f"; vs CE: {change_text(row.change)}, {accuracy_text(row.accuracy_change)}"
+    return wrap(text, indent="  ")
+
+
 def machine() -> str:
     import torch
 
@@ -159,23 +199,18 @@ def summary(r: TuneResult, out: Path) -> list[str]:
     defense = r.meta["setup"]["defense"]
     lines = [f"{len(r.trials)} trials ({len(r.points())} completed), "
              f"{len(r.front)} on the Pareto front"]
-    if r.recommended is None:
-        lines.append(f"no completed trial within {100 * r.max_accuracy_drop:g} points of CE's "
-                     "test accuracy: nothing to recommend")
-    else:
+    state, words = status(r)
+    lines += wrap(words, indent="")
+    if r.recommended is not None:
         n, p = r.recommended
-        lines.append(f"recommended (trial {n}): --set " + " --set ".join(
+        name = "recommended" if state == RECOMMENDED else "most private within the budget"
+        lines.append(f"{name} (trial {n}): --set " + " --set ".join(
             f"{defense}.{k}={p.params[k]:.4g}" for k in r.searched))
         ce = r.references["ce"]
         lines.append(f"  search seeds {p.seeds} (optimistic): test {100 * p.test_acc:.1f}%, "
                      f"strongest {p.strongest} {fmt(r.metric, p.objective)} (CE: test "
-                     f"{100 * ce.test_acc:.1f}%, {ce.strongest} {fmt(r.metric, ce.objective)})"
-                     + ("; NO GAIN over CE" if p.objective >= ce.objective else ""))
+                     f"{100 * ce.test_acc:.1f}%, {ce.strongest} {fmt(r.metric, ce.objective)})")
         for row in r.confirm:
-            q = row.point
-            lines.append(f"  fresh seeds {q.seeds}, {row.label}: test {100 * q.test_acc:.1f}%, "
-                         f"strongest {q.strongest} {fmt(r.metric, q.objective)}"
-                         + (f" [{fmt(r.metric, row.interval[0])}, "
-                            f"{fmt(r.metric, row.interval[1])}]" if row.interval else ""))
+            lines += confirm_line(r, row)
     lines.append(f"wrote {out}/tune.json, tune.md and pareto.png")
     return lines

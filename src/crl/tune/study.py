@@ -165,7 +165,7 @@ def run_trials(study: optuna.Study, search: Search, total: int,
         trial = study.ask(search.space)
         line = run_trial(study, trial, search)
         charge_seconds(study, time.time() - t0)
-        echo(f"trial {k + 1}/{total} (#{trial.number}) {line} ({time.time() - t0:.0f} s)")
+        echo(f"trial {trial.number} ({k + 1}/{total}) {line} ({time.time() - t0:.0f} s)")
     return max(0, total - start)
 
 
