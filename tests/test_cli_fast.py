@@ -50,14 +50,19 @@ print(json.dumps({"results": results, "torch": "torch" in sys.modules}))
 """
 
 
-def test_help_version_and_argument_errors_never_import_torch(tmp_path):
+def _probe(argvs: list[list[str]], cwd: Path) -> dict:
+    """`crl.cli.main(argv)` for each argv in a fresh Python: each exit code and output, and
+    whether torch was imported."""
     src = str(Path(crl.__file__).parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
-    argvs = [argv for argv, _, _ in CALLS]
     r = subprocess.run([sys.executable, "-c", PROBE, json.dumps(argvs)], capture_output=True,
-                       text=True, cwd=tmp_path, env=env, timeout=120)
+                       text=True, cwd=cwd, env=env, timeout=120, check=False)
     assert r.returncode == 0, r.stderr
-    answer = json.loads(r.stdout.strip().splitlines()[-1])
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_help_version_and_argument_errors_never_import_torch(tmp_path):
+    answer = _probe([argv for argv, _, _ in CALLS], tmp_path)
     for (argv, code, words), (got_code, text) in zip(CALLS, answer["results"]):
         assert got_code == code and words in text, (argv, got_code, text)
     assert not answer["torch"], "crl.cli imported torch"
@@ -86,3 +91,19 @@ def test_the_catalog_fails_and_accepts_names_as_the_registry_does(kind, name):
         assert str(caught.value) == str(e)
     else:
         check_names(kind, [name])
+
+
+def test_crl_list_is_kept_under_the_code_hash_and_repeated_without_torch(tmp_path, capsys,
+                                                                         monkeypatch):
+    from crl import cli
+    import crl.utils
+
+    assert cli.main(["list"]) == 0                 # computed here, then kept in the cache
+    first = capsys.readouterr().out
+    assert first == "\n".join(cli.list_lines()) + "\n"
+    answer = _probe([["list"]], tmp_path)
+    assert answer["results"] == [[0, first]] and not answer["torch"]
+    monkeypatch.setattr(crl.utils, "code_hash", lambda: "edited")   # another source: afresh
+    computed = []
+    monkeypatch.setattr(cli, "list_lines", lambda: computed.append(1) or ["fresh"])
+    assert cli.main(["list"]) == 0 and capsys.readouterr().out == "fresh\n" and computed

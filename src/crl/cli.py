@@ -13,6 +13,7 @@ crl.catalog) never import torch: each command imports what it needs when it runs
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from typing import Any, Callable
 
@@ -140,6 +141,24 @@ def canonical_names(values: dict[str, Any]) -> dict[str, Any]:
             return by_defense if by_defense != name else canonical("attack", name)
         out["set"] = {owner(k): v for k, v in out["set"].items()}
     return out
+
+
+def list_text() -> str:
+    """`crl list`'s text, kept in the cache (like a .pyc) under the hash of crl's source and
+    the installed torch and torchvision, the only things it depends on: a repeated `crl list`
+    answers without importing them, and any edit of crl computes it afresh."""
+    from importlib.metadata import version
+
+    from crl.utils import cache_dir, code_hash, write_text_atomic
+
+    key = f"{code_hash()}-torch{version('torch')}-torchvision{version('torchvision')}"
+    path = cache_dir() / "list" / f"{key}.txt"
+    if path.is_file():
+        return path.read_text()
+    text = "\n".join(list_lines())
+    with contextlib.suppress(OSError):      # a read-only cache: print it all the same
+        write_text_atomic(path, text)
+    return text
 
 
 def list_lines(registries: list[Any] | None = None) -> list[str]:
@@ -334,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "list":
-            print("\n".join(list_lines()))
+            print(list_text())
         elif args.command == "audit":
             _audit(args)
         elif args.command == "tune":
