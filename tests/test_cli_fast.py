@@ -95,8 +95,8 @@ def test_the_catalog_fails_and_accepts_names_as_the_registry_does(kind, name):
 
 def test_crl_list_is_kept_under_the_code_hash_and_repeated_without_torch(tmp_path, capsys,
                                                                          monkeypatch):
-    from crl import cli
     import crl.utils
+    from crl import cli
 
     assert cli.main(["list"]) == 0                 # computed here, then kept in the cache
     first = capsys.readouterr().out
