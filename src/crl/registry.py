@@ -3,7 +3,8 @@
 Each entry has a one-line description with its citation (`crl list` prints it): a class's
 `description` ClassVar, or the `description` given to `register` (functions). Lookups accept
 any capitalisation of a name when exactly one registered name matches it (`CRL`, `LiRA`); an
-unknown name gets the closest registered names as a suggestion (difflib).
+unknown name gets the closest registered names as a suggestion (difflib). crl.catalog lists the
+registered names without importing the modules that register them (the CLI checks names there).
 """
 from __future__ import annotations
 
