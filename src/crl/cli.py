@@ -5,13 +5,20 @@ The audit flags are built from the AuditConfig field declarations (crl.config): 
 a `help` gets its flag here. Flag values are converted leniently (a value that does not parse
 is passed on as typed) so that every bad value, from a flag or a YAML recipe, fails the same way:
 one CRLError line from the field's check.
+
+Building the parser, `--help`, `--version` and argument errors (names included, from
+crl.catalog) never import torch: each command imports what it needs when it runs
+(tests/test_cli_fast.py).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from typing import Any, Callable
 
+from crl import __version__
+from crl.catalog import canonical, check_names
 from crl.errors import CRLError
 
 
@@ -56,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="crl", description=" ".join(__doc__.split("\n\n")[0].split()),
                                 epilog="`crl COMMAND --help` shows a command's options and the "
                                        "per-dataset default recipe.")
+    p.add_argument("--version", action="version", version=f"crl {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     a = sub.add_parser("audit", help="train target/shadow/reference models, attack, report",
@@ -119,7 +127,6 @@ def canonical_names(values: dict[str, Any]) -> dict[str, Any]:
     """`values` with every dataset, model, defense and attack name (and `set` owner) spelled as
     registered where it matches one registered name up to capitalisation (`CRL` -> `crl`);
     other values are left for the field checks to judge."""
-    regs = dict(zip(("dataset", "model", "defense", "attack"), _registries()))
     keys = {"dataset": "dataset", "model": "model", "defense": "defense",
             "defenses": "defense", "compare": "defense", "attacks": "attack",
             "confirm_attacks": "attack"}
@@ -127,15 +134,33 @@ def canonical_names(values: dict[str, Any]) -> dict[str, Any]:
     for key, kind in keys.items():
         value = out.get(key)
         if isinstance(value, str):
-            out[key] = regs[kind].canonical(value)
+            out[key] = canonical(kind, value)
         elif isinstance(value, list):
-            out[key] = [regs[kind].canonical(v) for v in value]
+            out[key] = [canonical(kind, v) for v in value]
     if isinstance(out.get("set"), dict):
         def owner(name: Any) -> Any:
-            by_defense = regs["defense"].canonical(name)
-            return by_defense if by_defense != name else regs["attack"].canonical(name)
+            by_defense = canonical("defense", name)
+            return by_defense if by_defense != name else canonical("attack", name)
         out["set"] = {owner(k): v for k, v in out["set"].items()}
     return out
+
+
+def list_text() -> str:
+    """`crl list`'s text, kept in the cache (like a .pyc) under the hash of crl's source and
+    the installed torch and torchvision, the only things it depends on: a repeated `crl list`
+    answers without importing them, and any edit of crl computes it afresh."""
+    from importlib.metadata import version
+
+    from crl.utils import cache_dir, code_hash, write_text_atomic
+
+    key = f"{code_hash()}-torch{version('torch')}-torchvision{version('torchvision')}"
+    path = cache_dir() / "list" / f"{key}.txt"
+    if path.is_file():
+        return path.read_text()
+    text = "\n".join(list_lines())
+    with contextlib.suppress(OSError):      # a read-only cache: print it all the same
+        write_text_atomic(path, text)
+    return text
 
 
 def list_lines(registries: list[Any] | None = None) -> list[str]:
@@ -211,10 +236,21 @@ def _registries() -> list[Any]:
     return [DATASETS, MODELS, DEFENSES, ATTACKS]
 
 
+def _check_names(model: str, defenses: list[str], attacks: list[str]) -> None:
+    """Unknown names fail here, from crl.catalog, before the command imports torch (with the
+    registry's words; the command checks them again against the registries)."""
+    check_names("model", [model])
+    check_names("defense", defenses)
+    check_names("attack", attacks)
+
+
 def _audit(args: argparse.Namespace) -> None:
+    cfg = config_from_args(args)
+    resolved = cfg.resolved()
+    _check_names(resolved.model, resolved.defenses, resolved.attacks)
     from crl.audit import run_audit
 
-    run_audit(config_from_args(args))
+    run_audit(cfg)
 
 
 #: audit flags `crl tune` does not take: it chooses the defenses and always continues its study
@@ -251,7 +287,6 @@ def _tune(args: argparse.Namespace, argv: list[str]) -> None:
 
     from crl.config import load_yaml_recipe
     from crl.tune.options import TUNE_SPECS, TuneOptions
-    from crl.tune.run import run_tune
 
     given = vars(args)
     opts = TuneOptions(**canonical_names(
@@ -259,12 +294,19 @@ def _tune(args: argparse.Namespace, argv: list[str]) -> None:
     audit_args = argparse.Namespace(**{k: v for k, v in given.items() if k not in TUNE_SPECS})
     if args.out is None and "out" not in (load_yaml_recipe(args.config) if args.config else {}):
         audit_args.out = "runs/tune"
-    run_tune(config_from_args(audit_args), opts, command=shlex.join(["crl", *argv]))
+    cfg = config_from_args(audit_args)
+    checked, resolved = opts.checked(), cfg.resolved()
+    _check_names(resolved.model, [checked.defense, *checked.compare],
+                 [*resolved.attacks, *(checked.confirm_attacks or [])])
+    from crl.tune.run import run_tune
+
+    run_tune(cfg, opts, command=shlex.join(["crl", *argv]))
 
 
 def _add_train_parser(sub: Any) -> None:
-    """`crl train`: crl.deploy.TrainConfig's options (the audit's training flags, one --defense)."""
-    from crl.deploy import TRAIN_SPECS
+    """`crl train`: crl.train_options.TrainConfig's options (the audit's training flags, one
+    --defense)."""
+    from crl.train_options import TRAIN_SPECS
 
     t = sub.add_parser("train", help="train one model on the dataset's own train split, for "
                                      "deployment",
@@ -289,10 +331,15 @@ def _add_report_parser(sub: Any) -> None:
 
 def _train(args: argparse.Namespace) -> None:
     from crl.config import parse_set
-    from crl.deploy import TrainConfig, run_train
+    from crl.train_options import TrainConfig
 
     values = {k: v for k, v in vars(args).items() if k not in ("command", "set") and v is not None}
-    run_train(TrainConfig(**canonical_names({**values, "set": parse_set(args.set)})))
+    cfg = TrainConfig(**canonical_names({**values, "set": parse_set(args.set)}))
+    resolved = cfg.resolved()
+    _check_names(resolved.model, resolved.defenses, resolved.attacks)
+    from crl.deploy import run_train
+
+    run_train(cfg)
 
 
 def _report(args: argparse.Namespace) -> None:
@@ -308,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "list":
-            print("\n".join(list_lines()))
+            print(list_text())
         elif args.command == "audit":
             _audit(args)
         elif args.command == "tune":

@@ -305,10 +305,8 @@ def set_warnings(cfg: AuditConfig, defenses: Iterable[str] | None = None,
 def _known_names(defenses: Iterable[str] | None,
                  attacks: Iterable[str] | None) -> tuple[list[str], list[str]]:
     if defenses is None or attacks is None:
-        import crl.attacks  # noqa: F401  (registers the attacks)
-        import crl.defenses  # noqa: F401  (registers the defenses)
-        from crl.registry import ATTACKS, DEFENSES
+        from crl.catalog import NAMES  # the registries' names, without importing torch
 
-        defenses = DEFENSES.names() if defenses is None else defenses
-        attacks = ATTACKS.names() if attacks is None else attacks
+        defenses = NAMES["defense"] if defenses is None else defenses
+        attacks = NAMES["attack"] if attacks is None else attacks
     return list(defenses), list(attacks)

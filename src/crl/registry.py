@@ -3,12 +3,14 @@
 Each entry has a one-line description with its citation (`crl list` prints it): a class's
 `description` ClassVar, or the `description` given to `register` (functions). Lookups accept
 any capitalisation of a name when exactly one registered name matches it (`CRL`, `LiRA`); an
-unknown name gets the closest registered names as a suggestion (difflib).
+unknown name gets the closest registered names as a suggestion (difflib). crl.catalog lists the
+registered names without importing the modules that register them (the CLI checks names there).
 """
 from __future__ import annotations
 
 import difflib
-from typing import Callable, Generic, TypeVar
+from collections.abc import Callable, Iterable
+from typing import Generic, TypeVar
 
 from crl.errors import CRLError
 
@@ -41,27 +43,17 @@ class Registry(Generic[T]):
     def canonical(self, name: str) -> str:
         """The registered name `name` means: itself, or the one registered name equal to it up
         to capitalisation; otherwise `name` unchanged."""
-        if name in self._items or not isinstance(name, str):
-            return name
-        matches = [n for n in self._items if n.lower() == name.lower()]
-        return matches[0] if len(matches) == 1 else name
+        return canonical_among(name, self._items)
 
     def get(self, name: str) -> T:
         key = self.canonical(name)
         if key not in self._items:
-            raise CRLError(f"unknown {self.kind} '{name}'{self.suggestion(name)}; expected one "
-                           f"of: {', '.join(self.names())}")
+            raise unknown_name(self.kind, name, self._items)
         return self._items[key]
 
     def suggestion(self, name: str) -> str:
         """The words ` (did you mean 'crl'?)` for a name close to registered ones, else ''."""
-        if not isinstance(name, str):
-            return ""
-        lower = {n.lower(): n for n in self._items}
-        close = difflib.get_close_matches(name.lower(), list(lower), n=3, cutoff=0.6)
-        if not close:
-            return ""
-        return " (did you mean " + " or ".join(f"'{lower[c]}'" for c in close) + "?)"
+        return suggestion_among(name, self._items)
 
     def description(self, name: str) -> str:
         """The entry's one-line description ('' if it has none)."""
@@ -77,6 +69,34 @@ class Registry(Generic[T]):
 
     def __contains__(self, name: str) -> bool:
         return name in self._items
+
+
+def canonical_among(name: str, names: Iterable[str]) -> str:
+    """The name of `names` that `name` means: itself, or the one name equal to it up to
+    capitalisation; otherwise `name` unchanged."""
+    names = list(names)
+    if name in names or not isinstance(name, str):
+        return name
+    matches = [n for n in names if n.lower() == name.lower()]
+    return matches[0] if len(matches) == 1 else name
+
+
+def suggestion_among(name: str, names: Iterable[str]) -> str:
+    """The words ` (did you mean 'crl'?)` for a name close to some of `names`, else ''."""
+    if not isinstance(name, str):
+        return ""
+    lower = {n.lower(): n for n in names}
+    close = difflib.get_close_matches(name.lower(), list(lower), n=3, cutoff=0.6)
+    if not close:
+        return ""
+    return " (did you mean " + " or ".join(f"'{lower[c]}'" for c in close) + "?)"
+
+
+def unknown_name(kind: str, name: str, names: Iterable[str]) -> CRLError:
+    """The error for a `kind` name that is none of `names`: `unknown model 'nope'; expected one
+    of: cnn, mlp`, with a did-you-mean for a close name."""
+    return CRLError(f"unknown {kind} '{name}'{suggestion_among(name, names)}; expected one of: "
+                    f"{', '.join(sorted(names))}")
 
 
 DATASETS: Registry = Registry("dataset")

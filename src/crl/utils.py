@@ -1,4 +1,5 @@
-"""Small shared helpers: atomic writes, seeding, devices, code version."""
+"""Small shared helpers: atomic writes, seeding, devices, code version. Imports torch only in
+the functions that use it (the CLI reads the code hash and cache folder without it)."""
 from __future__ import annotations
 
 import contextlib
@@ -9,10 +10,12 @@ import random
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 
 _UMASK = os.umask(0)
@@ -45,6 +48,8 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
 
 
 def torch_save_atomic(obj: Any, path: str | os.PathLike) -> None:
+    import torch
+
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
 
@@ -62,6 +67,8 @@ def _json_default(o: Any) -> Any:
 
 
 def seed_everything(seed: int) -> None:
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -69,6 +76,8 @@ def seed_everything(seed: int) -> None:
 
 def resolve_device(device: str = "auto") -> torch.device:
     """'auto' -> CUDA when present, else CPU; anything else is passed to torch.device."""
+    import torch
+
     from crl.errors import CRLError
 
     if device == "auto":
@@ -84,6 +93,8 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 def code_version() -> dict:
     """The package version and, when run from a git checkout, the commit and dirty flag."""
+    import torch
+
     from crl import __version__
 
     info: dict[str, Any] = {"crl": __version__, "source": code_hash(), "torch": torch.__version__}
