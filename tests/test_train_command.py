@@ -173,3 +173,18 @@ def test_crl_train_runs_a_small_model_on_one_cpu_thread(tmp_path, monkeypatch, c
     finally:
         torch.set_num_threads(before)
     capsys.readouterr()
+
+
+def test_members_json_names_what_a_defense_held_out(tmp_path, capsys):
+    """early_stopping trains on part of the train split: members.json says which part, and
+    model.pt carries none of it."""
+    out = tmp_path / "es"
+    assert main([*QUICK, "--defense", "early_stopping", "--out", str(out)]) == 0
+    split = json.loads((out / "split.json").read_text())
+    members = json.loads((out / "members.json").read_text())
+    assert members["held_out"] and not set(members["members"]) & set(members["held_out"])
+    assert sorted(members["members"] + members["held_out"]) == sorted(split["train"])
+    assert json.loads((out / "result.json").read_text())["n_train"] == len(members["members"])
+    _, _, extra = load_model_file(out / "model.pt")
+    assert not {"trained_on", "groups"} & set(extra)
+    capsys.readouterr()

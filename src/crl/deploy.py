@@ -7,7 +7,8 @@ evaluated on the test split. OUT then holds
 
     model.pt        the model (checksummed; crl.load_model(OUT / "model.pt") takes [0, 1] images)
     metrics.jsonl   per-epoch training metrics, with the test split's loss and accuracy
-    checkpoint.pt   fit's per-epoch checkpoint: `--resume` continues an interrupted run
+    checkpoint.pt   fit's per-epoch checkpoint: `--resume` continues an interrupted run (its
+                    fingerprint holds a hash of the training indices, not the indices)
     config.yaml     the resolved options; version.json: the code version
     split.json      the train and test indices used and where the boundary came from
     members.json    the indices the model trained on (a defense may hold some out)
@@ -233,5 +234,6 @@ def run_train(cfg: TrainConfig, *, echo: Callable[[str], None] = print) -> dict[
          f"test accuracy {100 * result['test_acc']:.2f}% on {result['n_test']} samples")
     if result["warning"]:
         echo(f"WARNING: {result['warning']}")
-    echo(f"wrote {out}/model.pt (load it with crl.load_model), metrics.jsonl, result.json")
+    echo(f"wrote {out}/model.pt (load it with crl.load_model), members.json, metrics.jsonl, "
+         "result.json")
     return result
