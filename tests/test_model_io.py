@@ -236,6 +236,9 @@ def test_input_outside_0_1_warns_once(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model(x)                        # once per model
+    digits16 = (x[:, 0] / 16).floor().numpy()      # raw sklearn digits: floats in 0-16
+    with pytest.warns(UserWarning, match=r"values in \[0, 1[0-6]\]"):
+        load_model(path).predict(digits16)
     raw, _, _ = load_model_file(path)   # the raw network is not the place for the check
     assert not isinstance(raw, NormalizedModel)
 
