@@ -56,6 +56,11 @@ def test_second_audit_reuses_cached_models_and_still_writes_metrics(tmp_path, ca
     first = json.loads((tmp_path / "a" / "results.json").read_text())
     assert _run([*args, "--out", str(tmp_path / "b")], capsys)[0] == 0
     second = json.loads((tmp_path / "b" / "results.json").read_text())
+    from crl.models.io import load_model_file
+
+    for run in ("a", "b"):   # trained, then from the cache: the released file has no member ids
+        _, _, extra = load_model_file(tmp_path / run / "models" / "ce" / "seed0" / "model.pt")
+        assert not {"trained_on", "groups"} & set(extra) and len(extra["class_names"]) == 10
     assert first[0]["attacks"]["loss"] == {**second[0]["attacks"]["loss"],
                                            "seconds": first[0]["attacks"]["loss"]["seconds"]}
     assert (tmp_path / "b" / "models" / "ce" / "seed0" / "metrics.jsonl").read_text() == \

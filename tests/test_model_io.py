@@ -1,4 +1,5 @@
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from crl.data.types import normalize
 from crl.errors import CRLError
 from crl.integrity import save_verified
 from crl.models import ModelSpec, NormalizedModel, load_model, load_model_file, save_model
-from crl.models.io import MODEL_FORMAT
+from crl.models.io import MODEL_FORMAT, released_extra
 
 SPECS = {
     "mlp": ModelSpec("mlp", 1, 8, 10, (0.3,), (0.2,)),
@@ -196,3 +197,108 @@ def test_save_refuses_what_it_could_not_load_back(tmp_path):
     with pytest.raises(CRLError, match=where + "the model's spec .* is not the spec given"):
         save_model(path, NormalizedModel(other.build(), other), spec)
     assert list(tmp_path.iterdir()) == []   # nothing written, not even a temporary file
+
+
+def _released(tmp_path, names=None):
+    """An mlp model file as crl train / the audit release it (class names, expected input)."""
+    torch.manual_seed(0)
+    spec = SPECS["mlp"]
+    net = spec.build().eval()
+    path = tmp_path / "released.pt"
+    save_model(path, net, spec, extra=released_extra(spec, names, history=[{"epoch": 1}]))
+    return path, net, spec
+
+
+def test_released_file_stores_class_names_and_input_never_indices(tmp_path):
+    names = [f"digit {i}" for i in range(10)]
+    path, _, _ = _released(tmp_path, names)
+    _, _, extra = load_model_file(path)
+    assert extra["class_names"] == names and extra["history"] == [{"epoch": 1}]
+    assert extra["input"] == {"layout": "NCHW", "channels": 1, "height": 8, "width": 8,
+                              "value_range": [0.0, 1.0]}
+    assert load_model(path).class_names == tuple(names)
+    (tmp_path / "n").mkdir()
+    no_names, _, _ = _released(tmp_path / "n", None)
+    assert load_model(no_names).class_names == tuple(str(i) for i in range(10))
+    with pytest.raises(CRLError, match="must not carry dataset indices \\(trained_on\\)"):
+        released_extra(SPECS["mlp"], names, trained_on=[1, 2])
+
+
+def test_input_outside_0_1_warns_once(tmp_path):
+    path, _, spec = _released(tmp_path)
+    model = load_model(path)
+    x = _images(spec).float()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(x / 255)                  # [0, 1]: silent
+    with pytest.warns(UserWarning, match=r"values in \[\d+, \d+\]: expected images in \[0, 1\]"):
+        model(x)                        # raw 0-255 values
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(x)                        # once per model
+    digits16 = (x[:, 0] / 16).floor().numpy()      # raw sklearn digits: floats in 0-16
+    with pytest.warns(UserWarning, match=r"values in \[0, 1[0-6]\]"):
+        load_model(path).predict(digits16)
+    raw, _, _ = load_model_file(path)   # the raw network is not the place for the check
+    assert not isinstance(raw, NormalizedModel)
+
+
+def test_predict_converts_pil_numpy_and_tensors(tmp_path):
+    from PIL import Image
+
+    names = [f"n{i}" for i in range(10)]
+    path, net, spec = _released(tmp_path, names)
+    model = load_model(path)
+    x = _images(spec, n=5)                                     # uint8 [5, 1, 8, 8]
+    with torch.no_grad():
+        expected = net(normalize(x, spec.mean, spec.std)).argmax(1).numpy()
+    hwc = x.permute(0, 2, 3, 1).numpy()                        # NHWC uint8
+    for images in (hwc, hwc[..., 0], list(hwc), x, x.float() / 255, hwc.astype(np.float32) / 255,
+                   [Image.fromarray(a[..., 0], "L") for a in hwc],
+                   [Image.fromarray(np.repeat(a, 3, axis=2), "RGB") for a in hwc]):
+        out = model.predict(images)
+        np.testing.assert_array_equal(out.labels, expected)
+        assert out.names == [names[i] for i in expected] and out.probs.shape == (5, 10)
+        np.testing.assert_allclose(out.probs.sum(1), 1, rtol=1e-5)
+    single = model.predict(hwc[0])                             # one HWC image
+    assert single.labels.tolist() == [expected[0]]
+    big = np.kron(hwc[0][..., 0], np.ones((4, 4), np.uint8))                  # 32x32 grey
+    small = torch.nn.functional.interpolate(torch.from_numpy(big)[None, None].float() / 255,
+                                            size=(8, 8), mode="bilinear", antialias=True)
+    with torch.no_grad():
+        np.testing.assert_allclose(model.predict(Image.fromarray(big, "L")).probs,
+                                   torch.softmax(model(small), 1).numpy(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("images, message", [
+    (np.zeros((2, 3, 8, 8), np.uint8), "array of shape \\[2, 3, 8, 8\\]: expected HW, HWC or NHWC"),
+    (torch.zeros(8, 8), "tensor of shape \\[8, 8\\]: expected CHW or NCHW"),
+    ("cat.png", "images = str: expected a PIL image"),
+    ([], "images = \\[\\]: expected at least one image"),
+    (np.zeros((1, 8, 8, 2), np.uint8), "array of shape \\[1, 8, 8, 2\\]"),
+    (np.zeros((8, 8, 3), bool), "dtype torch.bool: expected uint8 or float"),
+])
+def test_predict_refuses_what_it_cannot_convert(tmp_path, images, message):
+    model = load_model(_released(tmp_path)[0])
+    with pytest.raises(CRLError, match=message):
+        model.predict(images)
+
+
+def test_files_written_before_class_names_still_load(tmp_path):
+    """A model.pt of the previous layout (training indices in extra, no class names) loads and
+    predicts labels without names; a stored class list that does not fit is refused."""
+    _, net, spec = _saved(tmp_path)
+    old = tmp_path / "old.pt"
+    save_verified(old, _payload(spec, net, extra={"trained_on": [0, 1, 2], "report": {},
+                                                  "history": [], "groups": {}}))
+    model = load_model(old)
+    assert model.class_names is None
+    out = model.predict(_images(spec, n=3))
+    assert out.names is None and out.labels.shape == (3,)
+    bad = tmp_path / "bad.pt"
+    save_verified(bad, _payload(spec, net, extra={"class_names": ["a", "b"]}))
+    _refused(bad, "class_names = \\['a', 'b'\\]: expected a list of 10 strings")
+    wrong_input = tmp_path / "wrong_input.pt"
+    save_verified(wrong_input, _payload(spec, net, extra={
+        "class_names": list("abcdefghij"), "input": {**spec.input_description(), "width": 9}}))
+    _refused(wrong_input, "input = .* disagrees with its spec")

@@ -48,6 +48,7 @@ def test_loaders_record_their_own_train_test_boundary(tmp_path, capsys):
     split = json.loads((out / "split.json").read_text())
     assert split["train"] == list(range(15)) and split["test"] == list(range(15, 21))
     assert "WARNING: target at chance" in capsys.readouterr().out
+    assert crl.load_model(out / "model.pt").class_names == ("c0", "c1", "c2")
     assert "target at chance" in json.loads((out / "result.json").read_text())["warning"]
 
 
@@ -86,7 +87,12 @@ def test_crl_train_writes_a_model_that_reproduces_its_printed_accuracy(tmp_path,
     assert f"{100 * acc:.2f}" == f"{test_pct:.2f}" and result["test_acc"] > 0.5
     assert f"{100 * result['train_acc']:.2f}" == f"{train_pct:.2f}"
     _, _, extra = load_model_file(out / "model.pt")
-    assert extra["trained_on"] == split["train"]
+    assert not {"trained_on", "groups"} & set(extra)   # a shipped model carries no member ids
+    assert extra["class_names"] == digits.classes and model.class_names == tuple(digits.classes)
+    assert extra["input"] == {"layout": "NCHW", "channels": 1, "height": 8, "width": 8,
+                              "value_range": [0.0, 1.0]}
+    assert json.loads((out / "members.json").read_text()) == {"members": split["train"],
+                                                              "held_out": []}
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2] and rows[-1]["test_acc"] == pytest.approx(acc)
     cfg = yaml.safe_load((out / "config.yaml").read_text())
@@ -147,4 +153,38 @@ def test_resume_continues_an_interrupted_crl_train(tmp_path, monkeypatch, capsys
     assert (cut / "metrics.jsonl").read_text() == (tmp_path / "whole" / "metrics.jsonl").read_text()
     assert json.loads((cut / "result.json").read_text())["test_acc"] == \
         json.loads((tmp_path / "whole" / "result.json").read_text())["test_acc"]
+    capsys.readouterr()
+
+
+def test_crl_train_runs_a_small_model_on_one_cpu_thread(tmp_path, monkeypatch, capsys):
+    """A digits MLP's matrices are too small for a thread pool (docs/performance.md): training
+    runs on one intra-op thread, and the caller's thread count comes back afterwards."""
+    import crl.deploy
+
+    seen = []
+    train = crl.deploy._train
+    monkeypatch.setattr(crl.deploy, "_train",
+                        lambda *a: seen.append(torch.get_num_threads()) or train(*a))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert main([*QUICK, "--device", "cpu", "--no-cache", "--out", str(tmp_path / "m")]) == 0
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    capsys.readouterr()
+
+
+def test_members_json_names_what_a_defense_held_out(tmp_path, capsys):
+    """early_stopping trains on part of the train split: members.json says which part, and
+    model.pt carries none of it."""
+    out = tmp_path / "es"
+    assert main([*QUICK, "--defense", "early_stopping", "--out", str(out)]) == 0
+    split = json.loads((out / "split.json").read_text())
+    members = json.loads((out / "members.json").read_text())
+    assert members["held_out"] and not set(members["members"]) & set(members["held_out"])
+    assert sorted(members["members"] + members["held_out"]) == sorted(split["train"])
+    assert json.loads((out / "result.json").read_text())["n_train"] == len(members["members"])
+    _, _, extra = load_model_file(out / "model.pt")
+    assert not {"trained_on", "groups"} & set(extra)
     capsys.readouterr()

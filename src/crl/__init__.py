@@ -6,7 +6,8 @@ from crl.errors import CRLError  # noqa: E402
 
 def load_model(path):
     """The model saved at `path` (weights_only=True: a file cannot run code), in eval mode: a
-    crl.models.NormalizedModel that takes float images in [0, 1] (uint8 pixels / 255)."""
+    crl.models.NormalizedModel that takes float images in [0, 1] (uint8 pixels / 255), warns once
+    on other values, and has `.class_names` and `.predict(images)` (PIL / numpy / tensors)."""
     from crl.models.io import load_model as _load
 
     return _load(path)

@@ -7,9 +7,11 @@ evaluated on the test split. OUT then holds
 
     model.pt        the model (checksummed; crl.load_model(OUT / "model.pt") takes [0, 1] images)
     metrics.jsonl   per-epoch training metrics, with the test split's loss and accuracy
-    checkpoint.pt   fit's per-epoch checkpoint: `--resume` continues an interrupted run
+    checkpoint.pt   fit's per-epoch checkpoint: `--resume` continues an interrupted run (its
+                    fingerprint holds a hash of the training indices, not the indices)
     config.yaml     the resolved options; version.json: the code version
     split.json      the train and test indices used and where the boundary came from
+    members.json    the indices the model trained on (a defense may hold some out)
     result.json     train and test accuracy (and the chance-level warning, if any)
     manifest.json   the command, the config's hash and every file's sha256 (crl.manifest)
 
@@ -20,6 +22,7 @@ is refused unless `--overwrite`; crl.rundir.RunDir).
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import yaml
 
 from crl.audit.factory import ModelCache, ModelFactory, TrainedModel
@@ -111,14 +115,49 @@ def _write_inputs(out: Path, p: Prepared) -> None:
         "train": p.train_idx.tolist(), "test": p.test_idx.tolist()})
 
 
-def _train(out: Path, p: Prepared) -> tuple[ModelFactory, TrainedModel]:
+# A model whose batch needs fewer multiply-adds than this (parameters x batch size: exact for an
+# MLP, a lower bound for convolutions) trains on one CPU thread: its matrices are too small for a
+# thread pool, whose threads only spin on a shared machine (docs/performance.md: digits MLP).
+SMALL_BATCH_MACS = 10**7
+
+
+@contextlib.contextmanager
+def _cpu_threads(p: Prepared, factory: ModelFactory):
+    """One intra-op thread while a small model trains and is evaluated on the CPU (the result
+    then also no longer depends on the core count); the caller's setting is restored."""
+    with torch.device("meta"):
+        n_params = sum(t.numel() for t in factory.spec.build().parameters())
+    small = n_params * p.cfg.batch_size < SMALL_BATCH_MACS
+    before = torch.get_num_threads()
+    if small and resolve_device(p.cfg.device).type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _factory(p: Prepared) -> ModelFactory:
+    return ModelFactory(p.data, p.cfg.model, recipe_of(p.cfg),
+                        ModelCache(cache_dir() / "models" if p.cfg.cache else None),
+                        resume=p.cfg.resume, progress=p.cfg.progress)
+
+
+def _train(out: Path, p: Prepared, factory: ModelFactory) -> TrainedModel:
     cfg = p.cfg
-    factory = ModelFactory(p.data, cfg.model, recipe_of(cfg),
-                           ModelCache(cache_dir() / "models" if cfg.cache else None),
-                           resume=cfg.resume, progress=cfg.progress)
     job = ModelJob("target", 0, seed_for(cfg.seed, "train"),
                    DefenseChoice(cfg.defense, cfg.set.get(cfg.defense, {})), p.train_idx)
-    return factory, factory.get(job, run_dir=out, eval_idx=p.test_idx, desc=f"[{cfg.defense}]")
+    return factory.get(job, run_dir=out, eval_idx=p.test_idx, desc=f"[{cfg.defense}]")
+
+
+def _members(trained: TrainedModel, p: Prepared) -> dict[str, list[int]]:
+    """What the model trained on (model.pt never carries indices); a defense may hold some of
+    the train split out (held_out, and its named groups)."""
+    members = np.asarray(trained.trained_on, dtype=np.int64)
+    out = {"members": members.tolist(),
+           "held_out": np.setdiff1d(p.train_idx, members).tolist()}
+    out.update({k: np.asarray(v, dtype=np.int64).tolist() for k, v in trained.groups.items()})
+    return out
 
 
 def _result(trained: TrainedModel, p: Prepared) -> dict[str, Any]:
@@ -141,10 +180,13 @@ def run_train(cfg: TrainConfig, *, echo: Callable[[str], None] = print) -> dict[
     out = Path(p.cfg.out)
     with run_dir_of(p.cfg).claim() as run:
         _write_inputs(out, p)
-        factory, trained = _train(out, p)
-        factory.save(out / "model.pt", trained)
-        write_metrics(out / "metrics.jsonl", trained.history)
-        result = _result(trained, p)
+        factory = _factory(p)
+        with _cpu_threads(p, factory):
+            trained = _train(out, p, factory)
+            factory.save(out / "model.pt", trained)
+            write_json_atomic(out / "members.json", _members(trained, p))
+            write_metrics(out / "metrics.jsonl", trained.history)
+            result = _result(trained, p)
         write_json_atomic(out / "result.json", result)
         run.finish()
     echo(f"split: {p.boundary}")
@@ -152,5 +194,6 @@ def run_train(cfg: TrainConfig, *, echo: Callable[[str], None] = print) -> dict[
          f"test accuracy {100 * result['test_acc']:.2f}% on {result['n_test']} samples")
     if result["warning"]:
         echo(f"WARNING: {result['warning']}")
-    echo(f"wrote {out}/model.pt (load it with crl.load_model), metrics.jsonl, result.json")
+    echo(f"wrote {out}/model.pt (load it with crl.load_model), members.json, metrics.jsonl, "
+         "result.json")
     return result

@@ -32,7 +32,7 @@ from crl.defenses.base import build_defense
 from crl.engine import TrainOutput, TrainRequest, get_engine
 from crl.errors import CRLError
 from crl.integrity import file_digest
-from crl.models.io import load_model_file, save_model
+from crl.models.io import load_model_file, released_extra, save_model
 from crl.models.spec import ModelSpec
 from crl.recipe import Recipe
 from crl.train import check_diverged, data_identity, indices_digest
@@ -229,5 +229,9 @@ class ModelFactory:
                             run_dir=run_dir, desc=f"{desc} {job.label}".strip())
 
     def save(self, path: Path, trained: TrainedModel) -> None:
-        """The released model file of a run directory (weights + spec + membership)."""
-        save_model(path, trained.model, trained.spec, extra=_extra(trained))
+        """The released model file of a run directory: weights, spec, class names, expected
+        input, the defense's report and history; never the training indices (the caller writes
+        them beside it: split.json / members.json)."""
+        save_model(path, trained.model, trained.spec,
+                   extra=released_extra(trained.spec, self.data.classes, report=trained.report,
+                                        history=trained.history))

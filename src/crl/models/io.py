@@ -3,6 +3,12 @@
     save_model(path, net, spec, extra={...})   # written atomically by crl.integrity.save_verified
     net, spec, extra = load_model_file(path)   # the raw network (expects normalised inputs)
     model = load_model(path)                   # NormalizedModel: takes images in [0, 1]
+    model.predict(images)                      # labels and class names from PIL/numpy images
+
+A model file for users (`released_extra`: crl train's and the audit's model.pt) stores the class
+names and the expected input, never dataset indices: which samples trained the model is written
+beside it (split.json / members.json), so a shipped model does not carry its members' ids.
+Files written before class names were stored still load (class_names None).
 
 A file can never run code, a flipped byte fails the checksum, and a header that disagrees with
 its weights (another architecture, another number of classes) is refused with a one-line
@@ -20,6 +26,7 @@ from torch import nn
 from crl.data.limits import check_memory
 from crl.errors import CRLError
 from crl.integrity import load_verified, save_verified
+from crl.models.deployed import DeployedModel
 from crl.models.spec import ModelSpec, NormalizedModel
 
 MODEL_FORMAT = "crl-model-2"
@@ -83,10 +90,44 @@ def load_model_file(path: str | os.PathLike) -> tuple[nn.Module, ModelSpec, dict
     return net.eval(), spec, extra
 
 
-def load_model(path: str | os.PathLike) -> NormalizedModel:
-    """The model saved at `path`, in eval mode, taking float images in [0, 1] (uint8 / 255)."""
-    net, spec, _ = load_model_file(path)
-    return NormalizedModel(net, spec).eval()
+def load_model(path: str | os.PathLike) -> DeployedModel:
+    """The model saved at `path`, in eval mode, taking float images in [0, 1] (uint8 / 255); it
+    warns once if given other values, and `.predict(images)` converts PIL / numpy images."""
+    net, spec, extra = load_model_file(path)
+    return DeployedModel(net, spec, _class_names(extra, spec, f"model file {Path(path)}")).eval()
+
+
+def released_extra(spec: ModelSpec, class_names: list[str] | None, **info: Any) -> dict:
+    """`extra` for a model file given to users: the class names (dataset order; None: the class
+    indices as strings), the expected input and `info` (e.g. the defense's report, the training
+    history): never dataset indices, which belong in split.json / members.json beside it."""
+    names = [str(c) for c in class_names] if class_names else []
+    if len(names) != spec.num_classes:
+        names = [str(i) for i in range(spec.num_classes)]
+    leaked = sorted(k for k in info if k in _INDEX_KEYS)
+    if leaked:
+        raise CRLError(f"a released model file must not carry dataset indices ({leaked[0]}): "
+                       "write them to split.json / members.json")
+    return {"class_names": names, "input": spec.input_description(), **info}
+
+
+_INDEX_KEYS = ("trained_on", "groups", "train_idx", "members")
+
+
+def _class_names(extra: dict, spec: ModelSpec, where: str) -> tuple[str, ...] | None:
+    """The stored class names (None in files written before they were stored), checked."""
+    stated = extra.get("input")
+    if stated is not None and stated != spec.input_description():
+        raise CRLError(f"{where}: input = {str(stated)[:120]} disagrees with its spec "
+                       f"({spec.describe()})")
+    names = extra.get("class_names")
+    if names is None:
+        return None
+    if (not isinstance(names, list) or len(names) != spec.num_classes
+            or not all(isinstance(n, str) for n in names)):
+        raise CRLError(f"{where}: class_names = {str(names)[:80]}: expected a list of "
+                       f"{spec.num_classes} strings")
+    return tuple(names)
 
 
 def _raw_network(net: Any, spec: Any, where: str) -> nn.Module:

@@ -88,6 +88,12 @@ class ModelSpec:
         model = create_model(self.arch, self.in_channels, self.image_size, self.num_classes)
         return apply_transforms(model, self.transforms)
 
+    def input_description(self) -> dict[str, Any]:
+        """The images the model takes (as NormalizedModel): float [batch, channels, height,
+        width] tensors with values in [0, 1]; written into model files for their readers."""
+        return {"layout": "NCHW", "channels": self.in_channels, "height": self.image_size,
+                "width": self.image_size, "value_range": [0.0, 1.0]}
+
     def describe(self) -> str:
         """Short words for error messages, e.g. 'mlp, 1x8x8 images, 10 classes'."""
         return (f"{self.arch}, {self.in_channels}x{self.image_size}x{self.image_size} images, "
