@@ -177,28 +177,35 @@ def found_run(out: str | os.PathLike) -> Found | None:
     return Found(None, None, "foreign", example=files[0]) if files else None
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten_config(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config as {"a.b": value}: the keys that `first_difference` compares."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         if isinstance(v, dict) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
+            out.update(flatten_config(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
 
 
-def first_difference(old: dict[str, Any], new: dict[str, Any]) -> str | None:
-    """The first (flattened, sorted) key whose value differs between two configs; a config
-    field only one side has (added to crl after the other was written) counts only when it is
-    not at its default."""
+def _config_field_at_default(key: str, value: Any) -> bool:
     from crl.config import FIELD_SPECS
 
-    a, b = _flat(old), _flat(new)
+    return key in FIELD_SPECS and value == FIELD_SPECS[key].default
+
+
+def first_difference(old: dict[str, Any], new: dict[str, Any],
+                     at_default: Callable[[str, Any], bool] = _config_field_at_default
+                     ) -> str | None:
+    """The first (flattened, sorted) key whose value differs between two configs; a key only
+    one side has (a field added to crl after the other was written) counts only when
+    `at_default(key, value)` is false (default: an AuditConfig field at its default)."""
+    a, b = flatten_config(old), flatten_config(new)
     for k in sorted(set(a) | set(b)):
         if k in a and k in b:
             if a[k] != b[k]:
                 return k
-        elif k not in FIELD_SPECS or a.get(k, b.get(k)) != FIELD_SPECS[k].default:
+        elif not at_default(k, a.get(k, b.get(k))):
             return k
     return None
 
@@ -255,7 +262,7 @@ class RunDir:
         key = self.differ(old, new)
         if key is None:
             return
-        was, now = _flat(old).get(key), _flat(new).get(key)
+        was, now = flatten_config(old).get(key), flatten_config(new).get(key)
         if self.command == "tune":      # the words of crl.tune.study.open_study's check
             raise CRLError(f"{key} = {now!r}: the study in {out / 'study.db'} was run with "
                            f"{was!r}; expected {CONTINUE['tune']}, {way}")

@@ -28,6 +28,8 @@ from crl.config import FIELD_SPECS, AuditConfig
 from crl.data.splits import PoolSplit
 from crl.data.types import ImageData
 from crl.errors import CRLError
+from crl.rundir import first_difference as config_difference
+from crl.rundir import flatten_config
 from crl.seeding import numpy_rng
 from crl.train import data_identity
 from crl.tune.evaluate import Point, evaluate_setting
@@ -76,7 +78,7 @@ def open_study(out: Path, setup: dict[str, Any], run_seed: int) -> optuna.Study:
     if stored is None:
         study.set_user_attr("setup", setup)
     elif (key := first_difference(stored, setup)) is not None:
-        old, new = _flat(stored).get(key), _flat(setup).get(key)
+        old, new = flatten_config(stored).get(key), flatten_config(setup).get(key)
         raise CRLError(f"{key} = {new!r}: the study in {path} was run with {old!r}; expected "
                        "the same setup to continue it, or another --out")
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -107,29 +109,12 @@ def _load_study(path: Path) -> tuple[optuna.Study, Any]:
 def first_difference(stored: dict[str, Any], setup: dict[str, Any]) -> str | None:
     """The first (flattened) key whose value differs, ignoring a recipe field only one side
     has (added to or dropped from AuditConfig by another version) when it is at its default."""
-    old, new = _flat(stored), _flat(setup)
-    for key in sorted(set(old) | set(new)):
-        if key in old and key in new:
-            if old[key] != new[key]:
-                return key
-        elif not _at_default(key, old.get(key, new.get(key))):
-            return key
-    return None
+    return config_difference(stored, setup, _at_default)
 
 
 def _at_default(key: str, value: Any) -> bool:
     spec = FIELD_SPECS.get(key.removeprefix("recipe."))
     return key.startswith("recipe.") and spec is not None and value == spec.default
-
-
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def sampler_for(run_seed: int, trials_so_far: int) -> optuna.samplers.BaseSampler:
