@@ -2,6 +2,7 @@
 inference (training, defenses, attacks and the audit all use it)."""
 from __future__ import annotations
 
+import contextlib
 from typing import Iterator
 
 import numpy as np
@@ -12,9 +13,21 @@ from torch import nn
 from crl.data.types import ImageData, normalize
 
 
-def _device_of(model: nn.Module) -> torch.device:
+def device_of(model: nn.Module) -> torch.device:
+    """The device of the model's parameters (the CPU for a model without any)."""
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """The model in eval mode inside the block; its train/eval mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def eval_batches(model: nn.Module, data: ImageData, idx, batch_size: int = 512
@@ -22,15 +35,11 @@ def eval_batches(model: nn.Module, data: ImageData, idx, batch_size: int = 512
     """Yield (dataset indices, normalised inputs on the model's device) with the model in eval
     mode; its train/eval mode is restored afterwards."""
     idx = torch.as_tensor(np.asarray(idx), dtype=torch.long)
-    device = _device_of(model)
-    was_training = model.training
-    model.eval()
-    try:
+    device = device_of(model)
+    with eval_mode(model):
         for start in range(0, idx.numel(), batch_size):
             b = idx[start:start + batch_size]
             yield b, normalize(data.x[b].to(device), data.mean, data.std)
-    finally:
-        model.train(was_training)
 
 
 @torch.no_grad()

@@ -40,7 +40,7 @@ from crl.audit.signals import _memo
 from crl.config import AuditConfig, split_names
 from crl.data.splits import PoolSplit, make_pool_split
 from crl.errors import CRLError
-from crl.evaluation import _device_of
+from crl.evaluation import device_of, eval_mode
 from crl.from_logits import build_attacks
 from crl.integrity import save_verified
 from crl.rundir import RunDir
@@ -104,14 +104,11 @@ class Queries:
 
     def _batches(self, model: nn.Module, idx: np.ndarray
                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        device, was_training = _device_of(model), model.training
-        model.eval()
-        try:
+        device = device_of(model)
+        with eval_mode(model):
             for start in range(0, len(idx), self.batch_size):
                 b = torch.as_tensor(idx[start:start + self.batch_size], dtype=torch.long)
                 yield b, self.data.x[b.to(self.data.x.device)].to(device)
-        finally:
-            model.train(was_training)
 
     def logits(self, model: nn.Module, idx: np.ndarray, flip: bool = False) -> np.ndarray:
         """float32 logits [len(idx), num_classes] of model(x[idx]) (mirrored with `flip`)."""

@@ -21,13 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from crl.errors import CRLError
+from crl.evaluation import device_of, eval_mode
 
 DEFAULT_BATCH = 512
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 class QueryOracle:
@@ -47,7 +43,7 @@ class QueryOracle:
             raise CRLError(f"batch_size = {batch_size}: expected a positive integer")
         self.model, self.label_only = model, label_only
         self.budget, self.batch_size = budget, batch_size
-        self.device = _device_of(model)
+        self.device = device_of(model)
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
         self.queries = 0
@@ -77,13 +73,9 @@ class QueryOracle:
                  ) -> torch.Tensor:
         x = self._check(x)
         self._charge(x.shape[0])
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with eval_mode(self.model):
             out = [reduce(self.model(self._normalised(x[i:i + self.batch_size]))).cpu()
                    for i in range(0, x.shape[0], self.batch_size)]
-        finally:
-            self.model.train(was_training)
         return torch.cat(out) if out else torch.empty(0)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -104,10 +96,8 @@ class QueryOracle:
         x = self._check(x)
         y = torch.as_tensor(np.asarray(y), dtype=torch.long)
         self._charge(x.shape[0])
-        was_training = self.model.training
-        self.model.eval()
         out = []
-        try:
+        with eval_mode(self.model):
             for i in range(0, x.shape[0], self.batch_size):
                 xb = x[i:i + self.batch_size].to(self.device, torch.float32).requires_grad_(True)
                 loss = F.cross_entropy(self.model(self._normalised(xb)),
@@ -115,8 +105,6 @@ class QueryOracle:
                                        reduction="sum")
                 (g,) = torch.autograd.grad(loss, xb)
                 out.append(g.cpu())
-        finally:
-            self.model.train(was_training)
         return torch.cat(out) if out else torch.empty_like(x)
 
 
