@@ -262,7 +262,7 @@ def _add_tune_parser(sub: Any) -> None:
     from dataclasses import replace
 
     from crl.config import cli_fields
-    from crl.tune.options import TUNE_SPECS
+    from crl.tune.options import OUT, TUNE_SPECS
 
     t = sub.add_parser("tune", help="search a defense's parameters for the privacy-utility "
                                     "front (Optuna)",
@@ -275,7 +275,7 @@ def _add_tune_parser(sub: Any) -> None:
         _add_field(t, spec)
     for spec in cli_fields():
         if spec.name not in _TUNE_SKIPS:
-            _add_field(t, replace(spec, help="run directory (default runs/tune)")
+            _add_field(t, replace(spec, help=f"run directory (default {OUT})")
                        if spec.name == "out" else spec)
     t.add_argument("--set", action="append", default=[], metavar="NAME.PARAM=VALUE",
                    help="defense/attack hyper-parameter; a tuned defense's parameter set here "
@@ -286,14 +286,14 @@ def _tune(args: argparse.Namespace, argv: list[str]) -> None:
     import shlex
 
     from crl.config import load_yaml_recipe
-    from crl.tune.options import TUNE_SPECS, TuneOptions
+    from crl.tune.options import OUT, TUNE_SPECS, TuneOptions
 
     given = vars(args)
     opts = TuneOptions(**canonical_names(
         {k: v for k, v in given.items() if k in TUNE_SPECS and v is not None}))
     audit_args = argparse.Namespace(**{k: v for k, v in given.items() if k not in TUNE_SPECS})
     if args.out is None and "out" not in (load_yaml_recipe(args.config) if args.config else {}):
-        audit_args.out = "runs/tune"
+        audit_args.out = OUT
     cfg = config_from_args(audit_args)
     checked, resolved = opts.checked(), cfg.resolved()
     _check_names(resolved.model, [checked.defense, *checked.compare],
@@ -304,9 +304,10 @@ def _tune(args: argparse.Namespace, argv: list[str]) -> None:
 
 
 def _add_train_parser(sub: Any) -> None:
-    """`crl train`: crl.train_options.TrainConfig's options (the audit's training flags, one
-    --defense)."""
-    from crl.train_options import TRAIN_SPECS
+    """`crl train`: crl.train_options.TrainConfig's options (the shared recipe and machine
+    flags, one --defense)."""
+    from crl.config import cli_fields
+    from crl.train_options import TrainConfig
 
     t = sub.add_parser("train", help="train one model on the dataset's own train split, for "
                                      "deployment",
@@ -314,9 +315,8 @@ def _add_train_parser(sub: Any) -> None:
                                    "fixed stratified 80/20 split), evaluate it on the test split, "
                                    "write model.pt (crl.load_model) and its metrics to --out.",
                        epilog=recipe_epilog(audit=False))
-    for spec in TRAIN_SPECS.values():
-        if spec.cli:
-            _add_field(t, spec)
+    for spec in cli_fields(TrainConfig):
+        _add_field(t, spec)
     t.add_argument("--set", action="append", default=[], metavar="NAME.PARAM=VALUE",
                    help="defense hyper-parameter, e.g. crl.alpha_rce=0.5 (repeatable)")
 
@@ -336,7 +336,7 @@ def _train(args: argparse.Namespace) -> None:
     values = {k: v for k, v in vars(args).items() if k not in ("command", "set") and v is not None}
     cfg = TrainConfig(**canonical_names({**values, "set": parse_set(args.set)}))
     resolved = cfg.resolved()
-    _check_names(resolved.model, resolved.defenses, resolved.attacks)
+    _check_names(resolved.model, [resolved.defense], [])
     from crl.deploy import run_train
 
     run_train(cfg)

@@ -1,23 +1,33 @@
-"""The audit recipe: YAML keys mirror the CLI flags; the resolved recipe is saved with each run.
+"""Each command's config over one shared base; YAML keys mirror the CLI flags; the resolved
+config is saved with each run.
 
-Every AuditConfig field declares its check once, next to its default, with `option(...)`: the
-type and range (a `crl.params.Param`, so errors read `epochs = 1.5: expected an integer >= 1`),
-whether it is a list, its CLI help and flag. `AuditConfig.resolved()` checks every value before
-anything is written; `crl.cli` builds its parser from the same declarations (`cli_fields()`).
+    RecipeConfig    what every command trains: data, model, training recipe, `set`
+    MachineConfig   where and how it runs (device, data files, resume, cache, progress bars)
+    AuditConfig     `crl audit` (and `crl tune`'s stages, `crl.audit_training`): RecipeConfig +
+                    the audit's fields (AuditRecipe) + MachineConfig + the engine options
+    TrainConfig     `crl train` (crl.train_options): RecipeConfig + one defense + MachineConfig
+    TuneOptions     `crl tune`'s own options (crl.tune.options), beside its AuditConfig
+
+Every field declares its check and its default once, with `option(...)`: the type and range (a
+`crl.params.Param`, so errors read `epochs = 1.5: expected an integer >= 1`), whether it is a
+list, its CLI help and flag; the per-dataset defaults are DATASET_DEFAULTS. `.resolved()` checks
+every value before anything is written; `crl.cli` builds each parser from the same declarations
+(`cli_fields(cls)`). Code reads a field as an attribute, never with a fallback default.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, ClassVar, Iterable, TypeVar
 
 import yaml
 
 from crl.canary_spec import SPEC_PATTERN as CANARY_PATTERN, SPEC_WORDS as CANARY_WORDS
 from crl.errors import CRLError
-from crl.params import Param
+from crl.params import DEFAULT_BOOTSTRAP, Param
 
 ENGINE_NAMES = ("sequential", "ensemble", "auto", "ray")   # crl.engine's registered engines
 DEFAULT_ATTACKS = ["loss", "confidence", "entropy", "mentr", "gradx", "nn", "lira", "rmia"]
@@ -81,22 +91,24 @@ def option(default: Any = None, *, factory: Any = None, **check: Any) -> Any:
     return field(default=default, metadata={"check": check})
 
 
+C = TypeVar("C", bound="RecipeConfig")
 _NAMES = dict(kind=str, many=True, unique=True, nonempty=True, pattern=r"[^,\s]+")
 _FILL = "(default per dataset)"
 
 
 @dataclass
-class AuditConfig:
+class RecipeConfig:
+    """What every command trains, shared by audit, tune and train: the data, the model and its
+    training recipe, the defenses' parameters (`set`). The checks (`resolved`, `checked`) serve
+    every command's config, each over its own declared fields."""
+
+    #: the flags --help lists first, in this order (then the others in declaration order)
+    HELP_FIRST: ClassVar[tuple[str, ...]] = ("dataset", "model")
+
     dataset: str = option("digits", kind=str, pattern=r"(?s).+", words="a dataset name",
                           help="digits (default) | cifar10 | cifar100 | svhn | imagefolder:PATH")
     model: str | None = option(None, kind=str, nullable=True,
                                help="mlp | cnn | resnet18 | vgg11_bn | densenet121 | googlenet")
-    defenses: list[str] = option(factory=lambda: ["ce", "crl"], **_NAMES,
-                                 words="a non-empty list of distinct defense names",
-                                 help="comma-separated defense names (default: ce,crl)")
-    attacks: list[str] = option(factory=lambda: list(DEFAULT_ATTACKS), **_NAMES,
-                                words="a non-empty list of distinct attack names",
-                                help="comma-separated attack names (default: all)")
     epochs: int | None = option(None, kind=int, low=1, nullable=True, help=f"epochs {_FILL}")
     batch_size: int | None = option(None, kind=int, low=1, nullable=True,
                                     help=f"batch size {_FILL}")
@@ -113,6 +125,69 @@ class AuditConfig:
     bf16: bool = option(False, kind=bool, help="bfloat16 autocast")
     channels_last: bool = option(False, kind=bool,
                                  help="channels_last memory format (faster convolutions on CPU)")
+    set: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def resolved(self: C) -> C:
+        """A copy with every value checked (and converted, e.g. 2.0 -> 2) and the per-dataset
+        defaults filled into the fields of this config the user left unset."""
+        cfg = dataclasses.replace(self, **self.checked())
+        key = cfg.dataset if cfg.dataset in DATASET_DEFAULTS else "*"
+        filled = {k: v for k, v in DATASET_DEFAULTS[key].items()
+                  if k in field_specs(type(self)) and getattr(cfg, k) is None}
+        if cfg.milestones is None and cfg.epochs is not None:
+            filled["milestones"] = []    # the default schedule belongs to the default epochs
+        return dataclasses.replace(cfg, **filled)
+
+    def validate(self) -> None:
+        """Raise a one-line CRLError on the first bad value."""
+        self.checked()
+
+    def checked(self) -> dict[str, Any]:
+        """Every field's value, checked and converted to its declared type."""
+        values = {name: spec.check_field(getattr(self, name))
+                  for name, spec in field_specs(type(self)).items()}
+        values["set"] = check_set(self.set)
+        return values
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def components(self) -> list[str]:
+        """The defense and attack names this run uses (the `--set` owners it reads)."""
+        raise NotImplementedError
+
+
+@dataclass
+class MachineConfig:
+    """Where and how a command runs (shared by every command): none of it changes a number."""
+
+    device: str = option("auto", kind=str, pattern=r"auto|cpu|cuda(:\d+)?",
+                         words="auto, cpu, cuda or cuda:N",
+                         help="auto (default) | cpu | cuda | cuda:N")
+    data_root: str | None = option(None, kind=str, nullable=True,
+                                   help="folder holding torchvision dataset files")
+    download: bool = option(False, kind=bool, help="allow torchvision to download the dataset")
+    resume: bool = option(False, kind=bool, help="continue an interrupted run in --out")
+    overwrite: bool = option(False, kind=bool,
+                             help="replace the run in --out (removed first) by this one")
+    cache: bool = option(True, kind=bool, flag="--no-cache",
+                         help="do not reuse or store trained models in the model cache")
+    progress: bool = option(True, kind=bool, flag="--quiet", help="no progress bars")
+
+
+@dataclass
+class AuditRecipe(RecipeConfig):
+    """What an audit measures, beyond the shared recipe (declared apart from AuditConfig's
+    engine options only so that the flags keep their order in --help)."""
+
+    HELP_FIRST: ClassVar[tuple[str, ...]] = ("dataset", "model", "defenses", "attacks")
+
+    defenses: list[str] = option(factory=lambda: ["ce", "crl"], **_NAMES,
+                                 words="a non-empty list of distinct defense names",
+                                 help="comma-separated defense names (default: ce,crl)")
+    attacks: list[str] = option(factory=lambda: list(DEFAULT_ATTACKS), **_NAMES,
+                                words="a non-empty list of distinct attack names",
+                                help="comma-separated attack names (default: all)")
     subset: int | None = option(None, kind=int, low=1, nullable=True,
                                 help="use N samples in total (stratified)")
     seeds: list[int] = option(factory=lambda: [0, 1, 2], kind=int, low=0, many=True,
@@ -122,8 +197,9 @@ class AuditConfig:
     shadows: int = option(5, kind=int, low=0, help="shadow models per target (default 5)")
     references: int | None = option(None, kind=int, low=1, nullable=True,
                                     help=f"LiRA/RMIA reference models {_FILL}")
-    bootstrap: int = option(200, kind=int, low=50,
-                            help="bootstrap resamples behind every 95%% interval (default 200)")
+    bootstrap: int = option(DEFAULT_BOOTSTRAP, kind=int, low=50,
+                            help="bootstrap resamples behind every 95%% interval "
+                                 f"(default {DEFAULT_BOOTSTRAP})")
     shadow_defense: str = option("same", kind=str, choices=("same", "none"),
                                  help="train shadows with the target's defense (same, default) "
                                       "or none")
@@ -140,18 +216,16 @@ class AuditConfig:
                                   help="delta of the epsilon lower bound (default 1e-5)")
     out: str = option("runs/audit", kind=str, pattern=r"(?s).+", words="a non-empty path",
                       help="run directory (default runs/audit)")
-    device: str = option("auto", kind=str, pattern=r"auto|cpu|cuda(:\d+)?",
-                         words="auto, cpu, cuda or cuda:N",
-                         help="auto (default) | cpu | cuda | cuda:N")
-    data_root: str | None = option(None, kind=str, nullable=True,
-                                   help="folder holding torchvision dataset files")
-    download: bool = option(False, kind=bool, help="allow torchvision to download the dataset")
-    resume: bool = option(False, kind=bool, help="continue an interrupted run in --out")
-    overwrite: bool = option(False, kind=bool,
-                             help="replace the run in --out (removed first) by this one")
-    cache: bool = option(True, kind=bool, flag="--no-cache",
-                         help="do not reuse or store trained models in the model cache")
-    progress: bool = option(True, kind=bool, flag="--quiet", help="no progress bars")
+
+    def components(self) -> list[str]:
+        return [*self.defenses, *self.attacks]
+
+
+@dataclass
+class AuditConfig(MachineConfig, AuditRecipe):
+    """`crl audit`'s config (also the recipe of `crl tune`'s stages and of
+    `crl.audit_training`): the shared recipe, the audit's fields, the machine, the engine."""
+
     engine: str = option("auto", kind=str, choices=ENGINE_NAMES,
                          help="how models train: auto (default: per model and device, "
                               "docs/performance.md) | sequential | ensemble (K at once) | ray")
@@ -165,35 +239,12 @@ class AuditConfig:
     ray_chunk: int | None = option(None, kind=int, low=1, nullable=True,
                                    help="--engine ray: models per Ray task (default: spread "
                                         "evenly over the cluster's CPUs or GPUs)")
-    set: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-    def resolved(self) -> "AuditConfig":
-        """A copy with every value checked (and converted, e.g. 2.0 -> 2) and the per-dataset
-        defaults filled into the fields the user left unset."""
-        cfg = dataclasses.replace(self, **self.checked())
-        key = cfg.dataset if cfg.dataset in DATASET_DEFAULTS else "*"
-        filled = {k: v for k, v in DATASET_DEFAULTS[key].items() if getattr(cfg, k) is None}
-        if cfg.milestones is None and cfg.epochs is not None:
-            filled["milestones"] = []    # the default schedule belongs to the default epochs
-        return dataclasses.replace(cfg, **filled)
-
-    def validate(self) -> None:
-        """Raise a one-line CRLError on the first bad value."""
-        self.checked()
-
-    def checked(self) -> dict[str, Any]:
-        """Every field's value, checked and converted to its declared type."""
-        values = {name: spec.check_field(getattr(self, name)) for name, spec in FIELD_SPECS.items()}
-        values["set"] = check_set(self.set)
-        return values
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
+@functools.cache
 def field_specs(cls: type) -> dict[str, FieldSpec]:
-    """The FieldSpec of every `option(...)` field of the dataclass `cls` (AuditConfig, or
-    another command's options, e.g. crl.tune's), in declaration order."""
+    """The FieldSpec of every `option(...)` field of the dataclass `cls` (a command's config,
+    or another command's options, e.g. crl.tune's), in declaration order."""
     specs = {}
     for f in dataclasses.fields(cls):
         if "check" in f.metadata:
@@ -203,12 +254,15 @@ def field_specs(cls: type) -> dict[str, FieldSpec]:
 
 
 FIELD_SPECS: dict[str, FieldSpec] = field_specs(AuditConfig)
-FIELDS = {f.name for f in dataclasses.fields(AuditConfig)}
+FIELDS = frozenset(f.name for f in dataclasses.fields(AuditConfig))
 
 
-def cli_fields() -> list[FieldSpec]:
-    """The fields with a CLI flag, in declaration order (crl.cli builds its parser from them)."""
-    return [spec for spec in FIELD_SPECS.values() if spec.cli]
+def cli_fields(cls: type = AuditConfig) -> list[FieldSpec]:
+    """The fields of `cls` with a CLI flag, `cls.HELP_FIRST` first, then in declaration order
+    (crl.cli builds its parsers from them)."""
+    specs = field_specs(cls)
+    first = [specs[name] for name in cls.HELP_FIRST]
+    return first + [s for s in specs.values() if s.cli and s.name not in cls.HELP_FIRST]
 
 
 def check_set(value: Any) -> dict[str, dict[str, Any]]:
@@ -273,7 +327,7 @@ def parse_set(items: list[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def unused_set_owners(cfg: AuditConfig, defenses: Iterable[str] | None = None,
+def unused_set_owners(cfg: RecipeConfig, defenses: Iterable[str] | None = None,
                       attacks: Iterable[str] | None = None) -> list[str]:
     """The `--set` owners that are real defenses or attacks but not part of this run (their
     values are ignored); a CRLError for an owner that is neither. `defenses`/`attacks` are the
@@ -286,11 +340,11 @@ def unused_set_owners(cfg: AuditConfig, defenses: Iterable[str] | None = None,
         if owner not in known:
             raise CRLError(f"--set names '{owner}', which is neither a defense nor an attack; "
                            f"expected one of: {', '.join(sorted(known))}")
-    in_run = set(cfg.defenses) | set(cfg.attacks)
+    in_run = set(cfg.components())
     return [owner for owner in cfg.set if owner not in in_run]
 
 
-def set_warnings(cfg: AuditConfig, defenses: Iterable[str] | None = None,
+def set_warnings(cfg: RecipeConfig, defenses: Iterable[str] | None = None,
                  attacks: Iterable[str] | None = None) -> list[str]:
     """One line per ignored `--set` owner, e.g. `--set relaxloss.alpha: relaxloss is not among
     --defenses/--attacks of this run; ignored` (for the caller to print)."""

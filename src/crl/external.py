@@ -43,6 +43,7 @@ from crl.errors import CRLError
 from crl.evaluation import device_of, eval_mode
 from crl.from_logits import build_attacks
 from crl.integrity import save_verified
+from crl.params import DEFAULT_BOOTSTRAP
 from crl.rundir import RunDir
 from crl.seeding import seed_for
 from crl.utils import atomic_path, code_version, write_json_atomic, write_text_atomic
@@ -342,7 +343,7 @@ def audit_training(train_fn: TrainFn, x: torch.Tensor, y: torch.Tensor, *,
                    attacks: Sequence[str] | str = DEFAULT_ATTACKS, references: int = 8,
                    shadows: int = 0, seeds: Sequence[int] = (0,), out: str | Path | None = None,
                    num_classes: int | None = None, batch_size: int = 512, progress: bool = True,
-                   subset: int | None = None, bootstrap: int = 200,
+                   subset: int | None = None, bootstrap: int = DEFAULT_BOOTSTRAP,
                    params: dict[str, dict[str, Any]] | None = None,
                    overwrite: bool = False) -> dict[str, Any]:
     """Audit `train_fn(x_train, y_train, seed) -> nn.Module` on the data x [N, ...], y [N]

@@ -21,6 +21,7 @@ from crl.attacks.signals import Signals
 from crl.audit.outcome import Evaluation
 from crl.audit.runner import run_attacks
 from crl.errors import CRLError
+from crl.params import DEFAULT_BOOTSTRAP
 
 #: What the caller of attack_signals can supply: reference models (the models axis) and
 #: population logits; the rest (flip, shadows, input_gradients) needs the models themselves.
@@ -130,7 +131,7 @@ def logit_attacks(names: str | Sequence[str], params: Mapping[str, Any] | None,
 def attack_signals(logits: Any, labels: Any, member: Any, *,
                    attack: str | Sequence[str] = "lira", population_logits: Any = None,
                    population_labels: Any = None, params: Mapping[str, Any] | None = None,
-                   n_boot: int = 200, seed: int = 0) -> dict[str, dict[str, Any]]:
+                   n_boot: int = DEFAULT_BOOTSTRAP, seed: int = 0) -> dict[str, dict[str, Any]]:
     """{attack: metrics} of model 0 (AUC, TPR at low FPR, 95% bootstrap intervals, the
     leave-one-out metrics over every model where the attack provides them): the rows of
     `crl audit`'s results.json. `params` maps an attack to its parameters; `seed` is the run

@@ -27,7 +27,7 @@ from scipy.sparse import csr_matrix
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from crl.errors import CRLError
-from crl.params import check_value
+from crl.params import DEFAULT_BOOTSTRAP, check_value
 from crl.seeding import numpy_rng
 
 LOW_FPRS = {"tpr_at_1pct_fpr": 0.01, "tpr_at_0.1pct_fpr": 0.001, "tpr_at_0.01pct_fpr": 0.0001}
@@ -193,7 +193,7 @@ def _check_boot(n_boot, seed, level, metric: str | None = None) -> np.random.Gen
 # ------------------------------------------------------------------------- intervals
 
 
-def metrics_with_ci(scores, is_member, *, n_boot: int = 200, seed: int = 0,
+def metrics_with_ci(scores, is_member, *, n_boot: int = DEFAULT_BOOTSTRAP, seed: int = 0,
                     level: float = 0.95) -> dict[str, float | list[float] | None]:
     """attack_metrics plus `<metric>_ci` = [lo, hi] for every CI_METRICS key (None where the
     point value is None): a percentile bootstrap over the samples, members and non-members
@@ -232,8 +232,8 @@ def _cluster_replicates(s: np.ndarray, m: np.ndarray, clusters: np.ndarray, n_bo
     return {key: np.concatenate([p[key] for p in parts]) for key in keys}
 
 
-def clustered_metrics_with_ci(scores, is_member, clusters, *, n_boot: int = 200, seed: int = 0,
-                              level: float = 0.95) -> dict:
+def clustered_metrics_with_ci(scores, is_member, clusters, *, n_boot: int = DEFAULT_BOOTSTRAP,
+                              seed: int = 0, level: float = 0.95) -> dict:
     """attack_metrics of all (score, membership) pairs plus `<metric>_ci` = [lo, hi] from a
     percentile bootstrap that resamples `clusters` (one id per pair), so pairs of one cluster
     (e.g. one sample scored by many models) move together."""
@@ -250,7 +250,7 @@ def clustered_metrics_with_ci(scores, is_member, clusters, *, n_boot: int = 200,
     return out
 
 
-def pooled_ci(groups, metric: str, *, n_boot: int = 200, seed: int = 0,
+def pooled_ci(groups, metric: str, *, n_boot: int = DEFAULT_BOOTSTRAP, seed: int = 0,
               level: float = 0.95) -> tuple[float | None, float | None, float | None]:
     """(mean, lo, hi) of `metric` averaged over groups = [(scores, is_member), ...], one per
     seed: a two-level bootstrap (resample the seeds, then each drawn seed's samples, stratified).
@@ -312,7 +312,7 @@ def _union_items(a, b) -> tuple[np.ndarray, np.ndarray]:
     return pos[:, member], pos[:, ~member]
 
 
-def paired_difference(a, b, metric: str, *, n_boot: int = 200, seed: int = 0,
+def paired_difference(a, b, metric: str, *, n_boot: int = DEFAULT_BOOTSTRAP, seed: int = 0,
                       level: float = 0.95) -> dict:
     """metric(a) - metric(b) for two defenses evaluated on the SAME split, a and b each
     (sample_ids, scores, is_member); their sample sets may differ (held-out members).
@@ -323,7 +323,7 @@ def paired_difference(a, b, metric: str, *, n_boot: int = 200, seed: int = 0,
     return paired_difference_over_seeds([a], [b], metric, n_boot=n_boot, seed=seed, level=level)
 
 
-def paired_difference_over_seeds(a_list, b_list, metric: str, *, n_boot: int = 200,
+def paired_difference_over_seeds(a_list, b_list, metric: str, *, n_boot: int = DEFAULT_BOOTSTRAP,
                                  seed: int = 0, level: float = 0.95) -> dict:
     """The mean over seeds of metric(a_s) - metric(b_s), where a_s and b_s share seed s's
     split, with a paired-bootstrap interval: each replicate resamples every seed's samples

@@ -15,6 +15,9 @@ import numpy as np
 
 from crl.errors import CRLError
 
+#: bootstrap resamples behind every 95% interval: `--bootstrap`'s default and crl.metrics'
+DEFAULT_BOOTSTRAP = 200
+
 
 @dataclass(frozen=True)
 class Param:

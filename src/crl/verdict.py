@@ -199,7 +199,7 @@ def defense_verdict(group: list[TargetOutcome], base: dict[int, TargetOutcome], 
     return v
 
 
-def compute_verdict(outcomes: list[TargetOutcome], *, n_boot: int = 200) -> dict[str, Any]:
+def compute_verdict(outcomes: list[TargetOutcome], *, n_boot: int) -> dict[str, Any]:
     """verdict.json's content: the baseline, the metrics, the rule and one verdict per defense
     (`defenses`); `reason` says why there is none when there is none."""
     groups: dict[str, list[TargetOutcome]] = {}

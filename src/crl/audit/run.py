@@ -239,7 +239,7 @@ class Audit:
         ctx = extract_signals(pool_models, shadow_models, self.data, split, self.requirements,
                               seed, canaries=self.canary_idx, progress=self.cfg.progress,
                               handed=[j.train_idx for j in jobs if j.role != "shadow"])
-        n_boot = getattr(self.cfg, "bootstrap", 200)
+        n_boot = self.cfg.bootstrap
         on_attack = (None if self.progress is None else
                      lambda i, n, name: self.progress.attack(tag, i, n, name))
         attacks = run_attacks(self.attacks, ctx, ev, n_boot=n_boot,
@@ -295,7 +295,7 @@ def split_of(labels: np.ndarray, seed: int, subset: int | None) -> PoolSplit:
 def canaries_for(cfg: AuditConfig, data: ImageData) -> tuple[ImageData, CanarySet | None]:
     """With --canaries: the dataset followed by its canaries, which (when mislabeled) copy
     images outside every seed's target and shadow pools; else (data, None)."""
-    if not getattr(cfg, "canaries", None):
+    if not cfg.canaries:
         return data, None
     n, kind = parse_canaries(cfg.canaries)
     labels = data.y.numpy()

@@ -66,7 +66,7 @@ def run_attack(name: str, attack: Attack, ctx: AttackContext, ev: Evaluation, *,
 
 
 def run_attacks(attacks: dict[str, Attack], ctx: AttackContext, ev: Evaluation, *,
-                n_boot: int = 200, unpooled: str | None = None,
+                n_boot: int, unpooled: str | None = None,
                 on_attack=None) -> dict[str, AttackOutcome]:
     """Every attack in turn; on_attack(i, n, name) before attack i of n (progress)."""
     out = {}

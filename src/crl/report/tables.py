@@ -48,7 +48,7 @@ def _interval_cell(group: list[TargetOutcome], attack: str, metric: str, n_boot:
 
 
 def format_table(outcomes: list[TargetOutcome], metric: str = "auc", *,
-                 n_boot: int = 200) -> str:
+                 n_boot: int) -> str:
     """One row per defense: accuracies (mean ± std over seeds), then `metric` per attack with a
     95% interval over samples and seeds together."""
     if not outcomes:
@@ -70,7 +70,7 @@ def _side(o: TargetOutcome, attack: str) -> tuple[np.ndarray, np.ndarray, np.nda
 
 
 def comparison_table(outcomes: list[TargetOutcome], metric: str = "auc", *,
-                     n_boot: int = 200, baseline: str = "ce",
+                     n_boot: int, baseline: str = "ce",
                      attacks: list[str] | None = None) -> str | None:
     """Difference of each defense's `metric` from the baseline's, per attack (`attacks`, default
     all), averaged over the seeds both ran, with a paired-bootstrap 95% interval; "within
@@ -246,7 +246,7 @@ def write_report(out: Path, outcomes: list[TargetOutcome], cfg) -> str:
     from crl.report.vulnerability import write_vulnerability
     from crl.report.worst_case import most_exposed_summary, worst_case_table
 
-    n_boot = int(getattr(cfg, "bootstrap", 200))
+    n_boot = cfg.bootstrap
     verdict = write_verdict(out, outcomes, n_boot)
     plot_margins(out / "figures" / "margins.png", outcomes)
     plot_rocs(out / "figures" / "roc.png", outcomes)

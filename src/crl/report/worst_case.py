@@ -45,7 +45,7 @@ def _row(defense: str, group: list[TargetOutcome], attack: str, n_boot: int) -> 
     return "| " + " | ".join(cells) + " |"
 
 
-def worst_case_table(outcomes: list[TargetOutcome], *, n_boot: int = 200) -> list[str]:
+def worst_case_table(outcomes: list[TargetOutcome], *, n_boot: int) -> list[str]:
     """The "Worst case" section of report.md; empty without canaries."""
     chosen = [o for o in outcomes if o.canaries and o.model_member is not None]
     if not chosen:

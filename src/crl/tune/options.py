@@ -17,6 +17,8 @@ from crl.errors import CRLError
 #: --objective -> the attack metric it minimises (crl.metrics keys)
 OBJECTIVES = {"auc": "auc", "tpr@1": "tpr_at_1pct_fpr", "tpr@0.1": "tpr_at_0.1pct_fpr"}
 _NAME = r"[^,\s]+"
+#: `crl tune`'s run directory when neither --out nor the YAML recipe names one
+OUT = "runs/tune"
 
 
 @dataclass(frozen=True)
