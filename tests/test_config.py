@@ -2,13 +2,16 @@
 run-directory safety of crl.rundir (the --out checks, RunLock, clean_stale_tmp)."""
 import dataclasses
 import os
+import re
 import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
+import crl
 from crl.cli import build_parser, config_from_args, main
 from crl.config import (DATASET_DEFAULTS, FIELD_SPECS, AuditConfig, cli_fields, set_warnings,
                         unused_set_owners)
@@ -113,6 +116,89 @@ def test_resolved_leaves_the_original_alone_and_validate_raises():
     assert cfg.resolved().epochs == 2 and cfg.epochs == 2.0 and cfg.model is None
     with pytest.raises(CRLError, match=r"^epochs = 0: expected an integer >= 1"):
         dataclasses.replace(cfg, epochs=0).validate()
+
+
+# --- one config per command over a shared base; each default written once ------------------
+
+#: the keys of config.yaml in run directories written before the shared base (main before issue
+#: 19), in their old declaration order: the order of the flags in --help
+AUDIT_KEYS = ("dataset model defenses attacks epochs batch_size lr momentum weight_decay "
+              "milestones augment bf16 channels_last subset seeds shadows references bootstrap "
+              "shadow_defense canaries epsilon_attack epsilon_delta out device data_root "
+              "download resume overwrite cache progress engine ensemble_size ray_address "
+              "ray_chunk set").split()
+TRAIN_KEYS = ("dataset model defense epochs batch_size lr momentum weight_decay milestones "
+              "augment bf16 channels_last seed test_fraction out device data_root download "
+              "resume overwrite cache progress set").split()
+NO_FLAG = ("momentum", "weight_decay", "set")
+
+
+def test_old_run_configs_load_and_every_flag_keeps_its_place(tmp_path):
+    import yaml
+
+    from crl.config import load_yaml_recipe
+    from crl.train_options import TrainConfig
+
+    cfg = AuditConfig(dataset="digits", seeds=[3], set={"crl": {"lam": 0.5}}).resolved()
+    old = tmp_path / "config.yaml"           # what `crl report` reads from an old run
+    old.write_text(yaml.safe_dump({k: getattr(cfg, k) for k in AUDIT_KEYS}, sort_keys=False))
+    assert AuditConfig(**load_yaml_recipe(old)).resolved() == cfg
+    for cls, keys in ((AuditConfig, AUDIT_KEYS), (TrainConfig, TRAIN_KEYS)):
+        assert sorted(cls().to_dict()) == sorted(keys)
+        assert [s.name for s in cli_fields(cls)] == [k for k in keys if k not in NO_FLAG]
+
+
+def test_every_config_field_is_declared_once_in_one_class_of_the_shared_base():
+    from crl.config import MachineConfig, RecipeConfig
+    from crl.train_options import TrainConfig
+
+    def family(cls):
+        return [cls, *(c for sub in cls.__subclasses__() for c in family(sub))]
+
+    classes = set(family(RecipeConfig) + family(MachineConfig))
+    assert {AuditConfig, TrainConfig} <= classes
+    declared = [n for c in classes for n in vars(c).get("__annotations__", {})
+                if n != "HELP_FIRST"]
+    twice = {n for n in declared if declared.count(n) > 1}
+    assert twice == {"out"} and AuditConfig().out != TrainConfig().out   # each command's own
+    recipe = {f.name for f in dataclasses.fields(RecipeConfig)}
+    assert {"dataset", "model", "epochs", "lr", "milestones", "set"} <= recipe
+    for cls in (AuditConfig, TrainConfig):       # one resolution: checks, per-dataset defaults
+        assert issubclass(cls, RecipeConfig) and issubclass(cls, MachineConfig)
+        assert cls(epochs=3.0).resolved().milestones == [] and cls().resolved().model == "mlp"
+        with pytest.raises(CRLError, match=r"^lr = 0: expected a number > 0 or null$"):
+            cls(lr=0).validate()
+    assert "subset" not in TrainConfig().to_dict()   # the audit's own fields stay the audit's
+
+
+#: getattr(cfg, "name", default): a field read with a second default of its own
+GETATTR_DEFAULT = re.compile(r"getattr\(\s*[\w.]*(cfg|config|opts|options|recipe)\w*\s*,"
+                             r"\s*[^,()]+,")
+#: a number of bootstrap resamples written as a literal (a default, or a call's value)
+BOOT_LITERAL = re.compile(r"\b(n_boot|bootstrap)\b[\"']?\s*(:\s*[\w|\[\]. ]+?\s*=|=|:)\s*"
+                          r"(option\(\s*)?\d")
+
+
+def _src_hits(pattern: re.Pattern) -> list[str]:
+    root = Path(crl.__file__).parent
+    return [f"{p.relative_to(root)}:{n}: {line.strip()}" for p in sorted(root.rglob("*.py"))
+            for n, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
+
+
+def test_no_config_field_is_read_with_a_default_and_the_bootstrap_default_is_written_once():
+    from crl.params import DEFAULT_BOOTSTRAP
+
+    assert _src_hits(GETATTR_DEFAULT) == []
+    assert _src_hits(BOOT_LITERAL) == []
+    assert _src_hits(re.compile(r"DEFAULT_BOOTSTRAP\s*=")) == [
+        f"params.py:{_line_of('params.py', 'DEFAULT_BOOTSTRAP =')}: DEFAULT_BOOTSTRAP = 200"]
+    assert FIELD_SPECS["bootstrap"].default == DEFAULT_BOOTSTRAP
+    assert f"(default {DEFAULT_BOOTSTRAP})" in FIELD_SPECS["bootstrap"].help
+
+
+def _line_of(name: str, text: str) -> int:
+    lines = (Path(crl.__file__).parent / name).read_text().splitlines()
+    return next(n for n, line in enumerate(lines, 1) if line.startswith(text))
 
 
 # --- --set owners ---------------------------------------------------------------------------
