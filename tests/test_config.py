@@ -13,8 +13,14 @@ import pytest
 
 import crl
 from crl.cli import build_parser, config_from_args, main
-from crl.config import (DATASET_DEFAULTS, FIELD_SPECS, AuditConfig, cli_fields, set_warnings,
-                        unused_set_owners)
+from crl.config import (
+    DATASET_DEFAULTS,
+    FIELD_SPECS,
+    AuditConfig,
+    cli_fields,
+    set_warnings,
+    unused_set_owners,
+)
 from crl.errors import CRLError
 from crl.rundir import LOCK_NAME, RunLock, check_out_dir, clean_stale_tmp
 
@@ -122,14 +128,15 @@ def test_resolved_leaves_the_original_alone_and_validate_raises():
 
 #: the keys of config.yaml in run directories written before the shared base (main before issue
 #: 19), in their old declaration order: the order of the flags in --help
-AUDIT_KEYS = ("dataset model defenses attacks epochs batch_size lr momentum weight_decay "
-              "milestones augment bf16 channels_last subset seeds shadows references bootstrap "
-              "shadow_defense canaries epsilon_attack epsilon_delta out device data_root "
-              "download resume overwrite cache progress engine ensemble_size ray_address "
-              "ray_chunk set").split()
-TRAIN_KEYS = ("dataset model defense epochs batch_size lr momentum weight_decay milestones "
-              "augment bf16 channels_last seed test_fraction out device data_root download "
-              "resume overwrite cache progress set").split()
+AUDIT_KEYS = ("dataset", "model", "defenses", "attacks", "epochs", "batch_size", "lr", "momentum",
+              "weight_decay", "milestones", "augment", "bf16", "channels_last", "subset", "seeds",
+              "shadows", "references", "bootstrap", "shadow_defense", "canaries", "epsilon_attack",
+              "epsilon_delta", "out", "device", "data_root", "download", "resume", "overwrite",
+              "cache", "progress", "engine", "ensemble_size", "ray_address", "ray_chunk", "set")
+TRAIN_KEYS = ("dataset", "model", "defense", "epochs", "batch_size", "lr", "momentum",
+              "weight_decay", "milestones", "augment", "bf16", "channels_last", "seed",
+              "test_fraction", "out", "device", "data_root", "download", "resume", "overwrite",
+              "cache", "progress", "set")
 NO_FLAG = ("momentum", "weight_decay", "set")
 
 
@@ -266,9 +273,8 @@ def test_a_second_lock_in_this_process_fails_at_once_and_the_lock_is_released(tm
         assert (out / LOCK_NAME).read_text() == f"{os.getpid()}\n"
         with pytest.raises(CRLError, match=rf"^run directory {out} is in use by another crl "
                                            rf"process \(pid {os.getpid()}\); wait for it or "
-                                           "choose another --out$"):
-            with RunLock(out):
-                pass
+                                           "choose another --out$"), RunLock(out):
+            pass
     assert (out / LOCK_NAME).read_text() == ""
     with RunLock(out):                              # free again after the first one left
         pass

@@ -19,13 +19,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import yaml
 
-from crl.canary_spec import SPEC_PATTERN as CANARY_PATTERN, SPEC_WORDS as CANARY_WORDS
+from crl.canary_spec import SPEC_PATTERN as CANARY_PATTERN
+from crl.canary_spec import SPEC_WORDS as CANARY_WORDS
 from crl.errors import CRLError
 from crl.params import DEFAULT_BOOTSTRAP, Param
 
@@ -206,7 +208,8 @@ class AuditRecipe(RecipeConfig):
     canaries: str | None = option(None, kind=str, nullable=True, pattern=CANARY_PATTERN,
                                   words=CANARY_WORDS,
                                   help="N[:KIND]: add N canaries (mislabeled, default, or noise) "
-                                       "to the target pool; worst-case metrics (docs/worst-case.md)")
+                                       "to the target pool; worst-case metrics "
+                                       "(docs/worst-case.md)")
     epsilon_attack: str | None = option(None, kind=str, nullable=True, pattern=r"[A-Za-z0-9_]+",
                                         words="an attack name or null",
                                         help="--canaries: the attack whose canary scores give "

@@ -15,10 +15,10 @@ evaluated on the test split. OUT then holds
     result.json     train and test accuracy (and the chance-level warning, if any)
     manifest.json   the command, the config's hash and every file's sha256 (crl.manifest)
 
-with the audit's guarantees: every option checked before anything is written (the audit's own
-field checks and per-dataset defaults), atomic writes, OUT locked against a second run, and
-the verified model cache (`--no-cache` bypasses it); OUT holds this run alone (another config
-is refused unless `--overwrite`; crl.rundir.RunDir).
+with the audit's guarantees: every option checked before anything is written (the field checks
+and per-dataset defaults every command's config shares, crl.config), atomic writes, OUT locked
+against a second run, and the verified model cache (`--no-cache` bypasses it); OUT holds this
+run alone (another config is refused unless `--overwrite`; crl.rundir.RunDir).
 """
 from __future__ import annotations
 

@@ -49,7 +49,7 @@ class TuneOptions:
         words="a non-empty list of distinct attack names",
         help="attacks of the fresh-seed confirmation (default: --attacks)")
 
-    def checked(self) -> "TuneOptions":
+    def checked(self) -> TuneOptions:
         """A copy with every value checked and converted, else a one-line CRLError."""
         return replace(self, **{n: s.check_field(getattr(self, n)) for n, s in TUNE_SPECS.items()})
 
