@@ -161,7 +161,8 @@ class RecipeConfig:
 
 @dataclass
 class MachineConfig:
-    """Where and how a command runs (shared by every command): none of it changes a number."""
+    """Where and how a command runs (shared by every command): the device, the dataset files,
+    whether it resumes or replaces a run, the model cache, progress bars."""
 
     device: str = option("auto", kind=str, pattern=r"auto|cpu|cuda(:\d+)?",
                          words="auto, cpu, cuda or cuda:N",
@@ -180,7 +181,7 @@ class MachineConfig:
 @dataclass
 class AuditRecipe(RecipeConfig):
     """What an audit measures, beyond the shared recipe (declared apart from AuditConfig's
-    engine options only so that the flags keep their order in --help)."""
+    engine options so that the fields keep their order: recipe, audit, machine, engine)."""
 
     HELP_FIRST: ClassVar[tuple[str, ...]] = ("dataset", "model", "defenses", "attacks")
 

@@ -11,8 +11,8 @@ from crl.config import MachineConfig, RecipeConfig, field_specs, option
 
 @dataclass
 class TrainRecipe(RecipeConfig):
-    """What `crl train` trains, beyond the shared recipe (declared apart from TrainConfig only
-    so that the flags keep their order in --help)."""
+    """What `crl train` trains, beyond the shared recipe (declared apart from TrainConfig so
+    that the fields keep their order: recipe, train, machine)."""
 
     HELP_FIRST: ClassVar[tuple[str, ...]] = ("dataset", "model", "defense")
 
