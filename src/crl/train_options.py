@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from crl.config import MachineConfig, RecipeConfig, field_specs, option
+from crl.config import MachineConfig, RecipeConfig, option
 
 
 @dataclass
@@ -35,5 +35,3 @@ class TrainRecipe(RecipeConfig):
 class TrainConfig(MachineConfig, TrainRecipe):
     """`crl train`'s options: the shared recipe, one --defense, --seed, --out, the machine."""
 
-
-TRAIN_SPECS = field_specs(TrainConfig)
