@@ -132,7 +132,9 @@ def test_bad_input_is_one_line_error():
     with pytest.raises(CRLError, match="delta"):
         one_run_audit([1.0, 2.0], [True, False], delta=1.5)
     with pytest.raises(CRLError, match="canary scores"):
-        one_run_audit([1.0, np.nan], [True, False])
+        one_run_audit([1.0, np.inf], [True, False])
+    with pytest.raises(CRLError, match="1 of 2 canaries were not scored"):
+        one_run_audit([1.0, np.nan], [True, False])   # e.g. boundary on a sample budget
 
 
 def test_canary_epsilon_warns_when_the_bound_beats_the_accountant():
@@ -148,7 +150,7 @@ def test_canary_epsilon_warns_when_the_bound_beats_the_accountant():
     quiet = canary_epsilon("loss", rng.random(400), included, claimed_epsilon=0.5)
     assert quiet["warning"] is None and quiet["many_runs"] is None
     bad = canary_epsilon("loss", np.full(400, np.nan), included, claimed_epsilon=0.5)
-    assert "canary scores" in bad["one_run"]["skipped"] and bad["warning"] is None
+    assert "were not scored" in bad["one_run"]["skipped"] and bad["warning"] is None
 
 
 def test_epsilon_attack_name():

@@ -120,6 +120,10 @@ def one_run_audit(scores, included, *, delta: float = 1e-5, confidence: float = 
     _check_level(delta, confidence)
     s = np.asarray(scores, np.float64).ravel()
     inc = np.asarray(included).astype(bool).ravel()
+    if np.isnan(s).any():   # unscored canaries (a sample budget): refused, not guessed on
+        raise CRLError(f"{int(np.isnan(s).sum())} of {len(s)} canaries were not scored (an "
+                       "attack on a sample budget, e.g. boundary.per_class): expected every "
+                       "canary scored; set per_class=null or choose another --epsilon-attack")
     if s.shape != inc.shape or len(s) == 0 or not np.isfinite(s).all():
         raise CRLError(f"canary scores = {len(s)} values: expected one finite score per "
                        f"inclusion bit ({len(inc)})")
