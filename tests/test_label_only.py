@@ -198,7 +198,7 @@ def test_attack_signals_explains_that_query_attacks_need_the_model(name):
 
 
 def test_boundary_scores_at_most_per_class_samples_of_each_class_seeded(setting):
-    data, pool, member, memoriser, _ = setting
+    data, pool, member, memoriser, outsider = setting
     ctx = context(data, pool, member, memoriser)
     params = {**FAST_BOUNDARY, "steps": 0, "per_class": 3}
     a, b = (build_attack("boundary", params).run(ctx) for _ in range(2))
@@ -209,6 +209,8 @@ def test_boundary_scores_at_most_per_class_samples_of_each_class_seeded(setting)
     np.testing.assert_array_equal(a.scores, b.scores)
     other = build_attack("boundary", params).run(dataclasses.replace(ctx, seed=1))
     assert not np.array_equal(a.scored, other.scored)   # ... from the run seed
+    defended = build_attack("boundary", params).run(context(data, pool, member, outsider))
+    np.testing.assert_array_equal(a.scored, defended.scored)   # another model: same samples
     white = build_attack("boundary_whitebox", {"per_class": 3, "steps": 2}).run(ctx)
     assert white.scored.sum() == a.scored.sum()
     every = build_attack("boundary", {**params, "per_class": None}).run(ctx)
