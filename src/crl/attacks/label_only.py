@@ -276,9 +276,8 @@ class BoundarySearch:
 class BoundaryAttack(LabelOnlyAttack):
     """Estimated L2 distance to the decision boundary from label queries (larger: member)."""
 
-    description: ClassVar[str] = ("boundary: label-only distance to the decision boundary, on "
-                                  "per_class samples per class (HopSkipJump, Chen et al. 2020; "
-                                  "Li & Zhang, CCS 2021)")
+    description: ClassVar[str] = ("boundary: label-only distance to the decision boundary, "
+                                  "per_class samples a class (HopSkipJump; Li & Zhang, CCS 2021)")
     spec: ClassVar[ParamSpec] = BOUNDARY_SPEC
 
     def queries_per_sample(self) -> int:
@@ -336,9 +335,8 @@ class WhiteboxBoundaryAttack(LabelOnlyAttack):
     """NOT label-only: the boundary distance found with input gradients of the target, the
     reference a label-only boundary search can at best approach (reported separately)."""
 
-    description: ClassVar[str] = ("boundary_whitebox: boundary distance found with gradients, "
-                                  "white-box upper bound, on per_class samples per class "
-                                  "(Choquette-Choo et al., ICML 2021)")
+    description: ClassVar[str] = ("boundary_whitebox: boundary distance from gradients, white-box "
+                                  "bound, per_class samples a class (Choquette-Choo 2021)")
     spec: ClassVar[ParamSpec] = ParamSpec(
         PER_CLASS,
         Param("steps", 20, int, low=1, help="gradient steps at most (step size grows 1.5x)"),
