@@ -192,3 +192,93 @@ def test_attack_signals_explains_that_query_attacks_need_the_model(name):
     with pytest.raises(CRLError, match="needs query access to the model"):
         crl.attack_signals(rng.normal(size=(1, 50, 10)), rng.integers(0, 10, 50),
                            rng.random((1, 50)) < 0.5, attack=name)
+
+
+# ---------------------------------------------------------------- sample budget (per_class)
+
+
+def test_boundary_scores_at_most_per_class_samples_of_each_class_seeded(setting):
+    data, pool, member, memoriser, outsider = setting
+    ctx = context(data, pool, member, memoriser)
+    params = {**FAST_BOUNDARY, "steps": 0, "per_class": 3}
+    a, b = (build_attack("boundary", params).run(ctx) for _ in range(2))
+    labels = ctx.target.labels
+    for c in range(10):   # min(3, class size) of every class
+        assert a.scored[labels == c].sum() == min(3, (labels == c).sum())
+    np.testing.assert_array_equal(a.scored, b.scored)   # the draw is seeded
+    np.testing.assert_array_equal(a.scores, b.scores)
+    other = build_attack("boundary", params).run(dataclasses.replace(ctx, seed=1))
+    assert not np.array_equal(a.scored, other.scored)   # ... from the run seed
+    defended = build_attack("boundary", params).run(context(data, pool, member, outsider))
+    np.testing.assert_array_equal(a.scored, defended.scored)   # another model: same samples
+    white = build_attack("boundary_whitebox", {"per_class": 3, "steps": 2}).run(ctx)
+    assert white.scored.sum() == a.scored.sum()
+    every = build_attack("boundary", {**params, "per_class": None}).run(ctx)
+    assert every.scored.all()
+
+
+def test_per_class_default_and_bad_value():
+    attack = build_attack("boundary")
+    assert attack.params["per_class"] == 500
+    with pytest.raises(CRLError, match="per_class = 0: expected an integer >= 1 or null"):
+        build_attack("boundary", {"per_class": 0})
+
+
+class HalfScored:
+    """An attack that scores every second sample with noise and gives the others a perfect
+    (membership-revealing) value that no metric may see."""
+
+    def __init__(self, member):
+        rng = np.random.default_rng(3)
+        self.scored = np.arange(len(member)) % 2 == 0
+        self.scores = np.where(self.scored, rng.random(len(member)) + 0.3 * member,
+                               1e6 * member)
+
+    def run(self, ctx):
+        from crl.attacks.base import AttackResult
+        return AttackResult(scores=self.scores.copy(), scored=self.scored.copy())
+
+
+def test_metrics_of_a_half_scored_attack_are_those_of_the_scored_half():
+    from crl.audit.outcome import Evaluation
+    from crl.audit.runner import run_attack
+    from crl.metrics import roc
+    from crl.seeding import seed_for
+
+    rng = np.random.default_rng(0)
+    n = 400
+    member = rng.random(n) < 0.5
+    ctx = AttackContext(target=Signals(logits=np.zeros((1, n, 2)), member=member[None],
+                                       labels=rng.integers(0, 2, n), sample_idx=np.arange(n)),
+                        num_classes=2, seed=7)
+    ev = Evaluation(np.arange(n), member, ~member)
+    attack = HalfScored(member)
+    out = run_attack("half", attack, ctx, ev, n_boot=50)
+    half = attack.scored
+    hand = metrics_with_ci(attack.scores[half], member[half], n_boot=50,
+                           seed=seed_for(7, "bootstrap", "half"))
+    assert out.metrics == hand and out.metrics["auc"] < 0.9   # the perfect half never entered
+    assert out.extra["samples_scored"] == half.sum() and out.extra["samples_evaluated"] == n
+    assert np.isnan(out.scores[~half]).all()
+    for got, want in zip(roc(out.scores, member), roc(attack.scores[half], member[half])):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_scored_mask_is_checked():
+    from crl.attacks.base import AttackResult
+
+    with pytest.raises(CRLError, match="expected a bool mask of shape"):
+        AttackResult(scores=np.zeros(4), scored=np.ones(3, bool))
+    with pytest.raises(CRLError, match="no leave-one-out"):
+        AttackResult(scores=np.zeros(4), scored=np.ones(4, bool), loo_scores=np.zeros((2, 4)))
+
+
+def test_report_header_says_how_many_samples_an_attack_scored():
+    from types import SimpleNamespace
+
+    from crl.report.tables import _sampled
+
+    a = SimpleNamespace(extra={"samples_scored": 5000, "samples_evaluated": 30000})
+    outcome = SimpleNamespace(attacks={"boundary": a, "loss": SimpleNamespace(extra={})})
+    assert "boundary: 5,000 of 30,000" in _sampled([outcome])
+    assert _sampled([SimpleNamespace(attacks={})]) == ""

@@ -92,8 +92,10 @@ def test_metric_input_errors():
         attack_metrics([0.1, 0.2], [1])
     with pytest.raises(CRLError, match="both members and non-members"):
         attack_metrics([0.1, 0.2], [1, 1])
-    with pytest.raises(CRLError, match="NaN"):
-        attack_metrics([0.1, np.nan], [1, 0])
+    with pytest.raises(CRLError, match="infinite"):
+        attack_metrics([0.1, np.inf], [1, 0])
+    with pytest.raises(CRLError, match="among the scored samples, got 1 and 0"):
+        attack_metrics([0.1, np.nan], [1, 0])   # NaN: not scored, left out
 
 
 # ---------------------------------------------------------------- bootstrap

@@ -98,6 +98,36 @@ def test_p_value_is_the_binomial_tail_plus_delta_term():
     assert one_run_p_value(m, r, v, eps, delta) == pytest.approx(tail + 2 * m * delta * alpha)
 
 
+def test_p_value_is_corollary_5_4_as_stated_with_i_up_to_m():
+    """Steinke et al.'s Corollary 5.4 written as stated: f(v) + 2 m delta max over i = 1..m
+    (not only 1..v) of (f(v - i) - f(v)) / i, f the Binomial(r, q) upper tail."""
+    for m, r, v, eps, delta in [(50, 20, 15, 1.0, 1e-3), (200, 40, 7, 0.3, 1e-2),
+                                (30, 30, 30, 2.0, 1e-4), (1000, 100, 75, 0.6, 1e-4)]:
+        q = math.exp(eps) / (math.exp(eps) + 1)
+
+        def f(u, r=r, q=q):
+            return 1.0 if u <= 0 else float(stats.binom.sf(u - 1, r, q))
+
+        slack = max((f(v - i) - f(v)) / i for i in range(1, m + 1))
+        want = min(f(v) + 2 * m * delta * slack, 1.0)
+        assert one_run_p_value(m, r, v, eps, delta) == pytest.approx(want, rel=1e-12)
+
+
+@pytest.mark.parametrize("m,r,v,delta,printed", [
+    (100, 100, 75, 0.0, 0.702),          # Appendix D, p. 45
+    (100, 100, 75, 1e-4, 0.699),         # Appendix D, p. 46
+    (1000, 100, 75, 1e-4, 0.673),        # Appendix D, p. 46: abstentions and the 2 m delta term
+    (100000, 1510, 1439, 1e-5, 2.675),   # Section 7, p. 28 (Fig. 11)
+])
+def test_one_run_bound_reproduces_the_papers_printed_values(m, r, v, delta, printed):
+    """Steinke, Nasr & Jagielski's printed lower bounds at 95% (three decimals, some rounded,
+    some truncated: one unit of the last digit). Dropping the delta term gives 0.702 for the
+    third row and 2.806 for the fourth; 2 r delta instead of 2 m delta gives 2.805."""
+    assert one_run_epsilon(m, r, v, delta=delta, beta=0.05) == pytest.approx(printed, abs=1e-3)
+    if delta == 0.0:   # Appendix D, p. 45: the p-value at eps = ln 3
+        assert one_run_p_value(m, r, v, math.log(3), 0.0) == pytest.approx(0.553, abs=1e-3)
+
+
 def test_random_scores_give_no_bound_mostly():
     b = bounds(lambda _, m, rng: (rng.random(m), rng.random(m) < 0.5), None, 500)
     assert (b == 0).mean() >= 0.92
@@ -132,7 +162,9 @@ def test_bad_input_is_one_line_error():
     with pytest.raises(CRLError, match="delta"):
         one_run_audit([1.0, 2.0], [True, False], delta=1.5)
     with pytest.raises(CRLError, match="canary scores"):
-        one_run_audit([1.0, np.nan], [True, False])
+        one_run_audit([1.0, np.inf], [True, False])
+    with pytest.raises(CRLError, match="1 of 2 canaries were not scored"):
+        one_run_audit([1.0, np.nan], [True, False])   # e.g. boundary on a sample budget
 
 
 def test_canary_epsilon_warns_when_the_bound_beats_the_accountant():
@@ -148,7 +180,7 @@ def test_canary_epsilon_warns_when_the_bound_beats_the_accountant():
     quiet = canary_epsilon("loss", rng.random(400), included, claimed_epsilon=0.5)
     assert quiet["warning"] is None and quiet["many_runs"] is None
     bad = canary_epsilon("loss", np.full(400, np.nan), included, claimed_epsilon=0.5)
-    assert "canary scores" in bad["one_run"]["skipped"] and bad["warning"] is None
+    assert "were not scored" in bad["one_run"]["skipped"] and bad["warning"] is None
 
 
 def test_epsilon_attack_name():

@@ -1,7 +1,9 @@
 """Membership-inference metrics: AUC, TPR at low FPR, the oracle balanced accuracy, ROC curves,
 and bootstrap intervals for them.
 
-Scores are oriented "higher = member". All values are floats in [0, 1] or None.
+Scores are oriented "higher = member". All values are floats in [0, 1] or None. A NaN score
+means "not scored" (an attack on a sample budget, crl.attacks.base.AttackResult.scored; a
+held-out pair): every function here leaves such samples out; an infinite score is an error.
 
 TPR at a fixed FPR is the highest TPR over every achievable ROC point (every distinct threshold)
 whose FPR does not exceed the level. An FPR level below 1 / (number of non-members) cannot be
@@ -37,18 +39,29 @@ _CELLS_PER_CHUNK = 250_000   # replicates x samples per step (small steps stay i
 
 
 def _check(scores, is_member) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, membership) of the scored samples (NaN score: not scored, left out)."""
     s = np.asarray(scores, dtype=np.float64).ravel()
     m = np.asarray(is_member).ravel()
     if s.shape != m.shape:
         raise CRLError(f"scores and is_member differ in length: {s.shape[0]} vs {m.shape[0]}")
     if not np.isin(m, [0, 1]).all():
         raise CRLError("is_member must hold only 0/1 or booleans")
-    m = m.astype(bool)
+    if np.isinf(s).any():
+        raise CRLError(f"{int(np.isinf(s).sum())} membership scores are infinite")
+    scored = ~np.isnan(s)
+    s, m = s[scored], m[scored].astype(bool)
     if m.all() or not m.any():
-        raise CRLError("attack metrics need both members and non-members")
-    if not np.isfinite(s).all():
-        raise CRLError(f"{int((~np.isfinite(s)).sum())} membership scores are NaN or infinite")
+        raise CRLError("attack metrics need both members and non-members among the scored "
+                       f"samples, got {int(m.sum())} and {int((~m).sum())}")
     return s, m
+
+
+def _scored_only(scores, values) -> np.ndarray:
+    """`values` (one per score) of the scored samples, as _check keeps them (`values` of
+    another length come back as they are, for the caller's length check)."""
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    v = np.asarray(values).ravel()
+    return v[~np.isnan(s)] if v.shape == s.shape else v
 
 
 def _resolvable(target: float, n_nonmembers: float) -> bool:
@@ -79,7 +92,7 @@ def thresholded_balanced_accuracy(scores, is_member, labels, thresholds) -> floa
     """Balanced accuracy of the rule `member iff score >= thresholds[label]` (e.g. per-class
     thresholds fitted on shadow models: the shadow_threshold_accuracy of threshold attacks)."""
     s, m = _check(scores, is_member)
-    y = np.asarray(labels).ravel()
+    y = _scored_only(scores, labels)
     t = np.asarray(thresholds, dtype=np.float64).ravel()
     if y.shape != s.shape or not np.issubdtype(y.dtype, np.integer):
         raise CRLError(f"labels must be {s.shape[0]} integers (one per score), "
@@ -239,7 +252,7 @@ def clustered_metrics_with_ci(scores, is_member, clusters, *, n_boot: int = DEFA
     (e.g. one sample scored by many models) move together."""
     check_value("bootstrap", "n_boot", n_boot, kind=int, low=1)
     s, m = _check(scores, is_member)
-    c = np.asarray(clusters).ravel()
+    c = _scored_only(scores, clusters)
     if c.shape != s.shape:
         raise CRLError(f"clusters of {len(c)} entries: expected {len(s)} (one per score)")
     out = attack_metrics(s, m)
@@ -287,7 +300,7 @@ def _paired_side(name: str, side) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     ids, scores, member = _fields(f"paired_difference {name}", side,
                                   "sample_ids, scores, is_member")
     s, m = _check(scores, member)
-    ids = np.asarray(ids).ravel()
+    ids = _scored_only(scores, ids)
     if ids.shape != s.shape or len(np.unique(ids)) != len(ids):
         raise CRLError(f"paired_difference {name}: sample_ids must be {len(s)} distinct ids "
                        f"(one per score), got {ids.shape[0]} ids, {len(np.unique(ids))} distinct")

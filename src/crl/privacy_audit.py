@@ -1,22 +1,31 @@
 """Empirical epsilon lower bounds: what an attack's success proves about a training run's DP.
 
 One run (Steinke, Nasr & Jagielski, NeurIPS 2023, "Privacy Auditing with One (1) Training
-Run"): m canaries, each included in training independently with probability 1/2; the auditor
-guesses "in" on the k+ highest-scoring canaries, "out" on the k- lowest and abstains on the
-rest. If training is (eps, delta)-DP, the number W of correct guesses among r = k+ + k- guesses
-satisfies, for every v (the paper's (eps, delta) statement, Section 5; delta = 0 is its
-Theorem 3.1 form, W stochastically dominated by Binomial(r, q)):
+Run", arXiv:2305.08846v1; Algorithm 1): m canaries, each included in training independently
+with probability 1/2; the auditor guesses "in" on the k+ highest-scoring canaries, "out" on the
+k- lowest and abstains on the rest (r = k+ + k- guesses, W of them correct). The paper's main
+result (Theorem 5.2) in the form it states for guesses in {-1, 0, +1} with at most r
+non-abstentions (Corollary 5.4, "ternary guesses", the form the paper uses for all its
+experiments): if training is (eps, delta)-DP in the canaries' inclusion, then for every v
 
-    P[W >= v] <= P[Binomial(r, q) >= v]
-                 + 2 m delta max_{i = 1..v} (1/i) P[v - i <= Binomial(r, q) < v],
-    q = e^eps / (1 + e^eps).
+    P[W >= v] <= f(v) + 2 m delta max_{i = 1..m} (f(v - i) - f(v)) / i,
+    f(u) = P[Binomial(r, q) >= u],   q = e^eps / (e^eps + 1).
 
-The lower bound at confidence 1 - beta is the largest eps whose right-hand side at the
-observed v is still <= beta (found by bisection: the right-hand side grows with eps). Its
-ceiling is the same bound for the most correct guesses any attack could make on these canaries
-(v = min(k+, included) + min(k-, excluded)): a perfect attack reaches it, and with few canaries
-the ceiling, not the model, limits the bound. Several (k+, k-) choices are tried (at most 10) with a Bonferroni
-correction (beta / number tried).
+For delta = 0 this is W stochastically dominated by Binomial(r, q). For i >= v, f(v - i) = 1,
+so the terms with i > v are smaller than the one at i = v: the maximum is taken over
+i = 1..v, f(v - i) - f(v) = P[v - i <= Binomial(r, q) < v]. From the p-value to a bound (the
+paper's Section 4.3, Lemma 4.7): the lower bound at confidence 1 - beta is the largest eps whose
+hypothesis "(eps, delta)-DP" the observed v rejects at level beta (found by bisection: the
+right-hand side grows with eps). Source of the statement: the paper's text as transcribed from
+the arXiv PDF in a public repository's research notes (theorem numbers, pages and the paper's
+printed values); crl reproduces the paper's printed values (Appendix D, Section 7) to their
+last digit (tests/test_privacy_audit.py). Its ceiling is the same bound for the most correct
+guesses any attack could make on these canaries (v = min(k+, included) + min(k-, excluded)): a
+perfect attack reaches it, and with few canaries the ceiling, not the model, limits the bound.
+Several (k+, k-) choices are tried (at most 10), each at level beta / (number tried), and the
+largest bound is reported: a union (Bonferroni) bound over the choices, valid whatever the
+scores (the paper notes that keeping the best of several k without such a correction lowers the
+confidence).
 
 Many runs (Jagielski et al. 2020; Nasr et al. 2021): the two-point bound from the false
 positive and false negative rates of a threshold fitted on separate models, with one-sided
@@ -53,7 +62,8 @@ def _check_level(delta: float, confidence: float) -> None:
 
 
 def one_run_p_value(m: int, r: int, v: int, eps: float, delta: float) -> float:
-    """The bound on P[W >= v] above for r guesses among m canaries under (eps, delta)-DP."""
+    """The bound on P[W >= v] above (Corollary 5.4 of Theorem 5.2) for r guesses among m
+    canaries under (eps, delta)-DP, capped at 1."""
     if not 0 <= v <= r <= m:
         raise CRLError(f"guesses: expected 0 <= correct ({v}) <= guesses ({r}) <= canaries ({m})")
     q = 1.0 / (1.0 + math.exp(-eps))
@@ -120,6 +130,10 @@ def one_run_audit(scores, included, *, delta: float = 1e-5, confidence: float = 
     _check_level(delta, confidence)
     s = np.asarray(scores, np.float64).ravel()
     inc = np.asarray(included).astype(bool).ravel()
+    if np.isnan(s).any():   # unscored canaries (a sample budget): refused, not guessed on
+        raise CRLError(f"{int(np.isnan(s).sum())} of {len(s)} canaries were not scored (an "
+                       "attack on a sample budget, e.g. boundary.per_class): expected every "
+                       "canary scored; set per_class=null or choose another --epsilon-attack")
     if s.shape != inc.shape or len(s) == 0 or not np.isfinite(s).all():
         raise CRLError(f"canary scores = {len(s)} values: expected one finite score per "
                        f"inclusion bit ({len(inc)})")

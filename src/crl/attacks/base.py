@@ -61,12 +61,35 @@ class AttackContext:
 
 @dataclass
 class AttackResult:
-    """Scores of the target model (model 0) and, optionally, leave-one-out scores of all models."""
+    """Scores of the target model (model 0) and, optionally, leave-one-out scores of all models.
+
+    scored: which samples the attack scored ([N] bool; None: all). An attack on a sample budget
+    (the boundary attacks) scores only some; the others' entries in `scores` mean nothing and
+    never enter a metric (`target_scores` turns them into NaN, crl.metrics leaves NaN out).
+    Such an attack gives no leave-one-out scores."""
 
     scores: np.ndarray                       # [N] for model 0
     extra: dict[str, Any] = field(default_factory=dict)
     loo_scores: np.ndarray | None = None     # [M, N] every model as the target (LiRA/RMIA)
     per_class_thresholds: np.ndarray | None = None  # fitted on shadows (threshold attacks)
+    scored: np.ndarray | None = None         # [N] bool: the samples scored (None: all)
+
+    def __post_init__(self) -> None:
+        if self.scored is None:
+            return
+        self.scored = np.asarray(self.scored)
+        if self.scored.dtype != bool or self.scored.shape != np.shape(self.scores):
+            raise CRLError(f"AttackResult.scored of dtype {self.scored.dtype}, shape "
+                           f"{self.scored.shape}: expected a bool mask of shape "
+                           f"{np.shape(self.scores)} (one per score)")
+        if self.loo_scores is not None:
+            raise CRLError("AttackResult.scored with loo_scores: expected an attack on a "
+                           "sample budget to score the target alone (no leave-one-out)")
+
+    def target_scores(self) -> np.ndarray:
+        """[N] float scores of model 0, NaN where not scored."""
+        s = np.asarray(self.scores, dtype=np.float64)
+        return s if self.scored is None else np.where(self.scored, s, np.nan)
 
 
 class Attack:

@@ -14,6 +14,12 @@ on the target pool, higher = member:
 
 and, NOT label-only and reported separately, boundary_whitebox: the same distance found with
 the target's input gradients, the reference a label-only search can at best approach.
+
+Sample budget: the two boundary attacks cost tens of queries per sample, so they score at most
+`per_class` samples of each class of the target pool (default 500), drawn uniformly within the
+class by a generator seeded from the run seed (stream "<attack>-sample"), members and
+non-members as they come; the rest are left unscored (AttackResult.scored) and never enter a
+metric.
 """
 from __future__ import annotations
 
@@ -29,13 +35,24 @@ from crl.errors import CRLError
 from crl.params import Param, ParamSpec
 from crl.query import QueryAccess, QueryOracle
 from crl.registry import ATTACKS
-from crl.seeding import torch_generator
+from crl.seeding import numpy_rng, torch_generator
 
 CHUNK = 256   # samples per batch of queries
 
 
 class LabelOnlyAttack(Attack):
     """Base: needs label-only query access to the target ("oracle")."""
+
+    def budget(self, ctx: AttackContext) -> np.ndarray:
+        """The samples to score: at most params['per_class'] of each class (module doc)."""
+        return sample_per_class(ctx.target.labels, self.params["per_class"],
+                                numpy_rng(ctx.seed, f"{self.name}-sample"))
+
+    def batches(self, scored: np.ndarray, access: QueryAccess):
+        """Chunks of the positions in `scored`, with a progress bar named after the attack."""
+        idx = np.flatnonzero(scored)
+        return tqdm([idx[c] for c in self.chunks(len(idx))], desc=self.name, leave=False,
+                    disable=not access.progress, dynamic_ncols=True)
 
     def requirements(self) -> frozenset[str]:
         return frozenset({"oracle"})
@@ -142,10 +159,31 @@ class AugmentAttack(LabelOnlyAttack):
                             extra=extra)
 
 
-#: Defaults: at most 4 + 8 + 1 + 2 (24 + 5 + 8) = 87 label queries per sample. The CPU `cnn`
-#: answers about 550 CIFAR-10 images per core-second (docs/performance.md), so the 7,500-sample
-#: target pool of a 15k CIFAR-10 audit costs at most 650k queries, about 20 core-minutes.
+PER_CLASS = Param("per_class", 500, int, low=1, nullable=True,
+                  help="samples scored per class of the target pool, drawn at random "
+                       "(null: every sample)")
+
+
+def sample_per_class(labels: np.ndarray, per_class: int | None,
+                     rng: np.random.Generator) -> np.ndarray:
+    """Bool mask [N]: at most `per_class` samples of each class, uniformly within the class
+    (all of them when per_class is None)."""
+    chosen = np.zeros(len(labels), bool)
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        if per_class is not None and len(idx) > per_class:
+            idx = rng.choice(idx, per_class, replace=False)
+        chosen[idx] = True
+    return chosen
+
+
+#: Cost = queries per sample x samples scored. Defaults: at most 4 + 8 + 1 + 2 (24 + 5 + 8) = 87
+#: label queries per sample, on at most 500 samples per class: 5,000 samples on CIFAR-10 (whatever
+#: the pool size), at most 435k queries. The CPU `cnn` answers about 550 CIFAR-10 images per
+#: core-second (docs/performance.md): about 13 core-minutes. Without the budget the 30,000-sample
+#: target pool of the full CIFAR-10 split would cost 2.6M queries, about 80 core-minutes.
 BOUNDARY_SPEC = ParamSpec(
+    PER_CLASS,
     Param("steps", 2, int, low=0, help="HopSkipJump iterations after the first boundary point"),
     Param("grad_samples", 24, int, low=1,
           help="label queries per gradient-direction estimate"),
@@ -238,8 +276,8 @@ class BoundarySearch:
 class BoundaryAttack(LabelOnlyAttack):
     """Estimated L2 distance to the decision boundary from label queries (larger: member)."""
 
-    description: ClassVar[str] = ("boundary: label-only distance to the decision boundary "
-                                  "(HopSkipJump, Chen et al. 2020; Li & Zhang, CCS 2021)")
+    description: ClassVar[str] = ("boundary: label-only distance to the decision boundary, "
+                                  "per_class samples a class (HopSkipJump; Li & Zhang, CCS 2021)")
     spec: ClassVar[ParamSpec] = BOUNDARY_SPEC
 
     def queries_per_sample(self) -> int:
@@ -252,14 +290,13 @@ class BoundaryAttack(LabelOnlyAttack):
         oracle = access.oracle(0)
         search = BoundarySearch(oracle, self.params, torch_generator(ctx.seed, "boundary"))
         y_all = ctx.target.labels
-        scores = np.zeros(len(y_all))
-        for p in tqdm(self.chunks(len(y_all)), desc="boundary", leave=False,
-                      disable=not access.progress, dynamic_ncols=True):
+        scores, scored = np.zeros(len(y_all)), self.budget(ctx)
+        for p in self.batches(scored, access):
             x, y = access.inputs(p), torch.as_tensor(y_all[p])
             right = torch.from_numpy(oracle.labels(x) == y_all[p])
             if right.any():
                 scores[p[right.numpy()]] = search.distances(x[right], y[right]).numpy()
-        return AttackResult(scores=scores, extra={
+        return AttackResult(scores=scores, scored=scored, extra={
             "queries": oracle.queries, "queries_per_sample_max": self.queries_per_sample()})
 
 
@@ -298,9 +335,10 @@ class WhiteboxBoundaryAttack(LabelOnlyAttack):
     """NOT label-only: the boundary distance found with input gradients of the target, the
     reference a label-only boundary search can at best approach (reported separately)."""
 
-    description: ClassVar[str] = ("boundary_whitebox: boundary distance found with gradients, "
-                                  "white-box upper bound (Choquette-Choo et al., ICML 2021)")
+    description: ClassVar[str] = ("boundary_whitebox: boundary distance from gradients, white-box "
+                                  "bound, per_class samples a class (Choquette-Choo 2021)")
     spec: ClassVar[ParamSpec] = ParamSpec(
+        PER_CLASS,
         Param("steps", 20, int, low=1, help="gradient steps at most (step size grows 1.5x)"),
         Param("search_steps", 10, int, low=1, help="binary-search queries on the segment"),
     )
@@ -309,13 +347,13 @@ class WhiteboxBoundaryAttack(LabelOnlyAttack):
         access = self.access(ctx)
         oracle = access.oracle(0, label_only=False)
         y_all = ctx.target.labels
-        scores = np.zeros(len(y_all))
-        for p in tqdm(self.chunks(len(y_all)), desc="boundary_whitebox", leave=False,
-                      disable=not access.progress, dynamic_ncols=True):
+        scores, scored = np.zeros(len(y_all)), self.budget(ctx)
+        for p in self.batches(scored, access):
             x = access.inputs(p)
             right = torch.from_numpy(oracle.labels(x) == y_all[p])
             if right.any():
                 scores[p[right.numpy()]] = gradient_path_distances(
                     oracle, x[right], torch.as_tensor(y_all[p])[right],
                     steps=self.params["steps"], search_steps=self.params["search_steps"]).numpy()
-        return AttackResult(scores=scores, extra={"queries": oracle.queries, "white_box": True})
+        return AttackResult(scores=scores, scored=scored,
+                            extra={"queries": oracle.queries, "white_box": True})

@@ -105,6 +105,7 @@ def exposure_values(scores: np.ndarray, member: np.ndarray,
                     thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per sample: exposure (NaN where no model trained on it), the number of models that
     trained on it, and the median over those of score minus threshold (for ranking ties)."""
+    member = member & ~np.isnan(scores)   # a NaN pair (held out, not scored) is neither
     above = scores > thresholds[:, None]
     n_in = member.sum(0)
     values = np.full(scores.shape[1], np.nan)

@@ -16,6 +16,7 @@ import numpy as np
 from crl.attacks.base import Attack, AttackContext
 from crl.audit.canaries import pooled_metrics
 from crl.audit.outcome import AttackOutcome, Evaluation
+from crl.errors import CRLError
 from crl.metrics import attack_metrics, metrics_with_ci, thresholded_balanced_accuracy
 from crl.seeding import seed_for
 
@@ -40,18 +41,24 @@ def run_attack(name: str, attack: Attack, ctx: AttackContext, ev: Evaluation, *,
     leave-one-out row)."""
     t0 = time.time()
     res = attack.run(ctx)
-    sel = ev.evaluated
-    metrics = metrics_with_ci(res.scores[sel], ev.members[sel], n_boot=n_boot,
+    scores, sel = res.target_scores(), ev.evaluated   # NaN: not scored (sample budget)
+    if res.scored is None and np.isnan(scores[sel]).any():
+        raise CRLError(f"attack '{name}': {int(np.isnan(scores[sel]).sum())} membership "
+                       "scores are NaN")
+    metrics = metrics_with_ci(scores[sel], ev.members[sel], n_boot=n_boot,
                               seed=seed_for(ctx.seed, "bootstrap", name))
     extra = _plain(res.extra)
+    if res.scored is not None:
+        extra["samples_scored"], extra["samples_evaluated"] = int(res.scored[sel].sum()), int(
+            sel.sum())
     if res.per_class_thresholds is not None:   # the honest, shadow-fitted attack accuracy
         extra["shadow_threshold_accuracy"] = thresholded_balanced_accuracy(
-            res.scores[sel], ev.members[sel], ctx.target.labels[sel], res.per_class_thresholds)
+            scores[sel], ev.members[sel], ctx.target.labels[sel], res.per_class_thresholds)
     groups = {}
     for group, positives in ev.groups.items():
         gsel, gmember = ev.labels_of(positives)
-        if gmember.any():
-            groups[group] = attack_metrics(res.scores[gsel], gmember)
+        if len(set(gmember[~np.isnan(scores[gsel])])) == 2:   # scored members and non-members
+            groups[group] = attack_metrics(scores[gsel], gmember)
     loo, pooled = None, res.loo_scores
     if pooled is not None and unpooled is not None:
         extra["loo_skipped"], pooled = unpooled, None
@@ -60,7 +67,7 @@ def run_attack(name: str, attack: Attack, ctx: AttackContext, ev: Evaluation, *,
                                 seed=seed_for(ctx.seed, "bootstrap", name, "leave-one-out"))
         if loo.get("skipped"):
             extra["loo_skipped"], loo = loo["skipped"], None
-    return AttackOutcome(name=name, scores=np.asarray(res.scores), metrics=metrics,
+    return AttackOutcome(name=name, scores=scores, metrics=metrics,
                          extra=extra, leave_one_out=loo, groups=groups,
                          seconds=time.time() - t0, pooled=pooled)
 

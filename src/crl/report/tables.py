@@ -413,6 +413,16 @@ def _rmia_a(outcomes: list[TargetOutcome]) -> str:
             f"{'; '.join(chosen)}.")
 
 
+def _sampled(outcomes: list[TargetOutcome]) -> str:
+    """How many samples each attack on a sample budget scored (extra['samples_scored'])."""
+    counts = {f"{k}: {a.extra['samples_scored']:,} of {a.extra['samples_evaluated']:,}"
+              for o in outcomes for k, a in o.attacks.items() if "samples_scored" in a.extra}
+    if not counts:
+        return ""
+    return (f" Attacks on a sample budget score only some evaluated samples (per target): "
+            f"{'; '.join(sorted(counts))}.")
+
+
 def _header(outcomes: list[TargetOutcome], cfg) -> str:
     seeds = sorted({o.seed for o in outcomes})
     n_m = sorted({int(o.evaluation.members.sum()) for o in outcomes})
@@ -421,7 +431,7 @@ def _header(outcomes: list[TargetOutcome], cfg) -> str:
             f"model trained on); {n_n} non-members; seeds {seeds}. Accuracies: mean ± std over "
             "seeds. Attack cells: value [95% interval], bootstrap over samples and seeds. "
             f"{_recipe(cfg)}; {_shadows(outcomes, cfg)}, {_references(outcomes)}."
-            f"{_rmia_a(outcomes)}")
+            f"{_rmia_a(outcomes)}{_sampled(outcomes)}")
     if 0.001 * n_n < 1:
         text += (f" With {n_n} non-members one target resolves FPRs down to {100.0 / n_n:.2f}%: "
                  "TPR at 0.1% FPR is n/a; the leave-one-out rows pool every model but resolve "
