@@ -237,7 +237,7 @@ def test_saved_outcomes_rebuild_the_same_report(tmp_path, capsys):
     assert "no shadow models, no reference models." in (out / "report.md").read_text()
     rows = json.loads((out / "results.json").read_text())
     assert [json.loads(json.dumps(o.row())) for o in outcomes] == rows
-    cfg = AuditConfig(**{**__import__("yaml").safe_load((out / "config.yaml").read_text())})
+    cfg = AuditConfig(**__import__("yaml").safe_load((out / "config.yaml").read_text()))
     again = tmp_path / "again"
     again.mkdir()
     write_report(again, outcomes, cfg)

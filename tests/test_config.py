@@ -10,8 +10,14 @@ import textwrap
 import pytest
 
 from crl.cli import build_parser, config_from_args, main
-from crl.config import (DATASET_DEFAULTS, FIELD_SPECS, AuditConfig, cli_fields, set_warnings,
-                        unused_set_owners)
+from crl.config import (
+    DATASET_DEFAULTS,
+    FIELD_SPECS,
+    AuditConfig,
+    cli_fields,
+    set_warnings,
+    unused_set_owners,
+)
 from crl.errors import CRLError
 from crl.rundir import LOCK_NAME, RunLock, check_out_dir, clean_stale_tmp
 
@@ -180,9 +186,8 @@ def test_a_second_lock_in_this_process_fails_at_once_and_the_lock_is_released(tm
         assert (out / LOCK_NAME).read_text() == f"{os.getpid()}\n"
         with pytest.raises(CRLError, match=rf"^run directory {out} is in use by another crl "
                                            rf"process \(pid {os.getpid()}\); wait for it or "
-                                           "choose another --out$"):
-            with RunLock(out):
-                pass
+                                           "choose another --out$"), RunLock(out):
+            pass
     assert (out / LOCK_NAME).read_text() == ""
     with RunLock(out):                              # free again after the first one left
         pass

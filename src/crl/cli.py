@@ -15,7 +15,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from crl import __version__
 from crl.catalog import canonical, check_names
@@ -227,9 +228,9 @@ def _component_lines(name: str, cls: Any, kind: str, description: str = "") -> l
 
 
 def _registries() -> list[Any]:
-    import crl.attacks  # noqa: F401  (registration)
-    import crl.data.datasets  # noqa: F401
-    import crl.defenses  # noqa: F401
+    import crl.attacks  # (registration)
+    import crl.data.datasets
+    import crl.defenses
     import crl.models  # noqa: F401
     from crl.registry import ATTACKS, DATASETS, DEFENSES, MODELS
 

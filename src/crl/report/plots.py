@@ -24,9 +24,9 @@ def _figure_grid(n: int, width: float = FIG_WIDTH, height: float = 4.4, cols: in
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    plt.rcParams.update({k: FONT_PT for k in ("font.size", "axes.titlesize", "axes.labelsize",
-                                              "xtick.labelsize", "ytick.labelsize",
-                                              "legend.fontsize")})
+    sizes = ("font.size", "axes.titlesize", "axes.labelsize", "xtick.labelsize",
+             "ytick.labelsize", "legend.fontsize")
+    plt.rcParams.update(dict.fromkeys(sizes, FONT_PT))
     n, cols = max(n, 1), min(max(n, 1), cols)
     rows = (n + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False,
