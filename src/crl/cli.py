@@ -13,13 +13,12 @@ crl.catalog) never import torch: each command imports what it needs when it runs
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 from collections.abc import Callable
 from typing import Any
 
 from crl import __version__
-from crl.catalog import canonical, check_names
+from crl.catalog import canonical, check_names, list_text
 from crl.errors import CRLError
 
 
@@ -144,24 +143,6 @@ def canonical_names(values: dict[str, Any]) -> dict[str, Any]:
             return by_defense if by_defense != name else canonical("attack", name)
         out["set"] = {owner(k): v for k, v in out["set"].items()}
     return out
-
-
-def list_text() -> str:
-    """`crl list`'s text, kept in the cache (like a .pyc) under the hash of crl's source and
-    the installed torch and torchvision, the only things it depends on: a repeated `crl list`
-    answers without importing them, and any edit of crl computes it afresh."""
-    from importlib.metadata import version
-
-    from crl.utils import cache_dir, code_hash, write_text_atomic
-
-    key = f"{code_hash()}-torch{version('torch')}-torchvision{version('torchvision')}"
-    path = cache_dir() / "list" / f"{key}.txt"
-    if path.is_file():
-        return path.read_text()
-    text = "\n".join(list_lines())
-    with contextlib.suppress(OSError):      # a read-only cache: print it all the same
-        write_text_atomic(path, text)
-    return text
 
 
 def list_lines(registries: list[Any] | None = None) -> list[str]:
