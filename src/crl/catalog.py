@@ -3,7 +3,7 @@ import torch): the CLI spells and checks names from NAMES before a command impor
 heavy, so `crl audit --model nope` answers at once, and `crl list` prints catalog.txt, the list
 of every component with its description, parameters and engine notes.
 
-The registries (crl.registry) stay the truth: tests/test_cli_fast.py holds NAMES and catalog.txt
+The registries (crl.registry) stay the truth: tests/cli/test_cli_fast.py holds NAMES and catalog.txt
 equal to them. A newly registered component adds its name to NAMES; any change of a name,
 description, parameter or engine note regenerates catalog.txt with `python -m crl.catalog`.
 """

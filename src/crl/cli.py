@@ -8,7 +8,7 @@ one CRLError line from the field's check.
 
 Building the parser, `--help`, `--version` and argument errors (names included, from
 crl.catalog) never import torch: each command imports what it needs when it runs
-(tests/test_cli_fast.py).
+(tests/cli/test_cli_fast.py).
 """
 from __future__ import annotations
 

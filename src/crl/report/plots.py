@@ -2,7 +2,7 @@
 
 Every figure is one column of panels FIG_WIDTH inches wide at DPI, every text FONT_PT points
 or more, legends below the axes: the report shows a figure at most at its natural width, so at
-390 px (a phone) its text still renders at about 10 px or more (tests/test_html.py)."""
+390 px (a phone) its text still renders at about 10 px or more (tests/report/test_html.py)."""
 from __future__ import annotations
 
 import re
