@@ -77,18 +77,9 @@ def test_every_threshold_auc_recomputes_from_the_run_directory(tmp_path, capsys)
     assert "auc" in dmp["attacks"]["loss"]["teacher_only"]
 
 
-def test_chance_level_target_is_named_loudly(tmp_path, capsys):
+def test_chance_level_target_is_named_loudly(tmp_path, capsys, image_folder):
     """Pure-noise images with random labels: nothing to learn, so the audit says so."""
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    root = tmp_path / "noise"
-    for part, n in (("train", 30), ("test", 10)):
-        for c in range(4):
-            (root / part / f"c{c}").mkdir(parents=True)
-            for i in range(n):
-                img = rng.integers(0, 256, (8, 8), dtype=np.uint8)
-                Image.fromarray(img, mode="L").save(root / part / f"c{c}" / f"{i}.png")
+    root = image_folder(tmp_path / "noise", {"train": 30, "test": 10}, classes=4)
     out = tmp_path / "run"
     code = main(["audit", "--dataset", f"imagefolder:{root}", "--model", "mlp", "--epochs", "3",
                  "--seeds", "0", "--quiet", "--shadows", "0", "--defenses", "ce",
