@@ -14,9 +14,10 @@ The mlp case also times the floor: the same stacked arithmetic with no engine ar
 BaddbmmStack forward per step on fixed, already normalised batches of the same sizes, the
 cross-entropy, backward and one fused SGD step), the speed-up no batched engine can exceed here.
 Each timed run follows an untimed one-epoch warm-up in the same process (library set-up that
-a process pays once). For each: seconds, training images/s (models x epochs x samples / s), peak resident memory of
-the process and its rise during training, and the speed-up over sequential. Model cases run
-with --threads torch threads (default 1: on a shared machine a second thread mostly waits).
+a process pays once). For each: seconds, training images/s (models x epochs x samples / s),
+peak resident memory of the process and its rise during training, and the speed-up over
+sequential. Model cases run with --threads torch threads (default 1: on a shared machine a
+second thread mostly waits).
 Then the default audit (`crl audit --quiet`, a fresh CRL_CACHE each run, --audit-threads torch
 threads, default 1) with 32 references (the default until the ensemble engine) under --engine
 sequential and auto, and with today's default of 64 references under auto.

@@ -1,4 +1,5 @@
-"""Reference scores for tests/test_rmia_reference.py, computed ONCE by the RMIA authors' code.
+"""Reference scores for tests/attacks/test_rmia_reference.py, computed ONCE by the RMIA
+authors' code.
 
 crl does not vendor the authors' code. This script builds a small deterministic set of logits
 (1 target + 8 reference models in 4 complementary pairs, 50 pool samples, 20 population samples
@@ -16,7 +17,7 @@ How the copies were made (not committed):
   git -C ml_privacy_meter show d3273416...:research/2024_rmia/signals.py > R/signals.py
   git -C ml_privacy_meter show e384af8f...:modules/mia/attacks/rmia.py  > meter_rmia.py
   python benchmarks/rmia_reference.py --research R --meter meter_rmia.py \\
-      --out tests/data/rmia_reference.npz
+      --out tests/attacks/data/rmia_reference.npz
 
 main.py imports pandas, seaborn, memory_profiler and their plot.py, none of which the scoring
 uses; they are replaced by empty stand-ins here. Their `aggregate_signals` needs every sample to
@@ -129,7 +130,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--research", type=Path, required=True)
     ap.add_argument("--meter", type=Path, required=True)
-    ap.add_argument("--out", type=Path, default=Path("tests/data/rmia_reference.npz"))
+    ap.add_argument("--out", type=Path, default=Path("tests/attacks/data/rmia_reference.npz"))
     args = ap.parse_args()
     x = make_inputs()
     out = dict(x)

@@ -6,8 +6,16 @@ from scipy.stats import norm
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from crl.errors import CRLError
-from crl.metrics import (CI_METRICS, _curve_metrics, _Side, attack_metrics, metrics_with_ci,
-                         paired_difference, pooled_ci, roc)
+from crl.metrics import (
+    CI_METRICS,
+    _curve_metrics,
+    _Side,
+    attack_metrics,
+    metrics_with_ci,
+    paired_difference,
+    pooled_ci,
+    roc,
+)
 
 D = 1.0
 TRUTH = {"auc": norm.cdf(D / np.sqrt(2)), "tpr_at_1pct_fpr": norm.cdf(D + norm.ppf(0.01))}
@@ -106,7 +114,7 @@ def test_replicate_engine_equals_metrics_of_an_explicit_resample():
     member = rng.random(20_000) < 0.4                          # ~12,000 non-members
     scores = np.round(rng.normal(size=20_000) + member, 1)    # many ties
     side = _Side(scores, member)
-    for rep in range(3):
+    for _ in range(3):
         mem, non = np.flatnonzero(member), np.flatnonzero(~member)
         draws = [rng.integers(0, len(pos), (1, len(pos))) for pos in (mem, non)]
         w1, w0 = (side.counts(d, side.item_groups(pos)) for d, pos in zip(draws, (mem, non)))
@@ -119,7 +127,7 @@ def test_replicate_engine_equals_metrics_of_an_explicit_resample():
 
 
 def test_ci_covers_the_truth_at_about_the_nominal_rate():
-    covered = {k: 0 for k in TRUTH}
+    covered = dict.fromkeys(TRUTH, 0)
     for r in range(40):
         out = metrics_with_ci(*gaussian(300, seed=100 + r), seed=r)
         for k, truth in TRUTH.items():

@@ -81,6 +81,8 @@ def test_the_readme_shows_every_command():
 def test_readme_command_parses_and_validates(argv, monkeypatch):
     """The real parser takes it and its config checks out, every name registered and every
     --set owner used, without training (the CIFAR archive swapped for digits)."""
+    import crl.attacks  # registers the attacks
+    import crl.defenses  # noqa: F401  (registers the defenses)
     from crl.cli import build_parser, canonical_names, config_from_args
     from crl.config import set_warnings
     from crl.registry import ATTACKS, DEFENSES

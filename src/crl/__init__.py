@@ -1,7 +1,7 @@
 """crl: Center-based Relaxed Learning against membership inference, and an attack suite."""
 __version__ = "0.1.0"
 
-from crl.errors import CRLError  # noqa: E402
+from crl.errors import CRLError
 
 
 def load_model(path):
@@ -26,4 +26,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'crl' has no attribute {name!r}")
 
 
-__all__ = ["CRLError", "attack_signals", "audit_training", "load_model", "__version__"]
+__all__ = ["CRLError", "__version__", "attack_signals", "audit_training", "load_model"]

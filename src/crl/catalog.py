@@ -1,15 +1,21 @@
-"""Every registered dataset, model, defense and attack name, known without importing the modules
-that register them (they import torch): the CLI spells and checks names from this table before
-a command imports anything heavy, so `crl audit --model nope` answers at once.
+"""What the registries hold, known without importing the modules that register them (they
+import torch): the CLI spells and checks names from NAMES before a command imports anything
+heavy, so `crl audit --model nope` answers at once, and `crl list` prints catalog.txt, the list
+of every component with its description, parameters and engine notes.
 
-The registries (crl.registry) stay the truth: tests/test_cli_fast.py holds this table equal to
-them, so a newly registered component adds its name here as well.
+The registries (crl.registry) stay the truth: tests/cli/test_cli_fast.py holds NAMES and catalog.txt
+equal to them. A newly registered component adds its name to NAMES; any change of a name,
+description, parameter or engine note regenerates catalog.txt with `python -m crl.catalog`.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from crl.registry import canonical_among, unknown_name
+
+#: `crl list`'s text, generated from the live registries by `python -m crl.catalog`
+LIST_FILE = Path(__file__).with_name("catalog.txt")
 
 NAMES: dict[str, tuple[str, ...]] = {
     "dataset": ("cifar10", "cifar100", "digits", "svhn"),
@@ -32,3 +38,20 @@ def check_names(kind: str, names: list[Any]) -> None:
     for name in names:
         if canonical(kind, name) not in NAMES[kind]:
             raise unknown_name(kind, name, NAMES[kind])
+
+
+def list_text() -> str:
+    """`crl list`'s text (catalog.txt), read without importing torch."""
+    return LIST_FILE.read_text(encoding="utf-8").rstrip("\n")
+
+
+def write_list_file() -> None:
+    """Regenerate catalog.txt from the live registries (crl.cli.list_lines; imports torch)."""
+    from crl.cli import list_lines
+    from crl.utils import write_text_atomic
+
+    write_text_atomic(LIST_FILE, "\n".join(list_lines()) + "\n")
+
+
+if __name__ == "__main__":
+    write_list_file()

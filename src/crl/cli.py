@@ -8,17 +8,17 @@ one CRLError line from the field's check.
 
 Building the parser, `--help`, `--version` and argument errors (names included, from
 crl.catalog) never import torch: each command imports what it needs when it runs
-(tests/test_cli_fast.py).
+(tests/cli/test_cli_fast.py).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from crl import __version__
-from crl.catalog import canonical, check_names
+from crl.catalog import canonical, check_names, list_text
 from crl.errors import CRLError
 
 
@@ -145,24 +145,6 @@ def canonical_names(values: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def list_text() -> str:
-    """`crl list`'s text, kept in the cache (like a .pyc) under the hash of crl's source and
-    the installed torch and torchvision, the only things it depends on: a repeated `crl list`
-    answers without importing them, and any edit of crl computes it afresh."""
-    from importlib.metadata import version
-
-    from crl.utils import cache_dir, code_hash, write_text_atomic
-
-    key = f"{code_hash()}-torch{version('torch')}-torchvision{version('torchvision')}"
-    path = cache_dir() / "list" / f"{key}.txt"
-    if path.is_file():
-        return path.read_text()
-    text = "\n".join(list_lines())
-    with contextlib.suppress(OSError):      # a read-only cache: print it all the same
-        write_text_atomic(path, text)
-    return text
-
-
 def list_lines(registries: list[Any] | None = None) -> list[str]:
     """`crl list`: every dataset, model, defense and attack with its one-line description
     (and citation); defenses and attacks with their parameters (default, valid values, search
@@ -227,9 +209,9 @@ def _component_lines(name: str, cls: Any, kind: str, description: str = "") -> l
 
 
 def _registries() -> list[Any]:
-    import crl.attacks  # noqa: F401  (registration)
-    import crl.data.datasets  # noqa: F401
-    import crl.defenses  # noqa: F401
+    import crl.attacks  # (registration)
+    import crl.data.datasets
+    import crl.defenses
     import crl.models  # noqa: F401
     from crl.registry import ATTACKS, DATASETS, DEFENSES, MODELS
 

@@ -3,7 +3,7 @@ inference (training, defenses, attacks and the audit all use it)."""
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch

@@ -8,8 +8,9 @@ A `Param` holds the type, valid range, default, help text and the search range u
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -78,9 +79,8 @@ class Param:
             return False
         if self.low is not None and (v <= self.low if self.low_open else v < self.low):
             return False
-        if self.high is not None and (v >= self.high if self.high_open else v > self.high):
-            return False
-        return True
+        too_high = self.high is not None and (v >= self.high if self.high_open else v > self.high)
+        return not too_high
 
     def describe(self) -> str:
         """One line for `crl list`: name, default, valid values, search range, help."""
@@ -128,7 +128,7 @@ class ParamSpec:
     def defaults(self) -> dict[str, Any]:
         return {p.name: p.default for p in self}
 
-    def without(self, names: Iterable[str]) -> "ParamSpec":
+    def without(self, names: Iterable[str]) -> ParamSpec:
         """The spec minus `names` (e.g. parameters an ablation fixes)."""
         drop = set(names)
         return ParamSpec(*(p for p in self if p.name not in drop))

@@ -32,8 +32,14 @@ from typing import Any
 import yaml
 
 from crl.errors import CRLError
-from crl.manifest import (MANIFEST, config_identity, new_manifest, read_manifest, run_files,
-                          write_manifest)
+from crl.manifest import (
+    MANIFEST,
+    config_identity,
+    new_manifest,
+    read_manifest,
+    run_files,
+    write_manifest,
+)
 from crl.utils import write_json_atomic
 
 LOCK_NAME = ".crl-lock"
@@ -70,7 +76,7 @@ class RunLock:
         self.path = self.out / LOCK_NAME
         self._fd: int | None = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         if self._fd is not None:
             raise RuntimeError(f"RunLock on {self.out} entered twice")
         fd = self._open()

@@ -5,7 +5,8 @@ replace it in `prepare` (DP-SGD installs `PoissonBatches`, the sampling its acco
 """
 from __future__ import annotations
 
-from typing import Iterator, Protocol
+from collections.abc import Iterator
+from typing import Protocol
 
 import torch
 

@@ -138,7 +138,7 @@ def sample_holdout(is_member, sample_ids, fraction: float,
     held = np.zeros(len(ids), bool)
     for level in np.unique(n_in):
         group = rng.permutation(np.flatnonzero(n_in == level))
-        n_val = int(round(fraction * len(group)))
+        n_val = round(fraction * len(group))
         if len(group) >= 2:
             n_val = min(max(1, n_val), len(group) - 1)
         held[group[:n_val]] = True

@@ -1,8 +1,14 @@
 """Datasets, safe archive reading, index splits and augmentation."""
 from crl.data.augment import augment_batch, flip_batch
 from crl.data.datasets import DATASET_NAMES, IMAGEFOLDER_PREFIX, load_dataset, load_imagefolder
-from crl.data.splits import (PoolSplit, check_disjoint, half_split, make_pool_split, own_split,
-                             random_halves)
+from crl.data.splits import (
+    PoolSplit,
+    check_disjoint,
+    half_split,
+    make_pool_split,
+    own_split,
+    random_halves,
+)
 from crl.data.types import ImageData, normalize
 
 __all__ = [

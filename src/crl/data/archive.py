@@ -19,8 +19,8 @@ import ntpath
 import os
 import tarfile
 import zlib
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from crl.data.limits import check_member_size, check_memory
 from crl.errors import CRLError
@@ -96,7 +96,7 @@ class SafeArchive:
         self.files: dict[str, tarfile.TarInfo] = {}
         self.dirs: set[str] = set()
         try:
-            self._tar = tarfile.open(self.path, mode="r:*", tarinfo=_NoteStop)
+            self._tar = tarfile.open(self.path, mode="r:*", tarinfo=_NoteStop)  # noqa: SIM115 (closed by close())
         except _READ_ERRORS as e:
             raise CRLError(f"cannot read archive {self.label}: {_open_problem(self.path, e)}; "
                            "expected a tar archive (.tar, or .tar.gz/.tgz)") from None
@@ -196,7 +196,7 @@ class SafeArchive:
     def close(self) -> None:
         self._tar.close()
 
-    def __enter__(self) -> "SafeArchive":
+    def __enter__(self) -> SafeArchive:
         return self
 
     def __exit__(self, *exc: object) -> None:

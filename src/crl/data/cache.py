@@ -81,7 +81,7 @@ def cached(name: str, path: Path, build: Callable[[], dict],
         if unchanged():
             _save(entry, path)
         else:
-            warnings.warn(f"{name} changed while it was read; not caching it")
+            warnings.warn(f"{name} changed while it was read; not caching it", stacklevel=2)
     return ImageData(name=name, x=entry["x"], y=entry["y"], num_classes=len(entry["classes"]),
                      mean=tuple(entry["mean"]), std=tuple(entry["std"]),
                      classes=list(entry["classes"]), content_hash=entry["content_hash"],
@@ -109,7 +109,8 @@ def _save(entry: dict, path: Path) -> None:
     try:
         torch_save_atomic(entry, path)
     except OSError as e:
-        warnings.warn(f"could not write dataset cache {path} ({e}); continuing without it")
+        warnings.warn(f"could not write dataset cache {path} ({e}); continuing without it",
+                      stacklevel=2)
 
 
 def _well_formed(d: object) -> bool:
@@ -134,10 +135,10 @@ def _load(path: Path) -> dict | None:
     try:
         d = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable cache is rebuilt
-        warnings.warn(f"ignoring unreadable dataset cache {path} ({e}); rebuilding")
+        warnings.warn(f"ignoring unreadable dataset cache {path} ({e}); rebuilding", stacklevel=2)
         return None
     if not _well_formed(d):
-        warnings.warn(f"ignoring malformed dataset cache {path}; rebuilding")
+        warnings.warn(f"ignoring malformed dataset cache {path}; rebuilding", stacklevel=2)
         return None
     stored = d.get("content_hash")
     entry = _entry(d)
@@ -145,6 +146,6 @@ def _load(path: Path) -> dict | None:
         _save(entry, path)
     elif stored != entry["content_hash"] or d.get("check") != entry["check"]:
         warnings.warn(f"ignoring dataset cache {path}: its data does not match its content "
-                      "hash (damaged file); rebuilding")
+                      "hash (damaged file); rebuilding", stacklevel=2)
         return None
     return entry

@@ -112,7 +112,7 @@ def _decode_torchvision(name: str, root: Path) -> dict:
     y = torch.from_numpy(np.concatenate(ys).astype(np.int64))
     mean, std = _TV_STATS[name]
     return {"x": x, "y": y, "classes": classes, "mean": mean, "std": std,
-            "train_size": int(len(ys[0]))}
+            "train_size": len(ys[0])}
 
 
 def _load_torchvision(name: str, data_root: str | None, download: bool) -> ImageData:
@@ -133,7 +133,7 @@ def _load_torchvision(name: str, data_root: str | None, download: bool) -> Image
                 cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
                 for t in (True, False):
                     cls(str(root), train=t, download=True)
-        except Exception as e:  # noqa: BLE001 - network/disk errors become one clear line
+        except Exception as e:  # network/disk errors become one clear line
             raise CRLError(f"could not download {name} into {root}: {e}") from e
     sigs = [[f.name, file_signature(f)] for f in files]
     return cached(name, cache_path(name, [name, str(root.resolve()), sigs]),
@@ -146,7 +146,8 @@ def _register_tv(name: str) -> None:
         return _load_torchvision(name, data_root, download)
 
     loader.__name__ = f"load_{name}"
-    loader.__doc__ = f"torchvision {name} (train then test) from data_root; downloads only if asked."
+    loader.__doc__ = (f"torchvision {name} (train then test) from data_root; "
+                      "downloads only if asked.")
     DATASETS.register(name, description=TV_DESCRIPTIONS[name])(loader)
 
 

@@ -276,7 +276,8 @@ def load_imagefolder(path: str | os.PathLike, name: str | None = None) -> ImageD
         raise CRLError(f"imagefolder path {src} does not exist; expected a folder or "
                        f"a {'/'.join(ARCHIVE_SUFFIXES)} archive")
     resolved = src.resolve()
-    stem = "imagefolder-" + re.sub(r"(\.tar\.gz|\.tgz|\.tar)$", "", resolved.name, flags=re.IGNORECASE)
+    bare = re.sub(r"(\.tar\.gz|\.tgz|\.tar)$", "", resolved.name, flags=re.IGNORECASE)
+    stem = "imagefolder-" + bare
     if resolved.is_dir():
         return _load_folder(resolved, str(src), name, stem)
     if is_archive(resolved):

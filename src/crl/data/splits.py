@@ -35,8 +35,13 @@ def _as_labels(labels: Any) -> np.ndarray:
     return arr.astype(np.int64, copy=False)
 
 
+def _is_int(v: Any) -> bool:
+    """True for Python and numpy integers, False for bools (which are ints to Python)."""
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
 def _check_seed(seed: Any) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+    if not _is_int(seed) or seed < 0:
         raise CRLError(f"seed {seed!r}: expected a non-negative integer")
     return int(seed)
 
@@ -115,14 +120,15 @@ class PoolSplit:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "PoolSplit":
+    def from_dict(cls, d: dict) -> PoolSplit:
         """Inverse of to_dict; checks the keys and that the parts are disjoint."""
         if not isinstance(d, dict):
             raise CRLError(f"split of type {type(d).__name__}: expected a JSON object")
         keys = ("target_members", "target_nonmembers", "shadow_pool", "seed")
         missing = [k for k in keys if k not in d]
         if missing:
-            raise CRLError(f"split is missing {', '.join(missing)}; expected keys {', '.join(keys)}")
+            raise CRLError(f"split is missing {', '.join(missing)}; "
+                           f"expected keys {', '.join(keys)}")
         split = cls(
             np.asarray(d["target_members"], dtype=np.int64),
             np.asarray(d["target_nonmembers"], dtype=np.int64),
@@ -160,9 +166,9 @@ def make_pool_split(labels: np.ndarray, seed: int = 0, subset: int | None = None
     rng = np.random.default_rng(seed)
     idx = np.arange(n, dtype=np.int64)
     if subset is not None:
-        if isinstance(subset, bool) or not isinstance(subset, (int, np.integer)) \
-                or not MIN_SPLIT_SIZE <= subset <= n:
-            raise CRLError(f"subset N={subset!r}: expected an integer between {MIN_SPLIT_SIZE} and {n}")
+        if not _is_int(subset) or not MIN_SPLIT_SIZE <= subset <= n:
+            raise CRLError(f"subset N={subset!r}: expected an integer between "
+                           f"{MIN_SPLIT_SIZE} and {n}")
         if subset < n:
             idx, _ = _stratified_take(idx, labels, int(subset), rng)
     elif n < MIN_SPLIT_SIZE:
@@ -180,12 +186,14 @@ def half_split(pool: np.ndarray, labels: np.ndarray, seed: int) -> tuple[np.ndar
     seed = _check_seed(seed)
     pool = np.asarray(pool)
     if pool.ndim != 1 or (pool.size and not np.issubdtype(pool.dtype, np.integer)):
-        raise CRLError(f"pool of shape {pool.shape} dtype {pool.dtype}: expected 1-D integer indices")
+        raise CRLError(f"pool of shape {pool.shape} dtype {pool.dtype}: "
+                       "expected 1-D integer indices")
     pool = pool.astype(np.int64)
     if pool.size < 2:
         raise CRLError(f"pool of {pool.size} samples: expected at least 2 to split in half")
     if pool.min() < 0 or pool.max() >= labels.size:
-        raise CRLError(f"pool indices range {pool.min()}..{pool.max()}: expected 0..{labels.size - 1}")
+        raise CRLError(f"pool indices range {pool.min()}..{pool.max()}: "
+                       f"expected 0..{labels.size - 1}")
     pool = np.sort(pool)
     if np.any(pool[1:] == pool[:-1]):
         raise CRLError("pool holds duplicate indices; expected each index once")
@@ -197,9 +205,9 @@ def random_halves(num_samples: int, num_models: int, seed: int) -> np.ndarray:
     """Bool [num_models, num_samples] membership mask; each sample is IN for exactly
     floor(num_models / 2) models (argsort of uniform noise along the model axis)."""
     seed = _check_seed(seed)
-    if isinstance(num_models, bool) or not isinstance(num_models, (int, np.integer)) or num_models < 2:
+    if not _is_int(num_models) or num_models < 2:
         raise CRLError(f"num_models={num_models!r}: expected an integer >= 2")
-    if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
+    if not _is_int(num_samples) or num_samples < 1:
         raise CRLError(f"num_samples={num_samples!r}: expected an integer >= 1")
     rng = np.random.default_rng(seed)
     noise = rng.random((int(num_models), int(num_samples)))

@@ -98,7 +98,7 @@ class FeatureTap:
         self._handle.remove()
         self._features = None
 
-    def __enter__(self) -> "FeatureTap":
+    def __enter__(self) -> FeatureTap:
         return self
 
     def __exit__(self, *exc) -> None:

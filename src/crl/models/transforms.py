@@ -2,7 +2,7 @@
 must replay on load (they are recorded by name in its ModelSpec)."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 

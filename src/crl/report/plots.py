@@ -2,7 +2,7 @@
 
 Every figure is one column of panels FIG_WIDTH inches wide at DPI, every text FONT_PT points
 or more, legends below the axes: the report shows a figure at most at its natural width, so at
-390 px (a phone) its text still renders at about 10 px or more (tests/test_html.py)."""
+390 px (a phone) its text still renders at about 10 px or more (tests/report/test_html.py)."""
 from __future__ import annotations
 
 import re
@@ -24,9 +24,9 @@ def _figure_grid(n: int, width: float = FIG_WIDTH, height: float = 4.4, cols: in
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    plt.rcParams.update({k: FONT_PT for k in ("font.size", "axes.titlesize", "axes.labelsize",
-                                              "xtick.labelsize", "ytick.labelsize",
-                                              "legend.fontsize")})
+    sizes = ("font.size", "axes.titlesize", "axes.labelsize", "xtick.labelsize",
+             "ytick.labelsize", "legend.fontsize")
+    plt.rcParams.update(dict.fromkeys(sizes, FONT_PT))
     n, cols = max(n, 1), min(max(n, 1), cols)
     rows = (n + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False,

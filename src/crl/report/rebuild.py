@@ -3,8 +3,8 @@ finished audit run, rebuilt without training from its config.yaml and the per-ta
 in RUN/scores/, after checking the run against its manifest.json (crl.manifest): a missing or
 changed file, a scores file the run did not write, a foreign config.yaml or an unfinished run
 is refused in one line; the report's own files (REPORT_FILES) are rewritten whatever they hold,
-and the manifest updated for them. A run written before manifests existed is rendered with a warning that
-it is not verified."""
+and the manifest updated for them. A run written before manifests existed is rendered with a
+warning that it is not verified."""
 from __future__ import annotations
 
 import sys
@@ -16,8 +16,14 @@ import yaml
 from crl.audit.outcome import TargetOutcome, load_outcome, outcome_path
 from crl.config import AuditConfig, load_yaml_recipe
 from crl.errors import CRLError
-from crl.manifest import (MANIFEST, config_identity, config_sha256, file_problems,
-                          read_manifest, refresh_manifest)
+from crl.manifest import (
+    MANIFEST,
+    config_identity,
+    config_sha256,
+    file_problems,
+    read_manifest,
+    refresh_manifest,
+)
 
 #: what rebuilding the report rewrites (a folder ends in '/')
 REPORT_FILES = ("report.md", "report.html", "results.json", "verdict.json", "figures/",

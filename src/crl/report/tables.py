@@ -218,20 +218,20 @@ def family_tables(outcomes: list[TargetOutcome], metric: str, n_boot: int) -> li
 
 def full_tables(outcomes: list[TargetOutcome], n_boot: int) -> list[str]:
     """The full tables: accuracies, every attack's metrics, and each defense minus `ce`."""
-    parts = ["## Accuracy", "", "Train accuracy on the members each target trained on, test "
-             "accuracy on the held-out non-members; mean ± std over seeds.", "",
+    parts = ["## Accuracy", "", ("Train accuracy on the members each target trained on, test "
+              "accuracy on the held-out non-members; mean ± std over seeds."), "",
              accuracy_table(outcomes), ""]
     for metric, title in METRICS.items():
-        parts += [f"## {title}", "", f"{TARGET_VIEW}; value [95% interval], bootstrap over "
-                  "samples and seeds.", "", *family_tables(outcomes, metric, n_boot)]
+        parts += [f"## {title}", "", (f"{TARGET_VIEW}; value [95% interval], bootstrap over "
+                   "samples and seeds."), "", *family_tables(outcomes, metric, n_boot)]
     for metric in ("auc", "tpr_at_1pct_fpr"):
         tables = [(title, comparison_table(outcomes, metric, n_boot=n_boot, attacks=names))
                   for title, names in attack_families(list(outcomes[0].attacks), size=3)]
         if any(t for _, t in tables):
-            parts += [f"## Each defense minus `ce`: {METRICS[metric]}, paired bootstrap "
-                      "on the shared split", "", f"{TARGET_VIEW}, paired: the same attack on "
-                      "the same samples for both models; \"within noise\" when the 95% "
-                      "interval holds 0.", ""]
+            parts += [(f"## Each defense minus `ce`: {METRICS[metric]}, paired bootstrap "
+                       "on the shared split"), "", (f"{TARGET_VIEW}, paired: the same attack on "
+                       "the same samples for both models; \"within noise\" when the 95% "
+                       "interval holds 0."), ""]
             parts += [line for title, t in tables for line in (f"### {title}", "", t, "")]
     return parts
 
@@ -261,11 +261,11 @@ def write_report(out: Path, outcomes: list[TargetOutcome], cfg) -> str:
     parts += full_tables(outcomes, n_boot) + worst_case_table(outcomes, n_boot=n_boot)
     parts += epsilon_section(outcomes)
     parts += _captioned(_extra_tables(outcomes, n_boot) + _group_tables(outcomes))
-    parts += ["## Every attack's ROC curve", "", f"{TARGET_VIEW} (canary panels: leave-one-out "
-              "pooled over every model), first seed; log-log axes, chance on the diagonal.",
-              "", "![roc](figures/roc.png)", "", "Most exposed training samples per attack: "
-              "`vulnerability/` (exposure rankings with score distributions, `exposed_*.png` "
-              "the 16 most exposed images).", "", *most_exposed_summary(outcomes), ""]
+    parts += ["## Every attack's ROC curve", "", (f"{TARGET_VIEW} (canary panels: leave-one-out "
+               "pooled over every model), first seed; log-log axes, chance on the diagonal."),
+              "", "![roc](figures/roc.png)", "", ("Most exposed training samples per attack: "
+               "`vulnerability/` (exposure rankings with score distributions, `exposed_*.png` "
+               "the 16 most exposed images)."), "", *most_exposed_summary(outcomes), ""]
     write_text_atomic(out / "report.md", "\n".join(split_wide_tables(parts)))
     write_html(out)   # report.html, rendered from the report.md just written
     return format_table(outcomes, "auc", n_boot=n_boot)
@@ -362,12 +362,12 @@ def _verdict_figures(rocs: list[str]) -> list[str]:
     baseline's on one ROC plot, then the logit margins."""
     parts = ["## Figures behind the verdict", ""]
     if rocs:
-        parts += [f"{TARGET_VIEW}, first shared seed: the strongest attack by AUC on the "
-                  "baseline and on each defense, on the same log-log axes (chance: the "
-                  "diagonal).", "", *(f"![roc {Path(p).stem}]({p})" for p in rocs), ""]
-    parts += ["Logit margin to the decision boundary (the paper's Fig. 6) on members and "
-              "non-members, first seed: the further apart, the more a threshold attack can "
-              "tell them apart.", "", "![margins](figures/margins.png)", ""]
+        parts += [(f"{TARGET_VIEW}, first shared seed: the strongest attack by AUC on the "
+                   "baseline and on each defense, on the same log-log axes (chance: the "
+                   "diagonal)."), "", *(f"![roc {Path(p).stem}]({p})" for p in rocs), ""]
+    parts += [("Logit margin to the decision boundary (the paper's Fig. 6) on members and "
+               "non-members, first seed: the further apart, the more a threshold attack can "
+               "tell them apart."), "", "![margins](figures/margins.png)", ""]
     return parts
 
 

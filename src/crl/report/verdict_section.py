@@ -71,8 +71,8 @@ def strongest_table(verdict: dict[str, Any]) -> list[str]:
         return []
     base = verdict["baseline"]
     return ["## The strongest attacks", "",
-            "Target-only view (each released target's own scores), means over seeds; attack "
-            f"names as '{base}'s / the defense's' when the strongest differs; AUC changes in "
-            "AUC, the others in percentage points.", "",
+            ("Target-only view (each released target's own scores), means over seeds; attack "
+             f"names as '{base}'s / the defense's' when the strongest differs; AUC changes in "
+             "AUC, the others in percentage points."), "",
             f"| Defense | Measure | Strongest attack | {base} | Defended | Change [95%] |",
             "|---|---|---|---|---|---|", *[r for v in verdict["defenses"] for r in _rows(v)], ""]

@@ -60,7 +60,7 @@ class Point:
         return {**asdict(self), "strongest": self.strongest, "objective": self.objective}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Point":
+    def from_dict(cls, d: dict[str, Any]) -> Point:
         return cls(**{k: v for k, v in d.items() if k not in ("strongest", "objective")})
 
 

@@ -129,13 +129,13 @@ def _with_interval(metric: str, v: float, interval: list[float] | None) -> str:
 def markdown(r: TuneResult) -> list[str]:
     """tune.md, as lines."""
     m = r.meta
-    lines = [f"# crl tune: {m['setup']['defense']}, objective {m['setup']['objective']} "
-             f"(the strongest attack's {METRIC_WORDS[r.metric]})", "",
+    lines = [(f"# crl tune: {m['setup']['defense']}, objective {m['setup']['objective']} "
+              f"(the strongest attack's {METRIC_WORDS[r.metric]})"), "",
              f"Command: `{m['command']}`", "",
-             f"Machine: {m['machine']}; date {m['date']}; wall time {m['seconds']['run']} s "
-             f"this run, {m['seconds']['total']} s for the study so far.", "",
-             f"Setup (a rerun must match it to continue the study): "
-             f"`{json.dumps(m['setup'], sort_keys=True)}`", ""]
+             (f"Machine: {m['machine']}; date {m['date']}; wall time {m['seconds']['run']} s "
+              f"this run, {m['seconds']['total']} s for the study so far."), "",
+             (f"Setup (a rerun must match it to continue the study): "
+              f"`{json.dumps(m['setup'], sort_keys=True)}`"), ""]
     lines += _recommendation(r) + _confirm_table(r) + _front_table(r)
     lines += _reference_table(r) + _failed(r) + _every_trial(r)
     return lines
@@ -153,9 +153,9 @@ def _recommendation(r: TuneResult) -> list[str]:
     n, p = r.recommended
     return lines + [
         f"Trial {n}: {format_params({k: p.params[k] for k in r.searched})}.", "",
-        f"On the search seeds {p.seeds} (the front is chosen on them, so this is "
-        f"optimistic): test {_acc(p)}%, {_strongest(r, p)}; CE: test {_acc(ce)}%, "
-        f"{_strongest(r, ce)}.", ""]
+        (f"On the search seeds {p.seeds} (the front is chosen on them, so this is "
+         f"optimistic): test {_acc(p)}%, {_strongest(r, p)}; CE: test {_acc(ce)}%, "
+         f"{_strongest(r, ce)}."), ""]
 
 
 def _points(drop: float) -> str:
@@ -170,12 +170,12 @@ def _confirm_table(r: TuneResult) -> list[str]:
     if not r.confirm:
         return []
     attacks = list(r.confirm[0].point.attacks)
-    lines = [f"## Fresh seeds {r.confirm_seeds} (not used in the search), attacks "
-             f"{', '.join(r.confirm_attacks)}", "",
-             f"{METRIC_WORDS[r.metric]} per attack (mean over seeds); the strongest with a 95% "
-             "interval over seeds and samples; test accuracy, mean over seeds, with a 95% "
-             "bootstrap interval over test samples; the changes against CE are paired (same "
-             "seeds and samples) with 95% intervals, as in crl audit's verdict.", "",
+    lines = [(f"## Fresh seeds {r.confirm_seeds} (not used in the search), attacks "
+              f"{', '.join(r.confirm_attacks)}"), "",
+             (f"{METRIC_WORDS[r.metric]} per attack (mean over seeds); the strongest with a 95% "
+              "interval over seeds and samples; test accuracy, mean over seeds, with a 95% "
+              "bootstrap interval over test samples; the changes against CE are paired (same "
+              "seeds and samples) with 95% intervals, as in crl audit's verdict."), "",
              "| setting | params | train % | test % | " + " | ".join(attacks)
              + " | strongest | vs CE: strongest | vs CE: test (points) |",
              "|" + "---|" * (len(attacks) + 7)]
@@ -199,8 +199,8 @@ def _same_attacks_line(r: TuneResult) -> list[str]:
     for row in r.confirm:
         a = row.point.strongest_of(r.search_attacks)
         cells.append(f"{row.label} {a} {fmt(r.metric, row.point.attacks[a])}")
-    return [f"With the search's attacks only, the strongest on the fresh seeds: "
-            f"{'; '.join(cells)}."]
+    return [(f"With the search's attacks only, the strongest on the fresh seeds: "
+             f"{'; '.join(cells)}.")]
 
 
 def _acc_interval(p: Point, row: ConfirmRow) -> str:
@@ -233,8 +233,8 @@ def _searched(r: TuneResult, p: Point) -> str:
 
 
 def _point_table(r: TuneResult, rows: list[tuple[str, Point]], first: str) -> list[str]:
-    lines = [f"| {first} | params | train % | test % | strongest | "
-             f"{METRIC_WORDS[r.metric]} |", "|---|---|---|---|---|---|"]
+    lines = [(f"| {first} | params | train % | test % | strongest | "
+              f"{METRIC_WORDS[r.metric]} |"), "|---|---|---|---|---|---|"]
     for label, p in rows:
         lines.append(f"| {label} | {_searched(r, p)} | {100 * p.train_acc:.1f} | {_acc(p)} | "
                      f"{p.strongest} | {fmt(r.metric, p.objective)} |")
@@ -265,8 +265,8 @@ def _failed(r: TuneResult) -> list[str]:
 
 
 def _every_trial(r: TuneResult) -> list[str]:
-    lines = ["## Every trial", "", "| trial | state | params | test % | strongest | "
-             f"{METRIC_WORDS[r.metric]} |", "|---|---|---|---|---|---|"]
+    lines = ["## Every trial", "", ("| trial | state | params | test % | strongest | "
+              f"{METRIC_WORDS[r.metric]} |"), "|---|---|---|---|---|---|"]
     for t in r.trials:
         p = Point.from_dict(t["point"]) if t["point"] else None
         cells = ([_acc(p), p.strongest, fmt(r.metric, p.objective)] if p else ["-", "-", "-"])

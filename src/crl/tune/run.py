@@ -20,9 +20,9 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from datetime import date
 from pathlib import Path
-from typing import Callable
 
 import optuna
 from optuna.trial import TrialState
@@ -38,11 +38,18 @@ from crl.tune.evaluate import Point, check_resolvable, evaluate_setting, objecti
 from crl.tune.options import OBJECTIVES, TuneOptions, stage_configs
 from crl.tune.output import RECOMMENDED, ConfirmRow, TuneResult, fmt, status, write_outputs
 from crl.tune.space import search_space
-from crl.tune.study import (Search, completed_points, first_difference, open_study, recommend,
-                            run_trials, setup_of, study_seconds)
+from crl.tune.study import (
+    Search,
+    completed_points,
+    first_difference,
+    open_study,
+    recommend,
+    run_trials,
+    setup_of,
+    study_seconds,
+)
 from crl.utils import code_version
-from crl.verdict import (accuracy_text, change_text, paired_accuracy_change, strongest_change,
-                         wrap)
+from crl.verdict import accuracy_text, change_text, paired_accuracy_change, strongest_change, wrap
 
 
 def run_tune(cfg: AuditConfig, opts: TuneOptions, *, command: str = "",
@@ -197,8 +204,8 @@ def machine() -> str:
 def summary(r: TuneResult, out: Path) -> list[str]:
     """The console lines: the recommendation with both its search and fresh-seed numbers."""
     defense = r.meta["setup"]["defense"]
-    lines = [f"{len(r.trials)} trials ({len(r.points())} completed), "
-             f"{len(r.front)} on the Pareto front"]
+    lines = [(f"{len(r.trials)} trials ({len(r.points())} completed), "
+              f"{len(r.front)} on the Pareto front")]
     state, words = status(r)
     lines += wrap(words, indent="")
     if r.recommended is not None:

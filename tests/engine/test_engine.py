@@ -592,7 +592,7 @@ def test_the_run_directory_names_the_cache_entries_its_numbers_come_from(tmp_pat
     for m in index:
         path = tmp_path / "c" / "models" / m["cache_entry"]["entry"]
         assert hashlib.sha256(path.read_bytes()).hexdigest() == m["cache_entry"]["sha256"]
-    net, _, extra = load_model_file(tmp_path / "c" / "models" / index[0]["cache_entry"]["entry"])
+    net, _, _ = load_model_file(tmp_path / "c" / "models" / index[0]["cache_entry"]["entry"])
     members = json.loads((released / "members.json").read_text())
     data = load_dataset("digits")
     idx = np.array(members["members"] + members["nonmembers"])

@@ -17,8 +17,14 @@ from PIL import Image
 
 import crl.data.imagefolder as imf
 from crl.data import (
-    PoolSplit, augment_batch, check_disjoint, flip_batch, half_split, load_dataset,
-    make_pool_split, random_halves,
+    PoolSplit,
+    augment_batch,
+    check_disjoint,
+    flip_batch,
+    half_split,
+    load_dataset,
+    make_pool_split,
+    random_halves,
 )
 from crl.data.archive import SafeArchive, open_archive
 from crl.data.synthetic import main as synthetic_main
@@ -226,7 +232,8 @@ def test_imagefolder_targz_and_cache_hit(tmp_path, monkeypatch):
     # A corrupt cache file is ignored and rebuilt (rebuilding calls the decoder).
     cache = next((tmp_path / "cache" / "datasets").glob("imagefolder-data-*.pt"))
     cache.write_bytes(b"not a torch file")
-    with pytest.warns(UserWarning, match="rebuilding"), pytest.raises(AssertionError, match="again"):
+    with pytest.warns(UserWarning, match="rebuilding"), \
+            pytest.raises(AssertionError, match="again"):
         load_dataset(f"imagefolder:{arc}")
     monkeypatch.undo()
     monkeypatch.setenv("CRL_CACHE", str(tmp_path / "cache"))

@@ -8,8 +8,13 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from crl.attacks.base import AttackContext, build_attack
-from crl.attacks.nn_shadow import (attack_features, build_attack_mlp, nn_attack_scores,
-                                   sample_holdout, train_nn_attack)
+from crl.attacks.nn_shadow import (
+    attack_features,
+    build_attack_mlp,
+    nn_attack_scores,
+    sample_holdout,
+    train_nn_attack,
+)
 from crl.attacks.signals import Signals
 from crl.errors import CRLError
 

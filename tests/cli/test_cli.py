@@ -28,7 +28,8 @@ def test_audit_end_to_end_writes_everything(tmp_path, capsys):
     assert [r["defense"] for r in rows] == ["ce", "crl"]
     assert rows[1]["params"]["lam"] > 0
     row = rows[0]
-    for key in ("dataset", "model", "defense", "params", "seed", "train_acc", "test_acc", "attacks"):
+    keys = ("dataset", "model", "defense", "params", "seed", "train_acc", "test_acc", "attacks")
+    for key in keys:
         assert key in row
     assert set(row["attacks"]) == {"loss", "mentr", "gradx", "nn", "lira", "rmia"}
     for name, m in row["attacks"].items():
@@ -73,7 +74,8 @@ def test_yaml_recipe_and_set(tmp_path, capsys):
     recipe.write_text("epochs: 2\nsubset: 200\nseeds: [1]\nattacks: loss\nshadows: 0\n"
                       "quiet: true\n".replace("quiet: true\n", "progress: false\n"))
     out = tmp_path / "run"
-    code, _, _ = _run(["audit", "--config", str(recipe), "--epochs", "1", "--out", str(out)], capsys)
+    args = ["audit", "--config", str(recipe), "--epochs", "1", "--out", str(out)]
+    code, _, _ = _run(args, capsys)
     assert code == 0
     cfg = (out / "config.yaml").read_text()
     assert "epochs: 1" in cfg and "subset: 200" in cfg      # the flag overrides the recipe

@@ -1,8 +1,9 @@
 """crl's RMIA against the RMIA authors' own code, on identical logits.
 
-tests/data/rmia_reference.npz holds seeded logits (1 target + 8 reference models in complementary
-pairs, 50 pool samples, 20 population samples) and the scores that the authors' code gave for
-target model 0, computed once by benchmarks/rmia_reference.py (see its docstring for the commits):
+tests/attacks/data/rmia_reference.npz holds seeded logits (1 target + 8 reference models in
+complementary pairs, 50 pool samples, 20 population samples) and the scores that the authors'
+code gave for target model 0, computed once by benchmarks/rmia_reference.py (see its docstring
+for the commits):
   research_*: `aggregate_signals` of the paper's code (research/2024_rmia), signal "softmax
               relative" at temperature 2, trimmed mean 0.2, no augmentation; their
               num_ref_models counts IN + OUT models, so offline it is 2 x crl's num_refs.

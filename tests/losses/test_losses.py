@@ -93,7 +93,9 @@ def ref_relaxloss(g, y, epoch, *, alpha, upper=1.0):
 
 # --- fixtures ----------------------------------------------------------------------------------
 def tol(dtype):
-    return {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-12}
+    if dtype == torch.float32:
+        return {"rtol": 1e-5, "atol": 1e-6}
+    return {"rtol": 1e-10, "atol": 1e-12}
 
 
 def batch(dtype, seed=0, scale=2.0):

@@ -94,8 +94,8 @@ def test_markdown_subset_becomes_self_contained_html(tmp_path):
     assert [t for t, _ in tags.tags if t in ("h1", "h2")] == ["h1", "h2"]
     assert "<title>Audit: digits / mlp</title>" in page
     assert tags.all("blockquote")[0]["class"] == "warning"
-    assert "<p>First line of a paragraph and its second line, with <code>code &lt;b&gt;</code> " \
-           "and <strong>bold</strong>.</p>" in page
+    assert ("<p>First line of a paragraph and its second line, with <code>code &lt;b&gt;</code> "
+            "and <strong>bold</strong>.</p>") in page
     assert len(tags.all("table")) == 1 and len(tags.all("tr")) == 3 and len(tags.all("li")) == 2
     assert '<td data-label="AUC">0.640 [0.5, 0.7]</td>' in page
     assert '<td data-label="note"><strong>x</strong></td>' in page

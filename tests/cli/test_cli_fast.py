@@ -1,6 +1,7 @@
 """The CLI answers at once where it needs no model: importing crl.cli, `--help` of every command,
 `--version` and argument errors (unknown flags, bad choices, unknown names) never import torch.
-Names come from crl.catalog, which must list exactly what the registries hold."""
+Names and `crl list`'s text come from crl.catalog, which must hold exactly what the registries
+hold."""
 from __future__ import annotations
 
 import json
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import crl
+from crl import catalog
 from crl.catalog import NAMES, check_names
 from crl.errors import CRLError
 
@@ -50,11 +52,13 @@ print(json.dumps({"results": results, "torch": "torch" in sys.modules}))
 """
 
 
-def _probe(argvs: list[list[str]], cwd: Path) -> dict:
-    """`crl.cli.main(argv)` for each argv in a fresh Python: each exit code and output, and
-    whether torch was imported."""
+def _probe(argvs: list[list[str]], cwd: Path, cache: Path | None = None) -> dict:
+    """`crl.cli.main(argv)` for each argv in a fresh Python (with CRL_CACHE=`cache` if given):
+    each exit code and output, and whether torch was imported."""
     src = str(Path(crl.__file__).parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    if cache is not None:
+        env["CRL_CACHE"] = str(cache)
     r = subprocess.run([sys.executable, "-c", PROBE, json.dumps(argvs)], capture_output=True,
                        text=True, cwd=cwd, env=env, timeout=120, check=False)
     assert r.returncode == 0, r.stderr
@@ -93,17 +97,22 @@ def test_the_catalog_fails_and_accepts_names_as_the_registry_does(kind, name):
         check_names(kind, [name])
 
 
-def test_crl_list_is_kept_under_the_code_hash_and_repeated_without_torch(tmp_path, capsys,
-                                                                         monkeypatch):
-    import crl.utils
-    from crl import cli
+def test_crl_list_prints_the_catalog_without_torch_even_with_an_empty_cache(tmp_path):
+    answer = _probe([["list"]], tmp_path, cache=tmp_path / "empty-cache")
+    assert answer["results"] == [[0, catalog.LIST_FILE.read_text(encoding="utf-8")]]
+    assert not answer["torch"], "crl list imported torch"
 
-    assert cli.main(["list"]) == 0                 # computed here, then kept in the cache
-    first = capsys.readouterr().out
-    assert first == "\n".join(cli.list_lines()) + "\n"
-    answer = _probe([["list"]], tmp_path)
-    assert answer["results"] == [[0, first]] and not answer["torch"]
-    monkeypatch.setattr(crl.utils, "code_hash", lambda: "edited")   # another source: afresh
-    computed = []
-    monkeypatch.setattr(cli, "list_lines", lambda: computed.append(1) or ["fresh"])
-    assert cli.main(["list"]) == 0 and capsys.readouterr().out == "fresh\n" and computed
+
+def test_the_list_catalog_is_what_the_registries_list():
+    from crl.cli import list_lines
+
+    assert catalog.list_text().split("\n") == list_lines(), (
+        "src/crl/catalog.txt differs from the registries: run `python -m crl.catalog`")
+
+
+def test_the_list_catalog_is_regenerated_from_the_registries(tmp_path, monkeypatch):
+    from crl.cli import list_lines
+
+    monkeypatch.setattr(catalog, "LIST_FILE", tmp_path / "catalog.txt")
+    catalog.write_list_file()
+    assert catalog.list_text().split("\n") == list_lines()

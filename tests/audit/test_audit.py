@@ -77,18 +77,9 @@ def test_every_threshold_auc_recomputes_from_the_run_directory(tmp_path, capsys)
     assert "auc" in dmp["attacks"]["loss"]["teacher_only"]
 
 
-def test_chance_level_target_is_named_loudly(tmp_path, capsys):
+def test_chance_level_target_is_named_loudly(tmp_path, capsys, image_folder):
     """Pure-noise images with random labels: nothing to learn, so the audit says so."""
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    root = tmp_path / "noise"
-    for part, n in (("train", 30), ("test", 10)):
-        for c in range(4):
-            (root / part / f"c{c}").mkdir(parents=True)
-            for i in range(n):
-                img = rng.integers(0, 256, (8, 8), dtype=np.uint8)
-                Image.fromarray(img, mode="L").save(root / part / f"c{c}" / f"{i}.png")
+    root = image_folder(tmp_path / "noise", {"train": 30, "test": 10}, classes=4)
     out = tmp_path / "run"
     code = main(["audit", "--dataset", f"imagefolder:{root}", "--model", "mlp", "--epochs", "3",
                  "--seeds", "0", "--quiet", "--shadows", "0", "--defenses", "ce",
@@ -237,7 +228,7 @@ def test_saved_outcomes_rebuild_the_same_report(tmp_path, capsys):
     assert "no shadow models, no reference models." in (out / "report.md").read_text()
     rows = json.loads((out / "results.json").read_text())
     assert [json.loads(json.dumps(o.row())) for o in outcomes] == rows
-    cfg = AuditConfig(**{**__import__("yaml").safe_load((out / "config.yaml").read_text())})
+    cfg = AuditConfig(**__import__("yaml").safe_load((out / "config.yaml").read_text()))
     again = tmp_path / "again"
     again.mkdir()
     write_report(again, outcomes, cfg)

@@ -86,21 +86,11 @@ def test_help_shows_the_default_recipe_and_whole_sentences(capsys):
         assert ("64 reference models" in text) == (command != "train"), command
 
 
-def _train_only_folder(root, per_class: int = 8) -> None:
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for c in range(3):
-        (root / "train" / f"c{c}").mkdir(parents=True)
-        for i in range(per_class):
-            img = (rng.integers(0, 64, (8, 8)) + 60 * c).astype(np.uint8)
-            Image.fromarray(img, "L").save(root / "train" / f"c{c}" / f"{i}.png")
-
-
-def test_an_image_folder_with_train_alone_trains_with_a_test_fraction(tmp_path, capsys):
+def test_an_image_folder_with_train_alone_trains_with_a_test_fraction(tmp_path, capsys,
+                                                                      image_folder):
     from crl.data import load_dataset
 
-    _train_only_folder(tmp_path / "tree")
+    image_folder(tmp_path / "tree", {"train": 8}, classes=3, shift=60)
     dataset = f"imagefolder:{tmp_path / 'tree'}"
     data = load_dataset(dataset)
     assert data.train_size is None and len(data) == 24
@@ -118,15 +108,9 @@ def test_an_image_folder_with_train_alone_trains_with_a_test_fraction(tmp_path, 
     assert json.loads((again / "split.json").read_text())["test"] == split["test"]   # seeded
 
 
-def test_test_fraction_is_refused_where_the_data_has_its_own_split(tmp_path, capsys):
-    from PIL import Image
-
-    for split in ("train", "test"):
-        for c in range(2):
-            (tmp_path / "tree" / split / f"c{c}").mkdir(parents=True)
-            for i in range(3):
-                Image.fromarray(np.full((8, 8), 60 * c + i, np.uint8), "L").save(
-                    tmp_path / "tree" / split / f"c{c}" / f"{i}.png")
+def test_test_fraction_is_refused_where_the_data_has_its_own_split(tmp_path, capsys,
+                                                                    image_folder):
+    image_folder(tmp_path / "tree", {"train": 3, "test": 3}, classes=2, shift=60)
     out = tmp_path / "model"
     code = main(["train", "--dataset", f"imagefolder:{tmp_path / 'tree'}", "--model", "mlp",
                  "--test-fraction", "0.5", "--quiet", "--out", str(out)])
@@ -134,8 +118,8 @@ def test_test_fraction_is_refused_where_the_data_has_its_own_split(tmp_path, cap
     assert "test_fraction = 0.5: " in capsys.readouterr().err
 
 
-def test_the_audit_accepts_an_image_folder_with_train_alone(tmp_path, capsys):
-    _train_only_folder(tmp_path / "tree", per_class=20)
+def test_the_audit_accepts_an_image_folder_with_train_alone(tmp_path, capsys, image_folder):
+    image_folder(tmp_path / "tree", {"train": 20}, classes=3, shift=60)
     out = tmp_path / "run"
     code = main(["audit", "--dataset", f"imagefolder:{tmp_path / 'tree'}", "--model", "mlp",
                  "--defenses", "ce", "--attacks", "loss", "--epochs", "2", "--seeds", "0",
