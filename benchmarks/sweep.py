@@ -524,7 +524,7 @@ def plot_fronts(path: Path, points: list[Point]) -> None:
         ax.set_xlabel(f"strongest attack's {METRICS[metric]}{unit} (lower is more private)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("test accuracy (%)")
-    axes[1].legend(fontsize=8, loc="best")
+    axes[0].legend(fontsize=8, loc="best")
     fig.suptitle("privacy-utility fronts (ring: RMIA / label-only attacks also ran)", fontsize=9)
     fig.tight_layout()
     with atomic_path(path) as tmp:
@@ -588,10 +588,10 @@ def at_ce_accuracy(points: list[Point], ce: Point, metric: str,
         return ["no point has this attack family"]
     close = [lk for lk in near
              if abs(lk[0].test_acc.value - ce.test_acc.value) * 100 <= MATCH_POINTS]
-    pool = close if len(close) >= 2 else near
-    pool = sorted(pool, key=lambda lk: lk[2].value)
+    matched = len(close) >= 2
+    pool = sorted(close if matched else near, key=lambda lk: lk[2].value)
     where = (f"within {MATCH_POINTS:g} point of CE's test accuracy ({_acc(ce)})"
-             if pool is close else
+             if matched else
              f"no two defenses within {MATCH_POINTS:g} point of CE's test accuracy "
              f"({_acc(ce)}); at each front's point nearest it")
     lines = [f"{where}, the least leaky is {pool[0][0].defense}, {_leak_text(pool[0], metric)}"]

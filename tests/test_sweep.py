@@ -72,8 +72,11 @@ def test_tiered_sweep_end_to_end_on_digits(tmp_path, capsys):
     chosen = sorted(p.name for p in (runs / "tier2").iterdir() if p.name != "recipes")
     assert chosen[0] == "ce-0" and len(chosen) == 2
     table = (runs / "summary.md").read_text()
+    head = next(line for line in table.splitlines() if line.startswith("| setting |"))
     ce_line = next(line for line in table.splitlines() if line.startswith("| ce-0 |"))
-    assert ce_line.count(" - ") == 0 and "| gap" in table     # tier 2's attack merged in
+    column = head.split(" | ").index("gap")                  # tier 2's attack merged in
+    assert ce_line.split(" | ")[column] != "-"
+    assert ce_line.split(" | ")[head.split(" | ").index("loss")] != "-"
 
 
 def test_second_pass_picks_the_settings_nearest_ce(tmp_path):
@@ -108,7 +111,7 @@ def test_answer_names_the_leaner_defense_when_intervals_are_apart():
               _point("relaxloss-0", 0.702, {"loss": (0.70, 0.01), "nn": (0.66, 0.01)})]
     text = sweep.answer_text(points, "synthetic")
     threshold = text.split("## threshold")[1].split("## NN")[0]
-    assert "the least leaky is crl" in threshold
+    assert "within 1 point of CE's test accuracy (70.0%), the least leaky is crl" in threshold
     assert "crl leaks less than relaxloss by 0.100 (intervals apart)" in threshold
     nn = text.split("## NN")[1].split("## LiRA")[0]
     assert "crl leaks less than relaxloss by 0.040 (intervals apart)" in nn
@@ -122,6 +125,7 @@ def test_answer_says_within_noise_when_intervals_overlap():
               _point("relaxloss-0", 0.645, {"loss": (0.61, 0.02)})]
     text = sweep.answer_text(points, "synthetic")
     threshold = text.split("## threshold")[1].split("## NN")[0]
+    assert "no two defenses within 1 point of CE's test accuracy (70.0%)" in threshold
     assert "crl and relaxloss are within noise of each other (difference 0.010" in threshold
     assert "crl vs relaxloss, matched" in threshold          # 64.0% vs 64.5%
     assert "no: the most accurate CRL setting, crl-0, reaches 64.0%, 6.0 points below" in text
