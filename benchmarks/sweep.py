@@ -390,6 +390,7 @@ class Point:
     train_acc: float
     test_acc: Estimate
     metrics: dict[str, dict[str, Estimate]]    # attack -> metric -> Estimate
+    at_chance: bool = False                    # a seed's target carries the chance warning
 
     def strongest(self, metric: str, attacks: tuple[str, ...] | None = None
                   ) -> tuple[str, Estimate] | None:
@@ -428,7 +429,8 @@ def point_of(variant: Variant, rows: list[dict[str, Any]]) -> Point | None:
             if got and all(v is not None for v, _ in got):
                 metrics.setdefault(a, {})[m] = estimate(got)
     return Point(variant.name, variant.defense, variant.params, tuple(sorted(seeds)),
-                 _mean([r["train_acc"] for r in seeds.values()]), acc, metrics)
+                 _mean([r["train_acc"] for r in seeds.values()]), acc, metrics,
+                 any("warning" in r for r in seeds.values()))
 
 
 def collect_points(sweep: Sweep) -> list[Point]:
@@ -473,7 +475,7 @@ def summary_table(points: list[Point]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for p in points:
         params = ", ".join(f"{k} {v}" for k, v in p.params.items()) or "-"
-        cells = [p.name, p.defense, params, ",".join(map(str, p.seeds)),
+        cells = [p.name + (" (at chance)" if p.at_chance else ""), p.defense, params, ",".join(map(str, p.seeds)),
                  f"{100 * p.train_acc:.1f}", _fmt(p.test_acc, "acc"),
                  *(f"{p.metrics[a]['auc'].value:.3f}" if "auc" in p.metrics.get(a, {}) else "-"
                    for a in attacks),
@@ -548,7 +550,8 @@ def _acc(p: Point) -> str:
 
 def _leak_text(leak: Leak, metric: str) -> str:
     p, attack, e = leak
-    return f"{p.name} ({_acc(p)} test): {attack} {METRICS[metric]} {_fmt(e, metric)}"
+    chance = ", target at chance" if p.at_chance else ""
+    return f"{p.name} ({_acc(p)} test{chance}): {attack} {METRICS[metric]} {_fmt(e, metric)}"
 
 
 def _diff(d: float, metric: str) -> str:

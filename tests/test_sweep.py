@@ -62,7 +62,8 @@ def test_tiered_sweep_end_to_end_on_digits(tmp_path, capsys):
     runs = tmp_path / "runs"
     for name in ("summary.md", "summary.png", "answer.md"):
         assert (runs / name).stat().st_size > 0, name
-    assert "## threshold" in (runs / "answer.md").read_text()
+    answer = (runs / "answer.md").read_text()
+    assert "## threshold" in answer and "## label-only" in answer
     capsys.readouterr()
     assert sweep.main([str(path), "--tier", "1", *flags]) == 0          # a rerun skips
     assert capsys.readouterr().out.count("done already") == 3
@@ -73,7 +74,7 @@ def test_tiered_sweep_end_to_end_on_digits(tmp_path, capsys):
     assert chosen[0] == "ce-0" and len(chosen) == 2
     table = (runs / "summary.md").read_text()
     head = next(line for line in table.splitlines() if line.startswith("| setting |"))
-    ce_line = next(line for line in table.splitlines() if line.startswith("| ce-0 |"))
+    ce_line = next(line for line in table.splitlines() if line.startswith("| ce-0 "))
     column = head.split(" | ").index("gap")                  # tier 2's attack merged in
     assert ce_line.split(" | ")[column] != "-"
     assert ce_line.split(" | ")[head.split(" | ").index("loss")] != "-"
@@ -169,3 +170,11 @@ def test_tier_errors_are_one_line(tmp_path, tiers, message):
     with pytest.raises(CRLError, match=message) as e:
         sweep.load_sweep(path)
     assert "\n" not in str(e.value)
+
+
+def test_points_at_chance_are_named_in_the_table_and_the_answer():
+    rows = [{**_row("crl", 0.10, {"loss": (0.50, 0.02)}), "warning": "target at chance: ..."}]
+    p = sweep.point_of(sweep.Variant("crl-0", "crl", {}), rows)
+    ce = _point("ce-0", 0.70, {"loss": (0.80, 0.01)})
+    assert "| crl-0 (at chance) |" in sweep.summary_table([ce, p])
+    assert "crl-0 (10.0% test, target at chance)" in sweep.answer_text([ce, p], "synthetic")
