@@ -456,9 +456,9 @@ def _mean(values: list[float]) -> float:
 def _fmt(e: Estimate | None, metric: str = "auc") -> str:
     if e is None:
         return "-"
-    k, f = (1.0, ".3f") if metric == "auc" else (100.0, ".1f")
+    k, f, pct = (1.0, ".3f", "") if metric == "auc" else (100.0, ".1f", "%")
     ci = "" if e.lo is None else f" [{k * e.lo:{f}}, {k * e.hi:{f}}]"
-    return f"{k * e.value:{f}}{ci}"
+    return f"{k * e.value:{f}}{pct}{ci}"
 
 
 def _strongest_cell(p: Point, metric: str) -> str:
@@ -470,8 +470,8 @@ def summary_table(points: list[Point]) -> str:
     """Every point: seeds, accuracies, each attack's AUC, the strongest by AUC and by TPR at
     1% FPR (markdown)."""
     attacks = sorted({a for p in points for a in p.metrics})
-    head = ["setting", "defense", "params", "seeds", "train %", "test % [95%]", *attacks,
-            "strongest AUC [95%]", "strongest TPR@1%FPR % [95%]"]
+    head = ["setting", "defense", "params", "seeds", "train %", "test acc [95%]", *attacks,
+            "strongest AUC [95%]", "strongest TPR@1%FPR [95%]"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for p in points:
         params = ", ".join(f"{k} {v}" for k, v in p.params.items()) or "-"

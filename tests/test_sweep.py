@@ -143,7 +143,7 @@ def test_seed_intervals_span_the_seeds():
     assert p.test_acc.lo < 0.60 and p.test_acc.hi > 0.64
 
 
-def test_the_fronts_sweep_covers_issue_22s_tiers():
+def test_the_fronts_sweep_has_every_tier_it_needs():
     s = sweep.load_sweep(FRONTS)
     count = {d: sum(v.defense == d for v in s.variants) for d in {v.defense for v in s.variants}}
     assert set(s.tiers[1].defenses) == {"ce", "crl", "relaxloss", "hamp", "dpsgd"}
