@@ -180,8 +180,8 @@ def _tier(key: Any, value: Any, defenses: set[str], earlier: set[int]) -> Tier:
 def _tiers(value: Any, variants: tuple[Variant, ...]) -> dict[int, Tier]:
     defenses = {v.defense for v in variants}
     tiers: dict[int, Tier] = {}
-    for key, data in (value or {}).items():
-        tiers[key] = _tier(key, data, defenses, set(tiers))
+    for key, data in (value or {}).items():     # a second pass chooses from first passes
+        tiers[key] = _tier(key, data, defenses, {k for k, t in tiers.items() if not t.sources})
     return tiers
 
 
@@ -649,11 +649,11 @@ def crl_at_ce(points: list[Point], ce: Point) -> list[str]:
                      f"CE's {_acc(ce)}")
         reach = [best]
     for p in reach:
-        for metric in METRICS:
+        for metric, label in METRICS.items():
             ours, base = _leak(p, metric, None), _leak(ce, metric, None)
             if ours and base:
                 lean, other = (ours, base) if ours[2].value <= base[2].value else (base, ours)
-                lines.append(f"there, {METRICS[metric]}: {_leak_text(ours, metric)} against CE "
+                lines.append(f"there, {label}: {_leak_text(ours, metric)} against CE "
                              f"{_leak_text(base, metric)}: {compare_words(lean, other, metric)}")
     return lines
 
@@ -672,13 +672,13 @@ def answer_text(points: list[Point], title: str) -> str:
            "strongest attack of the family there and its value. " + SUMMARY_NOTE, "",
            "## Does a CRL setting reach CE's accuracy?", ""]
     out += [f"- {line}" for line in crl_at_ce(points, ce)]
-    families = {**{f: a for f, a in FAMILIES.items()}, "any attack": None}
+    families: dict[str, tuple[str, ...] | None] = {**FAMILIES, "any attack": None}
     for family, attacks in families.items():
         out += ["", f"## {family}" + (f" ({', '.join(attacks)})" if attacks else ""), ""]
-        for metric in METRICS:
+        for metric, label in METRICS.items():
             lines = at_ce_accuracy(points, ce, metric, attacks)
             lines += matched_pairs(points, "crl", metric, attacks)
-            out += [f"- **{METRICS[metric]}**: {lines[0]}"] + [f"  - {x}" for x in lines[1:]]
+            out += [f"- **{label}**: {lines[0]}"] + [f"  - {x}" for x in lines[1:]]
     return "\n".join(out) + "\n"
 
 

@@ -164,6 +164,7 @@ def test_the_fronts_sweep_has_every_tier_it_needs():
     ({1: {"from": [2]}}, r"tiers.1.from = \[2\]"),
     ({1: {"nearest": 2}}, "expected `defenses` \\(a first pass\\)"),
     ({1: {"defenses": ["ce"]}, 2: {"from": [1], "nearest": 0}}, "nearest = 0"),
+    ({1: {"defenses": ["ce"]}, 2: {"from": [1]}, 3: {"from": [2]}}, r"tiers.3.from = \[2\]"),
 ])
 def test_tier_errors_are_one_line(tmp_path, tiers, message):
     path = _write_sweep(tmp_path, tiers, {"ce": [{}]})
