@@ -67,6 +67,14 @@ def test_tiered_sweep_end_to_end_on_digits(tmp_path, capsys):
     capsys.readouterr()
     assert sweep.main([str(path), "--tier", "1", *flags]) == 0          # a rerun skips
     assert capsys.readouterr().out.count("done already") == 3
+    s = sweep.load_sweep(path)
+    recipe = s.recipe_path(s.variant("ce-0"))
+    assert sweep.done(recipe, flags[1:])
+    manifest = runs / "ce-0" / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"complete"', '"running"', 1))
+    assert not sweep.done(recipe, flags[1:])                  # killed mid-audit: not done
+    assert sweep.main([str(path), "--tier", "1", "--resume", *flags]) == 0
+    assert sweep.done(recipe, flags[1:])
     assert sweep.main([str(path), "--tier", "2", *flags]) == 0
     out = capsys.readouterr().out
     assert "tier 2: the 1 settings per defense nearest CE's test accuracy" in out
@@ -78,6 +86,25 @@ def test_tiered_sweep_end_to_end_on_digits(tmp_path, capsys):
     column = head.split(" | ").index("gap")                  # tier 2's attack merged in
     assert ce_line.split(" | ")[column] != "-"
     assert ce_line.split(" | ")[head.split(" | ").index("loss")] != "-"
+
+
+def test_resume_continues_only_the_interrupted_settings(tmp_path, monkeypatch):
+    """A setting whose manifest says "running" (killed mid-audit) is not done: a rerun with
+    --resume passes --resume to its audit; a complete one is skipped."""
+    import crl.cli
+
+    path = _write_sweep(tmp_path, {1: {"defenses": ["ce", "relaxloss"]}},
+                        {"ce": [{}], "relaxloss": [{"alpha": 0.3}]})
+    s = sweep.load_sweep(path)
+    calls = []
+    monkeypatch.setattr(crl.cli, "main", lambda args: calls.append(args) or 0)
+    assert sweep.run(s, ["--quiet"], tier=s.tiers[1], resume=True, echo=lambda _: None) == 0
+    assert [c[2].endswith(n) for c, n in zip(calls, ("ce-0.yaml", "relaxloss-0.yaml"))] == \
+        [True, True] and all(c[-1] == "--resume" for c in calls)
+    monkeypatch.setattr(sweep, "done", lambda recipe, extra: "ce-0" in str(recipe))
+    calls.clear()
+    assert sweep.run(s, ["--quiet"], tier=s.tiers[1], resume=True, echo=lambda _: None) == 0
+    assert len(calls) == 1 and calls[0][2].endswith("relaxloss-0.yaml")
 
 
 def test_second_pass_picks_the_settings_nearest_ce(tmp_path):
