@@ -182,7 +182,7 @@ def test_dmp_reference_counts_are_checked_against_what_the_student_trains_on(tmp
     def check(refs):
         cfg = AuditConfig(dataset="digits", defenses=["dmp"], attacks=["lira"], seeds=[0],
                           references=refs, shadows=0, out=str(tmp_path))
-        prepare(cfg, echo=lambda _: None)
+        prepare(cfg)
 
     with pytest.raises(CRLError, match=r"references = 16: attack 'lira' on 'dmp' .*needs \d+"):
         check(16)
@@ -191,7 +191,7 @@ def test_dmp_reference_counts_are_checked_against_what_the_student_trains_on(tmp
         for seed in (0, 1, 2):      # a seed's leave-one-out row falls short: stop, never skip
             cfg = AuditConfig(dataset="digits", defenses=["dmp"], attacks=["lira"],
                               seeds=[seed], references=32, shadows=0, out=str(tmp_path))
-            prepare(cfg, echo=lambda _: None)
+            prepare(cfg)
     check(64)                                             # the default: every row completes
     assert "warning" not in capsys.readouterr().err
 

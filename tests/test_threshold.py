@@ -6,10 +6,11 @@ from scipy.stats import norm
 from crl.attacks.base import REQUIREMENTS, AttackContext, build_attack
 from crl.attacks.signals import Signals
 from crl.attacks.threshold import (SCORE_FUNCTIONS, confidence_score, entropy_score,
-                                   fit_per_class_thresholds, input_gradient_norms, loss_score,
-                                   mentr_score, modified_entropy)
+                                   fit_per_class_thresholds, loss_score, mentr_score,
+                                   modified_entropy)
 from crl.errors import CRLError
 from crl.metrics import thresholded_balanced_accuracy
+from crl.models.gradients import input_gradient_norms
 from crl.registry import ATTACKS
 
 

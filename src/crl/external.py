@@ -31,7 +31,6 @@ from torch import nn
 
 from crl.attacks.base import Attack, AttackContext
 from crl.attacks.signals import Signals
-from crl.attacks.threshold import batch_gradient_norms
 from crl.audit.outcome import Evaluation, TargetOutcome, save_outcome
 from crl.audit.plan import DefenseChoice, ModelJob, plan_models
 from crl.audit.run import chance_warning, check_attack_models, margins
@@ -43,6 +42,7 @@ from crl.errors import CRLError
 from crl.evaluation import device_of, eval_mode
 from crl.from_logits import build_attacks
 from crl.integrity import save_verified
+from crl.models.gradients import batch_gradient_norms
 from crl.rundir import RunDir
 from crl.seeding import seed_for
 from crl.utils import atomic_path, code_version, write_json_atomic, write_text_atomic

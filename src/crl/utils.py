@@ -6,7 +6,6 @@ import contextlib
 import functools
 import json
 import os
-import random
 import subprocess
 import tempfile
 from pathlib import Path
@@ -64,14 +63,6 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-def seed_everything(seed: int) -> None:
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def resolve_device(device: str = "auto") -> torch.device:

@@ -379,8 +379,7 @@ def check_attack_models(name: str, attack: Attack, references: int, shadows: int
         raise CRLError(f"shadows = {shadows}: attack '{name}' needs at least 1 shadow model")
 
 
-def prepare(cfg: AuditConfig, echo: Callable[[str], None] = print
-            ) -> tuple[AuditConfig, Audit, dict[int, PoolSplit]]:
+def prepare(cfg: AuditConfig) -> tuple[AuditConfig, Audit, dict[int, PoolSplit]]:
     """Every check that can fail, before anything is written: config, names, data, splits,
     the defenses' recipe checks, the device."""
     from crl.data.datasets import load_dataset
@@ -411,7 +410,7 @@ def run_audit(cfg: AuditConfig, *, echo: Callable[[str], None] = print) -> dict[
     cfg = cfg.resolved()
     run = RunDir(cfg.out, "audit", cfg.to_dict(), resume=cfg.resume, overwrite=cfg.overwrite)
     run.check()          # another run in --out is refused before any data is loaded
-    cfg, audit, splits = prepare(cfg, echo)
+    cfg, audit, splits = prepare(cfg)
     out = Path(cfg.out)
     with run.claim():
         write_text_atomic(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))

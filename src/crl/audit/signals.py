@@ -21,11 +21,11 @@ import numpy as np
 
 from crl.attacks.base import AttackContext
 from crl.attacks.signals import Signals
-from crl.attacks.threshold import input_gradient_norms
 from crl.audit.factory import TrainedModel
 from crl.data.splits import PoolSplit
 from crl.data.types import ImageData
 from crl.evaluation import predict_logits
+from crl.models.gradients import input_gradient_norms
 from crl.query import QueryAccess
 
 
