@@ -35,7 +35,7 @@ from crl.audit.outcome import Evaluation, TargetOutcome, save_outcome
 from crl.audit.plan import DefenseChoice, ModelJob, plan_models
 from crl.audit.run import chance_warning, check_attack_models, margins
 from crl.audit.runner import run_attacks
-from crl.audit.signals import _memo
+from crl.audit.signals import memo
 from crl.config import AuditConfig, split_names
 from crl.data.splits import PoolSplit, make_pool_split
 from crl.errors import CRLError
@@ -158,9 +158,9 @@ class Queries:
         if shadows:
             ctx.shadow = self.signals(shadows, split.shadow_pool)
         if "input_gradients" in requirements:
-            ctx.gradient_scores = _memo(lambda k: self.grad_norms(pool[k][1], split.target_pool))
+            ctx.gradient_scores = memo(lambda k: self.grad_norms(pool[k][1], split.target_pool))
             if shadows:
-                ctx.shadow_gradient_scores = _memo(
+                ctx.shadow_gradient_scores = memo(
                     lambda k: self.grad_norms(shadows[k][1], split.shadow_pool))
         return ctx
 

@@ -65,6 +65,11 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+def jsonable(obj: Any) -> Any:
+    """`obj` as plain JSON data (anything json cannot write becomes its str)."""
+    return json.loads(json.dumps(obj, default=str))
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     """'auto' -> CUDA when present, else CPU; anything else is passed to torch.device."""
     import torch

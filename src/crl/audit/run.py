@@ -401,10 +401,15 @@ def prepare(cfg: AuditConfig) -> tuple[AuditConfig, Audit, dict[int, PoolSplit]]
     return cfg, audit, splits
 
 
-def run_audit(cfg: AuditConfig, *, echo: Callable[[str], None] = print) -> dict[str, Any]:
+#: writes report.md, verdict.json and the figures of a run directory; returns the AUC table
+ReportWriter = Callable[[Path, list[TargetOutcome], AuditConfig], str]
+
+
+def run_audit(cfg: AuditConfig, *, write_report: ReportWriter,
+              echo: Callable[[str], None] = print) -> dict[str, Any]:
     """The whole audit; returns {'rows', 'outcomes', 'out'}. Writes results atomically, in a
-    locked run directory that holds this run alone (crl.rundir.RunDir); its manifest last."""
-    from crl.report import write_report
+    locked run directory that holds this run alone (crl.rundir.RunDir); its manifest last.
+    The report is the caller's `write_report` (crl.commands.audit passes crl.report's)."""
     from crl.rundir import RunDir
 
     cfg = cfg.resolved()
