@@ -37,7 +37,7 @@ from crl.audit.factory import ModelCache, ModelFactory, TrainedModel
 from crl.audit.plan import DefenseChoice, ModelJob
 from crl.audit.run import chance_warning, recipe_of
 from crl.config import set_warnings
-from crl.data.splits import stratified_take, own_split
+from crl.data.splits import own_split, stratified_take
 from crl.data.types import ImageData
 from crl.defenses.base import build_defense
 from crl.errors import CRLError

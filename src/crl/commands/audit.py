@@ -2,7 +2,8 @@
 (crl.report.write_report, looked up when the command runs)."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from crl import report
 from crl.audit.run import run_audit

@@ -22,8 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from crl.engine.protocol import (ENGINES, Engine, OnDone, TrainOutput, TrainRequest,
-                                 arithmetic_label)
+from crl.engine.protocol import ENGINES, Engine, OnDone, TrainOutput, TrainRequest, arithmetic_label
 
 __all__ = ["ENGINES", "Engine", "OnDone", "TrainOutput", "TrainRequest", "arithmetic_label",
            "get_engine"]

@@ -3,9 +3,10 @@ registry they register in. The package docstring (crl.engine) says what holds ac
 engines."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from torch import nn

@@ -34,8 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from crl.data.types import ImageData
-from crl.engine.protocol import (ENGINES, Engine, OnDone, TrainOutput, TrainRequest,
-                                 arithmetic_label)
+from crl.engine.protocol import ENGINES, Engine, OnDone, TrainOutput, TrainRequest, arithmetic_label
 from crl.errors import CRLError
 from crl.models.spec import ModelSpec
 from crl.params import Param, ParamSpec
