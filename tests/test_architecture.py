@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+#: the repository's src/ (found upwards, wherever the tests folder files this test)
+SRC = next(p for p in Path(__file__).resolve().parents if (p / "src" / "crl").is_dir()) / "src"
 
 #: Each layer may import only layers of a LOWER rank (and itself); layers of equal rank are
 #: siblings that never import each other. A new module at the root or a new subpackage of crl
