@@ -61,7 +61,7 @@ def test_a_huge_reference_count_is_refused_before_planning(tmp_path, monkeypatch
                       out=str(tmp_path / "run"))
     with pytest.raises(CRLError, match=r"^references = 20000: the reference models' logits on "
                                        r"1797 samples of 10 classes would take about") as err:
-        prepare(cfg, echo=lambda s: None)
+        prepare(cfg)
     _one_line(err)
     assert not (tmp_path / "run").exists()
     check_reference_scores(64, 1797, 10)   # the default fits
@@ -215,7 +215,7 @@ class _Detached(nn.Module):
 
 @pytest.mark.parametrize("no_grad", [False, True])
 def test_gradx_on_a_model_without_input_gradients_is_a_one_line_error(digits, no_grad):
-    from crl.attacks.threshold import input_gradient_norms
+    from crl.models.gradients import input_gradient_norms
 
     with pytest.raises(CRLError, match=r"attack 'gradx': the loss of _Detached has no gradient "
                                        r"with respect to its input") as err:

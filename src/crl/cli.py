@@ -230,9 +230,9 @@ def _audit(args: argparse.Namespace) -> None:
     cfg = config_from_args(args)
     resolved = cfg.resolved()
     _check_names(resolved.model, resolved.defenses, resolved.attacks)
-    from crl.audit import run_audit
+    from crl.commands.audit import audit
 
-    run_audit(cfg)
+    audit(cfg)
 
 
 #: audit flags `crl tune` does not take: it chooses the defenses and always continues its study

@@ -37,7 +37,7 @@ from crl.audit.factory import ModelCache, ModelFactory, TrainedModel
 from crl.audit.plan import DefenseChoice, ModelJob
 from crl.audit.run import chance_warning, recipe_of
 from crl.config import set_warnings
-from crl.data.splits import _stratified_take, own_split
+from crl.data.splits import own_split, stratified_take
 from crl.data.types import ImageData
 from crl.defenses.base import build_defense
 from crl.errors import CRLError
@@ -95,7 +95,7 @@ def deployment_split(data: ImageData, test_fraction: float | None
     if not 1 <= k <= len(labels) - 1:
         raise CRLError(f"test_fraction = {test_fraction!r}: holds out {k} of {len(labels)} "
                        "samples; expected a fraction that holds out at least 1 and keeps 1")
-    test, train = _stratified_take(np.arange(len(labels), dtype=np.int64), labels, k,
+    test, train = stratified_take(np.arange(len(labels), dtype=np.int64), labels, k,
                                    numpy_rng(0, "test-fraction-split"))
     how = (f"no split of its own: a stratified {100 * test_fraction:g}% test split "
            "(--test-fraction) from the stream seed_for(0, 'test-fraction-split')")

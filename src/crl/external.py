@@ -31,12 +31,11 @@ from torch import nn
 
 from crl.attacks.base import Attack, AttackContext
 from crl.attacks.signals import Signals
-from crl.attacks.threshold import batch_gradient_norms
 from crl.audit.outcome import Evaluation, TargetOutcome, save_outcome
 from crl.audit.plan import DefenseChoice, ModelJob, plan_models
 from crl.audit.run import chance_warning, check_attack_models, margins
 from crl.audit.runner import run_attacks
-from crl.audit.signals import _memo
+from crl.audit.signals import memo
 from crl.config import AuditConfig, split_names
 from crl.data.splits import PoolSplit, make_pool_split
 from crl.errors import CRLError
@@ -44,6 +43,7 @@ from crl.evaluation import device_of, eval_mode
 from crl.from_logits import build_attacks
 from crl.integrity import save_verified
 from crl.params import DEFAULT_BOOTSTRAP
+from crl.models.gradients import batch_gradient_norms
 from crl.rundir import RunDir
 from crl.seeding import seed_for
 from crl.utils import atomic_path, code_version, write_json_atomic, write_text_atomic
@@ -159,9 +159,9 @@ class Queries:
         if shadows:
             ctx.shadow = self.signals(shadows, split.shadow_pool)
         if "input_gradients" in requirements:
-            ctx.gradient_scores = _memo(lambda k: self.grad_norms(pool[k][1], split.target_pool))
+            ctx.gradient_scores = memo(lambda k: self.grad_norms(pool[k][1], split.target_pool))
             if shadows:
-                ctx.shadow_gradient_scores = _memo(
+                ctx.shadow_gradient_scores = memo(
                     lambda k: self.grad_norms(shadows[k][1], split.shadow_pool))
         return ctx
 

@@ -186,7 +186,7 @@ def _bootstrap(s: np.ndarray, m: np.ndarray, n_boot: int, rng: np.random.Generat
     return _replicates([_Side(s, m)], items, n_boot, rng, keys)[0]
 
 
-def _interval(values: np.ndarray, level: float) -> list[float] | None:
+def percentile_interval(values: np.ndarray, level: float) -> list[float] | None:
     values = values[np.isfinite(values)]
     if not len(values):
         return None
@@ -217,7 +217,7 @@ def metrics_with_ci(scores, is_member, *, n_boot: int = DEFAULT_BOOTSTRAP, seed:
     keys = tuple(k for k in CI_METRICS if out[k] is not None)
     reps = _bootstrap(s, m, n_boot, rng, keys)
     for key in CI_METRICS:
-        out[f"{key}_ci"] = _interval(reps[key], level) if key in reps else None
+        out[f"{key}_ci"] = percentile_interval(reps[key], level) if key in reps else None
     return out
 
 
@@ -228,7 +228,7 @@ def _cluster_weights(draws: np.ndarray, k: int) -> np.ndarray:
     return np.bincount(cells, minlength=b * k).reshape(b, k).astype(float)
 
 
-def _cluster_replicates(s: np.ndarray, m: np.ndarray, clusters: np.ndarray, n_boot: int,
+def cluster_replicates(s: np.ndarray, m: np.ndarray, clusters: np.ndarray, n_boot: int,
                         rng: np.random.Generator, keys: tuple[str, ...]) -> dict:
     """`keys` over n_boot resamples of the clusters (with replacement), every pair of a drawn
     cluster counted as often as the cluster is drawn."""
@@ -257,9 +257,9 @@ def clustered_metrics_with_ci(scores, is_member, clusters, *, n_boot: int = DEFA
         raise CRLError(f"clusters of {len(c)} entries: expected {len(s)} (one per score)")
     out = attack_metrics(s, m)
     keys = tuple(k for k in CI_METRICS if out[k] is not None)
-    reps = _cluster_replicates(s, m, c, n_boot, numpy_rng(seed, "bootstrap"), keys)
+    reps = cluster_replicates(s, m, c, n_boot, numpy_rng(seed, "bootstrap"), keys)
     for key in CI_METRICS:
-        out[f"{key}_ci"] = _interval(reps[key], level) if key in reps else None
+        out[f"{key}_ci"] = percentile_interval(reps[key], level) if key in reps else None
     return out
 
 
@@ -283,7 +283,7 @@ def pooled_ci(groups, metric: str, *, n_boot: int = DEFAULT_BOOTSTRAP, seed: int
         vals = _bootstrap(s, m, int(picks[:, j].sum()), rng, (metric,))[metric]
         owner = np.repeat(np.arange(n_boot), picks[:, j])
         total += np.bincount(owner, weights=vals, minlength=n_boot)
-    lo, hi = _interval(total / g, level) or (None, None)
+    lo, hi = percentile_interval(total / g, level) or (None, None)
     return float(np.mean(points)), lo, hi
 
 
@@ -355,6 +355,6 @@ def paired_difference_over_seeds(a_list, b_list, metric: str, *, n_boot: int = D
         rep_a, rep_b = _replicates(sides, _union_items(a, b), n_boot, rng, (metric,))
         diffs.append(point_a - point_b)
         reps.append(rep_a[metric] - rep_b[metric])
-    ci = _interval(np.mean(reps, axis=0), level)
+    ci = percentile_interval(np.mean(reps, axis=0), level)
     return {"diff": float(np.mean(diffs)), "ci": ci,
             "within_noise": None if ci is None else bool(ci[0] <= 0.0 <= ci[1])}

@@ -10,7 +10,6 @@ on a CPU), so a checkpoint is never resumed into another run.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -24,9 +23,10 @@ from tqdm.auto import tqdm
 from crl.data.augment import augment_batch
 from crl.data.types import ImageData
 from crl.defenses.base import Defense, EpochEnd, Step, TrainContext, default_sampler
-from crl.engine import arithmetic_label
+from crl.engine.protocol import arithmetic_label
 from crl.errors import CRLError
 from crl.evaluation import evaluate, predict_logits
+from crl.fingerprints import architecture_digest, data_identity, indices_digest
 from crl.integrity import load_verified, save_verified
 from crl.models.features import FeatureTap, classifier_of
 from crl.recipe import Recipe
@@ -46,29 +46,11 @@ class FitResult:
     groups: dict[str, np.ndarray] = field(default_factory=dict)   # defense.evaluation_groups()
 
 
-def _lr_lambda(milestones: tuple[int, ...], gamma: float):
+def lr_lambda(milestones: tuple[int, ...], gamma: float):
     def f(epoch_done: int) -> float:
         return gamma ** sum(1 for m in milestones if epoch_done >= m)
 
     return f
-
-
-def indices_digest(idx) -> str:
-    """sha256 (24 hex) of an index array, as int64 in the given order."""
-    arr = np.asarray(idx, dtype=np.int64)
-    return hashlib.sha256(arr.tobytes()).hexdigest()[:24]
-
-
-def data_identity(data: ImageData) -> str:
-    """The dataset's content hash where the loader computed one, else its name and size."""
-    return getattr(data, "content_hash", "") or f"{data.name}:{len(data)}"
-
-
-def architecture_digest(model: nn.Module) -> str:
-    """Module type and every parameter/buffer name and shape."""
-    shapes = [(k, list(v.shape)) for k, v in model.state_dict().items()]
-    blob = json.dumps([type(model).__name__, shapes])
-    return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
 def _fingerprint(model, data, train_idx, recipe: Recipe, defense: Defense) -> dict:
@@ -118,7 +100,7 @@ def fit(model: nn.Module, data: ImageData, train_idx, recipe: Recipe,
     ctx = _context(model, data, train_idx, recipe, defense)
     defense.prepare(ctx)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        ctx.optimizer, _lr_lambda(recipe.milestones, recipe.gamma))
+        ctx.optimizer, lr_lambda(recipe.milestones, recipe.gamma))
     gens = {"shuffle": torch_generator(recipe.seed, "shuffle"),
             "augment": torch_generator(recipe.seed, "augment")}
     ckpt = Path(run_dir) / "checkpoint.pt" if run_dir is not None else None

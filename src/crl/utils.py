@@ -6,7 +6,6 @@ import contextlib
 import functools
 import json
 import os
-import random
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -68,12 +67,9 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def seed_everything(seed: int) -> None:
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+def jsonable(obj: Any) -> Any:
+    """`obj` as plain JSON data (anything json cannot write becomes its str)."""
+    return json.loads(json.dumps(obj, default=str))
 
 
 def resolve_device(device: str = "auto") -> torch.device:

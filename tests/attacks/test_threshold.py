@@ -10,13 +10,13 @@ from crl.attacks.threshold import (
     confidence_score,
     entropy_score,
     fit_per_class_thresholds,
-    input_gradient_norms,
     loss_score,
     mentr_score,
     modified_entropy,
 )
 from crl.errors import CRLError
 from crl.metrics import thresholded_balanced_accuracy
+from crl.models.gradients import input_gradient_norms
 from crl.registry import ATTACKS
 
 

@@ -16,7 +16,7 @@ from crl.attacks.signals import Signals
 from crl.audit.canaries import exposure_thresholds, pooled_metrics, pooled_view
 from crl.audit.outcome import AttackOutcome, load_outcome
 from crl.cli import main
-from crl.data.splits import _stratified_take
+from crl.data.splits import stratified_take
 from crl.defenses.base import build_defense
 from crl.errors import CRLError
 from crl.seeding import numpy_rng
@@ -143,7 +143,7 @@ def test_held_out_is_the_draw_prepare_makes(digits, name, params, part):
     defense = build_defense(name, params)
     fraction = defense.params.get("val_fraction", defense.params.get("ref_fraction"))
     k = round(fraction * len(idx))
-    draw = _stratified_take(idx, labels, k, numpy_rng(11, name, "split"))
+    draw = stratified_take(idx, labels, k, numpy_rng(11, name, "split"))
     expected_held = draw[0] if part else draw[1]          # DMP: the teacher keeps the rest
     assert np.array_equal(defense.held_out(idx, labels, 11), expected_held)
     result = fit(create_model("mlp", 1, 8, 10), digits, idx,
@@ -182,7 +182,7 @@ def test_dmp_reference_counts_are_checked_against_what_the_student_trains_on(tmp
     def check(refs):
         cfg = AuditConfig(dataset="digits", defenses=["dmp"], attacks=["lira"], seeds=[0],
                           references=refs, shadows=0, out=str(tmp_path))
-        prepare(cfg, echo=lambda _: None)
+        prepare(cfg)
 
     with pytest.raises(CRLError, match=r"references = 16: attack 'lira' on 'dmp' .*needs \d+"):
         check(16)
@@ -191,7 +191,7 @@ def test_dmp_reference_counts_are_checked_against_what_the_student_trains_on(tmp
         for seed in (0, 1, 2):      # a seed's leave-one-out row falls short: stop, never skip
             cfg = AuditConfig(dataset="digits", defenses=["dmp"], attacks=["lira"],
                               seeds=[seed], references=32, shadows=0, out=str(tmp_path))
-            prepare(cfg, echo=lambda _: None)
+            prepare(cfg)
     check(64)                                             # the default: every row completes
     assert "warning" not in capsys.readouterr().err
 

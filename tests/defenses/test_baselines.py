@@ -523,13 +523,13 @@ def test_resume_is_exact(digits, members, tmp_path, name, params):
 
 
 def test_tiny_audit_rows_carry_reports(tmp_path):
-    from crl.audit import run_audit
+    from crl.commands.audit import audit
     from crl.config import AuditConfig
 
     cfg = AuditConfig(dataset="digits", defenses=NAMES, attacks=["loss"], seeds=[0], shadows=0,
                       epochs=2, subset=200, out=str(tmp_path / "out"), progress=False,
                       cache=False, set={"early_stopping": {"stop_epoch": 1}})
-    rows = run_audit(cfg, echo=lambda s: None)["rows"]
+    rows = audit(cfg, echo=lambda s: None)["rows"]
     by = {r["defense"]: r for r in rows}
     assert set(by) == set(NAMES)
     assert by["dpsgd"]["defense_report"]["epsilon"] > 0

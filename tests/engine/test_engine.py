@@ -402,7 +402,7 @@ def _audit(tmp_path, engine: str) -> dict:
     cfg = AuditConfig(engine=engine, defenses=["ce", "crl"], attacks=["loss", "lira"],
                       references=4, shadows=0, epochs=3, subset=200, seeds=[0],
                       progress=False, cache=False, out=str(tmp_path / engine))
-    cfg, audit, splits = prepare(cfg, echo=lambda _: None)
+    cfg, audit, splits = prepare(cfg)
     return {d: audit.audit_one(DefenseChoice(d), 0, splits[0]).row() for d in cfg.defenses}
 
 
@@ -505,7 +505,7 @@ def _cached_audit(tmp_path, monkeypatch, engine: str, cache: str, out: str):
     cfg = AuditConfig(engine=engine, defenses=["relaxloss"], attacks=["loss", "lira"],
                       references=4, shadows=0, epochs=3, subset=200, seeds=[0],
                       progress=False, cache=True, out=str(tmp_path / out))
-    cfg, audit, splits = prepare(cfg, echo=lambda _: None)
+    cfg, audit, splits = prepare(cfg)
     choice = DefenseChoice("relaxloss")
     row = audit.audit_one(choice, 0, splits[0], out=tmp_path / out).row()
     _, _, extra = load_model_file(tmp_path / out / "models" / "relaxloss" / "seed0" / "model.pt")

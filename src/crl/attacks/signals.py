@@ -64,12 +64,6 @@ class Signals:
         """[M, N] bool: OUT for that model (neither trained on nor held out)."""
         return ~self.member & ~self.held_out
 
-    def select(self, models) -> Signals:
-        """The signals of a subset of models (indices or boolean mask)."""
-        return Signals(self.logits[models], self.member[models], self.labels, self.sample_idx,
-                       None if self.logits_flip is None else self.logits_flip[models],
-                       self.held_out[models])
-
     @staticmethod
     def merge(parts: list[Signals]) -> Signals:
         """Stack the models of several Signals over the SAME samples in the SAME order.

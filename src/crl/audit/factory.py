@@ -31,12 +31,13 @@ from crl.data.types import ImageData
 from crl.defenses.base import build_defense
 from crl.engine import TrainOutput, TrainRequest, get_engine
 from crl.errors import CRLError
+from crl.fingerprints import data_identity, indices_digest
 from crl.integrity import file_digest
 from crl.models.io import load_model_file, released_extra, save_model
 from crl.models.spec import ModelSpec
 from crl.recipe import Recipe
-from crl.train import check_diverged, data_identity, indices_digest
-from crl.utils import code_hash
+from crl.train import check_diverged
+from crl.utils import code_hash, jsonable
 
 
 @dataclass
@@ -128,16 +129,12 @@ def _from_extra(net, spec, extra, from_cache: bool) -> TrainedModel:
                          for k, v in extra.get("groups", {}).items()}, from_cache)
 
 
-def _jsonable(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, default=str))
-
-
 def _by_defense(jobs: list[ModelJob]) -> list[list[int]]:
     """Job positions grouped by defense and (resolved) parameters, in order."""
     groups: dict[str, list[int]] = {}
     for i, job in enumerate(jobs):
         defense = build_defense(job.defense.name, job.defense.params)
-        name = defense.name + json.dumps(_jsonable(defense.params), sort_keys=True)
+        name = defense.name + json.dumps(jsonable(defense.params), sort_keys=True)
         groups.setdefault(name, []).append(i)
     return list(groups.values())
 
@@ -159,7 +156,7 @@ class ModelFactory:
         factory's engine plans for the job alone)."""
         arithmetic = arithmetic or self.plan([job], [self.request(job, None, None, "")])[0]
         defense = build_defense(job.defense.name, job.defense.params)
-        return _jsonable({
+        return jsonable({
             "code": code_hash(), "data": data_identity(self.data), "spec": self.spec.to_dict(),
             "defense": defense.name, "params": defense.params, "recipe": recipe.weights_key(),
             "train": indices_digest(np.sort(job.train_idx)), "n_train": int(len(job.train_idx)),

@@ -379,8 +379,7 @@ def check_attack_models(name: str, attack: Attack, references: int, shadows: int
         raise CRLError(f"shadows = {shadows}: attack '{name}' needs at least 1 shadow model")
 
 
-def prepare(cfg: AuditConfig, echo: Callable[[str], None] = print
-            ) -> tuple[AuditConfig, Audit, dict[int, PoolSplit]]:
+def prepare(cfg: AuditConfig) -> tuple[AuditConfig, Audit, dict[int, PoolSplit]]:
     """Every check that can fail, before anything is written: config, names, data, splits,
     the defenses' recipe checks, the device."""
     from crl.data.datasets import load_dataset
@@ -402,16 +401,21 @@ def prepare(cfg: AuditConfig, echo: Callable[[str], None] = print
     return cfg, audit, splits
 
 
-def run_audit(cfg: AuditConfig, *, echo: Callable[[str], None] = print) -> dict[str, Any]:
+#: writes report.md, verdict.json and the figures of a run directory; returns the AUC table
+ReportWriter = Callable[[Path, list[TargetOutcome], AuditConfig], str]
+
+
+def run_audit(cfg: AuditConfig, *, write_report: ReportWriter,
+              echo: Callable[[str], None] = print) -> dict[str, Any]:
     """The whole audit; returns {'rows', 'outcomes', 'out'}. Writes results atomically, in a
-    locked run directory that holds this run alone (crl.rundir.RunDir); its manifest last."""
-    from crl.report import write_report
+    locked run directory that holds this run alone (crl.rundir.RunDir); its manifest last.
+    The report is the caller's `write_report` (crl.commands.audit passes crl.report's)."""
     from crl.rundir import RunDir
 
     cfg = cfg.resolved()
     run = RunDir(cfg.out, "audit", cfg.to_dict(), resume=cfg.resume, overwrite=cfg.overwrite)
     run.check()          # another run in --out is refused before any data is loaded
-    cfg, audit, splits = prepare(cfg, echo)
+    cfg, audit, splits = prepare(cfg)
     out = Path(cfg.out)
     with run.claim():
         write_text_atomic(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))

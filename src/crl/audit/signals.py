@@ -21,11 +21,11 @@ import numpy as np
 
 from crl.attacks.base import AttackContext
 from crl.attacks.signals import Signals
-from crl.attacks.threshold import input_gradient_norms
 from crl.audit.factory import TrainedModel
 from crl.data.splits import PoolSplit
 from crl.data.types import ImageData
 from crl.evaluation import predict_logits
+from crl.models.gradients import input_gradient_norms
 from crl.query import QueryAccess
 
 
@@ -60,7 +60,7 @@ def target_pool_of(split: PoolSplit, canaries: np.ndarray | None = None) -> np.n
     return np.union1d(split.target_pool, np.asarray(canaries, np.int64))
 
 
-def _memo(fn: Callable[[int], np.ndarray]) -> Callable[[int], np.ndarray]:
+def memo(fn: Callable[[int], np.ndarray]) -> Callable[[int], np.ndarray]:
     cache: dict[int, np.ndarray] = {}
 
     def wrapped(k: int) -> np.ndarray:
@@ -105,9 +105,9 @@ def extract_signals(pool_models: list[TrainedModel], shadow_models: list[Trained
               if shadow_models else None)
     grads = shadow_grads = None
     if "input_gradients" in requirements:
-        grads = _memo(lambda k: input_gradient_norms(pool_models[k].model, data, pool))
+        grads = memo(lambda k: input_gradient_norms(pool_models[k].model, data, pool))
         if shadow_models:
-            shadow_grads = _memo(lambda k: input_gradient_norms(
+            shadow_grads = memo(lambda k: input_gradient_norms(
                 shadow_models[k].model, data, split.shadow_pool))
     queries = (query_access(pool_models, data, pool, progress=progress,
                             shadow_models=shadow_models, shadow_pool=split.shadow_pool)

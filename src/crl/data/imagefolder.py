@@ -96,20 +96,11 @@ def _check_classes(train: set[str], test: set[str], source: str) -> list[str]:
     return sorted(train)
 
 
-def resolve_layout(files: list[str], dirs: set[str], source: str
-                   ) -> tuple[list[str], list[tuple[str, int]]]:
-    """From relative posix paths, find train/ and test/ and return (classes, [(path, label)]).
-
-    Items are ordered train first, then test; within a split by class, then path.
-    """
-    classes, items, _ = split_layout(files, dirs, source)
-    return classes, items
-
-
 def split_layout(files: list[str], dirs: set[str], source: str
                  ) -> tuple[list[str], list[tuple[str, int]], int | None]:
-    """`resolve_layout` plus the number of train/ items, which come first (the boundary; None
-    when there is no test/ folder: no split of its own)."""
+    """From relative posix paths, find train/ and test/: (classes, [(path, label)], the number
+    of train/ items). Items are ordered train first, then test; within a split by class, then
+    path. The count is the boundary; None when there is no test/ folder (no split of its own)."""
     files = [f for f in files if not _hidden(f.split("/"))]
     dirs = {d for d in dirs if not _hidden(d.split("/"))}
     prefix = _find_prefix(files, dirs, source)

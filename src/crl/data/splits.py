@@ -46,7 +46,7 @@ def _check_seed(seed: Any) -> int:
     return int(seed)
 
 
-def _stratified_take(
+def stratified_take(
     idx: np.ndarray, labels: np.ndarray, k: int, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pick k of `idx` so each class gets floor or ceil of its proportional share.
@@ -170,11 +170,11 @@ def make_pool_split(labels: np.ndarray, seed: int = 0, subset: int | None = None
             raise CRLError(f"subset N={subset!r}: expected an integer between "
                            f"{MIN_SPLIT_SIZE} and {n}")
         if subset < n:
-            idx, _ = _stratified_take(idx, labels, int(subset), rng)
+            idx, _ = stratified_take(idx, labels, int(subset), rng)
     elif n < MIN_SPLIT_SIZE:
         raise CRLError(f"dataset of {n} samples: expected at least {MIN_SPLIT_SIZE} to split")
-    target, shadow = _stratified_take(idx, labels, idx.size // 2, rng)
-    members, nonmembers = _stratified_take(target, labels, target.size // 2, rng)
+    target, shadow = stratified_take(idx, labels, idx.size // 2, rng)
+    members, nonmembers = stratified_take(target, labels, target.size // 2, rng)
     check_disjoint(target_members=members, target_nonmembers=nonmembers)
     check_disjoint(target_pool=target, shadow_pool=shadow)
     return PoolSplit(members, nonmembers, shadow, seed)
@@ -198,7 +198,7 @@ def half_split(pool: np.ndarray, labels: np.ndarray, seed: int) -> tuple[np.ndar
     if np.any(pool[1:] == pool[:-1]):
         raise CRLError("pool holds duplicate indices; expected each index once")
     rng = np.random.default_rng(seed)
-    return _stratified_take(pool, labels, pool.size // 2, rng)
+    return stratified_take(pool, labels, pool.size // 2, rng)
 
 
 def random_halves(num_samples: int, num_models: int, seed: int) -> np.ndarray:
@@ -233,7 +233,7 @@ def own_split(data: ImageData) -> tuple[np.ndarray, np.ndarray, str]:
         raise CRLError(f"dataset {data.name} of {n} samples: expected at least "
                        f"{MIN_SPLIT_SIZE} to split")
     labels = _as_labels(data.y.numpy())
-    test, train = _stratified_take(np.arange(n, dtype=np.int64), labels,
+    test, train = stratified_take(np.arange(n, dtype=np.int64), labels,
                                    round(n * OWN_TEST_FRACTION), numpy_rng(0, OWN_SPLIT_STREAM))
     how = (f"no split of its own: a fixed stratified {100 * OWN_TEST_FRACTION:.0f}% test split "
            f"from the stream seed_for(0, {OWN_SPLIT_STREAM!r})")

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from crl.data.splits import _stratified_take
+from crl.data.splits import stratified_take
 from crl.defenses.base import EpochEnd, TrainContext
 from crl.errors import CRLError
 from crl.losses import BRANCHES
@@ -34,7 +34,7 @@ def held_out_split(owner: str, param: str, fraction: float, train_idx, labels,
     idx = np.sort(np.asarray(train_idx, dtype=np.int64))
     k = held_out_count(owner, param, fraction, idx.size)
     labels = np.asarray(labels, dtype=np.int64)
-    held, kept = _stratified_take(idx, labels, k, numpy_rng(seed, owner, "split"))
+    held, kept = stratified_take(idx, labels, k, numpy_rng(seed, owner, "split"))
     return kept, held
 
 

@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 from crl.data.augment import augment_batch
 from crl.data.types import ImageData, normalize
 from crl.defenses.base import Defense, Step, TrainContext, build_defense, default_sampler
-from crl.engine import ENGINES, OnDone, TrainOutput, TrainRequest, arithmetic_label
+from crl.engine.protocol import ENGINES, OnDone, TrainOutput, TrainRequest, arithmetic_label
 from crl.engine.sequential import initial_model, train_one
 from crl.engine.stacked import (FORMULATIONS, Stack, agrees, build_stack, formulation_for,
                                 trial_step)
@@ -64,7 +64,7 @@ from crl.params import Param, ParamSpec
 from crl.recipe import Recipe
 from crl.registry import DEFENSES
 from crl.seeding import torch_generator
-from crl.train import _lr_lambda
+from crl.train import lr_lambda
 from crl.utils import resolve_device
 
 MAX_ENSEMBLE = 64               # models per chunk at most (more gains nothing measurable)
@@ -320,7 +320,7 @@ class _Ensemble:
         """Every epoch of the recipe; the trained models, their histories and reports."""
         recipe = self.run.recipe
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, _lr_lambda(recipe.milestones, recipe.gamma))
+            self.optimizer, lr_lambda(recipe.milestones, recipe.gamma))
         histories: list[list[dict[str, float]]] = [[] for _ in self.requests]
         desc = f"{len(self.requests)} models ({self.stack.formulation})"
         for epoch in tqdm(range(1, recipe.epochs + 1), desc=desc, disable=not progress,

@@ -34,13 +34,12 @@ import torch
 from tqdm.auto import tqdm
 
 from crl.data.types import ImageData
-from crl.engine import ENGINES, OnDone, TrainOutput, TrainRequest, arithmetic_label, get_engine
-from crl.engine.sequential import _jsonable
+from crl.engine.protocol import ENGINES, Engine, OnDone, TrainOutput, TrainRequest, arithmetic_label
 from crl.errors import CRLError
 from crl.models.spec import ModelSpec
 from crl.params import Param, ParamSpec
 from crl.recipe import Recipe
-from crl.utils import code_hash
+from crl.utils import code_hash, jsonable
 
 RAY_MISSING = "engine 'ray' needs ray: pip install 'crl[ray]'"
 
@@ -62,11 +61,17 @@ def registered_engines() -> list[str]:
     return ENGINES.names()
 
 
+def inner_engine(name: str, options: dict[str, Any]) -> Engine:
+    """The registered engine `name` that trains a chunk (crl.engine.get_engine's lookup)."""
+    registered_engines()
+    return ENGINES.get(name)(**options)
+
+
 def pack(out: TrainOutput) -> dict[str, Any]:
     """A TrainOutput as plain data for the object store (compact CPU tensors, no module)."""
     return {"state": {k: v.detach().cpu().clone() for k, v in out.net.state_dict().items()},
             "spec": out.spec.to_dict(), "trained_on": np.asarray(out.trained_on, np.int64),
-            "report": _jsonable(out.report), "history": _jsonable(out.history),
+            "report": jsonable(out.report), "history": jsonable(out.history),
             "groups": {k: np.asarray(v, np.int64) for k, v in out.groups.items()}}
 
 
@@ -93,7 +98,7 @@ def train_chunk(spec: ModelSpec, data: ImageData, recipe: Recipe, defense: str,
     """Runs in a Ray worker: one chunk of models by the inner engine, returned as plain data
     with the worker's code hash (the driver refuses models trained by other code)."""
     torch.set_num_threads(threads)
-    engine = get_engine(inner, **inner_options)
+    engine = inner_engine(inner, inner_options)
     outputs = engine.train(spec, data, worker_recipe(recipe), defense, params, requests,
                            progress=False)
     return {"code": code_hash(), "outputs": [pack(o) for o in outputs]}
@@ -161,7 +166,7 @@ class RayEngine:
         if inner not in names:
             raise CRLError(f"ray.inner = {inner!r}: expected one of: {', '.join(names)}")
         self.inner_options = dict(inner_options or {})
-        get_engine(inner, **self.inner_options)   # the inner engine checks its options here
+        inner_engine(inner, self.inner_options)   # the inner engine checks its options here
         self._shutdown: weakref.finalize | None = None
         self._data: tuple[str, Any] | None = None
         if self.options["address"] is not None:
@@ -278,7 +283,7 @@ class RayEngine:
 
     def inner(self) -> Any:
         """The engine each task runs (as the driver builds it)."""
-        return get_engine(self.options["inner"], **self.inner_options)
+        return inner_engine(self.options["inner"], self.inner_options)
 
     def _on_workers(self, label: str, recipe: Recipe) -> str:
         return f"{label.rsplit('/', 1)[0]}/{self.worker_device(recipe)}"

@@ -1,7 +1,6 @@
 """The sequential engine: one `fit` per model (per-epoch checkpoints, bitwise resume)."""
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from typing import Any
 
@@ -12,15 +11,12 @@ from tqdm.auto import tqdm
 
 from crl.data.types import ImageData
 from crl.defenses.base import build_defense
-from crl.engine import ENGINES, OnDone, TrainOutput, TrainRequest, arithmetic_label
+from crl.engine.protocol import ENGINES, OnDone, TrainOutput, TrainRequest, arithmetic_label
 from crl.models.spec import ModelSpec
 from crl.recipe import Recipe
 from crl.seeding import seed_for
 from crl.train import fit
-
-
-def _jsonable(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, default=str))
+from crl.utils import jsonable
 
 
 def initial_model(spec: ModelSpec, seed: int) -> nn.Module:
@@ -42,7 +38,7 @@ def train_one(spec: ModelSpec, data: ImageData, recipe: Recipe, defense: str,
     for name in result.report.get("model_transforms", []):
         spec = spec.with_transform(name)
     return TrainOutput(result.model.cpu().eval(), spec, np.sort(result.train_idx),
-                       {**_jsonable(result.report), "engine": "sequential",
+                       {**jsonable(result.report), "engine": "sequential",
                         "arithmetic": arithmetic_label("sequential", recipe)}, result.history,
                        {k: np.sort(np.asarray(v)) for k, v in result.groups.items()})
 

@@ -18,7 +18,7 @@ from crl.utils import atomic_path
 FONT_PT, DPI, FIG_WIDTH = 11, 100, 5.0
 
 
-def _figure_grid(n: int, width: float = FIG_WIDTH, height: float = 4.4, cols: int = 1):
+def figure_grid(n: int, width: float = FIG_WIDTH, height: float = 4.4, cols: int = 1):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -45,7 +45,7 @@ def _first_seed(outcomes: list[TargetOutcome]) -> list[TargetOutcome]:
     return out
 
 
-def _save(fig, plt, path: Path) -> None:
+def save_figure(fig, plt, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=DPI)
     plt.close(fig)
@@ -54,7 +54,7 @@ def _save(fig, plt, path: Path) -> None:
 def plot_margins(path: Path, outcomes: list[TargetOutcome]) -> None:
     """Histograms of g_y - max_{i!=y} g_i on members vs non-members, one panel per defense."""
     chosen = _first_seed(outcomes)
-    plt, fig, axes = _figure_grid(len(chosen))
+    plt, fig, axes = figure_grid(len(chosen))
     for ax, o in zip(axes, chosen):
         m, member = o.evaluated(o.margins), o.is_member
         lo, hi = np.percentile(m, [0.5, 99.5])
@@ -68,7 +68,7 @@ def plot_margins(path: Path, outcomes: list[TargetOutcome]) -> None:
         ax.set_xlabel("logit margin to the decision boundary")
         ax.set_ylabel("density")
         _legend_below(ax)
-    _save(fig, plt, path)
+    save_figure(fig, plt, path)
 
 
 def _roc_panel(ax, title: str, curves: list[tuple[str, np.ndarray, np.ndarray]]) -> None:
@@ -121,10 +121,10 @@ def plot_rocs(path: Path, outcomes: list[TargetOutcome]) -> None:
                 _canary_curves(o)) for o in chosen
                if o.canaries and o.model_member is not None]
     panels = [p for p in panels if p[1]]
-    plt, fig, axes = _figure_grid(len(panels))
+    plt, fig, axes = figure_grid(len(panels))
     for ax, (title, curves) in zip(axes, panels):
         _roc_panel(ax, title, curves)
-    _save(fig, plt, path)
+    save_figure(fig, plt, path)
 
 
 def _outcome(outcomes: list[TargetOutcome], defense: str, seed: int) -> TargetOutcome:
@@ -147,9 +147,9 @@ def plot_verdict_rocs(folder: Path, outcomes: list[TargetOutcome], verdict: dict
             curves.append((f"{defense}: {attack} (AUC {o.attacks[attack].metrics['auc']:.3f})",
                            o.evaluated(o.attacks[attack].scores), o.is_member))
         name = f"roc_{re.sub(r'[^A-Za-z0-9_-]+', '_', v['defense'])}.png"
-        plt, fig, axes = _figure_grid(1)
+        plt, fig, axes = figure_grid(1)
         _roc_panel(next(iter(axes)), f"{v['defense']} vs {base}, strongest attack (seed {seed})",
                    curves)
-        _save(fig, plt, folder / name)
+        save_figure(fig, plt, folder / name)
         paths.append(f"figures/{name}")
     return paths

@@ -11,6 +11,10 @@ import numpy as np
 from crl.audit.outcome import TargetOutcome
 from crl.errors import CRLError
 from crl.metrics import paired_difference_over_seeds, pooled_ci
+from crl.report.cells import format_metric as _fmt
+from crl.report.cells import metric_cell
+from crl.report.cells import percent_scale as _pct
+from crl.report.worst_case import most_exposed_summary, worst_case_table
 from crl.utils import write_text_atomic
 
 METRICS = {"auc": "Attack AUC (the paper's Table 1 layout)",
@@ -22,16 +26,6 @@ def _grouped(outcomes: list[TargetOutcome]) -> dict[str, list[TargetOutcome]]:
     for o in outcomes:
         groups[o.defense].append(o)
     return groups
-
-
-def _pct(metric: str) -> float:
-    return 1.0 if metric == "auc" else 100.0
-
-
-def _fmt(v: float | None, metric: str) -> str:
-    if v is None:
-        return "n/a"
-    return f"{v * _pct(metric):.3f}" if metric == "auc" else f"{v * _pct(metric):.1f}"
 
 
 def _mean_std(values: list[float]) -> str:
@@ -98,14 +92,6 @@ def comparison_table(outcomes: list[TargetOutcome], metric: str = "auc", *,
                          f"{hi * _pct(metric):+.3f}]{tag}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def metric_cell(m: dict, metric: str) -> str:
-    """`metric` of `m` as "value [lo, hi]" (n/a when unresolvable)."""
-    if m.get(metric) is None:
-        return "n/a"
-    lo, hi = m.get(f"{metric}_ci") or (None, None)
-    return f"{_fmt(m[metric], metric)} [{_fmt(lo, metric)}, {_fmt(hi, metric)}]"
 
 
 def leave_one_out_table(outcomes: list[TargetOutcome]) -> list[str]:
@@ -244,7 +230,6 @@ def write_report(out: Path, outcomes: list[TargetOutcome], cfg) -> str:
     from crl.report.plots import plot_margins, plot_rocs, plot_verdict_rocs
     from crl.report.verdict_section import strongest_table, verdict_section, write_verdict
     from crl.report.vulnerability import write_vulnerability
-    from crl.report.worst_case import most_exposed_summary, worst_case_table
 
     n_boot = cfg.bootstrap
     verdict = write_verdict(out, outcomes, n_boot)

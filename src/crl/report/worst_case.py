@@ -8,7 +8,7 @@ import numpy as np
 
 from crl.audit.canaries import pooled_metrics, pooled_view
 from crl.audit.outcome import TargetOutcome
-from crl.report.tables import metric_cell
+from crl.report.cells import metric_cell
 
 WORST_METRICS = ("auc", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr")
 _TITLES = {"auc": "AUC", "tpr_at_1pct_fpr": "TPR@1% (%)", "tpr_at_0.1pct_fpr": "TPR@0.1% (%)"}

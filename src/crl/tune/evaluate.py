@@ -22,7 +22,7 @@ from crl.audit import Audit, DefenseChoice, TargetOutcome
 from crl.audit.canaries import pooled_view
 from crl.data.splits import PoolSplit
 from crl.errors import CRLError
-from crl.metrics import LOW_FPRS, _cluster_replicates, _interval, pooled_ci
+from crl.metrics import LOW_FPRS, cluster_replicates, percentile_interval, pooled_ci
 from crl.seeding import numpy_rng
 from crl.verdict import strongest
 
@@ -148,8 +148,8 @@ def pooled_interval(outcomes: list[TargetOutcome], attack: str, metric: str, *, 
             return None
         s, m, ids = _pooled_pairs(o, attack)
         rng = numpy_rng(seed, "bootstrap", o.seed)
-        reps.append(_cluster_replicates(s, m, ids, n_boot, rng, (metric,))[metric])
-    return _interval(np.mean(reps, axis=0), 0.95)
+        reps.append(cluster_replicates(s, m, ids, n_boot, rng, (metric,))[metric])
+    return percentile_interval(np.mean(reps, axis=0), 0.95)
 
 
 def check_resolvable(audit: Audit, split: PoolSplit, objective: str, metric: str) -> None:

@@ -59,11 +59,11 @@ def run_tune(cfg: AuditConfig, opts: TuneOptions, *, command: str = "",
     search_cfg, confirm_cfg, warnings = stage_configs(cfg.resolved(), opts)
     for w in warnings:
         print(f"crl: warning: {w}", file=sys.stderr)
-    search_cfg, audit, splits = prepare(search_cfg, echo)
+    search_cfg, audit, splits = prepare(search_cfg)
     metric = OBJECTIVES[opts.objective]
     fixed = search_cfg.set.get(opts.defense, {})
     search = Search(audit, splits, opts.defense, fixed, search_space(opts.defense, fixed), metric)
-    _, confirm_audit, confirm_splits = prepare(confirm_cfg, echo)
+    _, confirm_audit, confirm_splits = prepare(confirm_cfg)
     for a, s in ((audit, splits), (confirm_audit, confirm_splits)):
         check_resolvable(a, s[a.cfg.seeds[0]], opts.objective, metric)
     out = Path(search_cfg.out)

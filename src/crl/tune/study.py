@@ -29,10 +29,10 @@ from crl.config import FIELD_SPECS, AuditConfig
 from crl.data.splits import PoolSplit
 from crl.data.types import ImageData
 from crl.errors import CRLError
+from crl.fingerprints import data_identity
 from crl.rundir import first_difference as config_difference
 from crl.rundir import flatten_config
 from crl.seeding import numpy_rng
-from crl.train import data_identity
 from crl.tune.evaluate import Point, evaluate_setting
 from crl.tune.options import TuneOptions
 
