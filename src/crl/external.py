@@ -194,7 +194,8 @@ def default_attacks(shadows: int) -> list[str]:
 
 
 def user_config(*, attacks: Any, seeds: Any, references: Any, shadows: Any, bootstrap: Any,
-                subset: Any, out: Any, params: Any, canaries: Any) -> AuditConfig:
+                subset: Any, out: Any, params: Any, canaries: Any,
+                progress: bool = True) -> AuditConfig:
     """The run described as a checked AuditConfig (data set and defense 'user'; no recipe:
     the caller's code trained the models), for the audit, config.yaml and the report."""
     def listed(v: Any) -> Any:
@@ -207,7 +208,7 @@ def user_config(*, attacks: Any, seeds: Any, references: Any, shadows: Any, boot
     cfg = AuditConfig(dataset=USER, defenses=[USER], attacks=listed(attacks),
                       seeds=listed(seeds), references=references, shadows=shadows,
                       bootstrap=bootstrap, subset=subset, canaries=canaries,
-                      set={} if params is None else params, cache=False,
+                      set={} if params is None else params, cache=False, progress=progress,
                       **({} if out is None else {"out": str(out)}))
     return replace(cfg, **cfg.checked())
 
@@ -253,7 +254,7 @@ def print_user_verdict(outcomes: list[TargetOutcome], folder: Path | None, n_boo
     print("  (to compare trainings, audit each one and set their rows side by side)")
 
 
-def run_user_audit(audit: Audit, run: RunDir | None, progress: bool) -> tuple[list, str]:
+def run_user_audit(audit: Audit, run: RunDir | None) -> tuple[list, str]:
     """Every seed through the audit's stages, and with `run` the run directory (config.yaml
     names the caller's model class, known once it trained); (outcomes, AUC table)."""
     from crl.report import format_table
@@ -264,7 +265,7 @@ def run_user_audit(audit: Audit, run: RunDir | None, progress: bool) -> tuple[li
     def warn(text: str) -> None:
         warnings.warn(text, RuntimeWarning, stacklevel=5)
 
-    echo = print if progress else (lambda text: None)
+    echo = print if cfg.progress else (lambda text: None)
     choice = [DefenseChoice(USER)]
     if run is None:
         outcomes = audit_targets(audit, choice, splits, None, echo=echo, warn=warn)
@@ -278,8 +279,7 @@ def run_user_audit(audit: Audit, run: RunDir | None, progress: bool) -> tuple[li
 
 def audit_source(source: Callable[[UserData], ModelSource], x: torch.Tensor, y: torch.Tensor,
                  cfg: AuditConfig, *, out: str | Path | None = None,
-                 num_classes: int | None = None, progress: bool = True,
-                 overwrite: bool = False) -> dict[str, Any]:
+                 num_classes: int | None = None, overwrite: bool = False) -> dict[str, Any]:
     """The audit of the models `source(data)` gives on the caller's data x, y (with its
     canaries) under `cfg` (`user_config`), with `out` its run directory: what audit_training
     runs (a test hands it crl's own training as the source)."""
@@ -290,9 +290,9 @@ def audit_source(source: Callable[[UserData], ModelSource], x: torch.Tensor, y: 
     if run is not None:
         run.check()       # another run in `out` is refused before any model trains
     t0 = time.time()
-    outcomes, table = run_user_audit(audit, run, progress)
+    outcomes, table = run_user_audit(audit, run)
     folder = None if run is None else run.out
-    if progress:
+    if cfg.progress:
         print(table)
         print(f"audited {len(outcomes)} target(s) in {time.time() - t0:.0f} s"
               + (f"; wrote {folder}" if folder is not None else ""))
@@ -319,8 +319,8 @@ def audit_training(train_fn: TrainFn, x: torch.Tensor, y: torch.Tensor, *,
     check_arguments(train_fn, batch_size, claimed_epsilon)
     cfg = user_config(attacks=attacks, seeds=seeds, references=references, shadows=shadows,
                       bootstrap=bootstrap, subset=subset, out=out, params=params,
-                      canaries=canaries)
+                      canaries=canaries, progress=progress)
     return audit_source(
         lambda data: TrainFnSource(train_fn, data, batch_size=batch_size,
                                    claimed_epsilon=claimed_epsilon),
-        x, y, cfg, out=out, num_classes=num_classes, progress=progress, overwrite=overwrite)
+        x, y, cfg, out=out, num_classes=num_classes, overwrite=overwrite)
