@@ -253,8 +253,8 @@ def test_saved_outcomes_rebuild_the_same_report(tmp_path, capsys):
     ({"references": 8, "shadows": 3, "attacks": {"loss": ["target"], "lira": [
         "target", "references"], "mentr": ["target", "references (pooled rows)", "shadows"]}},
      "per target 8 reference models, 3 shadow models. Models each attack used: the target "
-     "alone (loss); the target and reference models (lira); the target and reference models "
-     "in its pooled rows only and shadow models (mentr)"),
+     "alone (loss); the target and reference models (lira); the target, reference models "
+     "(pooled rows only) and shadow models (mentr)"),
     ({"references": 0, "shadows": 0, "attacks": {"loss": ["target"]}},
      "per target no reference models, no shadow models. Models each attack used: the target "
      "alone (loss)"),

@@ -382,8 +382,13 @@ def _count(n: int, noun: str) -> str:
     return f"no {noun}s" if n == 0 else f"{n} {noun}{'s' if n != 1 else ''}"
 
 
-USED_WORDS = {"references": "reference models", "shadows": "shadow models",
-              "references (pooled rows)": "reference models in its pooled rows only"}
+USED_WORDS = {"target": "the target", "references": "reference models",
+              "shadows": "shadow models",
+              "references (pooled rows)": "reference models (pooled rows only)"}
+
+
+def _and(words: list[str]) -> str:
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} and {words[-1]}"
 
 
 def _models_line(outcomes: list[TargetOutcome]) -> str:
@@ -400,9 +405,9 @@ def _models_line(outcomes: list[TargetOutcome]) -> str:
             names = groups.setdefault(tuple(kinds), [])
             if name not in names:
                 names.append(name)
-    parts = [("the target alone" if kinds == ("target",) else "the target and " + " and ".join(
-        USED_WORDS.get(k, k) for k in kinds[1:])) + f" ({', '.join(names)})"
-        for kinds, names in groups.items()]
+    parts = [("the target alone" if kinds == ("target",) else
+              _and([USED_WORDS.get(k, k) for k in kinds])) + f" ({', '.join(names)})"
+             for kinds, names in groups.items()]
     return (f"{'; '.join(sorted({u['trained_by'] for u in used}))}; per target "
             f"{' or '.join(_count(n, 'reference model') for n in refs)}, "
             f"{' or '.join(_count(n, 'shadow model') for n in shadows)}. Models each attack "
