@@ -190,6 +190,9 @@ BAD_AUDITS = [
     ({"attacks": ("lira",), "params": {"lira": {"flip": True}}, "x": "flat"},
      r"audit_training\.x = .*expected images"),
     ({"seeds": ()}, r"seeds = \[\]: expected a non-empty list"),
+    ({"attacks": ("augment",)}, r"attack 'augment' queries the models on inputs it builds"),
+    ({"claimed_epsilon": -1.0}, r"audit_training\.claimed_epsilon = -1\.0: expected a finite"),
+    ({"canaries": "7:ghosts"}, r"canaries = '7:ghosts': expected N or N:KIND"),
     ({"batch_size": 0}, r"audit_training\.batch_size = 0: expected an integer >= 1"),
 ]
 
