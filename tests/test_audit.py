@@ -235,8 +235,8 @@ def test_saved_outcomes_rebuild_the_same_report(tmp_path, capsys):
     assert [o.defense for o in outcomes] == ["ce", "crl"]
     # no attack here uses reference models, so none were trained (not --references' 64)
     assert ("Models trained by crl: 3 epochs, batch 32, lr 0.05; per target no reference "
-            "models, no shadow models. Models each attack used: the target alone (loss, "
-            "mentr).") in (out / "report.md").read_text()
+            "models, no shadow models. Models each attack used: loss, mentr: the target "
+            "alone.") in (out / "report.md").read_text()
     rows = json.loads((out / "results.json").read_text())
     assert [json.loads(json.dumps(o.row())) for o in outcomes] == rows
     cfg = AuditConfig(**{**__import__("yaml").safe_load((out / "config.yaml").read_text())})
@@ -248,16 +248,16 @@ def test_saved_outcomes_rebuild_the_same_report(tmp_path, capsys):
 
 @pytest.mark.parametrize("used, expected", [
     ({"references": 1, "shadows": 1, "attacks": {"nn": ["target", "shadows"]}},
-     "per target 1 reference model, 1 shadow model. Models each attack used: the target and "
-     "shadow models (nn)"),
+     "per target 1 reference model, 1 shadow model. Models each attack used: nn: the target "
+     "and shadow models"),
     ({"references": 8, "shadows": 3, "attacks": {"loss": ["target"], "lira": [
         "target", "references"], "mentr": ["target", "references (pooled rows)", "shadows"]}},
-     "per target 8 reference models, 3 shadow models. Models each attack used: the target "
-     "alone (loss); the target and reference models (lira); the target, reference models "
-     "(pooled rows only) and shadow models (mentr)"),
+     "per target 8 reference models, 3 shadow models. Models each attack used: loss: the "
+     "target alone; lira: the target and reference models; mentr: the target, reference "
+     "models (pooled rows only) and shadow models"),
     ({"references": 0, "shadows": 0, "attacks": {"loss": ["target"]}},
-     "per target no reference models, no shadow models. Models each attack used: the target "
-     "alone (loss)"),
+     "per target no reference models, no shadow models. Models each attack used: loss: the "
+     "target alone"),
 ])
 def test_the_report_header_names_the_models_each_attack_used(used, expected):
     from types import SimpleNamespace

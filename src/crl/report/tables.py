@@ -405,8 +405,8 @@ def _models_line(outcomes: list[TargetOutcome]) -> str:
             names = groups.setdefault(tuple(kinds), [])
             if name not in names:
                 names.append(name)
-    parts = [("the target alone" if kinds == ("target",) else
-              _and([USED_WORDS.get(k, k) for k in kinds])) + f" ({', '.join(names)})"
+    parts = [f"{', '.join(names)}: " + ("the target alone" if kinds == ("target",) else
+                                        _and([USED_WORDS.get(k, k) for k in kinds]))
              for kinds, names in groups.items()]
     return (f"{'; '.join(sorted({u['trained_by'] for u in used}))}; per target "
             f"{' or '.join(_count(n, 'reference model') for n in refs)}, "
