@@ -1,8 +1,8 @@
 """crl.audit_training (the caller's own training code, audited like `crl audit`) and
 crl.attack_signals (attacks on logits the caller already has)."""
 import json
-import warnings
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np

@@ -12,9 +12,9 @@ from crl.audit import DefenseChoice, ModelCache, ModelFactory, TrainedModel
 from crl.audit.canaries import exposure_thresholds, exposure_values, subset_metrics
 from crl.audit.outcome import AttackOutcome, load_outcome
 from crl.audit.plan import canary_halves
-from crl.audit.run import Audit, canaries_for, evaluation_of, write_released
-from crl.audit.source import image_queries
+from crl.audit.run import Audit, canaries_for, evaluation_of
 from crl.audit.signals import extract_signals
+from crl.audit.source import image_queries, write_released
 from crl.canary_spec import parse_canaries
 from crl.cli import main
 from crl.config import AuditConfig

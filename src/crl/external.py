@@ -59,7 +59,7 @@ class UserData:
     x: torch.Tensor
     y: torch.Tensor
     num_classes: int
-    y_device: torch.device = torch.device("cpu")
+    y_device: torch.device | str = "cpu"
     name: str = USER
 
     @classmethod

@@ -20,8 +20,7 @@ from crl.audit.plan import DefenseChoice, ModelJob, models_needed, plan_models, 
 from crl.audit.progress import AuditProgress
 from crl.audit.runner import run_attacks
 from crl.audit.signals import extract_signals, target_pool_of
-from crl.audit.source import (FactorySource, ModelSource, write_model_index,  # noqa: F401
-                              write_released)
+from crl.audit.source import FactorySource, ModelSource
 from crl.canary_spec import parse_canaries
 from crl.config import AuditConfig, set_warnings
 from crl.data.canaries import CanarySet, make_canaries, save_canaries, with_canaries
