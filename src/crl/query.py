@@ -12,9 +12,9 @@ images and one oracle per pool model (model 0 is the target), label-only unless 
 
 SampleQueries is how the audit itself asks a model about the samples of its data set (by
 index): logits (optionally on mirrored inputs), accuracy and per-sample input-gradient norms,
-batched, in eval mode, on the model's device. `inputs(idx, device)` turns sample indices into what the
-model takes (crl's images, normalised; the caller's own tensors for crl.audit_training), so one
-code path serves every model source (crl.audit.source).
+batched, in eval mode, on the model's device. `inputs(idx, device)` turns sample indices into
+what the model takes (crl's images, normalised; the caller's own tensors for
+crl.audit_training), so one code path serves every model source (crl.audit.source).
 """
 from __future__ import annotations
 

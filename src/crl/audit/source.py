@@ -124,7 +124,8 @@ class FactorySource(ModelSource):
     def __init__(self, factory: Any, arch: str) -> None:
         self.factory, self.data, self.arch = factory, factory.data, arch
         r = factory.recipe
-        self.trained_by = f"Models trained by crl: {r.epochs} epochs, batch {r.batch_size}, lr {r.lr}"
+        self.trained_by = (f"Models trained by crl: {r.epochs} epochs, batch {r.batch_size}, "
+                           f"lr {r.lr}")
 
     def check(self, jobs: list[ModelJob]) -> None:
         from crl.defenses.base import build_defense
