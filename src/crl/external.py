@@ -238,6 +238,7 @@ def prepare_user_audit(cfg: AuditConfig, data: UserData,
     if "flip" in audit.requirements and data.x.dim() != 4:
         raise CRLError(f"audit_training.x = {describe(data.x)}: an attack with flip=True "
                        "expected images [samples, channels, height, width] to mirror")
+    audit.check(DefenseChoice(USER), audit.split(cfg.seeds[0]))   # reference counts, all seeds
     return audit
 
 
