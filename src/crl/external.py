@@ -111,8 +111,8 @@ class TrainFnSource(ModelSource):
         self.train_fn, self.data, self.batch_size = train_fn, data, batch_size
         self.claimed_epsilon = claimed_epsilon
         self.name = getattr(train_fn, "__qualname__", type(train_fn).__name__)
-        self.trained_by = f"Models trained by the caller's own code ({self.name}, " \
-                          "crl.audit_training)"
+        self.trained_by = (f"Models trained by the caller's own code ({self.name}, "
+                           "crl.audit_training)")
         self.on_model: Callable[[], None] = lambda: None
 
     def follow(self, on_model: Callable[[], None]) -> None:
