@@ -2,6 +2,7 @@
 crl.attack_signals (attacks on logits the caller already has)."""
 import json
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,7 @@ class Recorder:
 
     def __call__(self, x_train, y_train, seed):
         self.calls.append((x_train.clone(), y_train.clone(), seed))
+        np.random.seed(seed)                  # user code seeds numpy: the seed fits 32 bits
         model = _mlp(seed)
         opt = torch.optim.Adam(model.parameters(), lr=0.01)
         for _ in range(self.steps):
@@ -89,13 +91,13 @@ def test_member_lists_are_what_train_fn_received(user_run):
     assert members["nonmembers"] == split["target_nonmembers"]
     x0, y0, s0 = calls[0]
     assert torch.equal(x0, x[members["members"]]) and torch.equal(y0, y[members["members"]])
-    assert s0 == seed_for(0, "target")
+    assert s0 == seed_for(0, "target") & 0xFFFFFFFF           # the planned seed, in 32 bits
     pool = np.sort(np.r_[split["target_members"], split["target_nonmembers"]])
     ins = np.zeros(len(pool), int)
     for j, (xj, yj, sj) in enumerate(calls[1:]):
         saved = load_verified(folder / f"reference{j}.pt")
         idx = saved["train_idx"].numpy()
-        assert sj == seed_for(0, "reference", j) == saved["seed"]
+        assert sj == seed_for(0, "reference", j) & 0xFFFFFFFF == saved["seed"]
         assert torch.equal(xj, x[idx]) and torch.equal(yj, y[idx])
         ins += np.isin(pool, idx)
     assert (ins == 2).all()                                  # each pool sample IN for half
@@ -188,6 +190,9 @@ BAD_AUDITS = [
     ({"attacks": ("lira",), "params": {"lira": {"flip": True}}, "x": "flat"},
      r"audit_training\.x = .*expected images"),
     ({"seeds": ()}, r"seeds = \[\]: expected a non-empty list"),
+    ({"attacks": ("augment",)}, r"attack 'augment' queries the models on inputs it builds"),
+    ({"claimed_epsilon": -1.0}, r"audit_training\.claimed_epsilon = -1\.0: expected a finite"),
+    ({"canaries": "7:ghosts"}, r"canaries = '7:ghosts': expected N or N:KIND"),
     ({"batch_size": 0}, r"audit_training\.batch_size = 0: expected an integer >= 1"),
 ]
 
@@ -253,3 +258,75 @@ def test_bad_signal_inputs_are_one_line_errors(change, message):
                            params=change.get("params"), population_logits=pop[0],
                            population_labels=pop[1])
     assert "\n" not in str(err.value)
+
+
+SAME_ROWS_ATTACKS = ("loss", "confidence", "entropy", "mentr", "gradx", "lira", "rmia")
+
+
+def test_crl_training_as_a_model_source_gives_the_rows_of_crl_audit(digits, tmp_path, capsys):
+    """audit_training's path (the caller's data, a model source, query wrappers on x) and
+    crl audit share every stage after training: with crl's own mlp training as the source,
+    handed each planned model's seed, the rows are crl audit's."""
+    from dataclasses import replace
+
+    from crl.audit import DefenseChoice, ModelCache, ModelFactory
+    from crl.audit.run import recipe_of
+    from crl.config import AuditConfig
+    from crl.data.types import normalize
+    from crl.external import TrainFnSource, audit_source, user_config
+
+    flags = ["--model", "mlp", "--epochs", "2", "--subset", "200", "--seeds", "0", "--quiet",
+             "--shadows", "0", "--references", "4", "--engine", "sequential", "--no-cache"]
+    assert main(["audit", *flags, "--defenses", "ce", "--attacks", ",".join(SAME_ROWS_ATTACKS),
+                 "--set", "rmia.num_refs=1", "--out", str(tmp_path / "audit")]) == 0
+    audit_row = json.loads((tmp_path / "audit" / "results.json").read_text())[0]
+    recipe = recipe_of(AuditConfig(dataset="digits", model="mlp", epochs=2).resolved())
+    factory = ModelFactory(digits, "mlp", recipe, ModelCache(None), progress=False,
+                           engine="sequential")
+
+    class CrlTraining(TrainFnSource):
+        def train(self, job):   # crl's training with the planned seed (all 63 bits)
+            return factory.get(replace(job, defense=DefenseChoice("ce"))).model
+
+    cfg = user_config(attacks=SAME_ROWS_ATTACKS, seeds=(0,), references=4, shadows=0,
+                      bootstrap=200, subset=200, out=None, params={"rmia": {"num_refs": 1}},
+                      canaries=None, progress=False)
+    x = normalize(digits.x, digits.mean, digits.std)        # what crl's models take
+    row = audit_source(lambda data: CrlTraining(_mlp, data), x, digits.y, cfg)["rows"][0]
+    for key in ("train_acc", "test_acc", "n_members", "n_nonmembers", "n_held_out"):
+        assert row[key] == audit_row[key], key
+    for name in SAME_ROWS_ATTACKS:
+        assert abs(row["attacks"][name]["auc"] - audit_row["attacks"][name]["auc"]) <= 1e-6, name
+    for name in ("lira", "rmia"):      # pooled rows, or the same reason for skipping them
+        mine, theirs = (r["attacks"][name].get("leave_one_out") for r in (row, audit_row))
+        assert (mine is None) == (theirs is None), name
+        assert mine is None or abs(mine["auc"] - theirs["auc"]) <= 1e-6, name
+    assert row["models_used"]["attacks"] == audit_row["models_used"]["attacks"]
+    assert row["models_used"]["references"] == 4
+
+
+def test_canaries_and_a_false_claimed_epsilon_give_the_bound_and_the_warning(digits, tmp_path):
+    """Issue 20: audit_training(canaries=, claimed_epsilon=) gives the user's own (DP)
+    training crl audit's canaries (each in the target independently with probability 1/2),
+    its epsilon lower bound and its loud warning when the bound exceeds the claim."""
+    x, y = _digits_xy(digits)
+    fn, out = Recorder(steps=150), tmp_path / "run"
+    kwargs = {"attacks": ("loss",), "references": 2, "seeds": (0,), "subset": 400,
+              "canaries": 60, "progress": False}
+    with pytest.warns(RuntimeWarning, match="PRIVACY AUDIT FAILURE"):
+        result = crl.audit_training(fn, x, y, out=out, claimed_epsilon=0.01, **kwargs)
+    canaries = result["rows"][0]["canaries"]
+    bound = canaries["epsilon_lower_bound"]
+    assert canaries["n"] == 60 and bound["attack"] == "loss"
+    assert bound["accountant_epsilon"] == 0.01 and "exceeds" in bound["warning"]
+    assert bound["one_run"]["epsilon_lower_bound"] > 0.01
+    assert "PRIVACY AUDIT FAILURE" in (out / "report.md").read_text()
+    members = json.loads((out / "models" / "user" / "seed0" / "members.json").read_text())
+    ids = json.loads((out / "canaries.json").read_text())["indices"]
+    assert 0 < len(members["canaries"]) < 60 and set(members["canaries"]) < set(ids)
+    got = fn.calls[0][0]                                     # the target's training rows
+    assert len(got) == len(members["members"]) + len(members["canaries"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)       # an honest claim: no warning
+        again = crl.audit_training(Recorder(steps=150), x, y, claimed_epsilon=1e3, **kwargs)
+    assert again["rows"][0]["canaries"]["epsilon_lower_bound"]["warning"] is None

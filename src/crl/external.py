@@ -1,80 +1,76 @@
 """Audit the caller's own training code: `audit_training(train_fn, x, y)`.
 
 `train_fn(x_train, y_train, seed) -> nn.Module` is the caller's; `x` and `y` are their data as
-tensors. crl does the rest with the audit's own stages: the pool split (crl.data.splits, seeded
-by name), the plan (crl.audit.plan: the target on the target members, reference models on
-complementary halves of the target pool, shadow models on halves of the shadow pool), the
-attacks (crl.audit.runner) and the report (crl.report). Only the training is the caller's, and
-crl queries the returned models itself: model(x) in eval mode, without gradients, batched.
+tensors. This module is a thin adapter: a model source (`TrainFnSource`, crl.audit.source) that
+calls train_fn for every planned model, and a query wrapper (crl.query.SampleQueries) that
+asks the returned module model(x) on the caller's own inputs. Everything else is `crl audit`'s
+code: the pool split, the plan, the signals, the attacks, pooled rows, canaries and the epsilon
+bound (crl.audit.run.Audit), the run directory and the report. The seed handed to train_fn is
+the planned model's seed cut to 32 bits (`user_seed`), so np.random.seed(seed) takes it.
 
-Run directory (with `out`): config.yaml, version.json, splits/seed*.json, results.json,
-report.md, figures/, vulnerability/, scores/ (crl.audit.outcome.save_outcome), and per seed
-logits/seed*.npz (every model's logits, which crl.attack_signals takes back) and
-models/user/seed*/ (members.json; target.pt, reference*.pt, shadow*.pt: state dicts and
-training indices in checksummed files, never pickled modules), and manifest.json last (every
-file's sha256; crl.manifest): `out` holds this run alone, as crl audit's --out does.
+Run directory (with `out`): what crl audit writes (config.yaml, version.json, splits/,
+canaries.json, scores/, results.json, report.md, figures/, vulnerability/, manifest.json last),
+with models/user/seed*/ holding members.json and target.pt, reference*.pt, shadow*.pt (state
+dicts and training indices in checksummed files, never pickled modules; no model.pt), and
+logits/seed*.npz (every model's logits, which crl.attack_signals takes back).
 """
 from __future__ import annotations
 
-import dataclasses
+import math
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 
-from crl.attacks.base import Attack, AttackContext
-from crl.attacks.signals import Signals
-from crl.audit.outcome import Evaluation, TargetOutcome, save_outcome
-from crl.audit.plan import DefenseChoice, ModelJob, plan_models
-from crl.audit.run import chance_warning, check_attack_models, margins
-from crl.audit.runner import run_attacks
-from crl.audit.signals import memo
-from crl.config import AuditConfig, split_names
-from crl.data.splits import PoolSplit, make_pool_split
+from crl.attacks.base import AttackContext
+from crl.audit.factory import TrainedModel
+from crl.audit.outcome import Evaluation, TargetOutcome
+from crl.audit.plan import DefenseChoice, ModelJob
+from crl.audit.run import Audit, audit_targets, write_inputs, write_results
+from crl.audit.source import ModelSource, members_of
+from crl.config import DEFAULT_ATTACKS, AuditConfig, split_names
 from crl.errors import CRLError
-from crl.evaluation import device_of, eval_mode
-from crl.from_logits import build_attacks
 from crl.integrity import save_verified
 from crl.params import DEFAULT_BOOTSTRAP
-from crl.models.gradients import batch_gradient_norms
+from crl.query import SampleQueries, describe
 from crl.rundir import RunDir
-from crl.seeding import seed_for
-from crl.utils import atomic_path, code_version, write_json_atomic, write_text_atomic
+from crl.utils import atomic_path, write_json_atomic
 
-DEFAULT_ATTACKS = ("loss", "confidence", "entropy", "mentr", "gradx", "lira", "rmia")
-USER = "user"    # the "defense" of the caller's models: rows, report and run directory
+USER = "user"    # the "defense" (and data set) of the caller's models: rows, report, run dir
 TrainFn = Callable[[torch.Tensor, torch.Tensor, int], nn.Module]
 
 
-def _describe(t: Any) -> str:
-    if isinstance(t, torch.Tensor):
-        return f"{t.dtype} tensor of shape {list(t.shape)}"
-    return type(t).__name__
+def user_seed(seed: int) -> int:
+    """The seed handed to user code: the planned model's seed cut to 32 bits (its low bits;
+    crl's own models keep the full seed)."""
+    return int(seed) & 0xFFFFFFFF
 
 
 @dataclass
 class UserData:
-    """The caller's inputs x [N, ...] (float, any format their model takes) and labels y [N]."""
+    """The caller's inputs x [N, ...] (float, any format their model takes) and labels y [N]
+    (kept on the CPU for the audit; `y_device` is where train_fn gets them)."""
 
     x: torch.Tensor
     y: torch.Tensor
     num_classes: int
+    y_device: torch.device | str = "cpu"
+    name: str = USER
 
     @classmethod
     def check(cls, x: Any, y: Any, num_classes: int | None) -> UserData:
         """Validated data, else a one-line CRLError naming the bad value."""
         if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 2:
-            raise CRLError(f"audit_training.x = {_describe(x)}: expected a float tensor "
+            raise CRLError(f"audit_training.x = {describe(x)}: expected a float tensor "
                            "[samples, ...] of the inputs your model takes")
         if not isinstance(y, torch.Tensor) or y.dtype != torch.int64 or y.shape != x.shape[:1]:
-            raise CRLError(f"audit_training.y = {_describe(y)}: expected an int64 tensor of "
+            raise CRLError(f"audit_training.y = {describe(y)}: expected an int64 tensor of "
                            f"{x.shape[0]} class ids (one per row of x)")
         if not torch.isfinite(x).all():
             raise CRLError("audit_training.x holds NaN or infinite values: expected finite inputs")
@@ -83,177 +79,96 @@ class UserData:
         if isinstance(k, bool) or not isinstance(k, int) or k < max(2, top) or int(y.min()) < 0:
             raise CRLError(f"audit_training.num_classes = {k!r}: expected an integer >= 2 with "
                            f"every y in [0, num_classes) (y spans {int(y.min())}..{top - 1})")
-        return cls(x, y, k)
+        return cls(x, y.cpu(), k, y.device)
+
+    def __len__(self) -> int:
+        return len(self.y)
 
     @property
-    def labels(self) -> np.ndarray:
-        return self.y.cpu().numpy()
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.x.shape[1:])
+
+    def with_canaries(self, canaries: Any) -> UserData:
+        """The data followed by the canaries (crl.data.canaries.CanarySet): mislabeled ones copy
+        rows of x; noise ones are uniform in [0, 1]."""
+        extra = canaries.images
+        if extra.dtype == torch.uint8:                 # noise: uint8 draws, scaled to [0, 1]
+            extra = extra.float() / 255.0
+        x = torch.cat([self.x, extra.to(self.x.device, self.x.dtype)])
+        y = torch.cat([self.y, torch.from_numpy(canaries.labels)])
+        return UserData(x, y, self.num_classes, self.y_device, self.name)
+
+    def rows(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x[idx], y[idx]) where the caller keeps them."""
+        i = torch.as_tensor(np.asarray(idx), dtype=torch.long)
+        return self.x[i.to(self.x.device)], self.y[i].to(self.y_device)
 
 
-class Queries:
-    """The caller's models on the caller's inputs: logits and input-gradient norms, batched,
-    in eval mode (each model's mode is restored afterwards), on the model's device."""
+class TrainFnSource(ModelSource):
+    """The caller's train_fn as the audit's model source; its modules are queried on x."""
 
-    def __init__(self, data: UserData, batch_size: int, flip: bool) -> None:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise CRLError(f"audit_training.batch_size = {batch_size!r}: expected an integer "
-                           ">= 1")
-        if flip and data.x.dim() != 4:
-            raise CRLError(f"audit_training.x = {_describe(data.x)}: an attack with flip=True "
-                           "expected images [samples, channels, height, width] to mirror")
-        self.data, self.batch_size, self.flip = data, batch_size, flip
+    def __init__(self, train_fn: TrainFn, data: UserData, *, batch_size: int = 512,
+                 claimed_epsilon: float | None = None) -> None:
+        self.train_fn, self.data, self.batch_size = train_fn, data, batch_size
+        self.claimed_epsilon = claimed_epsilon
+        self.name = getattr(train_fn, "__qualname__", type(train_fn).__name__)
+        self.trained_by = (f"Models trained by the caller's own code ({self.name}, "
+                           "crl.audit_training)")
+        self.on_model: Callable[[], None] = lambda: None
 
-    def _batches(self, model: nn.Module, idx: np.ndarray
-                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        device = device_of(model)
-        with eval_mode(model):
-            for start in range(0, len(idx), self.batch_size):
-                b = torch.as_tensor(idx[start:start + self.batch_size], dtype=torch.long)
-                yield b, self.data.x[b.to(self.data.x.device)].to(device)
-
-    def logits(self, model: nn.Module, idx: np.ndarray, flip: bool = False) -> np.ndarray:
-        """float32 logits [len(idx), num_classes] of model(x[idx]) (mirrored with `flip`)."""
-        out = []
-        with torch.no_grad():
-            for _, xb in self._batches(model, idx):
-                out.append(model(xb.flip(-1) if flip else xb))
-        c = self.data.num_classes
-        if not all(isinstance(o, torch.Tensor) for o in out):
-            kind = next(type(o).__name__ for o in out if not isinstance(o, torch.Tensor))
-            raise CRLError(f"model(x) of {type(model).__name__} returned a {kind}: expected "
-                           f"a tensor of logits [samples, {c}] (wrap the model to return only "
-                           "its logits)")
-        t = torch.cat([o.float().cpu() for o in out])
-        z = t.numpy()
-        if z.shape != (len(idx), c) or not np.isfinite(z).all():
-            raise CRLError(f"model(x) of {type(model).__name__} = {_describe(t)}"
-                           f"{'' if np.isfinite(z).all() else ' with NaN or inf'}: expected "
-                           f"finite logits [samples, {c}] (num_classes)")
-        return z
-
-    def grad_norms(self, model: nn.Module, idx: np.ndarray) -> np.ndarray:
-        """Per-sample input-gradient norms of the cross-entropy, on x as given (Grad-x)."""
-        return torch.cat([batch_gradient_norms(model, xb, self.data.y[b.to(self.data.y.device)])
-                          for b, xb in self._batches(model, idx)]).numpy()
-
-    def signals(self, pairs: list[tuple[ModelJob, nn.Module]], idx: np.ndarray,
-                population: bool = False) -> Signals:
-        """Logits of every model on x[idx]; membership from what each was trained on
-        (none, for a population)."""
-        models = [m for _, m in pairs]
-        member = np.stack([np.zeros(len(idx), bool) if population else np.isin(idx, j.train_idx)
-                           for j, _ in pairs])
-        flipped = np.stack([self.logits(m, idx, True) for m in models]) if self.flip else None
-        return Signals(np.stack([self.logits(m, idx) for m in models]), member,
-                       self.data.labels[idx], idx, flipped)
-
-    def context(self, jobs: list[ModelJob], models: list[nn.Module], split: PoolSplit,
-                requirements: frozenset[str], seed: int) -> AttackContext:
-        """The AttackContext of one target, as crl.audit.signals.extract_signals builds it."""
-        pool = [(j, m) for j, m in zip(jobs, models) if j.role != "shadow"]
-        shadows = [(j, m) for j, m in zip(jobs, models) if j.role == "shadow"]
-        ctx = AttackContext(target=self.signals(pool, split.target_pool),
-                            num_classes=self.data.num_classes, seed=seed)
-        if "population" in requirements:
-            ctx.population = self.signals(pool, split.shadow_pool, population=True)
-        if shadows:
-            ctx.shadow = self.signals(shadows, split.shadow_pool)
-        if "input_gradients" in requirements:
-            ctx.gradient_scores = memo(lambda k: self.grad_norms(pool[k][1], split.target_pool))
-            if shadows:
-                ctx.shadow_gradient_scores = memo(
-                    lambda k: self.grad_norms(shadows[k][1], split.shadow_pool))
-        return ctx
-
-
-def user_config(attacks: Any, seeds: Any, references: Any, shadows: Any, bootstrap: Any,
-                subset: Any, out: Any, params: Any) -> AuditConfig:
-    """The run described as a checked AuditConfig (dataset and defense 'user'; no recipe: the
-    caller's code trained the models), for the report and config.yaml."""
-    def listed(v: Any) -> Any:
-        return split_names(v) if isinstance(v, str) else list(v) if isinstance(v, tuple) else v
-
-    cfg = AuditConfig(dataset=USER, defenses=[USER], attacks=listed(attacks), seeds=listed(seeds),
-                      references=references, shadows=shadows, bootstrap=bootstrap,
-                      subset=subset, set={} if params is None else params, cache=False,
-                      **({} if out is None else {"out": str(out)}))
-    return dataclasses.replace(cfg, **cfg.checked())
-
-
-@dataclass
-class UserAudit:
-    """What is fixed for one audit of the caller's training; `audit_one` audits one seed."""
-
-    train_fn: TrainFn
-    data: UserData
-    cfg: AuditConfig
-    attacks: dict[str, Attack]
-    queries: Queries
-    progress: bool = True
-
-    @property
-    def requirements(self) -> frozenset[str]:
-        return frozenset().union(*(a.requirements() for a in self.attacks.values()))
-
-    def plan(self, seed: int, split: PoolSplit) -> list[ModelJob]:
-        """The audit's plan (crl.audit.plan) with the caller's code as the 'defense'."""
-        optional = frozenset().union(*(a.optional_inputs() for a in self.attacks.values()))
-        refs = self.cfg.references if "references" in self.requirements else 0
-        shadows = self.cfg.shadows if "shadows" in self.requirements | optional else 0
-        return plan_models(split, self.data.labels, seed, DefenseChoice(USER),
-                           DefenseChoice(USER), references=refs, shadows=shadows)
+    def follow(self, on_model: Callable[[], None]) -> None:
+        self.on_model = on_model
 
     def train(self, job: ModelJob) -> nn.Module:
-        """train_fn on the job's training rows with the job's own seed (a named stream)."""
-        idx = torch.as_tensor(job.train_idx, dtype=torch.long)
-        model = self.train_fn(self.data.x[idx.to(self.data.x.device)],
-                              self.data.y[idx.to(self.data.y.device)], job.seed)
+        """train_fn on the job's training rows with the job's seed in 32 bits (`user_seed`)."""
+        model = self.train_fn(*self.data.rows(job.train_idx), user_seed(job.seed))
         if not isinstance(model, nn.Module):
             raise CRLError(f"train_fn(x_train, y_train, seed) for the {job.label} = "
                            f"{type(model).__name__}: expected the trained torch.nn.Module")
         return model
 
-    def split(self, seed: int) -> PoolSplit:
-        return make_pool_split(self.data.labels, seed=seed_for(seed, "split"),
-                               subset=self.cfg.subset)
+    def queries(self, model: nn.Module) -> SampleQueries:
+        """model(x[idx]) on the caller's inputs, batched, on the model's device."""
+        x = self.data.x
+        return SampleQueries(model, lambda b, device: x[b.to(x.device)].to(device),
+                             self.data.y, self.data.num_classes, batch_size=self.batch_size)
 
-    def audit_one(self, seed: int, split: PoolSplit
-                  ) -> tuple[TargetOutcome, list[ModelJob], list[nn.Module], AttackContext]:
-        """Train every planned model, query them, run the attacks: one seed's outcome."""
-        from tqdm import tqdm
+    def models(self, jobs: list[ModelJob], *, run_dir: Path | None, eval_idx: np.ndarray,
+               desc: str) -> list[TrainedModel]:
+        out = []
+        for job in jobs:
+            model = self.train(job)
+            self.on_model()
+            out.append(TrainedModel(model, None, np.asarray(job.train_idx, np.int64),
+                                    queries=self.queries(model)))
+        return out
 
-        jobs = self.plan(seed, split)
-        models = [self.train(j) for j in tqdm(jobs, desc=f"[{USER} seed {seed}] train_fn",
-                                              disable=not self.progress, leave=False)]
-        ctx = self.queries.context(jobs, models, split, self.requirements, seed)
-        pool = split.target_pool
-        # the caller's model trained on exactly the target members it was given: none held out
-        ev = Evaluation(pool, np.isin(pool, split.target_members),
-                        np.isin(pool, split.target_nonmembers))
-        attacks = run_attacks(self.attacks, ctx, ev, n_boot=self.cfg.bootstrap)
-        z, y = ctx.target.logits[0], ctx.target.labels
-        correct = z.argmax(1) == y
-        test_acc = float(correct[ev.nonmembers].mean())
-        outcome = TargetOutcome(
-            dataset=USER, model=type(models[0]).__name__, defense=USER, params={}, seed=seed,
-            train_acc=float(correct[ev.members].mean()), test_acc=test_acc, evaluation=ev,
-            labels=y, margins=margins(z, y), attacks=attacks,
-            defense_report={"train_fn": getattr(self.train_fn, "__qualname__",
-                                                type(self.train_fn).__name__)},
-            chance_warning=chance_warning(test_acc, y[ev.nonmembers], self.data.num_classes))
-        return outcome, jobs, models, ctx
+    def describe(self, defense: DefenseChoice, target: TrainedModel) -> dict[str, Any]:
+        report: dict[str, Any] = {"train_fn": self.name}
+        if self.claimed_epsilon is not None:
+            report["claimed_epsilon"] = self.claimed_epsilon
+        return {"model": type(target.model).__name__, "params": {}, "defense_report": report,
+                "claimed_epsilon": self.claimed_epsilon}
+
+    def release(self, run_dir: Path, jobs: list[ModelJob], models: list[TrainedModel],
+                ev: Evaluation, signals: AttackContext) -> None:
+        """members.json, every model's state dict, and logits/seedS.npz."""
+        write_json_atomic(run_dir / "members.json", members_of(ev, models[0].trained_on))
+        save_models(run_dir, jobs, models)
+        save_logits(run_dir.parents[2] / "logits" / f"{run_dir.name}.npz", signals)
 
 
-def save_models(folder: Path, jobs: list[ModelJob], models: list[nn.Module]) -> None:
-    """Every model as a checksummed state dict with its role, seed and training indices (the
-    caller rebuilds the module with their own code: no pickled module is ever stored)."""
-    for job, model in zip(jobs, models):
+def save_models(folder: Path, jobs: list[ModelJob], models: list[TrainedModel]) -> None:
+    """Every model as a checksummed state dict with its role, the seed train_fn got and its
+    training indices (the caller rebuilds the module with their own code: no pickled module)."""
+    for job, trained in zip(jobs, models):
         name = "target" if job.role == "target" else f"{job.role}{job.index}"
         state = {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v
-                 for k, v in model.state_dict().items()}
+                 for k, v in trained.model.state_dict().items()}
         save_verified(folder / f"{name}.pt", {
-            "state_dict": state, "role": job.role, "index": job.index, "seed": job.seed,
-            "train_idx": torch.as_tensor(job.train_idx), "class": type(model).__qualname__})
+            "state_dict": state, "role": job.role, "index": job.index,
+            "seed": user_seed(job.seed), "train_idx": torch.as_tensor(job.train_idx),
+            "class": type(trained.model).__qualname__})
 
 
 def save_logits(path: Path, ctx: AttackContext) -> None:
@@ -271,59 +186,61 @@ def save_logits(path: Path, ctx: AttackContext) -> None:
         np.savez_compressed(f, **arrays)
 
 
-def audit_seeds(audit: UserAudit, splits: dict[int, PoolSplit],
-                out: Path | None = None) -> list[TargetOutcome]:
-    """Every seed's outcome (warning at chance); with `out`, each seed's members.json, models
-    and logits as soon as it is done."""
-    outcomes = []
-    for seed, split in splits.items():
-        outcome, jobs, models, ctx = audit.audit_one(seed, split)
-        if outcome.chance_warning:
-            warnings.warn(f"[{USER} seed {seed}] {outcome.chance_warning}", RuntimeWarning,
-                          stacklevel=3)
-        if out is not None:
-            folder, ev = out / "models" / USER / f"seed{seed}", outcome.evaluation
-            write_json_atomic(folder / "members.json", {
-                "members": ev.sample_idx[ev.members].tolist(),
-                "nonmembers": ev.sample_idx[ev.nonmembers].tolist()})
-            save_models(folder, jobs, models)
-            save_logits(out / "logits" / f"seed{seed}.npz", ctx)
-        outcomes.append(outcome)
-    return outcomes
+def default_attacks(shadows: int) -> list[str]:
+    """crl audit's DEFAULT_ATTACKS, less those that need shadow models when there are none."""
+    from crl.attacks.base import build_attack
+
+    return [a for a in DEFAULT_ATTACKS
+            if shadows or "shadows" not in build_attack(a).requirements()]
 
 
-def write_run(run: RunDir, audit: UserAudit, splits: dict[int, PoolSplit],
-              outcomes: list[TargetOutcome]) -> str:
-    """config.yaml, version.json, splits, scores, results.json, the report and, last, the
-    manifest (the config with the caller's model class); the AUC table."""
-    from crl.report import write_report
+def user_config(*, attacks: Any, seeds: Any, references: Any, shadows: Any, bootstrap: Any,
+                subset: Any, out: Any, params: Any, canaries: Any,
+                progress: bool = True) -> AuditConfig:
+    """The run described as a checked AuditConfig (data set and defense 'user'; no recipe:
+    the caller's code trained the models), for the audit, config.yaml and the report."""
+    def listed(v: Any) -> Any:
+        return split_names(v) if isinstance(v, str) else list(v) if isinstance(v, tuple) else v
 
-    out = run.out
-    cfg = dataclasses.replace(audit.cfg, model=outcomes[0].model)
-    write_text_atomic(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    write_json_atomic(out / "version.json", code_version())
-    for s, split in splits.items():
-        write_json_atomic(out / "splits" / f"seed{s}.json", split.to_dict())
-    for o in outcomes:
-        save_outcome(out / "scores", o)
-    table = write_report(out, outcomes, cfg)
-    write_json_atomic(out / "results.json", [o.row() for o in outcomes])
-    run.finish(cfg.to_dict())
-    return table
+    if attacks is None:
+        attacks = default_attacks(shadows if isinstance(shadows, int) else 0)
+    if isinstance(canaries, int) and not isinstance(canaries, bool):
+        canaries = str(canaries)
+    cfg = AuditConfig(dataset=USER, defenses=[USER], attacks=listed(attacks),
+                      seeds=listed(seeds), references=references, shadows=shadows,
+                      bootstrap=bootstrap, subset=subset, canaries=canaries,
+                      set={} if params is None else params, cache=False, progress=progress,
+                      **({} if out is None else {"out": str(out)}))
+    return replace(cfg, **cfg.checked())
 
 
-def prepare_user_audit(train_fn: Any, x: Any, y: Any, cfg: AuditConfig, *,
-                       num_classes: int | None, batch_size: int, progress: bool) -> UserAudit:
-    """Every check that can fail before training: the function, data, names and counts."""
+def check_arguments(train_fn: Any, batch_size: Any, claimed_epsilon: Any) -> None:
     if not callable(train_fn):
         raise CRLError(f"audit_training.train_fn = {type(train_fn).__name__}: expected a "
                        "function train_fn(x_train, y_train, seed) -> torch.nn.Module")
-    data = UserData.check(x, y, num_classes)
-    attacks = build_attacks(cfg.attacks, cfg.set, "audit_training")
-    for name, attack in attacks.items():
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise CRLError(f"audit_training.batch_size = {batch_size!r}: expected an integer >= 1")
+    if claimed_epsilon is not None and (
+            isinstance(claimed_epsilon, bool) or not isinstance(claimed_epsilon, (int, float))
+            or not math.isfinite(claimed_epsilon) or claimed_epsilon <= 0):
+        raise CRLError(f"audit_training.claimed_epsilon = {claimed_epsilon!r}: expected a "
+                       "finite number > 0 (your accountant's epsilon) or None")
+
+
+def prepare_user_audit(cfg: AuditConfig, data: UserData,
+                       source: Callable[[UserData], ModelSource]) -> Audit:
+    """Every check that can fail before training: names and counts, canaries, the data."""
+    from crl.audit.run import check_attack_models
+    from crl.from_logits import build_attacks
+
+    for name, attack in build_attacks(cfg.attacks, cfg.set, "audit_training").items():
         check_attack_models(name, attack, cfg.references, cfg.shadows)
-    flip = any("flip" in a.requirements() for a in attacks.values())
-    return UserAudit(train_fn, data, cfg, attacks, Queries(data, batch_size, flip), progress)
+    audit = Audit(cfg, data, source=source)
+    if "flip" in audit.requirements and data.x.dim() != 4:
+        raise CRLError(f"audit_training.x = {describe(data.x)}: an attack with flip=True "
+                       "expected images [samples, channels, height, width] to mirror")
+    audit.check(DefenseChoice(USER), audit.split(cfg.seeds[0]))   # reference counts, all seeds
+    return audit
 
 
 def print_user_verdict(outcomes: list[TargetOutcome], folder: Path | None, n_boot: int) -> None:
@@ -339,39 +256,73 @@ def print_user_verdict(outcomes: list[TargetOutcome], folder: Path | None, n_boo
     print("  (to compare trainings, audit each one and set their rows side by side)")
 
 
-def audit_training(train_fn: TrainFn, x: torch.Tensor, y: torch.Tensor, *,
-                   attacks: Sequence[str] | str = DEFAULT_ATTACKS, references: int = 8,
-                   shadows: int = 0, seeds: Sequence[int] = (0,), out: str | Path | None = None,
-                   num_classes: int | None = None, batch_size: int = 512, progress: bool = True,
-                   subset: int | None = None, bootstrap: int = DEFAULT_BOOTSTRAP,
-                   params: dict[str, dict[str, Any]] | None = None,
-                   overwrite: bool = False) -> dict[str, Any]:
-    """Audit `train_fn(x_train, y_train, seed) -> nn.Module` on the data x [N, ...], y [N]
-    (int64 class ids) as `crl audit` audits a defense: returns {'rows': results.json's rows,
-    'outcomes': TargetOutcome per seed, 'out': the run directory or None}. `params` maps an
-    attack to its parameters; `overwrite` replaces another run in `out`; the rest mirrors
-    crl audit's flags."""
-    from crl.report import format_table
+def run_user_audit(audit: Audit, run: RunDir | None) -> tuple[list, str]:
+    """Every seed through the audit's stages, and with `run` the run directory (config.yaml
+    names the caller's model class, known once it trained); (outcomes, AUC table)."""
+    from crl.report import format_table, write_report
 
-    cfg = user_config(attacks, seeds, references, shadows, bootstrap, subset, out, params)
-    audit = prepare_user_audit(train_fn, x, y, cfg, num_classes=num_classes,
-                               batch_size=batch_size, progress=progress)
+    cfg = audit.cfg
+    splits = {s: audit.split(s) for s in cfg.seeds}
+
+    def warn(text: str) -> None:
+        warnings.warn(text, RuntimeWarning, stacklevel=5)
+
+    echo = print if cfg.progress else (lambda text: None)
+    choice = [DefenseChoice(USER)]
+    if run is None:
+        outcomes = audit_targets(audit, choice, splits, None, echo=echo, warn=warn)
+        return outcomes, format_table(outcomes, "auc", n_boot=cfg.bootstrap)
+    with run.claim():
+        outcomes = audit_targets(audit, choice, splits, run.out, echo=echo, warn=warn)
+        cfg = replace(cfg, model=outcomes[0].model)
+        write_inputs(run.out, cfg, splits, audit.canaries)
+        return outcomes, write_results(run, outcomes, cfg, write_report, cfg.to_dict())
+
+
+def audit_source(source: Callable[[UserData], ModelSource], x: torch.Tensor, y: torch.Tensor,
+                 cfg: AuditConfig, *, out: str | Path | None = None,
+                 num_classes: int | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """The audit of the models `source(data)` gives on the caller's data x, y (with its
+    canaries) under `cfg` (`user_config`), with `out` its run directory: what audit_training
+    runs (a test hands it crl's own training as the source)."""
+    data = UserData.check(x, y, num_classes)
+    audit = prepare_user_audit(cfg, data, source)
     run = None if out is None else RunDir(out, "audit_training", cfg.to_dict(),
                                           overwrite=overwrite, derived=("model",))
     if run is not None:
         run.check()       # another run in `out` is refused before any model trains
-    splits = {s: audit.split(s) for s in cfg.seeds}
-    t0, folder = time.time(), None if run is None else run.out
-    if run is None:
-        outcomes = audit_seeds(audit, splits)
-        table = format_table(outcomes, "auc", n_boot=cfg.bootstrap)
-    else:
-        with run.claim():
-            outcomes = audit_seeds(audit, splits, folder)
-            table = write_run(run, audit, splits, outcomes)
-    if progress:
+    t0 = time.time()
+    outcomes, table = run_user_audit(audit, run)
+    folder = None if run is None else run.out
+    if cfg.progress:
         print(table)
         print(f"audited {len(outcomes)} target(s) in {time.time() - t0:.0f} s"
               + (f"; wrote {folder}" if folder is not None else ""))
         print_user_verdict(outcomes, folder, cfg.bootstrap)
     return {"rows": [o.row() for o in outcomes], "outcomes": outcomes, "out": folder}
+
+
+def audit_training(train_fn: TrainFn, x: torch.Tensor, y: torch.Tensor, *,
+                   attacks: Sequence[str] | str | None = None, references: int = 8,
+                   shadows: int = 0, seeds: Sequence[int] = (0,), out: str | Path | None = None,
+                   num_classes: int | None = None, batch_size: int = 512, progress: bool = True,
+                   subset: int | None = None, bootstrap: int = DEFAULT_BOOTSTRAP,
+                   params: dict[str, dict[str, Any]] | None = None, overwrite: bool = False,
+                   canaries: int | str | None = None,
+                   claimed_epsilon: float | None = None) -> dict[str, Any]:
+    """Audit `train_fn(x_train, y_train, seed) -> nn.Module` on the data x [N, ...], y [N]
+    (int64 class ids) as `crl audit` audits a defense: returns {'rows': results.json's rows,
+    'outcomes': TargetOutcome per seed, 'out': the run directory or None}. `attacks` defaults
+    to crl audit's (less 'nn' without shadows); `params` maps an attack to its parameters;
+    `canaries` ('N' or 'N:KIND', as --canaries) adds canaries, each in the target's training
+    independently with probability 1/2, and the epsilon lower bound; `claimed_epsilon` (your
+    DP accountant's) gives a loud warning when the bound exceeds it; `overwrite` replaces
+    another run in `out`; the rest mirrors crl audit's flags."""
+    check_arguments(train_fn, batch_size, claimed_epsilon)
+    cfg = user_config(attacks=attacks, seeds=seeds, references=references, shadows=shadows,
+                      bootstrap=bootstrap, subset=subset, out=out, params=params,
+                      canaries=canaries, progress=progress)
+    return audit_source(
+        lambda data: TrainFnSource(train_fn, data, batch_size=batch_size,
+                                   claimed_epsilon=claimed_epsilon),
+        x, y, cfg, out=out, num_classes=num_classes, overwrite=overwrite)

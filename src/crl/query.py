@@ -9,6 +9,12 @@ reading logits or input gradients raises.
 
 QueryAccess is what an attack gets from the audit (AttackContext.queries): the target pool's
 images and one oracle per pool model (model 0 is the target), label-only unless asked.
+
+SampleQueries is how the audit itself asks a model about the samples of its data set (by
+index): logits (optionally on mirrored inputs), accuracy and per-sample input-gradient norms,
+batched, in eval mode, on the model's device. `inputs(idx, device)` turns sample indices into
+what the model takes (crl's images, normalised; the caller's own tensors for
+crl.audit_training), so one code path serves every model source (crl.audit.source).
 """
 from __future__ import annotations
 
@@ -22,8 +28,73 @@ from torch import nn
 
 from crl.errors import CRLError
 from crl.evaluation import device_of, eval_mode
+from crl.models.gradients import batch_gradient_norms
 
 DEFAULT_BATCH = 512
+GRADIENT_BATCH = 256
+
+
+def describe(t: object) -> str:
+    """'torch.float32 tensor of shape [2, 3]', or the type's name."""
+    if isinstance(t, torch.Tensor):
+        return f"{t.dtype} tensor of shape {list(t.shape)}"
+    return type(t).__name__
+
+
+class SampleQueries:
+    """One model asked about samples of the audit's data by index (see the module docstring).
+
+    inputs(idx, device): sample indices (int64 tensor) -> the model's inputs on `device`;
+    labels: int64 [N] of every sample; batch_size: samples per forward pass (gradients: at
+    most GRADIENT_BATCH)."""
+
+    def __init__(self, model: nn.Module,
+                 inputs: Callable[[torch.Tensor, torch.device], torch.Tensor],
+                 labels: torch.Tensor, num_classes: int, *,
+                 batch_size: int = DEFAULT_BATCH) -> None:
+        self.model, self.inputs, self.labels = model, inputs, labels
+        self.num_classes, self.batch_size = num_classes, batch_size
+
+    def _batches(self, idx, batch_size: int):
+        idx = torch.as_tensor(np.asarray(idx), dtype=torch.long)
+        device = device_of(self.model)
+        with eval_mode(self.model):
+            for start in range(0, idx.numel(), batch_size):
+                b = idx[start:start + batch_size]
+                yield b, self.inputs(b, device)
+
+    @torch.no_grad()
+    def logit_tensor(self, idx, flip: bool = False) -> torch.Tensor:
+        """float32 logits [len(idx), num_classes] on the CPU (inputs mirrored with `flip`)."""
+        out = [self.model(xb.flip(-1) if flip else xb) for _, xb in
+               self._batches(idx, self.batch_size)]
+        if not all(isinstance(o, torch.Tensor) for o in out):
+            kind = next(type(o).__name__ for o in out if not isinstance(o, torch.Tensor))
+            raise CRLError(f"model(x) of {type(self.model).__name__} returned a {kind}: "
+                           f"expected a tensor of logits [samples, {self.num_classes}] (wrap "
+                           "the model to return only its logits)")
+        z = torch.cat([o.float().cpu() for o in out]) if out else torch.empty(
+            0, self.num_classes)
+        if z.shape != (len(idx), self.num_classes) or not torch.isfinite(z).all():
+            raise CRLError(f"model(x) of {type(self.model).__name__} = {describe(z)}"
+                           f"{'' if torch.isfinite(z).all() else ' with NaN or inf'}: expected "
+                           f"finite logits [samples, {self.num_classes}] (num_classes)")
+        return z
+
+    def logits(self, idx, flip: bool = False) -> np.ndarray:
+        return self.logit_tensor(idx, flip).numpy()
+
+    def accuracy(self, idx) -> float:
+        """The fraction of samples `idx` whose predicted class is their label."""
+        z = self.logit_tensor(idx).double()
+        y = self.labels[torch.as_tensor(np.asarray(idx), dtype=torch.long)]
+        return float((z.argmax(1) == y.cpu()).float().mean())
+
+    def gradient_norms(self, idx) -> np.ndarray:
+        """Per-sample L2 norm of d CE(model(x), y) / dx on the model's inputs (Grad-x)."""
+        out = [batch_gradient_norms(self.model, xb, self.labels[b])
+               for b, xb in self._batches(idx, min(self.batch_size, GRADIENT_BATCH))]
+        return torch.cat(out).numpy() if out else np.zeros(0)
 
 
 class QueryOracle:

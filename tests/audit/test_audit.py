@@ -224,8 +224,10 @@ def test_saved_outcomes_rebuild_the_same_report(tmp_path, capsys):
                  "--out", str(out)]) == 0
     outcomes = [load_outcome(p) for p in sorted((out / "scores").glob("*.npz"))]
     assert [o.defense for o in outcomes] == ["ce", "crl"]
-    # no attack here uses reference models, so the header names none (not --references' 64)
-    assert "no shadow models, no reference models." in (out / "report.md").read_text()
+    # no attack here uses reference models, so none were trained (not --references' 64)
+    assert ("Models trained by crl: 3 epochs, batch 32, lr 0.05; per target no reference "
+            "models, no shadow models. Models each attack used: loss, mentr: the target "
+            "alone.") in (out / "report.md").read_text()
     rows = json.loads((out / "results.json").read_text())
     assert [json.loads(json.dumps(o.row())) for o in outcomes] == rows
     cfg = AuditConfig(**__import__("yaml").safe_load((out / "config.yaml").read_text()))
@@ -235,18 +237,25 @@ def test_saved_outcomes_rebuild_the_same_report(tmp_path, capsys):
     assert (again / "report.md").read_text() == (out / "report.md").read_text()
 
 
-@pytest.mark.parametrize("shadows, member_rows, expected", [
-    (1, 2, "1 shadow model, 1 reference model (LiRA/RMIA)"),
-    (3, 9, "3 shadow models, 8 reference models (LiRA/RMIA)"),
-    (0, None, "no shadow models, no reference models"),
+@pytest.mark.parametrize("used, expected", [
+    ({"references": 1, "shadows": 1, "attacks": {"nn": ["target", "shadows"]}},
+     "per target 1 reference model, 1 shadow model. Models each attack used: nn: the target "
+     "and shadow models"),
+    ({"references": 8, "shadows": 3, "attacks": {"loss": ["target"], "lira": [
+        "target", "references"], "mentr": ["target", "references (pooled rows)", "shadows"]}},
+     "per target 8 reference models, 3 shadow models. Models each attack used: loss: the "
+     "target alone; lira: the target and reference models; mentr: the target, reference "
+     "models (pooled rows only) and shadow models"),
+    ({"references": 0, "shadows": 0, "attacks": {"loss": ["target"]}},
+     "per target no reference models, no shadow models. Models each attack used: loss: the "
+     "target alone"),
 ])
-def test_the_report_header_counts_the_models_the_attacks_used(shadows, member_rows, expected):
+def test_the_report_header_names_the_models_each_attack_used(used, expected):
     from types import SimpleNamespace
 
-    from crl.report.tables import _references, _shadows
+    from crl.report.tables import _models_line
 
-    nn = SimpleNamespace(metrics={"auc": 0.6}, extra={})
-    model_member = None if member_rows is None else np.zeros((member_rows, 4), bool)
-    outcome = SimpleNamespace(attacks={"nn": nn}, model_member=model_member)
-    cfg = SimpleNamespace(shadows=shadows)
-    assert f"{_shadows([outcome], cfg)}, {_references([outcome])}" == expected
+    outcome = SimpleNamespace(models_used={"trained_by": "Models trained by X", **used})
+    assert _models_line([outcome]) == f"Models trained by X; {expected}"
+    legacy = SimpleNamespace(models_used=None)
+    assert "not recorded" in _models_line([outcome, legacy])

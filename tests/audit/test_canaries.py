@@ -12,8 +12,9 @@ from crl.audit import DefenseChoice, ModelCache, ModelFactory, TrainedModel
 from crl.audit.canaries import exposure_thresholds, exposure_values, subset_metrics
 from crl.audit.outcome import AttackOutcome, load_outcome
 from crl.audit.plan import canary_halves
-from crl.audit.run import Audit, canaries_for, evaluation_of, write_released
+from crl.audit.run import Audit, canaries_for, evaluation_of
 from crl.audit.signals import extract_signals
+from crl.audit.source import image_queries, write_released
 from crl.canary_spec import parse_canaries
 from crl.cli import main
 from crl.config import AuditConfig
@@ -73,6 +74,8 @@ def test_canaries_are_excluded_from_accuracy_and_population_metrics(digits):
     held_out = audit.canaries.idx[0]
     models = [TrainedModel(spec.build().eval(), spec, np.setdiff1d(j.train_idx, [held_out]))
               for j in jobs]
+    for m in models:
+        m.queries = image_queries(m.model, audit.data)         # as crl's model source does
     models[0].groups = {"held": audit.canary_idx[:3]}                  # e.g. DMP's teacher half
     ev = evaluation_of(split, models[0], audit.canary_idx)
     assert ev.canary.sum() == 30 and not (ev.canary & ev.evaluated).any()

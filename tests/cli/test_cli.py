@@ -48,7 +48,8 @@ def test_audit_end_to_end_writes_everything(tmp_path, capsys):
     assert not set(split["target_members"]) & set(split["target_nonmembers"])
     report = (out / "report.md").read_text()
     assert "| Defense | Train acc % | Test acc % |" in report
-    assert "2 shadow models, 8 reference models (LiRA/RMIA)." in report
+    assert "per target 8 reference models, 2 shadow models." in report
+    assert "lira, rmia: the target and reference models" in report
 
 
 def test_second_audit_reuses_cached_models_and_still_writes_metrics(tmp_path, capsys):

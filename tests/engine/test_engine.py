@@ -509,7 +509,8 @@ def _cached_audit(tmp_path, monkeypatch, engine: str, cache: str, out: str):
     choice = DefenseChoice("relaxloss")
     row = audit.audit_one(choice, 0, splits[0], out=tmp_path / out).row()
     _, _, extra = load_model_file(tmp_path / out / "models" / "relaxloss" / "seed0" / "model.pt")
-    models = audit.train_all(audit.plan(choice, 0, splits[0]), "again", None, splits[0])
+    models = audit.source.models(audit.plan(choice, 0, splits[0]), run_dir=None,
+                                 eval_idx=splits[0].target_nonmembers, desc="again")
     assert all(m.from_cache for m in models)
     return row, extra["report"], models
 

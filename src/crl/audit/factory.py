@@ -50,6 +50,7 @@ class TrainedModel:
     groups: dict[str, np.ndarray] = field(default_factory=dict)
     from_cache: bool = False
     cache_entry: dict[str, Any] | None = None   # {"entry", "sha256", "size"} of its cache file
+    queries: Any = None           # crl.query.SampleQueries, set by the model source
 
 
 class ModelCache:

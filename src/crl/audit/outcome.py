@@ -99,6 +99,9 @@ class TargetOutcome:
     model_held_out: np.ndarray | None = None  # [models, pool] handed to it but held out
     canaries: dict[str, Any] | None = None   # {"n", "kind", "attacks": {name: metrics}}
     exposure: Exposure | None = None
+    # what ran: {"trained_by", "references", "shadows", "attacks": {name: [models used]}}
+    # (crl.audit.run.models_used); None in runs written before it was recorded
+    models_used: dict[str, Any] | None = None
 
     @property
     def is_member(self) -> np.ndarray:
@@ -123,6 +126,8 @@ class TargetOutcome:
             row["warning"] = self.chance_warning
         if self.canaries is not None:
             row["canaries"] = self.canaries
+        if self.models_used is not None:
+            row["models_used"] = self.models_used
         return row
 
 
@@ -132,7 +137,7 @@ def _meta(o: TargetOutcome) -> dict[str, Any]:
     return {"dataset": o.dataset, "model": o.model, "defense": o.defense, "params": o.params,
             "seed": o.seed, "train_acc": o.train_acc, "test_acc": o.test_acc,
             "defense_report": o.defense_report, "chance_warning": o.chance_warning,
-            "attacks": attacks, "canaries": o.canaries,
+            "attacks": attacks, "canaries": o.canaries, "models_used": o.models_used,
             "exposure": None if o.exposure is None else {"attack": o.exposure.attack,
                                                         "fpr": o.exposure.fpr}}
 

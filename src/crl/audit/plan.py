@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,17 +88,16 @@ def plan_models(split: PoolSplit, labels: np.ndarray, seed: int, defense: Defens
 
 
 def planned_membership(jobs: list[ModelJob], pool: np.ndarray,
-                       labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                       held_out: Callable[[ModelJob], np.ndarray]
+                       ) -> tuple[np.ndarray, np.ndarray]:
     """(IN, held out), bool [len(jobs), len(pool)]: which pool samples each job's model will
-    train on, and which it is handed but its defense holds out (Defense.held_out, the same
-    draw its `prepare` makes), known before any model trains."""
-    from crl.defenses.base import build_defense
-
+    train on, and which it is handed but holds out (`held_out(job)`: dataset indices, e.g. the
+    model source's Defense.held_out, the same draw its `prepare` makes), known before any
+    model trains."""
     rows_in, rows_held = [], []
     for job in jobs:
         handed = np.sort(np.asarray(job.train_idx, np.int64))
-        held = build_defense(job.defense.name, job.defense.params).held_out(handed, labels,
-                                                                            job.seed)
+        held = held_out(job)
         rows_in.append(np.isin(pool, handed) & ~np.isin(pool, held))
         rows_held.append(np.isin(pool, held))
     return np.array(rows_in, bool).reshape(len(jobs), -1), \

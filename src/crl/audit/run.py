@@ -12,14 +12,15 @@ import yaml
 
 import crl.attacks  # noqa: F401  (registers attacks)
 import crl.defenses  # noqa: F401  (registers defenses)
-from crl.attacks.base import Attack, build_attack
+from crl.attacks.base import Attack, AttackContext, build_attack
 from crl.audit.canaries import exposure_of, subset_metrics
 from crl.audit.factory import ModelCache, ModelFactory, TrainedModel
-from crl.audit.outcome import Evaluation, TargetOutcome, save_outcome
+from crl.audit.outcome import AttackOutcome, Evaluation, TargetOutcome, save_outcome
 from crl.audit.plan import DefenseChoice, ModelJob, models_needed, plan_models, planned_membership
-from crl.audit.progress import AuditProgress, CountingCache
+from crl.audit.progress import AuditProgress
 from crl.audit.runner import run_attacks
 from crl.audit.signals import extract_signals, target_pool_of
+from crl.audit.source import FactorySource, ModelSource
 from crl.canary_spec import parse_canaries
 from crl.config import AuditConfig, set_warnings
 from crl.data.canaries import CanarySet, make_canaries, save_canaries, with_canaries
@@ -27,12 +28,10 @@ from crl.data.splits import PoolSplit, make_pool_split
 from crl.data.types import ImageData
 from crl.defenses.base import build_defense
 from crl.errors import CRLError
-from crl.evaluation import evaluate
 from crl.models.zoo import MODELS
 from crl.privacy_audit import canary_epsilon, epsilon_attack_name
 from crl.recipe import Recipe
 from crl.seeding import seed_for
-from crl.train import write_metrics
 from crl.utils import cache_dir, code_version, write_json_atomic, write_text_atomic
 
 
@@ -88,33 +87,67 @@ def ray_options(cfg: AuditConfig) -> dict[str, Any]:
     return {"address": cfg.ray_address, "chunk": cfg.ray_chunk, "inner_options": inner}
 
 
-class Audit:
-    """Everything fixed for one run; `audit_one` audits one (defense, seed)."""
+def factory_source(cfg: AuditConfig, data: ImageData) -> FactorySource:
+    """crl's own models for `cfg` (engine, recipe, model cache) on `data`."""
+    factory = ModelFactory(
+        data, cfg.model, recipe_of(cfg), ModelCache(cache_dir() / "models" if cfg.cache else None),
+        resume=cfg.resume, progress=cfg.progress, engine=cfg.engine,
+        engine_options=engine_options(cfg))
+    return FactorySource(factory, cfg.model)
 
-    def __init__(self, cfg: AuditConfig, data: ImageData) -> None:
+
+def models_used(attacks: dict[str, Attack], outcomes: dict[str, AttackOutcome],
+                ctx: AttackContext, trained_by: str) -> dict[str, Any]:
+    """What ran, for the report's header: how the models were trained, the reference and
+    shadow models the target had, and which models each attack used: 'target', 'references'
+    (its scores need them), 'references (pooled rows)' (only its leave-one-out rows, every
+    pool model as the target), 'shadows'."""
+    refs = ctx.target.logits.shape[0] - 1
+    shadows = 0 if ctx.shadow is None else ctx.shadow.logits.shape[0]
+    used = {}
+    for name, a in attacks.items():
+        kinds = ["target"]
+        if refs and "references" in a.requirements():
+            kinds.append("references")
+        elif refs and outcomes[name].pooled is not None:
+            kinds.append("references (pooled rows)")
+        if shadows and "shadows" in a.requirements() | a.optional_inputs():
+            kinds.append("shadows")
+        used[name] = kinds
+    return {"trained_by": trained_by, "references": refs, "shadows": shadows, "attacks": used}
+
+
+class Audit:
+    """Everything fixed for one run; `audit_one` audits one (defense, seed). The models come
+    from a model source (crl.audit.source): crl's own factory unless `source` builds another
+    from the data (with its canaries)."""
+
+    def __init__(self, cfg: AuditConfig, data: Any,
+                 source: Callable[[Any], ModelSource] | None = None) -> None:
         data, self.canaries = canaries_for(cfg, data)
-        self.cfg, self.data = cfg, data
+        self.cfg, self.data, self.labels = cfg, data, data.y.cpu().numpy()
         self.attacks: dict[str, Attack] = {n: build_attack(n, cfg.set.get(n)) for n in cfg.attacks}
         epsilon_attack_name(cfg.epsilon_attack, cfg.attacks)   # a bad name fails before training
         self.requirements = frozenset().union(*(a.requirements() for a in self.attacks.values()))
         optional = frozenset().union(*(a.optional_inputs() for a in self.attacks.values()))
         self.wants_shadows = "shadows" in self.requirements | optional
-        self.factory = ModelFactory(
-            data, cfg.model, recipe_of(cfg),
-            ModelCache(cache_dir() / "models" if cfg.cache else None),
-            resume=cfg.resume, progress=cfg.progress, engine=cfg.engine,
-            engine_options=engine_options(cfg))
+        self.source = factory_source(cfg, data) if source is None else source(data)
+        if "oracle" in self.requirements and not self.source.label_queries:
+            name = next(n for n, a in self.attacks.items() if "oracle" in a.requirements())
+            raise CRLError(f"attacks = {name}: attack '{name}' queries the models on inputs it "
+                           "builds, which this model source does not offer; expected crl's "
+                           "own image models (crl audit)")
         self.progress: AuditProgress | None = None
 
     def follow(self, progress: AuditProgress) -> None:
         """Report every model served or trained, and each attack, to `progress`."""
         self.progress = progress
-        self.factory.cache = CountingCache(self.factory.cache, progress.model_done)
+        self.source.follow(progress.model_done)
 
     def split(self, seed: int) -> PoolSplit:
         """The seed's split of the dataset without its canaries."""
-        base = len(self.data) if self.canaries is None else self.canaries.base_size
-        return split_of(self.data.y.numpy()[:base], seed, self.cfg.subset)
+        base = len(self.labels) if self.canaries is None else self.canaries.base_size
+        return split_of(self.labels[:base], seed, self.cfg.subset)
 
     @property
     def canary_idx(self) -> np.ndarray | None:
@@ -140,15 +173,13 @@ class Audit:
         refs = self.cfg.references if references is None else references
         refs = refs if "references" in self.requirements or self.canaries is not None else 0
         shadows = self.cfg.shadows if self.wants_shadows else 0
-        return plan_models(split, self.data.y.numpy(), seed, defense, self.attacker(defense),
+        return plan_models(split, self.labels, seed, defense, self.attacker(defense),
                            references=refs, shadows=shadows, canaries=self.canary_idx)
 
     def check(self, defense: DefenseChoice, split: PoolSplit) -> None:
         """Recipe- and data-dependent defense checks for every planned model, and the
         reference counts of every seed, before training."""
-        recipe = self.factory.recipe
-        for job in self.plan(defense, 0, split):
-            build_defense(job.defense.name, job.defense.params).check(recipe, len(job.train_idx))
+        self.source.check(self.plan(defense, 0, split))
         for seed in self.cfg.seeds:
             for w in self.check_references(defense, seed, self.split(seed)):
                 print(f"crl: warning: {w}", file=sys.stderr)
@@ -190,7 +221,7 @@ class Audit:
         """Whether some planned pool model's defense holds part of what it is handed out."""
         jobs = [j for j in self.plan(defense, seed, split) if j.role != "shadow"]
         _, held = planned_membership(jobs, target_pool_of(split, self.canary_idx),
-                                     self.data.y.numpy())
+                                     self.held_out)
         return bool(held.any())
 
     def _references_needed(self, defense: DefenseChoice, seed: int, split: PoolSplit,
@@ -205,7 +236,7 @@ class Audit:
             jobs = [j for j in self.plan(defense, seed, split, references=cap)
                     if j.role != "shadow"]
             member, held = planned_membership(jobs, target_pool_of(split, self.canary_idx),
-                                              self.data.y.numpy())
+                                              self.held_out)
             fits = {n: models_needed(member, held, *need, refs + 1, every_model=every)
                     for n, need in needs.items()}
             fits = {n: None if v is None else v - 1 for n, v in fits.items()}
@@ -213,54 +244,61 @@ class Audit:
                 break
         return fits
 
-    def train_all(self, jobs: list[ModelJob], tag: str, run_dir: Path | None,
-                  split: PoolSplit) -> list[TrainedModel]:
-        """The target (checkpointed in run_dir, test accuracy logged) and every
-        reference/shadow model, through the factory (cache first)."""
-        return self.factory.get_many(jobs, run_dirs={0: run_dir} if run_dir else None,
-                                     eval_idx=split.target_nonmembers, desc=f"[{tag}]")
+    def held_out(self, job: ModelJob) -> np.ndarray:
+        """Dataset indices the job's model is handed but will not train on (its source says)."""
+        return self.source.held_out(job, self.labels)
 
     def audit_one(self, defense: DefenseChoice, seed: int, split: PoolSplit, *,
                   out: Path | None = None) -> TargetOutcome:
+        """Plan, get the models from the source, query them, run the attacks (with `out`: the
+        released models in out/models/DEFENSE/seedS); the target's outcome."""
         self.check_references(defense, seed, split)      # stops before training
-        tag = f"[{defense.name} seed {seed}]"
+        tag = f"{defense.name} seed {seed}"
         if self.progress is not None:
-            self.progress.target(tag)
+            self.progress.target(f"[{tag}]")
         jobs = self.plan(defense, seed, split)
         run_dir = None if out is None else released_dir(out, defense.name, seed)
-        models = self.train_all(jobs, f"{defense.name} seed {seed}", run_dir, split)
-        pool_models = [m for j, m in zip(jobs, models) if j.role != "shadow"]
-        shadow_models = [m for j, m in zip(jobs, models) if j.role == "shadow"]
-        target = models[0]
-        ev = evaluation_of(split, target, self.canary_idx)
+        models = self.source.models(jobs, run_dir=run_dir, eval_idx=split.target_nonmembers,
+                                    desc=tag)
+        ev = evaluation_of(split, models[0], self.canary_idx)
+        pool = [m for j, m in zip(jobs, models) if j.role != "shadow"]
+        ctx = extract_signals(pool, [m for j, m in zip(jobs, models) if j.role == "shadow"],
+                              self.data, split, self.requirements, seed,
+                              canaries=self.canary_idx, progress=self.cfg.progress,
+                              handed=[j.train_idx for j in jobs if j.role != "shadow"],
+                              access=self.source.query_access)
         if run_dir is not None:
-            write_released(run_dir, self.factory, target, ev)
-            write_model_index(run_dir, jobs, models)
-        ctx = extract_signals(pool_models, shadow_models, self.data, split, self.requirements,
-                              seed, canaries=self.canary_idx, progress=self.cfg.progress,
-                              handed=[j.train_idx for j in jobs if j.role != "shadow"])
-        n_boot = self.cfg.bootstrap
+            self.source.release(run_dir, jobs, models, ev, ctx)
         on_attack = (None if self.progress is None else
-                     lambda i, n, name: self.progress.attack(tag, i, n, name))
-        attacks = run_attacks(self.attacks, ctx, ev, n_boot=n_boot,
+                     lambda i, n, name: self.progress.attack(f"[{tag}]", i, n, name))
+        attacks = run_attacks(self.attacks, ctx, ev, n_boot=self.cfg.bootstrap,
                               unpooled=self.unpooled(defense), on_attack=on_attack)
-        member, held = ctx.target.member, ctx.target.held_out
         if run_dir is not None and self.canaries is not None:
-            write_canary_members(run_dir, jobs, member, ev)
-        _, train_acc = evaluate(target.model, self.data, ev.sample_idx[ev.members])
-        _, test_acc = evaluate(target.model, self.data, split.target_nonmembers)
-        warning = chance_warning(test_acc, self.data.y[split.target_nonmembers].numpy(),
+            write_canary_members(run_dir, jobs, ctx.target.member, ev)
+        return self.outcome(defense, seed, split, models[0], ev, ctx, attacks)
+
+    def outcome(self, defense: DefenseChoice, seed: int, split: PoolSplit,
+                target: TrainedModel, ev: Evaluation, ctx: AttackContext,
+                attacks: dict[str, AttackOutcome]) -> TargetOutcome:
+        """The target's outcome: accuracies (asked of the target's queries), the attacks, the
+        canary rows and epsilon bound, exposure (image data) and the models each attack used."""
+        about, n_boot = self.source.describe(defense, target), self.cfg.bootstrap
+        member, held = ctx.target.member, ctx.target.held_out
+        test_acc = target.queries.accuracy(split.target_nonmembers)
+        warning = chance_warning(test_acc, self.labels[split.target_nonmembers],
                                  self.data.num_classes)
         return TargetOutcome(
-            dataset=self.data.name, model=self.cfg.model, defense=defense.name,
-            params=build_defense(defense.name, defense.params).params, seed=seed,
-            train_acc=train_acc, test_acc=test_acc, evaluation=ev,
+            dataset=self.data.name, model=about["model"], defense=defense.name,
+            params=about["params"], seed=seed, test_acc=test_acc,
+            train_acc=target.queries.accuracy(ev.sample_idx[ev.members]), evaluation=ev,
             labels=ctx.target.labels, margins=margins(ctx.target.logits[0], ctx.target.labels),
-            attacks=attacks, defense_report=target.report, chance_warning=warning,
+            attacks=attacks, defense_report=about["defense_report"], chance_warning=warning,
             model_member=member, model_held_out=held,
             canaries=self.canary_row(attacks, member, ev, seed, n_boot, held,
-                                     target.report.get("epsilon")),
-            exposure=exposure_of(attacks, member, self.data, ev.sample_idx, held_out=held))
+                                     about["claimed_epsilon"]),
+            exposure=(exposure_of(attacks, member, self.data, ev.sample_idx, held_out=held)
+                      if self.source.images else None),
+            models_used=models_used(self.attacks, attacks, ctx, self.source.trained_by))
 
     def canary_row(self, attacks: dict, member: np.ndarray, ev: Evaluation, seed: int,
                    n_boot: int, held: np.ndarray | None = None,
@@ -294,15 +332,17 @@ def split_of(labels: np.ndarray, seed: int, subset: int | None) -> PoolSplit:
 
 def canaries_for(cfg: AuditConfig, data: ImageData) -> tuple[ImageData, CanarySet | None]:
     """With --canaries: the dataset followed by its canaries, which (when mislabeled) copy
-    images outside every seed's target and shadow pools; else (data, None)."""
+    samples outside every seed's target and shadow pools; else (data, None). Data with its own
+    `with_canaries` (the caller's, crl.external.UserData) joins them itself."""
     if not cfg.canaries:
         return data, None
     n, kind = parse_canaries(cfg.canaries)
-    labels = data.y.numpy()
+    labels = data.y.cpu().numpy()
     used = [np.concatenate([s.target_pool, s.shadow_pool])
             for s in (split_of(labels, seed, cfg.subset) for seed in cfg.seeds)]
     canaries = make_canaries(data, n, kind, np.concatenate(used))
-    return with_canaries(data, canaries), canaries
+    join = getattr(data, "with_canaries", None)   # data of the caller's own (crl.external)
+    return (with_canaries(data, canaries) if join is None else join(canaries)), canaries
 
 
 def write_canary_members(run_dir: Path, jobs: list[ModelJob], member: np.ndarray,
@@ -324,35 +364,6 @@ def evaluation_of(split: PoolSplit, target: TrainedModel,
     members = np.isin(pool, target.trained_on) & np.isin(pool, split.target_members)
     groups = {k: np.isin(pool, v) & ~members & ~canary for k, v in target.groups.items()}
     return Evaluation(pool, members, np.isin(pool, split.target_nonmembers), groups, canary)
-
-
-def write_released(run_dir: Path, factory: ModelFactory, target: TrainedModel,
-                   ev: Evaluation) -> None:
-    """model.pt, metrics.jsonl and members.json: every number is recomputable from these.
-    members.json lists every sample the released model trained on: "members" (the evaluated
-    ones) and, with --canaries, "canaries" (the canaries it trained on, scored on their own);
-    "canaries_not_trained_on" are the pool's other canaries."""
-    factory.save(run_dir / "model.pt", target)
-    write_metrics(run_dir / "metrics.jsonl", target.history)
-    members = {"members": ev.sample_idx[ev.members].tolist(),
-               "nonmembers": ev.sample_idx[ev.nonmembers].tolist()}
-    members.update({k: ev.sample_idx[m].tolist() for k, m in ev.groups.items()})
-    if ev.canary is not None and ev.canary.any():
-        trained = np.isin(ev.sample_idx, target.trained_on)
-        members["canaries"] = ev.sample_idx[ev.canary & trained].tolist()
-        members["canaries_not_trained_on"] = ev.sample_idx[ev.canary & ~trained].tolist()
-    write_json_atomic(run_dir / "members.json", members)
-
-
-def write_model_index(run_dir: Path, jobs: list[ModelJob], models: list[TrainedModel]) -> None:
-    """models.json: every model behind this target's numbers (the target, its reference and
-    shadow models) with its seed, defense, the arithmetic that trained it and the model-cache
-    entry that holds it (file name and sha256; null with --no-cache). The run's manifest
-    checksums this file, so it names the cache entries the run's numbers come from."""
-    write_json_atomic(run_dir / "models.json", [
-        {"role": j.role, "index": j.index, "seed": j.seed, "defense": j.defense.name,
-         "arithmetic": m.report.get("arithmetic"), "from_cache": m.from_cache,
-         "cache_entry": m.cache_entry} for j, m in zip(jobs, models)])
 
 
 def validate_names(cfg: AuditConfig) -> list[str]:
@@ -418,44 +429,68 @@ def run_audit(cfg: AuditConfig, *, write_report: ReportWriter,
     cfg, audit, splits = prepare(cfg)
     out = Path(cfg.out)
     with run.claim():
-        write_text_atomic(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        write_json_atomic(out / "version.json", code_version())
-        for s, split in splits.items():
-            write_json_atomic(out / "splits" / f"seed{s}.json", split.to_dict())
-        if audit.canaries is not None:
-            save_canaries(out, audit.canaries)
-        outcomes = []
+        write_inputs(out, cfg, splits, audit.canaries)
         t0 = time.time()
-        finish_progress = follow_progress(cfg, audit, splits)
-        for d in cfg.defenses:
-            for s in cfg.seeds:
-                echo(f"[{d} seed {s}] training and attacking ...")
-                o = audit.audit_one(DefenseChoice(d, cfg.set.get(d, {})), s, splits[s], out=out)
-                if o.chance_warning:
-                    echo(f"WARNING [{d} seed {s}]: {o.chance_warning}")
-                outcomes.append(o)
-        finish_progress()
-        for o in outcomes:
-            save_outcome(out / "scores", o)
-        rows = [o.row() for o in outcomes]
-        table = write_report(out, outcomes, cfg)
-        write_json_atomic(out / "results.json", rows)
-        run.finish()
+        choices = [DefenseChoice(d, cfg.set.get(d, {})) for d in cfg.defenses]
+        outcomes = audit_targets(audit, choices, splits, out, echo=echo,
+                                 warn=lambda text: echo(f"WARNING {text}"))
+        table = write_results(run, outcomes, cfg, write_report)
     echo(table)
     echo(f"wrote {out}/results.json, verdict.json, report.md and figures/ in "
          f"{time.time() - t0:.0f} s")
     echo_verdict(out, echo)
-    return {"rows": rows, "outcomes": outcomes, "out": out}
+    return {"rows": [o.row() for o in outcomes], "outcomes": outcomes, "out": out}
 
 
-def follow_progress(cfg: AuditConfig, audit: Audit, splits: dict[int, PoolSplit]
+def write_inputs(out: Path, cfg: AuditConfig, splits: dict[int, PoolSplit],
+                 canaries: CanarySet | None) -> None:
+    """config.yaml, version.json, splits/seed*.json and the canaries of a run directory."""
+    write_text_atomic(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    write_json_atomic(out / "version.json", code_version())
+    for s, split in splits.items():
+        write_json_atomic(out / "splits" / f"seed{s}.json", split.to_dict())
+    if canaries is not None:
+        save_canaries(out, canaries)
+
+
+def audit_targets(audit: Audit, choices: list[DefenseChoice], splits: dict[int, PoolSplit],
+                  out: Path | None, *, echo: Callable[[str], None],
+                  warn: Callable[[str], None]) -> list[TargetOutcome]:
+    """Every (defense, seed) in turn, with the audit's progress line; `warn` gets the chance
+    warning of a target at chance."""
+    finish_progress = follow_progress(audit, choices, splits)
+    outcomes = []
+    for d in choices:
+        for s, split in splits.items():
+            echo(f"[{d.name} seed {s}] training and attacking ...")
+            o = audit.audit_one(d, s, split, out=out)
+            if o.chance_warning:
+                warn(f"[{d.name} seed {s}]: {o.chance_warning}")
+            outcomes.append(o)
+    finish_progress()
+    return outcomes
+
+
+def write_results(run: Any, outcomes: list[TargetOutcome], cfg: AuditConfig,
+                  write_report: ReportWriter, config: dict[str, Any] | None = None) -> str:
+    """scores/, the report (the caller's `write_report`), results.json and, last, the
+    manifest (crl.rundir.RunDir.finish, with `config` when the run filled in derived keys);
+    the AUC table."""
+    for o in outcomes:
+        save_outcome(run.out / "scores", o)
+    table = write_report(run.out, outcomes, cfg)
+    write_json_atomic(run.out / "results.json", [o.row() for o in outcomes])
+    run.finish(config)
+    return table
+
+
+def follow_progress(audit: Audit, choices: list[DefenseChoice], splits: dict[int, PoolSplit]
                     ) -> Callable[[], None]:
     """Start the audit's overall progress line over every planned model (none with --quiet);
     returns the function that ends it."""
-    if not cfg.progress:
+    if not audit.cfg.progress:
         return lambda: None
-    total = sum(len(audit.plan(DefenseChoice(d, cfg.set.get(d, {})), s, splits[s]))
-                for d in cfg.defenses for s in cfg.seeds)
+    total = sum(len(audit.plan(d, s, split)) for d in choices for s, split in splits.items())
     progress = AuditProgress(total)
     audit.follow(progress)
     return progress.close

@@ -1,4 +1,5 @@
-"""Stage 3, signals: what the attacks declared they need, extracted from the trained models.
+"""Stage 3, signals: what the attacks declared they need, asked of the trained models through
+their query interface (`TrainedModel.queries`, crl.query.SampleQueries, set by the model source).
 
     logits of the target and reference models on the target pool   (always; with --canaries,
                                                                     the canaries join the pool)
@@ -15,7 +16,7 @@ model (Signals.held_out), as for the target's own evaluation.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -23,9 +24,7 @@ from crl.attacks.base import AttackContext
 from crl.attacks.signals import Signals
 from crl.audit.factory import TrainedModel
 from crl.data.splits import PoolSplit
-from crl.data.types import ImageData
-from crl.evaluation import predict_logits
-from crl.models.gradients import input_gradient_norms
+from crl.errors import CRLError
 from crl.query import QueryAccess
 
 
@@ -37,19 +36,17 @@ def held_out_matrix(handed: list[np.ndarray], models: list[TrainedModel],
                      for h, m in zip(handed, models)])
 
 
-def model_signals(models: list[TrainedModel], data: ImageData, idx: np.ndarray, *,
+def model_signals(models: list[TrainedModel], labels: np.ndarray, idx: np.ndarray, *,
                   flip: bool = False, member: np.ndarray | None = None,
                   held_out: np.ndarray | None = None) -> Signals:
-    """Logits [M, N, C] of `models` on data[idx], membership [M, N] (default: trained_on) and
-    the held-out mask [M, N] (default: none)."""
-    def logits(m: TrainedModel, f: bool) -> np.ndarray:
-        return predict_logits(m.model, data, idx, flip=f).numpy()
-
+    """Logits [M, N, C] of `models` on samples idx (asked through each model's `queries`),
+    membership [M, N] (default: trained_on) and the held-out mask [M, N] (default: none)."""
     if member is None:
         member = np.stack([np.isin(idx, m.trained_on) for m in models])
-    return Signals(logits=np.stack([logits(m, False) for m in models]), member=member,
-                   labels=data.y[idx].numpy(), sample_idx=idx,
-                   logits_flip=np.stack([logits(m, True) for m in models]) if flip else None,
+    return Signals(logits=np.stack([m.queries.logits(idx) for m in models]), member=member,
+                   labels=labels[idx], sample_idx=idx,
+                   logits_flip=(np.stack([m.queries.logits(idx, flip=True) for m in models])
+                                if flip else None),
                    held_out=held_out)
 
 
@@ -71,47 +68,39 @@ def memo(fn: Callable[[int], np.ndarray]) -> Callable[[int], np.ndarray]:
     return wrapped
 
 
-def query_access(pool_models: list[TrainedModel], data: ImageData, pool: np.ndarray, *,
-                 progress: bool = True, shadow_models: list[TrainedModel] | None = None,
-                 shadow_pool: np.ndarray | None = None) -> QueryAccess:
-    """The pool's images and an oracle factory per pool model (requirement "oracle"), and the
-    shadow pool's images and shadow models when there are any."""
-    shadows = shadow_models or []
-    return QueryAccess(images=data.x[np.asarray(pool, np.int64)],
-                       models=[m.model for m in pool_models], mean=data.mean, std=data.std,
-                       progress=progress, shadow_models=[m.model for m in shadows],
-                       shadow_images=(data.x[np.asarray(shadow_pool, np.int64)]
-                                      if shadows and shadow_pool is not None else None))
-
-
 def extract_signals(pool_models: list[TrainedModel], shadow_models: list[TrainedModel],
-                    data: ImageData, split: PoolSplit, requirements: frozenset[str],
+                    data: Any, split: PoolSplit, requirements: frozenset[str],
                     run_seed: int, *, canaries: np.ndarray | None = None,
-                    handed: list[np.ndarray] | None = None,
-                    progress: bool = True) -> AttackContext:
+                    handed: list[np.ndarray] | None = None, progress: bool = True,
+                    access: Callable[..., QueryAccess] | None = None) -> AttackContext:
     """The AttackContext for one target: model 0 of `pool_models` is the target; `canaries`
     (dataset indices) are scored with the target pool (`target_pool_of`); handed[k]: the
-    training indices planned for pool model k (what it did not train on of them is held out)."""
-    flip = "flip" in requirements
+    training indices planned for pool model k (what it did not train on of them is held out).
+    Models are asked only through their `queries`; `access` (the model source's
+    query_access) gives label-only attacks their oracles (requirement "oracle")."""
+    flip, labels = "flip" in requirements, data.y.cpu().numpy()
     pool = target_pool_of(split, canaries)
     held = None if handed is None else held_out_matrix(handed, pool_models, pool)
-    target = model_signals(pool_models, data, pool, flip=flip, held_out=held)
+    target = model_signals(pool_models, labels, pool, flip=flip, held_out=held)
     population = None
     if "population" in requirements:
-        population = model_signals(pool_models, data, split.shadow_pool, flip=flip,
+        population = model_signals(pool_models, labels, split.shadow_pool, flip=flip,
                                    member=np.zeros((len(pool_models), len(split.shadow_pool)),
                                                    bool))
-    shadow = (model_signals(shadow_models, data, split.shadow_pool, flip=flip)
+    shadow = (model_signals(shadow_models, labels, split.shadow_pool, flip=flip)
               if shadow_models else None)
     grads = shadow_grads = None
     if "input_gradients" in requirements:
-        grads = memo(lambda k: input_gradient_norms(pool_models[k].model, data, pool))
+        grads = memo(lambda k: pool_models[k].queries.gradient_norms(pool))
         if shadow_models:
-            shadow_grads = memo(lambda k: input_gradient_norms(
-                shadow_models[k].model, data, split.shadow_pool))
-    queries = (query_access(pool_models, data, pool, progress=progress,
-                            shadow_models=shadow_models, shadow_pool=split.shadow_pool)
-               if "oracle" in requirements else None)
+            shadow_grads = memo(lambda k: shadow_models[k].queries.gradient_norms(
+                split.shadow_pool))
+    queries = None
+    if "oracle" in requirements:
+        if access is None:
+            raise CRLError("attacks that query models on inputs they build (requirement "
+                           "'oracle') need query access: expected a model source that gives it")
+        queries = access(pool_models, pool, shadow_models, split.shadow_pool, progress=progress)
     return AttackContext(target=target, num_classes=data.num_classes, seed=run_seed,
                          shadow=shadow, population=population, gradient_scores=grads,
                          shadow_gradient_scores=shadow_grads, queries=queries)

@@ -241,7 +241,7 @@ def write_report(out: Path, outcomes: list[TargetOutcome], cfg) -> str:
     for o in outcomes:
         if o.chance_warning:
             parts += [f"> **WARNING ({o.defense}, seed {o.seed}): {o.chance_warning}**", ""]
-    parts += verdict_section(verdict) + [_header(outcomes, cfg), ""] + _output_notes(outcomes)
+    parts += verdict_section(verdict) + [_header(outcomes), ""] + _output_notes(outcomes)
     parts += strongest_table(verdict) + _verdict_figures(verdict_figures)
     parts += full_tables(outcomes, n_boot) + worst_case_table(outcomes, n_boot=n_boot)
     parts += epsilon_section(outcomes)
@@ -363,29 +363,40 @@ def _output_notes(outcomes: list[TargetOutcome]) -> list[str]:
     return [line for d, note in notes.items() for line in (f"Note: `{d}`: {note}.", "")]
 
 
-def _recipe(cfg) -> str:
-    """The training recipe, or who trained the models when crl did not (crl.audit_training)."""
-    if cfg.epochs is None:
-        return "Models trained by the caller's own code (crl.audit_training)"
-    return f"{cfg.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr}"
+def _count(n: int, noun: str) -> str:
+    return f"no {noun}s" if n == 0 else f"{n} {noun}{'s' if n != 1 else ''}"
 
 
-def _shadows(outcomes: list[TargetOutcome], cfg) -> str:
-    """The shadow models, when an attack used them (the NN attack, shadow-fitted thresholds)."""
-    used = any(name == "nn" or "shadow_threshold_accuracy" in {**a.metrics, **a.extra}
-               for o in outcomes for name, a in o.attacks.items())
-    if not (used and cfg.shadows):
-        return "no shadow models"
-    return f"{cfg.shadows} shadow model{'s' if cfg.shadows != 1 else ''}"
+USED_WORDS = {"target": "the target", "references": "reference models",
+              "shadows": "shadow models",
+              "references (pooled rows)": "reference models (pooled rows only)"}
 
 
-def _references(outcomes: list[TargetOutcome]) -> str:
-    """How many reference models each target had (the pool models besides the target)."""
-    counts = sorted({0 if o.model_member is None else len(o.model_member) - 1 for o in outcomes})
-    if counts == [0]:
-        return "no reference models"
-    noun = "reference model" if counts == [1] else "reference models"
-    return f"{' or '.join(map(str, counts))} {noun} (LiRA/RMIA)"
+def _and(words: list[str]) -> str:
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} and {words[-1]}"
+
+
+def _models_line(outcomes: list[TargetOutcome]) -> str:
+    """How the models were trained, how many reference and shadow models each target had and
+    which models each attack used, from what ran (TargetOutcome.models_used)."""
+    used = [o.models_used for o in outcomes if o.models_used]
+    if len(used) < len(outcomes):
+        return "Models each attack used: not recorded (a run written before crl recorded them)"
+    refs = sorted({u["references"] for u in used})
+    shadows = sorted({u["shadows"] for u in used})
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for u in used:
+        for name, kinds in u["attacks"].items():
+            names = groups.setdefault(tuple(kinds), [])
+            if name not in names:
+                names.append(name)
+    parts = [f"{', '.join(names)}: " + ("the target alone" if kinds == ("target",) else
+                                        _and([USED_WORDS.get(k, k) for k in kinds]))
+             for kinds, names in groups.items()]
+    return (f"{'; '.join(sorted({u['trained_by'] for u in used}))}; per target "
+            f"{' or '.join(_count(n, 'reference model') for n in refs)}, "
+            f"{' or '.join(_count(n, 'shadow model') for n in shadows)}. Models each attack "
+            f"used: {'; '.join(parts)}")
 
 
 def _rmia_a(outcomes: list[TargetOutcome]) -> str:
@@ -408,14 +419,14 @@ def _sampled(outcomes: list[TargetOutcome]) -> str:
             f"{'; '.join(sorted(counts))}.")
 
 
-def _header(outcomes: list[TargetOutcome], cfg) -> str:
+def _header(outcomes: list[TargetOutcome]) -> str:
     seeds = sorted({o.seed for o in outcomes})
     n_m = sorted({int(o.evaluation.members.sum()) for o in outcomes})
     n_n = int(outcomes[0].evaluation.nonmembers.sum())
     text = (f"Members evaluated per target: {', '.join(map(str, n_m))} (what each released "
             f"model trained on); {n_n} non-members; seeds {seeds}. Accuracies: mean ± std over "
             "seeds. Attack cells: value [95% interval], bootstrap over samples and seeds. "
-            f"{_recipe(cfg)}; {_shadows(outcomes, cfg)}, {_references(outcomes)}."
+            f"{_models_line(outcomes)}."
             f"{_rmia_a(outcomes)}{_sampled(outcomes)}")
     if 0.001 * n_n < 1:
         text += (f" With {n_n} non-members one target resolves FPRs down to {100.0 / n_n:.2f}%: "
