@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from crl.data.splits import make_pool_split
-from crl.defenses.base import Defense
+from crl.defenses.base import Changes, Defense
 from crl.errors import CRLError
 from crl.evaluation import evaluate
 from crl.integrity import load_verified
@@ -43,10 +43,10 @@ class _Interrupt(Defense):
         super().__init__()
         self.at = at
 
-    def end_epoch(self, ctx, epoch):
+    def end_epoch(self, ctxs, epoch):
         if epoch == self.at:
             raise KeyboardInterrupt
-        return super().end_epoch(ctx, epoch)
+        return super().end_epoch(ctxs, epoch)
 
 
 def test_resume_gives_exactly_the_uninterrupted_weights(digits, split, tmp_path):
@@ -75,13 +75,24 @@ def test_resume_refuses_a_different_recipe(digits, split, tmp_path):
 
 
 class _NaNLoss(Defense):
-    def loss(self, ctx, step):
-        return step.logits.sum() * float("nan")
+    def loss(self, ctxs, step):
+        return step.logits.sum((1, 2)) * float("nan")
+
+
+class _ScalarLoss(Defense):
+    def loss(self, ctxs, step):
+        return super().loss(ctxs, step).sum()
 
 
 def test_nan_loss_is_a_clear_error(digits, split):
     with pytest.raises(CRLError, match=r"training loss = nan at epoch 1, step 1"):
         fit(_mlp(), digits, split.target_members, Recipe(epochs=1, device="cpu"), _NaNLoss(),
+            progress=False)
+
+
+def test_a_loss_without_the_model_axis_is_a_clear_error(digits, split):
+    with pytest.raises(CRLError, match=r"loss of shape \(\); expected one loss per model, \[1\]"):
+        fit(_mlp(), digits, split.target_members, Recipe(epochs=1, device="cpu"), _ScalarLoss(),
             progress=False)
 
 
@@ -111,8 +122,8 @@ def test_plain_cross_entropy_needs_no_linear_head(digits, split):
 
 def test_fit_reports_exactly_the_indices_it_trained_on(digits, split):
     class HoldOut(Defense):
-        def prepare(self, ctx):
-            ctx.train_idx = ctx.train_idx[::2]
+        def prepare(self, ctxs):
+            return [Changes(train_idx=ctxs[0].train_idx[::2])]
 
     res = fit(_mlp(), digits, split.target_members, Recipe(epochs=1, device="cpu"), HoldOut(),
               progress=False)
