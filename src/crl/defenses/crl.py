@@ -84,8 +84,8 @@ class CRLDefense(LogsMeans, Defense):
         with one optimizer of the centers' kind and settings (elementwise: K optimizers)."""
         self.centers = self.center_optimizer = None
         if self.params["lam"] > 0:
-            self.centers = nn.Parameter(torch.stack(
-                [self._initial_centers(ctx) for ctx in ctxs]).to(ctxs[0].device))
+            centers = torch.stack([self._initial_centers(ctx) for ctx in ctxs])
+            self.centers = nn.Parameter(centers.to(ctxs[0].device))
             self.center_optimizer = center_optimizer(self.centers, self.params["center_update"])
         return super().prepare(ctxs)
 
