@@ -8,6 +8,7 @@ import copy
 import itertools
 import math
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -288,9 +289,10 @@ def test_advreg_inference_model_learns_and_all_params_change(digits, members):
     before = {}
     orig_prepare = d.prepare
 
-    def spy(ctx):
-        orig_prepare(ctx)
+    def spy(ctxs):
+        changes = orig_prepare(ctxs)
         before.update({n: p.detach().clone() for n, p in d.attack.named_parameters()})
+        return changes
 
     d.prepare = spy
     res = fit(mlp(), noisy, members[0], recipe(30, lr=0.1), d, progress=False)
@@ -414,10 +416,10 @@ def test_dpsgd_poisson_batches_vary_and_epsilon_matches_opacus(digits, members):
     d = record_steps(build_defense("dpsgd", {"noise_multiplier": 1.3}), steps)
     orig_prepare = d.prepare
 
-    def spy(ctx):
-        orig_prepare(ctx)
-        assert isinstance(ctx.sampler, PoissonBatches) and ctx.sampler is d.sampler
-        inner = ctx.sampler
+    def spy(ctxs):
+        (changes,) = orig_prepare(ctxs)
+        assert isinstance(changes.sampler, PoissonBatches) and changes.sampler is d.sampler
+        inner = changes.sampler
 
         class Recorder:
             def batches(self, idx, gen):
@@ -425,7 +427,7 @@ def test_dpsgd_poisson_batches_vary_and_epsilon_matches_opacus(digits, members):
                     drawn.append(b.numel())
                     yield b
 
-        ctx.sampler = Recorder()
+        return [replace(changes, sampler=Recorder())]
 
     d.prepare = spy
     fit(mlp(), digits, members[0][:n], recipe(epochs, batch), d, progress=False)

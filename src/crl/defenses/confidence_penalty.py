@@ -37,6 +37,7 @@ class ConfidencePenalty(LogsMeans, Defense):
 
     def loss(self, ctxs: list[TrainContext], step: Step) -> torch.Tensor:
         """CE - beta * mean entropy per model: logits [K, B, C] -> [K]."""
+        means = self._means()
         ce, ent = _ce_and_entropy(step.logits, step.y)
-        self._means().add(l_ce=ce, entropy=ent)
+        means.add(l_ce=ce, entropy=ent)
         return ce - self.params["beta"] * ent

@@ -97,8 +97,6 @@ class CRLDefense(LogsMeans, Defense):
 
     def loss(self, ctxs: list[TrainContext], step: Step) -> torch.Tensor:
         """L = L_rce + lam * L_rcl per model (crl_batched: each model takes its own branch)."""
-        if self.params["lam"] > 0 and self.centers is None:
-            raise CRLError(f"defense '{self.name}' used before prepare(ctxs); call prepare first")
         means, stats = self._means(), LossStats()
         value = crl_batched(step.logits, step.features, step.y, self.centers, step.epoch,
                             validate=False, stats=stats, **self.params)

@@ -34,9 +34,9 @@ class RelaxLossDefense(LogsMeans, Defense):
 
     def loss(self, ctxs: list[TrainContext], step: Step) -> torch.Tensor:
         """RelaxLoss per model (relaxloss_batched: each model takes its own branch, Eq. 3)."""
-        stats = LossStats()
+        means, stats = self._means(), LossStats()
         value = relaxloss_batched(step.logits, step.y, self.params["alpha"], step.epoch,
                                   upper=self.params["upper"], validate=False, stats=stats)
-        self._means().add(l_ce=stats["l_ce"])
-        self._means().add_branch("ce", stats.code("branch"))
+        means.add(l_ce=stats["l_ce"])
+        means.add_branch("ce", stats.code("branch"))
         return value
