@@ -94,11 +94,26 @@ def _train(impl: str, defense: str, work: Path) -> None:
 
 
 def _trace_relaxloss() -> list[tuple[int, float, str, float]]:
-    """Record (epoch, l_ce, branch, loss) of every RelaxLoss step in this process's `crl`
-    (both versions keep l_ce and the branch in `last_stats`)."""
+    """Record (epoch, l_ce, branch, loss) of every RelaxLoss step in this process's `crl`: the
+    module's forward in the old code, the one formulation over K models in today's."""
+    import crl.defenses.relaxloss as defense
     from crl.losses.relaxloss import RelaxLoss
 
-    trace, forward = [], RelaxLoss.forward
+    trace: list[tuple[int, float, str, float]] = []
+    if hasattr(defense, "relaxloss_batched") and not hasattr(defense.RelaxLossDefense,
+                                                              "batched_loss"):
+        batched = defense.relaxloss_batched
+
+        def traced_batched(logits, targets, alpha, epoch, **options):
+            loss = batched(logits, targets, alpha, epoch, **options)
+            stats = options["stats"]
+            trace.append((int(epoch), float(stats["l_ce"][0]), str(stats["branch"][0]),
+                          float(loss.detach()[0])))
+            return loss
+
+        defense.relaxloss_batched = traced_batched
+        return trace
+    forward = RelaxLoss.forward
 
     def traced(self, logits, targets, epoch):
         loss = forward(self, logits, targets, epoch)
