@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import crl
-import crl.defenses  # noqa: F401  (registers every defense)
+import crl.defenses  # registers every defense
 from crl.cli import main
 from crl.defenses.base import Step, build_defense
 from crl.losses.hamp import soft_label_confidence

@@ -40,8 +40,9 @@ groups of training-pool samples to attack separately (DMP's teacher-only half).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -144,7 +145,7 @@ class TrainContext:
         """(mean cross-entropy, accuracy) of `model` (default: ctx.model) on data[idx]."""
         return evaluate(self.model if model is None else model, self.data, idx)
 
-    def train_submodel(self, model: nn.Module, idx, *, defense: "Defense | None" = None,
+    def train_submodel(self, model: nn.Module, idx, *, defense: Defense | None = None,
                        stream: str = "submodel") -> nn.Module:
         """Train `model` on data[idx] with this recipe (its seed derived by `stream`) and
         `defense` (default: plain cross-entropy); returns the trained module."""

@@ -20,9 +20,10 @@ whichever of the group's other models the cache already held.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from torch import nn
@@ -98,8 +99,8 @@ class Engine(Protocol):
 
 def get_engine(name: str, **options: Any) -> Engine:
     """A registered engine by name."""
-    import crl.engine.ensemble  # noqa: F401  (registers 'ensemble' and 'auto')
-    import crl.engine.ray_engine  # noqa: F401  (registers 'ray'; imports ray only when used)
+    import crl.engine.ensemble  # registers 'ensemble' and 'auto'
+    import crl.engine.ray_engine  # registers 'ray' (imports ray only when used)
     import crl.engine.sequential  # noqa: F401  (registers the built-in engines)
 
     return ENGINES.get(name)(**options)
