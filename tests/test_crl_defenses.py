@@ -1,6 +1,7 @@
 """The crl, imprelaxloss, rcl and relaxloss defenses on a tiny model and TrainContext."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -70,6 +71,17 @@ def test_builds_prepares_and_trains(name):
     assert defense.end_epoch([ctx], 3)[0].metrics == {}   # the means restart every epoch
     assert defense.report() == {} and defense.evaluation_groups() == {}
     assert type(defense).batchable
+
+
+def test_a_context_is_read_only_and_changes_make_a_new_one():
+    """No hook edits a context: prepare returns `Changes`, the loop applies them."""
+    ctx = make_ctx()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ctx.train_idx = ctx.train_idx[:2]
+    moved = ctx.with_changes(Changes(train_idx=ctx.train_idx[:2]))
+    assert moved.train_idx.tolist() == [0, 1] and ctx.train_idx.numel() == N
+    assert moved.model is ctx.model and moved.optimizer is ctx.optimizer
+    assert ctx.with_changes(Changes()) == ctx
 
 
 def test_params_and_fixed_values():

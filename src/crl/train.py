@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from crl.data.augment import augment_batch
 from crl.data.types import ImageData, normalize
-from crl.defenses.base import Defense, EpochEnd, Step, TrainContext, default_sampler
+from crl.defenses.base import Defense, EpochEnd, Step, SubTrainer, TrainContext, default_sampler
 from crl.engine import arithmetic_label
 from crl.errors import CRLError
 from crl.evaluation import evaluate, predict_logits
@@ -94,18 +94,35 @@ def _submodel_trainer(data: ImageData, recipe: Recipe):
     return train
 
 
+def training_indices(idx) -> torch.Tensor:
+    """Dataset indices as a long tensor; CRLError when there are none."""
+    idx = torch.as_tensor(np.asarray(idx), dtype=torch.long)
+    if idx.numel() == 0:
+        raise CRLError("train_idx is empty: expected at least one training sample")
+    return idx
+
+
+def train_context(data: ImageData, recipe: Recipe, model: nn.Module,
+                  optimizer: torch.optim.Optimizer, train_idx, defense: Defense, *,
+                  trainer: SubTrainer | None = None) -> TrainContext:
+    """A model's context before the defense's changes (every engine builds it here): its
+    recipe (own seed), model and optimizer on the recipe's device, training indices, the
+    width of its features if the defense needs them, the default sampler."""
+    feat_dim = classifier_of(model)[1].in_features if defense.needs_features else None
+    return TrainContext(data=data, recipe=recipe, model=model, optimizer=optimizer,
+                        train_idx=training_indices(train_idx),
+                        device=resolve_device(recipe.device), feat_dim=feat_dim,
+                        sampler=default_sampler(recipe), trainer=trainer)
+
+
 def _context(model, data, train_idx, recipe, defense) -> TrainContext:
-    device = resolve_device(recipe.device)
-    model = model.to(device)
+    model = model.to(resolve_device(recipe.device))
     if recipe.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
                                 weight_decay=recipe.weight_decay)
-    feat_dim = classifier_of(model)[1].in_features if defense.needs_features else None
-    return TrainContext(data=data, recipe=recipe, model=model, optimizer=optimizer,
-                        train_idx=train_idx, device=device, feat_dim=feat_dim,
-                        sampler=default_sampler(recipe),
-                        trainer=_submodel_trainer(data, recipe))
+    return train_context(data, recipe, model, optimizer, train_idx, defense,
+                         trainer=_submodel_trainer(data, recipe))
 
 
 def fit(model: nn.Module, data: ImageData, train_idx, recipe: Recipe,
@@ -116,9 +133,7 @@ def fit(model: nn.Module, data: ImageData, train_idx, recipe: Recipe,
     Returns the trained model (on the recipe's device), its per-epoch history and exactly the
     indices it trained on (a defense may hold some out)."""
     defense = defense or Defense()
-    train_idx = torch.as_tensor(np.asarray(train_idx), dtype=torch.long)
-    if train_idx.numel() == 0:
-        raise CRLError("train_idx is empty: expected at least one training sample")
+    train_idx = training_indices(train_idx)
     defense.check(recipe, int(train_idx.numel()))
     fingerprint = _fingerprint(model, data, train_idx, recipe, defense)
     ctx = _context(model, data, train_idx, recipe, defense)

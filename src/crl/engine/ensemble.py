@@ -50,17 +50,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from crl.data.types import ImageData, normalize
-from crl.defenses.base import Changes, Defense, TrainContext, build_defense, default_sampler
+from crl.defenses.base import Changes, Defense, TrainContext, build_defense
 from crl.engine import ENGINES, OnDone, TrainOutput, TrainRequest, arithmetic_label
 from crl.engine.sequential import initial_model, train_one
 from crl.engine.stacked import FORMULATIONS, Stack, agrees, build_stack, formulation_for, trial_step
 from crl.errors import CRLError
-from crl.models.features import classifier_of
 from crl.models.spec import ModelSpec
 from crl.params import Param, ParamSpec
 from crl.recipe import Recipe
 from crl.registry import DEFENSES
-from crl.train import ModelGroup, lr_schedule, train_epoch
+from crl.train import ModelGroup, lr_schedule, train_context, train_epoch
 from crl.utils import resolve_device
 
 MAX_ENSEMBLE = 64               # models per chunk at most (more gains nothing measurable)
@@ -297,7 +296,7 @@ class _Ensemble(ModelGroup):
                                     weight_decay=recipe.weight_decay)
         defense = build_defense(run.defense, run.params)
         defense.check(recipe, len(requests[0].train_idx))
-        contexts = [_context(run, req, model, optimizer, device, defense)
+        contexts = [_context(run, req, model, optimizer, defense)
                     for req, model in zip(requests, models)]
         if any(vars(changes) != vars(Changes()) for changes in defense.prepare(contexts)):
             raise CRLError(f"defense '{defense.name}' changed a model's training set, model, "
@@ -341,16 +340,10 @@ class _Ensemble(ModelGroup):
 
 
 def _context(run: _Run, request: TrainRequest, model: nn.Module,
-             optimizer: torch.optim.Optimizer, device: torch.device,
-             defense: Defense) -> TrainContext:
-    """Model k's context: its own seed (streams), sorted training indices, the default sampler."""
-    feat_dim = classifier_of(model)[1].in_features if defense.needs_features else None
-    train_idx = torch.as_tensor(np.sort(np.asarray(request.train_idx)), dtype=torch.long)
-    if train_idx.numel() == 0:
-        raise CRLError("train_idx is empty: expected at least one training sample")
-    return TrainContext(data=run.data, recipe=replace(run.recipe, seed=request.seed),
-                        model=model, optimizer=optimizer, train_idx=train_idx, device=device,
-                        feat_dim=feat_dim, sampler=default_sampler(run.recipe))
+             optimizer: torch.optim.Optimizer, defense: Defense) -> TrainContext:
+    """Model k's context: its own seed (streams), sorted training indices."""
+    return train_context(run.data, replace(run.recipe, seed=request.seed), model, optimizer,
+                         np.sort(np.asarray(request.train_idx)), defense)
 
 
 # What `auto` runs per (model, device type), from the timings in docs/performance.md
