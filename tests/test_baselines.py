@@ -18,7 +18,7 @@ from torch import nn
 
 import crl.defenses  # noqa: F401  (registers every defense)
 from crl.data.splits import make_pool_split
-from crl.data.types import ImageData
+from crl.data.types import ImageData, normalize
 from crl.defenses.base import Step, TrainContext, build_defense, default_sampler
 from crl.errors import CRLError
 from crl.models import create_model
@@ -73,7 +73,7 @@ def make_ctx(data, idx, model=None, epochs=3, batch=32):
 def make_step(ctx, idx, epoch=1, logits=None):
     """A fit-like Step of one model: leading model axis of 1."""
     idx = torch.as_tensor(np.asarray(idx))
-    x = ctx.inputs(idx)
+    x = normalize(ctx.data.x[idx], ctx.data.mean, ctx.data.std)
     logits = ctx.model(x) if logits is None else logits
     return Step(x=x[None], y=ctx.data.y[idx][None], idx=idx[None], logits=logits[None],
                 features=None, epoch=epoch, step=1)

@@ -49,14 +49,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crl.data.types import ImageData, normalize
+from crl.data.types import ImageData
 from crl.errors import CRLError
 from crl.evaluation import evaluate, predict_logits
 from crl.params import ParamSpec
 from crl.recipe import Recipe
 from crl.registry import DEFENSES
 from crl.sampling import BatchSampler, ShuffledBatches
-from crl.seeding import numpy_rng, torch_generator
+from crl.seeding import torch_generator
 
 
 @dataclass
@@ -70,10 +70,6 @@ class Step:
     features: torch.Tensor | None   # penultimate features [K, B, D] (if defense.needs_features)
     epoch: int                      # 1-based
     step: int                       # 1-based within the epoch
-
-    @property
-    def models(self) -> int:
-        return int(self.logits.shape[0])
 
 
 @dataclass
@@ -128,13 +124,6 @@ class TrainContext:
     def stream(self, *names: str | int) -> torch.Generator:
         """A CPU torch.Generator on this model's stream `names` (e.g. 'centers')."""
         return torch_generator(self.recipe.seed, *names)
-
-    def numpy_stream(self, *names: str | int) -> np.random.Generator:
-        return numpy_rng(self.recipe.seed, *names)
-
-    def inputs(self, idx: torch.Tensor) -> torch.Tensor:
-        """Normalised float inputs for dataset indices `idx` on the device (no augmentation)."""
-        return normalize(self.data.x[idx].to(self.device), self.data.mean, self.data.std)
 
     def predict(self, idx, model: nn.Module | None = None) -> torch.Tensor:
         """float32 logits of `model` (default: ctx.model) on data[idx], eval mode, on the device."""
