@@ -16,6 +16,15 @@ Second, `--old-seeds N`: the pre-refactor default audit (`crl audit --attacks lo
 CRL's centers): per seed, the target's test accuracy and loss-attack AUC. Equal rows mean the
 audit's numbers moved only because the seeds now name other random streams.
 
+Third, `--baseline SRC`: the engines of another checkout (commit f9d09ce, before each defense's
+objective was written once over K >= 1 models) against today's, with nothing pinned (both name
+the same seed streams): three digits MLPs per defense (100 training samples each, the digits
+default recipe) trained by the sequential engine and by the ensemble engine (baddbmm), final
+logits on all 1,797 images compared bit for bit.
+
+    git worktree add /tmp/crl-old-obj f9d09ce
+    python benchmarks/refactor_check.py --baseline /tmp/crl-old-obj/src
+
 Each version runs in its own process (both packages are named `crl`): `--impl` selects the one
 this process imports, and the parent compares the logits they write. Pinned: the model's initial
 state dict (built once by the new code after torch.manual_seed(i), i = 0..--inits-1), the training indices (100 digits samples), the shuffle
@@ -85,11 +94,26 @@ def _train(impl: str, defense: str, work: Path) -> None:
 
 
 def _trace_relaxloss() -> list[tuple[int, float, str, float]]:
-    """Record (epoch, l_ce, branch, loss) of every RelaxLoss step in this process's `crl`
-    (both versions keep l_ce and the branch in `last_stats`)."""
+    """Record (epoch, l_ce, branch, loss) of every RelaxLoss step in this process's `crl`: the
+    module's forward in the old code, the one formulation over K models in today's."""
+    import crl.defenses.relaxloss as defense
     from crl.losses.relaxloss import RelaxLoss
 
-    trace, forward = [], RelaxLoss.forward
+    trace: list[tuple[int, float, str, float]] = []
+    if hasattr(defense, "relaxloss_batched") and not hasattr(defense.RelaxLossDefense,
+                                                              "batched_loss"):
+        batched = defense.relaxloss_batched
+
+        def traced_batched(logits, targets, alpha, epoch, **options):
+            loss = batched(logits, targets, alpha, epoch, **options)
+            stats = options["stats"]
+            trace.append((int(epoch), float(stats["l_ce"][0]), str(stats["branch"][0]),
+                          float(loss.detach()[0])))
+            return loss
+
+        defense.relaxloss_batched = traced_batched
+        return trace
+    forward = RelaxLoss.forward
 
     def traced(self, logits, targets, epoch):
         loss = forward(self, logits, targets, epoch)
@@ -185,6 +209,70 @@ def _seeds_table(old_src: str, seeds: int) -> None:
                   f"| {auc:.4f} |", flush=True)
 
 
+def _engines(work: Path, defenses: list[str]) -> None:
+    """In this process's `crl`: three digits MLPs per defense and engine; their final logits
+    and histories to work/<impl>-engines.pt."""
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(1)
+    from crl.data.datasets import load_dataset
+    from crl.data.types import normalize
+    from crl.engine import TrainRequest, get_engine
+    from crl.models.spec import ModelSpec
+    from crl.recipe import Recipe
+
+    data = load_dataset("digits")
+    rng = np.random.default_rng(0)
+    requests = [TrainRequest(seed=s, train_idx=rng.choice(len(data), 100, replace=False))
+                for s in range(3)]
+    recipe = Recipe(epochs=60, batch_size=32, lr=0.05, device="cpu")
+    spec = ModelSpec.for_data("mlp", data)
+    x = normalize(data.x, data.mean, data.std)
+    out = {}
+    for engine in ("sequential", "ensemble"):
+        for defense in defenses:
+            models = get_engine(engine).train(spec, data, recipe, defense, {}, requests,
+                                              progress=False)
+            with torch.no_grad():
+                out[(engine, defense)] = ([m.net(x) for m in models],
+                                          [m.history for m in models])
+    torch.save(out, work / f"{os.environ['CRL_CHECK_IMPL']}-engines.pt")
+
+
+def _baseline(old_src: str, defenses: list[str]) -> None:
+    """Today's engines against those of `old_src`: one row per engine and defense."""
+    import torch
+
+    new_src = str(Path(__file__).resolve().parents[1] / "src")
+    with tempfile.TemporaryDirectory() as work:
+        for impl, src in (("new", new_src), ("old", old_src)):
+            env = {**os.environ, "PYTHONPATH": src, "CRL_CHECK_IMPL": impl,
+                   "CRL_CACHE": os.path.join(work, f"cache-{impl}"), "OMP_NUM_THREADS": "1"}
+            subprocess.run([sys.executable, __file__, "--engines", "--work", work,
+                            "--defenses", ",".join(defenses)], env=env, check=True)
+        old, new = (torch.load(Path(work) / f"{impl}-engines.pt", weights_only=False)
+                    for impl in ("old", "new"))
+    print("| engine | defense | models bitwise equal | max |logit difference| | max |logit| "
+          "| same predictions | max |history difference| |\n|---|---|---|---|---|---|---|")
+    for key in old:
+        (o_logits, o_hist), (n_logits, n_hist) = old[key], new[key]
+        equal = sum(torch.equal(a, b) for a, b in zip(o_logits, n_logits))
+        diff = max((a - b).abs().max().item() for a, b in zip(o_logits, n_logits))
+        scale = max(b.abs().max().item() for b in n_logits)
+        preds = all(bool((a.argmax(1) == b.argmax(1)).all()) for a, b in zip(o_logits, n_logits))
+        print(f"| {key[0]} | {key[1]} | {equal} of {len(n_logits)} | {diff:.2e} | {scale:.1f} "
+              f"| {preds} | {_history_gap(o_hist, n_hist)} |")
+
+
+def _history_gap(old: list, new: list) -> str:
+    """The largest difference of any logged number of any epoch of any model (keys too)."""
+    gaps = [abs(o[key] - n[key]) for ho, hn in zip(old, new) for o, n in zip(ho, hn)
+            for key in o if key in n]
+    same_keys = all(o.keys() == n.keys() for ho, hn in zip(old, new) for o, n in zip(ho, hn))
+    return f"{max(gaps):.1e}" + ("" if same_keys else " (other keys)")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--old-src", help="src/ of a checkout of commit 64f7cf0")
@@ -195,7 +283,14 @@ def main(argv: list[str] | None = None) -> None:
                    help="initial weights from torch.manual_seed(0..N-1), one comparison each")
     p.add_argument("--old-seeds", type=int, metavar="N",
                    help="compare the old default audit with today's fit on the old seeds 0..N-1")
+    p.add_argument("--baseline", metavar="SRC",
+                   help="compare both engines with those of SRC (src/ of commit f9d09ce)")
+    p.add_argument("--engines", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.engines:
+        return _engines(Path(a.work), a.defenses.split(","))
+    if a.baseline:
+        return _baseline(a.baseline, a.defenses.split(","))
     if a.impl:
         for defense in a.defenses.split(","):
             _train(a.impl, defense, Path(a.work))

@@ -8,6 +8,7 @@ import copy
 import itertools
 import math
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from torch import nn
 
 import crl.defenses  # noqa: F401  (registers every defense)
 from crl.data.splits import make_pool_split
-from crl.data.types import ImageData
+from crl.data.types import ImageData, normalize
 from crl.defenses.base import Step, TrainContext, build_defense, default_sampler
 from crl.errors import CRLError
 from crl.models import create_model
@@ -70,20 +71,27 @@ def make_ctx(data, idx, model=None, epochs=3, batch=32):
 
 
 def make_step(ctx, idx, epoch=1, logits=None):
+    """A fit-like Step of one model: leading model axis of 1."""
     idx = torch.as_tensor(np.asarray(idx))
-    x = ctx.inputs(idx)
+    x = normalize(ctx.data.x[idx], ctx.data.mean, ctx.data.std)
     logits = ctx.model(x) if logits is None else logits
-    return Step(x=x, y=ctx.data.y[idx], idx=idx, logits=logits, features=None, epoch=epoch,
-                step=1)
+    return Step(x=x[None], y=ctx.data.y[idx][None], idx=idx[None], logits=logits[None],
+                features=None, epoch=epoch, step=1)
+
+
+def prepared(defense, ctx):
+    """`ctx` with the changes defense.prepare returns for it (as fit applies them)."""
+    (changes,) = defense.prepare([ctx])
+    return ctx.with_changes(changes)
 
 
 def record_steps(defense, sink):
     """Wrap defense.loss to record every Step it sees."""
     orig = defense.loss
 
-    def spy(ctx, step):
+    def spy(ctxs, step):
         sink.append(step)
-        return orig(ctx, step)
+        return orig(ctxs, step)
 
     defense.loss = spy
     return defense
@@ -156,10 +164,10 @@ def test_label_smoothing_loss_matches_plain_torch(digits, members):
     logits = torch.randn(7, 10)
     step = make_step(ctx, members[0][:7], logits=logits)
     eps = 0.2
-    target = torch.full((7, 10), eps / 10).scatter_(1, step.y[:, None], 1 - eps + eps / 10)
+    target = torch.full((7, 10), eps / 10).scatter_(1, step.y[0, :, None], 1 - eps + eps / 10)
     expected = -(target * torch.log_softmax(logits, 1)).sum(1).mean()
-    got = build_defense("label_smoothing", {"epsilon": eps}).loss(ctx, step)
-    assert torch.allclose(got, expected, atol=1e-6)
+    got = build_defense("label_smoothing", {"epsilon": eps}).loss([ctx], step)
+    assert got.shape == (1,) and torch.allclose(got[0], expected, atol=1e-6)
     res, _ = run(digits, members[0], "label_smoothing", epochs=2)
     assert len(res.history) == 2 and math.isfinite(res.history[-1]["train_loss"])
 
@@ -171,12 +179,14 @@ def test_confidence_penalty_matches_plain_torch(digits, members):
     step = make_step(ctx, members[0][:5], logits=logits)
     p = torch.softmax(logits, 1)
     ent = -(p * p.log()).sum(1).mean()
-    ce = F.cross_entropy(logits, step.y)
+    ce = F.cross_entropy(logits, step.y[0])
     d = build_defense("confidence_penalty", {"beta": 0.3})
-    assert torch.allclose(d.loss(ctx, step), ce - 0.3 * ent, atol=1e-6)
-    m = d.end_epoch(ctx, 1).metrics
+    ctx = prepared(d, ctx)
+    assert torch.allclose(d.loss([ctx], step), (ce - 0.3 * ent)[None], atol=1e-6)
+    m = d.end_epoch([ctx], 1)[0].metrics
     assert m["entropy"] == pytest.approx(float(ent), abs=1e-5)
-    assert m["l_ce"] == pytest.approx(float(ce), abs=1e-5) and d.end_epoch(ctx, 2).metrics == {}
+    assert m["l_ce"] == pytest.approx(float(ce), abs=1e-5)
+    assert d.end_epoch([ctx], 2)[0].metrics == {}
     res, _ = run(digits, members[0], "confidence_penalty", epochs=2)
     assert {"entropy", "l_ce"} <= set(res.history[-1])
 
@@ -200,18 +210,20 @@ def test_train_idx_excludes_exactly_the_held_out_samples(digits, members, name):
     assert held.size > 0 and np.intersect1d(trained, held).size == 0
     assert np.array_equal(np.sort(np.concatenate([trained, held])), np.sort(members[0]))
     # exactly what the model trained on: every sample fit drew, and nothing else
-    seen = np.unique(torch.cat([s.idx for s in steps]).numpy())
+    seen = np.unique(torch.cat([s.idx.reshape(-1) for s in steps]).numpy())
     assert np.array_equal(seen, trained)
     assert np.intersect1d(held, members[1]).size == 0        # non-members never drawn on
 
 
 def test_held_out_splits_come_from_named_streams(digits, members):
     a = build_defense("advreg")
-    a.prepare(make_ctx(digits, members[0]))
+    (changes,) = a.prepare([make_ctx(digits, members[0])])
     b = build_defense("advreg")
-    b.prepare(make_ctx(digits, members[0]))
+    b.prepare([make_ctx(digits, members[0])])
     e = build_defense("early_stopping", {"val_fraction": 0.2})
-    e.prepare(make_ctx(digits, members[0]))
+    e.prepare([make_ctx(digits, members[0])])
+    assert torch.equal(changes.train_idx, a.member_idx)      # returned, not written into ctx
+    assert changes.model is changes.optimizer is changes.sampler is None
     assert torch.equal(a.ref_idx, b.ref_idx)                  # same seed, same split
     assert not torch.equal(a.ref_idx, e.val_idx)              # another name, another split
     assert all(torch.equal(p, q) for p, q in zip(a.attack.parameters(), b.attack.parameters()))
@@ -238,9 +250,9 @@ def test_early_stopping_by_patience_restores_best(digits, members, monkeypatch):
     states = []
     orig_end = d.end_epoch
 
-    def spy(ctx, epoch):
-        states.append({k: v.clone() for k, v in ctx.model.state_dict().items()})
-        return orig_end(ctx, epoch)
+    def spy(ctxs, epoch):
+        states.append({k: v.clone() for k, v in ctxs[0].model.state_dict().items()})
+        return orig_end(ctxs, epoch)
 
     monkeypatch.setattr(d, "end_epoch", spy)
     res = fit(mlp(), digits, members[0], recipe(6), d, progress=False)
@@ -277,9 +289,10 @@ def test_advreg_inference_model_learns_and_all_params_change(digits, members):
     before = {}
     orig_prepare = d.prepare
 
-    def spy(ctx):
-        orig_prepare(ctx)
+    def spy(ctxs):
+        changes = orig_prepare(ctxs)
         before.update({n: p.detach().clone() for n, p in d.attack.named_parameters()})
+        return changes
 
     d.prepare = spy
     res = fit(mlp(), noisy, members[0], recipe(30, lr=0.1), d, progress=False)
@@ -303,22 +316,22 @@ def test_advreg_inference_model_learns_and_all_params_change(digits, members):
 
 def test_advreg_loss_trains_attack_first_then_is_ce_plus_alpha_member_gain(digits, members):
     d = build_defense("advreg", {"alpha": 2.0, "k": 3})
-    ctx = make_ctx(digits, members[0])
-    d.prepare(ctx)
+    ctx = prepared(d, make_ctx(digits, members[0]))
     step = make_step(ctx, ctx.train_idx[:8])
     before = [p.detach().clone() for p in d.attack.parameters()]
-    loss = d.loss(ctx, step)
+    loss = d.loss([ctx], step)
     assert all(not torch.equal(a, b) for a, b in zip(before, d.attack.parameters()))
+    logits, y = step.logits[0], step.y[0]
     with torch.no_grad():            # the member term uses the inference model after its steps
-        z = d.attack(torch.softmax(step.logits, 1), step.y)
-    expected = F.cross_entropy(step.logits, step.y) + 2.0 * F.logsigmoid(z).mean()
-    assert torch.allclose(loss, expected, atol=1e-6)
+        z = d.attack(torch.softmax(logits, 1), y)
+    expected = F.cross_entropy(logits, y) + 2.0 * F.logsigmoid(z).mean()
+    assert torch.allclose(loss, expected[None], atol=1e-6)
     assert ctx.model.training                         # inner steps left the model's mode alone
     for p in d.attack.parameters():
         p.grad = None
-    loss.backward()
+    loss.sum().backward()
     assert all(p.grad is None for p in d.attack.parameters())   # classifier step only
-    m = d.end_epoch(ctx, 1).metrics
+    m = d.end_epoch([ctx], 1)[0].metrics
     assert {"attack_acc", "attack_gain", "l_ce", "member_log_h"} <= set(m)
     state = d.state_dict()
     assert {"attack", "attack_opt", "gen"} <= set(state) and state["attack_opt"]["state"]
@@ -341,14 +354,14 @@ def test_dmp_student_trains_only_on_low_entropy_reference(digits, members):
     assert all(np.isin(s.idx.numpy(), ref).all() for s in steps)
     # the loss is KL to the teacher's temperature-softened posteriors; hard labels are ignored
     ctx = make_ctx(digits, members[0])
-    x = steps[0].x
+    x = steps[0].x[0]
     logits = res.model(x)
-    fake = Step(x=x, y=torch.zeros(len(x), dtype=torch.long), idx=steps[0].idx, logits=logits,
-                features=None, epoch=1, step=1)
-    got = d.loss(ctx, fake)
+    fake = Step(x=x[None], y=torch.zeros(1, len(x), dtype=torch.long), idx=steps[0].idx,
+                logits=logits[None], features=None, epoch=1, step=1)
+    got = d.loss([ctx], fake)
     q = torch.softmax(d.teacher(x) / 2.0, 1)
     expected = (q * (q.log() - torch.log_softmax(logits, 1))).sum(1).mean()
-    assert torch.allclose(got, expected, atol=1e-5)
+    assert torch.allclose(got, expected[None], atol=1e-5)
     rep = d.report()
     assert rep["n_teacher"] == 50 and rep["n_student"] == 30
 
@@ -365,10 +378,12 @@ def test_dmp_teacher_only_group_is_disjoint_from_the_student(digits, members):
 
 def test_dmp_errors(digits, members):
     with pytest.raises(CRLError, match="no trainer"):
-        build_defense("dmp").prepare(make_ctx(digits, members[0]))
+        build_defense("dmp").prepare([make_ctx(digits, members[0])])
     ctx = make_ctx(digits, members[0])
     with pytest.raises(CRLError, match="prepare"):
-        build_defense("dmp").loss(ctx, make_step(ctx, members[0][:2]))
+        build_defense("dmp").loss([ctx], make_step(ctx, members[0][:2]))
+    with pytest.raises(CRLError, match="one model at a time, got 2"):
+        build_defense("dmp").prepare([ctx, ctx])
 
 
 # --- DP-SGD ------------------------------------------------------------------------------------
@@ -401,10 +416,10 @@ def test_dpsgd_poisson_batches_vary_and_epsilon_matches_opacus(digits, members):
     d = record_steps(build_defense("dpsgd", {"noise_multiplier": 1.3}), steps)
     orig_prepare = d.prepare
 
-    def spy(ctx):
-        orig_prepare(ctx)
-        assert isinstance(ctx.sampler, PoissonBatches) and ctx.sampler is d.sampler
-        inner = ctx.sampler
+    def spy(ctxs):
+        (changes,) = orig_prepare(ctxs)
+        assert isinstance(changes.sampler, PoissonBatches) and changes.sampler is d.sampler
+        inner = changes.sampler
 
         class Recorder:
             def batches(self, idx, gen):
@@ -412,7 +427,7 @@ def test_dpsgd_poisson_batches_vary_and_epsilon_matches_opacus(digits, members):
                     drawn.append(b.numel())
                     yield b
 
-        ctx.sampler = Recorder()
+        return [replace(changes, sampler=Recorder())]
 
     d.prepare = spy
     fit(mlp(), digits, members[0][:n], recipe(epochs, batch), d, progress=False)
@@ -437,13 +452,12 @@ def test_dpsgd_averages_over_the_expected_batch_size(digits, members):
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
     plain = copy.deepcopy(model)
     d = build_defense("dpsgd", {"noise_multiplier": 0.0, "max_grad_norm": 1e6})
-    ctx = make_ctx(digits, members[0], model=model, batch=32)
-    d.prepare(ctx)
+    ctx = prepared(d, make_ctx(digits, members[0], model=model, batch=32))
     step = make_step(ctx, members[0][:8])
     ctx.optimizer.zero_grad(set_to_none=True)
-    d.loss(ctx, step).backward()
+    d.loss([ctx], step).sum().backward()
     ctx.optimizer.step()
-    F.cross_entropy(plain(step.x), step.y).backward()
+    F.cross_entropy(plain(step.x[0]), step.y[0]).backward()
     for p, q in zip(ctx.model.parameters(), plain.parameters()):
         torch.testing.assert_close(p.grad, q.grad * 8 / 32)
 
@@ -452,8 +466,10 @@ def test_dpsgd_batchnorm_model_is_fixed_steps_and_unwraps(digits, members):
     from crl.models.features import FeatureTap
 
     d = build_defense("dpsgd")
-    ctx = make_ctx(digits, members[0], model=conv_bn())
-    d.prepare(ctx)
+    plain = make_ctx(digits, members[0], model=conv_bn())
+    ctx = prepared(d, plain)
+    assert plain.model is not ctx.model and plain.optimizer is not ctx.optimizer
+    assert ctx.sampler is d.sampler and plain.sampler is not d.sampler
     assert not any(isinstance(m, nn.BatchNorm2d) for m in ctx.model.modules())
     assert {id(p) for p in ctx.model.parameters()} == \
         {id(p) for g in ctx.optimizer.param_groups for p in g["params"]}
@@ -461,12 +477,12 @@ def test_dpsgd_batchnorm_model_is_fixed_steps_and_unwraps(digits, members):
     step = make_step(ctx, members[0][:8])
     before = [p.detach().clone() for p in ctx.model.parameters()]
     ctx.optimizer.zero_grad(set_to_none=True)
-    d.loss(ctx, step).backward()
+    d.loss([ctx], step).sum().backward()
     assert tap.pop().shape == (8, 16)
     ctx.optimizer.step()
     assert any(not torch.equal(a, b) for a, b in zip(before, ctx.model.parameters()))
     tap.remove()
-    d.finish(ctx)
+    ctx = ctx.with_changes(d.finish(ctx))
     assert type(ctx.model) is nn.Sequential           # unwrapped, GroupNorm in place of BatchNorm
     assert any(isinstance(m, nn.GroupNorm) for m in ctx.model.modules())
     assert d.report()["model_transforms"] == ["opacus_fix"] and d.report()["steps"] == 1
@@ -489,7 +505,7 @@ def test_dpsgd_batchnorm_model_reloads_through_its_recorded_transforms(digits, m
 def test_dpsgd_without_opacus_raises(digits, members, monkeypatch):
     monkeypatch.setitem(sys.modules, "opacus", None)
     with pytest.raises(CRLError, match=r"dpsgd needs opacus: pip install 'crl\[dp\]'"):
-        build_defense("dpsgd").prepare(make_ctx(digits, members[0]))
+        build_defense("dpsgd").prepare([make_ctx(digits, members[0])])
 
 
 # --- resume, audit -----------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The crl, imprelaxloss, rcl and relaxloss defenses on a tiny model and TrainContext."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -9,8 +10,9 @@ from torch import nn
 
 import crl.defenses  # noqa: F401  (registers every defense)
 from crl.data.types import ImageData
-from crl.defenses.base import Step, TrainContext, build_defense, default_sampler
+from crl.defenses.base import Changes, Step, TrainContext, build_defense, default_sampler
 from crl.errors import CRLError
+from crl.losses import LossStats, crl_batched
 from crl.params import Param
 from crl.recipe import Recipe
 from crl.registry import DEFENSES
@@ -32,19 +34,24 @@ def make_ctx(seed=0, feat_dim=HID):
                         feat_dim=feat_dim, sampler=default_sampler(recipe))
 
 
-def step(defense, ctx, epoch, seed=0):
-    """One fit-like training step; returns the loss value."""
+def make_step(defense, ctx, epoch, seed=0):
+    """A fit-like Step of one model (leading model axis of 1)."""
     x = torch.randn(4, 1, 1, IN, generator=torch.Generator().manual_seed(seed))
     y = torch.tensor([0, 1, 2, 1])
     feats = ctx.model[:3](x)
     logits = ctx.model[3](feats)
-    s = Step(x=x, y=y, idx=torch.arange(4), logits=logits,
-             features=feats if defense.needs_features else None, epoch=epoch, step=1)
-    loss = defense.loss(ctx, s)
+    return Step(x=x[None], y=y[None], idx=torch.arange(4)[None], logits=logits[None],
+                features=feats[None] if defense.needs_features else None, epoch=epoch, step=1)
+
+
+def step(defense, ctx, epoch, seed=0):
+    """One fit-like training step; returns the loss value [1]."""
+    loss = defense.loss([ctx], make_step(defense, ctx, epoch, seed))
+    assert loss.shape == (1,)
     opts = [ctx.optimizer, *defense.optimizers()]
     for opt in opts:
         opt.zero_grad()
-    loss.backward()
+    loss.sum().backward()
     for opt in opts:
         opt.step()
     return loss.detach()
@@ -56,14 +63,25 @@ def test_builds_prepares_and_trains(name):
     defense = build_defense(name)
     ctx = make_ctx()
     defense.check(ctx.recipe, N)
-    defense.prepare(ctx)
+    assert defense.prepare([ctx]) == [Changes()]          # changes nothing of the context
     for epoch in (1, 2):
         assert math.isfinite(float(step(defense, ctx, epoch)))
-    end = defense.end_epoch(ctx, 2)
+    (end,) = defense.end_epoch([ctx], 2)
     assert end.metrics and all(math.isfinite(v) for v in end.metrics.values()) and not end.stop
-    assert defense.end_epoch(ctx, 3).metrics == {}        # the means restart every epoch
+    assert defense.end_epoch([ctx], 3)[0].metrics == {}   # the means restart every epoch
     assert defense.report() == {} and defense.evaluation_groups() == {}
     assert type(defense).batchable
+
+
+def test_a_context_is_read_only_and_changes_make_a_new_one():
+    """No hook edits a context: prepare returns `Changes`, the loop applies them."""
+    ctx = make_ctx()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ctx.train_idx = ctx.train_idx[:2]
+    moved = ctx.with_changes(Changes(train_idx=ctx.train_idx[:2]))
+    assert moved.train_idx.tolist() == [0, 1] and ctx.train_idx.numel() == N
+    assert moved.model is ctx.model and moved.optimizer is ctx.optimizer
+    assert ctx.with_changes(Changes()) == ctx
 
 
 def test_params_and_fixed_values():
@@ -114,38 +132,41 @@ def test_bad_params_raise(name, params, expected):
 
 def test_loss_before_prepare_raises():
     ctx = make_ctx()
-    s = Step(x=torch.zeros(2, 1, 1, IN), y=torch.zeros(2).long(), idx=torch.arange(2),
-             logits=torch.zeros(2, K), features=torch.zeros(2, HID), epoch=1, step=1)
+    s = Step(x=torch.zeros(1, 2, 1, 1, IN), y=torch.zeros(1, 2).long(), idx=torch.arange(2)[None],
+             logits=torch.zeros(1, 2, K), features=torch.zeros(1, 2, HID), epoch=1, step=1)
     for name in ("crl", "relaxloss"):
         with pytest.raises(CRLError, match="prepare"):
-            build_defense(name).loss(ctx, s)
+            build_defense(name).loss([ctx], s)
+        with pytest.raises(CRLError, match="prepare"):
+            build_defense(name).end_epoch([ctx], 1)
 
 
 def test_centers_come_from_the_centers_stream_and_optimizer_is_the_centers():
     a, b, c = (build_defense("crl") for _ in range(3))
-    a.prepare(make_ctx(seed=0))
-    b.prepare(make_ctx(seed=0))
-    c.prepare(make_ctx(seed=1))
-    assert torch.equal(a.crl_loss.centers, b.crl_loss.centers)
-    assert not torch.equal(a.crl_loss.centers, c.crl_loss.centers)
+    a.prepare([make_ctx(seed=0)])
+    b.prepare([make_ctx(seed=0)])
+    c.prepare([make_ctx(seed=1), make_ctx(seed=0)])
+    assert a.centers.shape == (1, K, HID) and c.centers.shape == (2, K, HID)
+    assert torch.equal(a.centers, b.centers) and torch.equal(a.centers[0], c.centers[1])
+    assert not torch.equal(a.centers[0], c.centers[0])
     expected = torch.randn(K, HID, generator=torch_generator(0, "centers"))
-    assert torch.equal(a.crl_loss.centers.detach(), expected)
+    assert torch.equal(a.centers[0].detach(), expected)
     shuffle = torch.randn(K, HID, generator=torch_generator(0, "shuffle"))
     assert not torch.equal(expected, shuffle)                     # a stream of its own
     (opt,) = a.optimizers()
-    assert opt.param_groups[0]["params"][0] is a.crl_loss.centers
+    assert opt.param_groups[0]["params"][0] is a.centers
     assert opt.param_groups[0]["lr"] == 0.001
 
 
 def test_crl_without_features_raises_and_imprelaxloss_needs_none():
     with pytest.raises(CRLError, match="feat_dim"):
-        build_defense("crl").prepare(make_ctx(feat_dim=None))
+        build_defense("crl").prepare([make_ctx(feat_dim=None)])
     defense = build_defense("imprelaxloss")
     ctx = make_ctx(feat_dim=None)
-    defense.prepare(ctx)
+    defense.prepare([ctx])
     assert defense.optimizers() == []
     step(defense, ctx, 1)
-    metrics = defense.end_epoch(ctx, 1).metrics
+    metrics = defense.end_epoch([ctx], 1)[0].metrics
     assert "l_ct" not in metrics and "l_rce" in metrics and "frac_rce_fit" in metrics
     assert not any(k.startswith("frac_rcl") for k in metrics)
     assert defense.state_dict()["centers"] is None
@@ -157,11 +178,11 @@ def test_state_dict_round_trip_resumes_exactly(name, center_update):
     params = {} if name == "relaxloss" else {"center_update": center_update}
     ctx_a, ctx_b = make_ctx(seed=0), make_ctx(seed=5)   # b: other centers, overwritten by the state
     a = build_defense(name, params)
-    a.prepare(ctx_a)
+    a.prepare([ctx_a])
     step(a, ctx_a, 1, seed=1)
     state = a.state_dict()
     b = build_defense(name, params)
-    b.prepare(ctx_b)                               # fit: load_state_dict comes after prepare
+    b.prepare([ctx_b])                             # fit: load_state_dict comes after prepare
     b.load_state_dict(state)
     ctx_b.model.load_state_dict(ctx_a.model.state_dict())
     ctx_b.optimizer.load_state_dict(ctx_a.optimizer.state_dict())
@@ -169,40 +190,44 @@ def test_state_dict_round_trip_resumes_exactly(name, center_update):
         la, lb = step(a, ctx_a, epoch, seed=epoch), step(b, ctx_b, epoch, seed=epoch)
         assert torch.equal(la, lb)
     if name != "relaxloss":
-        assert torch.equal(a.crl_loss.centers, b.crl_loss.centers)
-        assert not torch.equal(a.crl_loss.centers, state["centers"])     # centers moved
-        with pytest.raises(CRLError, match="prepare"):
-            build_defense(name, params).load_state_dict(state)
+        assert torch.equal(a.centers, b.centers)
+        assert not torch.equal(a.centers, state["centers"])     # centers moved
         with pytest.raises(CRLError, match="shape"):
-            b.load_state_dict({"centers": torch.zeros(K + 1, HID)})
+            build_defense(name, params).load_state_dict(state)   # before prepare: no centers
+        with pytest.raises(CRLError, match="shape"):
+            b.load_state_dict({"centers": torch.zeros(1, K + 1, HID)})
 
 
 def test_epoch_means_are_returned_by_end_epoch():
     defense = build_defense("crl", {"alpha_rce": 1e3, "alpha_rcl": 0.0})
     ctx = make_ctx()
-    defense.prepare(ctx)
+    defense.prepare([ctx])
     seen = []
     for s in range(3):
+        stats = LossStats()       # the step's stats, recomputed before it updates anything
+        one = make_step(defense, ctx, 1, seed=s)
+        crl_batched(one.logits, one.features, one.y, defense.centers, 1, stats=stats,
+                    **defense.params)
+        seen.append({k: stats[k] for k in ("l_rce", "l_rcl", "l_lce", "l_ct")})
         step(defense, ctx, 1, seed=s)
-        seen.append(dict(defense.crl_loss.last_stats))
-    m = defense.end_epoch(ctx, 1).metrics
+    m = defense.end_epoch([ctx], 1)[0].metrics
     for key in ("l_rce", "l_rcl", "l_lce", "l_ct"):
         assert m[key] == pytest.approx(sum(float(st[key]) for st in seen) / 3, rel=1e-6)
     assert (m["frac_rce_relax"], m["frac_rce_fit"], m["frac_rce_even"]) == (1.0, 0.0, 0.0)
     assert (m["frac_rcl_fit"], m["frac_rcl_relax"], m["frac_rcl_even"]) == (1.0, 0.0, 0.0)
     step(defense, ctx, 2)
-    m2 = defense.end_epoch(ctx, 2).metrics
+    m2 = defense.end_epoch([ctx], 2)[0].metrics
     assert m2["frac_rce_even"] == 1.0 and m2["frac_rcl_even"] == 1.0
-    assert defense.end_epoch(ctx, 3).metrics == {}
+    assert defense.end_epoch([ctx], 3)[0].metrics == {}
 
 
 def test_relaxloss_metrics():
     defense = build_defense("relaxloss", {"alpha": 1e3})
     ctx = make_ctx()
-    defense.prepare(ctx)
+    defense.prepare([ctx])
     step(defense, ctx, 1)
     step(defense, ctx, 2)
-    m = defense.end_epoch(ctx, 2).metrics
+    m = defense.end_epoch([ctx], 2)[0].metrics
     assert m["frac_ce_relax"] == 0.5 and m["frac_ce_even"] == 0.5 and m["l_ce"] > 0
 
 

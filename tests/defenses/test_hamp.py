@@ -68,11 +68,15 @@ def test_loss_matches_a_plain_torch_recomputation(gamma, alpha):
     logits = torch.randn(16, 10, generator=g) * 3
     y = torch.randint(0, 10, (16,), generator=g)
     defense = build_defense("hamp", {"gamma": gamma, "alpha": alpha})
-    defense.prepare(SimpleNamespace(num_classes=10))
-    step = Step(x=torch.zeros(16, 1), y=y, idx=torch.arange(16), logits=logits, features=None,
-                epoch=1, step=1)
-    got = defense.loss(SimpleNamespace(), step)
-    assert float(got) == pytest.approx(float(_plain_loss(logits, y, gamma, alpha)), rel=1e-5)
+    ctxs = [SimpleNamespace(num_classes=10)]
+    defense.prepare(ctxs)
+    step = Step(x=torch.zeros(1, 16, 1), y=y[None], idx=torch.arange(16)[None],
+                logits=logits[None], features=None, epoch=1, step=1)
+    got = defense.loss(ctxs, step)
+    assert got.shape == (1,)
+    assert float(got[0]) == pytest.approx(float(_plain_loss(logits, y, gamma, alpha)), rel=1e-5)
+    (end,) = defense.end_epoch(ctxs, 1)
+    assert set(end.metrics) == {"l_kl", "entropy"}
 
 
 def test_output_modification_keeps_every_predicted_label():

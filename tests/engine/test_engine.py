@@ -176,16 +176,37 @@ def test_a_defense_that_cannot_batch_falls_back_to_sequential(digits):
         seq = train_one(spec, digits, recipe, "early_stopping", {}, req, progress=False)
         assert out.report == {**seq.report, "engine": "sequential"}
         assert _relative(seq.net, out.net) == 0.0
-    with pytest.raises(CRLError, match="defense 'dpsgd' has no batched_loss"):
-        build_defense("dpsgd").batched_loss(None)
+    with pytest.raises(CRLError, match="defense 'dpsgd' trains one model at a time, got 2"):
+        build_defense("dpsgd").prepare([None, None])
+
+
+def test_a_batchable_defense_that_changes_a_context_is_refused_by_the_ensemble(digits,
+                                                                              monkeypatch):
+    """K models share one optimizer and one batch order: a defense whose prepare returns a
+    change (here a held-out half) cannot be batched, and the ensemble says so."""
+    from crl.defenses.base import Changes, Defense
+    from crl.registry import DEFENSES
+
+    class HoldsOut(Defense):
+        name = "holds_out"
+
+        def prepare(self, ctxs):
+            return [Changes(train_idx=ctx.train_idx[::2]) for ctx in ctxs]
+
+    monkeypatch.setitem(DEFENSES._items, "holds_out", HoldsOut)
+    spec = ModelSpec.for_data("mlp", digits)
+    with pytest.raises(CRLError, match="defense 'holds_out' changed a model's training set"):
+        EnsembleEngine(formulation="baddbmm").train(
+            spec, digits, Recipe(epochs=1, device="cpu"), "holds_out", {}, _requests(2),
+            progress=False)
 
 
 @pytest.mark.parametrize("defense", ["relaxloss", "confidence_penalty", "crl"])
-def test_a_batched_loss_before_batched_prepare_is_a_clear_error(defense):
-    with pytest.raises(CRLError, match=f"defense '{defense}' used before batched_prepare"):
-        build_defense(defense).batched_loss(None)
-    with pytest.raises(CRLError, match="before batched_prepare"):
-        build_defense(defense).batched_end_epoch([], 1)
+def test_a_loss_before_prepare_is_a_clear_error(defense):
+    with pytest.raises(CRLError, match=f"defense '{defense}' used before prepare"):
+        build_defense(defense).loss([], None)
+    with pytest.raises(CRLError, match="before prepare"):
+        build_defense(defense).end_epoch([], 1)
 
 
 def test_unequal_train_sizes_group_by_size_and_a_planned_stack_is_honoured(digits):

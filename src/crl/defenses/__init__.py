@@ -11,6 +11,7 @@ from crl.defenses import (  # noqa: F401  (registration)
     relaxloss,
 )
 from crl.defenses.base import (
+    Changes,
     CrossEntropy,
     Defense,
     EpochEnd,
@@ -19,4 +20,4 @@ from crl.defenses.base import (
     build_defense,
 )
 
-__all__ = ["CrossEntropy", "Defense", "EpochEnd", "Step", "TrainContext", "build_defense"]
+__all__ = ["Changes", "CrossEntropy", "Defense", "EpochEnd", "Step", "TrainContext", "build_defense"]

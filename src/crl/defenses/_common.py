@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from crl.data.splits import stratified_take
-from crl.defenses.base import EpochEnd, TrainContext
+from crl.defenses.base import Changes, EpochEnd, TrainContext
 from crl.errors import CRLError
 from crl.losses import BRANCHES
 from crl.seeding import numpy_rng
@@ -63,76 +63,34 @@ def entropy(probs: torch.Tensor) -> torch.Tensor:
     return -(probs * probs.clamp_min(1e-12).log()).sum(1)
 
 
-class EpochMeans:
-    """Means of named per-step values over one epoch, and the share of steps in each branch of a
-    relaxed loss term. Tensors stay on their device (no sync per step); `pop` reads and resets."""
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self._sums: dict[str, Any] = {}
-        self._counts: dict[str, int] = {}
-        self._branches: dict[str, dict[str, int]] = {}
-
-    def add(self, **values: Any) -> None:
-        """Add one step's values (tensors or numbers); None values are skipped."""
-        for key, value in values.items():
-            if value is None:
-                continue
-            value = value.detach() if isinstance(value, torch.Tensor) else float(value)
-            self._sums[key] = self._sums[key] + value if key in self._sums else value
-            self._counts[key] = self._counts.get(key, 0) + 1
-
-    def add_branch(self, term: str, branch: str | None) -> None:
-        """Count one step of loss term `term` in `branch` (one of BRANCHES; None: not computed)."""
-        if branch is not None:
-            self._branches.setdefault(term, dict.fromkeys(BRANCHES, 0))[branch] += 1
-
-    def pop(self) -> dict[str, float]:
-        """{value: mean} and {frac_<term>_<branch>: share of steps}, then reset ({} if empty)."""
-        out = {key: float(total) / self._counts[key] for key, total in self._sums.items()}
-        for term, counts in self._branches.items():
-            steps = sum(counts.values())
-            out.update({f"frac_{term}_{name}": counts[name] / steps for name in BRANCHES})
-        self.reset()
-        return out
-
-
 class LogsMeans:
-    """Mixin for a defense that logs per-step values as epoch means: `self._means` (EpochMeans)
-    under `fit`, reset by `prepare`'s call of `_reset_means`; `self._batched_means()` (ModelMeans)
-    when K models train at once. end_epoch and batched_end_epoch return the epoch's means.
-    List it before Defense: class D(LogsMeans, Defense)."""
+    """Mixin for a defense that logs per-step values as epoch means, one row per model:
+    `prepare` starts `self._model_means` (a ModelMeans for its K models), `self._means()`
+    gives it to the loss, and `end_epoch` returns the epoch's means. Subclasses that override
+    prepare call super().prepare(ctxs). List it before Defense: class D(LogsMeans, Defense)."""
 
     def __init__(self, params: dict[str, Any] | None = None) -> None:
         super().__init__(params)
-        self._means = EpochMeans()
         self._model_means: ModelMeans | None = None
 
-    def _reset_means(self) -> None:
-        self._means.reset()
-
-    def end_epoch(self, ctx: TrainContext, epoch: int) -> EpochEnd:
-        return EpochEnd(metrics=self._means.pop())
-
-    def batched_prepare(self, ctxs: list[TrainContext]) -> None:
+    def prepare(self, ctxs: list[TrainContext]) -> list[Changes]:
         self._model_means = ModelMeans(len(ctxs))
+        return super().prepare(ctxs)
 
-    def _batched_means(self) -> ModelMeans:
+    def _means(self) -> ModelMeans:
         if self._model_means is None:
-            raise CRLError(f"defense '{self.name}' used before batched_prepare(ctxs); call it "
-                           "first")
+            raise CRLError(f"defense '{self.name}' used before prepare(ctxs); call prepare first")
         return self._model_means
 
-    def batched_end_epoch(self, ctxs: list[TrainContext], epoch: int) -> list[EpochEnd]:
-        return [EpochEnd(metrics=means) for means in self._batched_means().pop()]
+    def end_epoch(self, ctxs: list[TrainContext], epoch: int) -> list[EpochEnd]:
+        return [EpochEnd(metrics=means) for means in self._means().pop()]
 
 
 class ModelMeans:
-    """`EpochMeans` for K models trained at once: per-step values are [K] tensors and branches
-    are [K] codes (indices into BRANCHES); `pop` gives one dict per model, keyed like
-    EpochMeans.pop. Nothing leaves the device until `pop`."""
+    """Means of named per-step values over one epoch for each of K >= 1 models, and the share of
+    steps in each branch of a relaxed loss term: per-step values are [K] tensors (or, for one
+    model, numbers) and branches [K] codes (indices into BRANCHES). Nothing leaves the device
+    until `pop` (one dict per model)."""
 
     def __init__(self, models: int) -> None:
         self.models = int(models)
@@ -143,11 +101,13 @@ class ModelMeans:
         self._counts: dict[str, int] = {}
         self._branches: dict[str, torch.Tensor] = {}
 
-    def add(self, **values: torch.Tensor | None) -> None:
+    def add(self, **values: torch.Tensor | float | None) -> None:
         """Add one step's [K] values; None values are skipped."""
         for key, value in values.items():
             if value is not None:
-                value = value.detach()
+                value = value.detach() if isinstance(value, torch.Tensor) \
+                    else torch.tensor(float(value), dtype=torch.float64)
+                value = value.reshape(self.models)
                 self._sums[key] = self._sums[key] + value if key in self._sums else value
                 self._counts[key] = self._counts.get(key, 0) + 1
 

@@ -27,7 +27,7 @@ from crl.defenses._common import (
     held_out_split,
     split_members,
 )
-from crl.defenses.base import Defense, Step, TrainContext
+from crl.defenses.base import Changes, Defense, Step, TrainContext, only
 from crl.errors import CRLError
 from crl.params import Param, ParamSpec
 from crl.recipe import Recipe
@@ -109,16 +109,18 @@ class AdvReg(LogsMeans, Defense):
         return held_out_split(self.name, "ref_fraction", self.params["ref_fraction"], train_idx,
                               labels, seed)[1]
 
-    def prepare(self, ctx: TrainContext) -> None:
-        ctx.train_idx, self.ref_idx = split_members(ctx, self.name, "ref_fraction",
-                                                    self.params["ref_fraction"])
-        self.member_idx = ctx.train_idx
+    def prepare(self, ctxs: list[TrainContext]) -> list[Changes]:
+        """The reference set held out of the members (the one change), the inference model."""
+        ctx = only(self.name, ctxs)
+        self.member_idx, self.ref_idx = split_members(ctx, self.name, "ref_fraction",
+                                                      self.params["ref_fraction"])
         with global_rng_from(ctx.stream(self.name, "init")):
             self.attack = InferenceModel(ctx.num_classes)
         self.attack.to(ctx.device)
         self.attack_opt = torch.optim.Adam(self.attack.parameters(), lr=self.params["attack_lr"])
         self.gen = ctx.stream(self.name, "draws")
-        self._reset_means()
+        super().prepare(ctxs)
+        return [Changes(train_idx=self.member_idx)]
 
     def _ready(self) -> InferenceModel:
         if self.attack is None:
@@ -151,19 +153,20 @@ class AdvReg(LogsMeans, Defense):
             (-gain).backward()
             self.attack_opt.step()
             acc = 0.5 * (float((z_in > 0).float().mean()) + float((z_out <= 0).float().mean()))
-            self._means.add(attack_acc=acc, attack_gain=gain)
+            self._means().add(attack_acc=acc, attack_gain=gain)
             self._last_acc = acc
 
-    def loss(self, ctx: TrainContext, step: Step) -> torch.Tensor:
-        self.train_attack(ctx, step.x.shape[0])
-        ce = F.cross_entropy(step.logits, step.y)
+    def loss(self, ctxs: list[TrainContext], step: Step) -> torch.Tensor:
+        logits, y = step.logits[0], step.y[0]
+        self.train_attack(only(self.name, ctxs), y.shape[0])
+        ce = F.cross_entropy(logits, y)
         # The inference model is frozen for the classifier step: detached parameters, so this
         # term's gradient reaches only the classifier.
         frozen = {n: p.detach() for n, p in self._ready().named_parameters()}
-        z = functional_call(self.attack, frozen, (F.softmax(step.logits, dim=1), step.y))
+        z = functional_call(self.attack, frozen, (F.softmax(logits, dim=1), y))
         member_term = F.logsigmoid(z).mean()
-        self._means.add(l_ce=ce, member_log_h=member_term)
-        return ce + self.params["alpha"] * member_term
+        self._means().add(l_ce=ce, member_log_h=member_term)
+        return (ce + self.params["alpha"] * member_term).reshape(1)
 
     def report(self) -> dict[str, Any]:
         return {

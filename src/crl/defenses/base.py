@@ -1,16 +1,31 @@
-"""The Defense protocol: everything a defense may change, without touching `fit`'s loop.
+"""The Defense protocol: everything a defense may change, without touching the training loop.
 
-`fit` calls, in order:
+One formulation for K >= 1 models: every hook sees the models it serves as a leading model axis
+(tensors) or a list (contexts). `fit` trains one model (K = 1); the ensemble engine trains K at
+once (crl.engine.ensemble) for a defense with `batchable = True`. Both run the same epoch
+(crl.train.train_epoch), which calls, in order:
 
     defense.check(recipe, n_train)             before anything trains (config-time checks)
-    defense.prepare(ctx)                       once: may change ctx.train_idx (held-out data),
-                                               ctx.model / ctx.optimizer (Opacus), ctx.sampler
+    changes = defense.prepare(ctxs)            once, one context per model (its own seed); one
+                                               `Changes` per model: what the defense replaces
+                                               (train_idx: held-out data; model, optimizer,
+                                               sampler: Opacus). The caller applies them
+                                               (ctx.with_changes) and hands the new contexts
+                                               to every later hook; no hook edits a context.
     for each epoch (1-based):
-        for each batch from ctx.sampler:
-            step = Step(x, y, idx, logits, features, epoch, step)
-            loss = defense.loss(ctx, step)     -> backward; model and defense.optimizers() step
-        end = defense.end_epoch(ctx, epoch)    -> EpochEnd(metrics for this epoch, stop?)
-    defense.finish(ctx)                        after training (e.g. restore the best weights)
+        for each step:
+            step = Step(x, y, idx, logits, features, epoch, step)   leading model axis K
+            losses = defense.loss(ctxs, step)  -> [K]; their sum is backpropagated, then the
+                                               models and defense.optimizers() step
+        ends = defense.end_epoch(ctxs, epoch)  -> one EpochEnd per model (metrics, stop?)
+    changes = defense.finish(ctx)              per model, after training (K = 1 only): e.g.
+                                               restore the best weights, unwrap Opacus's model
+
+`step` tensors: x [K, B, ...], y and idx [K, B], logits [K, B, C], features [K, B, D]. Per-model
+state (CRL's centers) is stacked on that axis and trained by the defense's `optimizers()`
+(elementwise SGD: the same as K optimizers). A defense that can only serve one model at a time
+(held-out data, its own sampler, early stopping, a per-model `finish`) sets batchable = False
+and takes its one context with `only(ctxs)`.
 
 The context carries the data, the typed recipe and batched evaluation (`ctx.predict`,
 `ctx.evaluate`), named random streams (`ctx.stream("name")`, derived from the model's seed) and
@@ -19,54 +34,40 @@ Everything a hook needs arrives as an argument: no state is passed between hooks
 fields. State that lives across steps (CRL's centers, AdvReg's inference model) belongs to the
 defense and is checkpointed through `state_dict()` / `load_state_dict()`.
 
-Membership ground truth: after `prepare`, `ctx.train_idx` is exactly what the released model
+Membership ground truth: the prepared context's train_idx is exactly what the released model
 trains on. Samples a defense holds out are not members; `evaluation_groups()` may name extra
 groups of training-pool samples to attack separately (DMP's teacher-only half).
-
-K models at once (the ensemble engine, crl.engine.ensemble): a defense with `batchable = True`
-that implements `batched_loss` is driven through the batched hooks instead, one defense object
-for all K models:
-
-    defense.check(recipe, n_train)                    once (every model has n_train samples)
-    defense.batched_prepare(ctxs)                     once, one context per model (own seed)
-    for each epoch, for each step:
-        loss = defense.batched_loss(steps)            -> [K]; their sum is backpropagated
-    ends = defense.batched_end_epoch(ctxs, epoch)     -> one EpochEnd per model (never stop)
-
-`steps` is one `Step` whose tensors have a leading model axis (x [K, B, ...], y and idx [K, B],
-logits [K, B, C], features [K, B, D]). Per-model state (CRL's centers) is stacked on that axis
-and trained by the defense's `optimizers()` (elementwise SGD: the same as K optimizers). A
-batchable defense has no per-model `finish`, `report` or `evaluation_groups` (the engine calls
-none of them) and never changes ctx.train_idx or ctx.sampler.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crl.data.types import ImageData, normalize
+from crl.data.types import ImageData
+from crl.errors import CRLError
 from crl.evaluation import evaluate, predict_logits
 from crl.params import ParamSpec
 from crl.recipe import Recipe
 from crl.registry import DEFENSES
 from crl.sampling import BatchSampler, ShuffledBatches
-from crl.seeding import numpy_rng, torch_generator
+from crl.seeding import torch_generator
 
 
 @dataclass
 class Step:
-    """Everything one training step knows."""
+    """Everything one training step of K >= 1 models knows (leading model axis K)."""
 
-    x: torch.Tensor                 # normalised (and augmented) inputs on the device
-    y: torch.Tensor                 # labels on the device
-    idx: torch.Tensor               # dataset indices of the batch (CPU)
-    logits: torch.Tensor            # float32 logits of the model on x (train mode)
-    features: torch.Tensor | None   # penultimate features (only if defense.needs_features)
+    x: torch.Tensor                 # normalised (and augmented) inputs [K, B, ...] on the device
+    y: torch.Tensor                 # labels [K, B] on the device
+    idx: torch.Tensor               # dataset indices of the batch [K, B]
+    logits: torch.Tensor            # float32 logits [K, B, C] of the models on x (train mode)
+    features: torch.Tensor | None   # penultimate features [K, B, D] (if defense.needs_features)
     epoch: int                      # 1-based
     step: int                       # 1-based within the epoch
 
@@ -82,9 +83,21 @@ class EpochEnd:
 SubTrainer = Callable[..., nn.Module]
 
 
-@dataclass
+@dataclass(frozen=True)
+class Changes:
+    """What `prepare` (or `finish`) replaces for one model; None: unchanged. The caller applies
+    them with `ctx.with_changes` (after Opacus's make_private, which returns the model, the
+    optimizer and the data loader it made)."""
+
+    train_idx: torch.Tensor | None = None   # what the model trains on (held-out data removed)
+    model: nn.Module | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    sampler: BatchSampler | None = None
+
+
+@dataclass(frozen=True)
 class TrainContext:
-    """What a defense sees and may change during `fit`."""
+    """What a defense sees of one model during training (read-only: hooks return `Changes`)."""
 
     data: ImageData
     recipe: Recipe
@@ -104,16 +117,13 @@ class TrainContext:
     def seed(self) -> int:
         return self.recipe.seed
 
+    def with_changes(self, changes: Changes) -> TrainContext:
+        """This context with the fields `changes` sets replaced."""
+        return replace(self, **{k: v for k, v in vars(changes).items() if v is not None})
+
     def stream(self, *names: str | int) -> torch.Generator:
         """A CPU torch.Generator on this model's stream `names` (e.g. 'centers')."""
         return torch_generator(self.recipe.seed, *names)
-
-    def numpy_stream(self, *names: str | int) -> np.random.Generator:
-        return numpy_rng(self.recipe.seed, *names)
-
-    def inputs(self, idx: torch.Tensor) -> torch.Tensor:
-        """Normalised float inputs for dataset indices `idx` on the device (no augmentation)."""
-        return normalize(self.data.x[idx].to(self.device), self.data.mean, self.data.std)
 
     def predict(self, idx, model: nn.Module | None = None) -> torch.Tensor:
         """float32 logits of `model` (default: ctx.model) on data[idx], eval mode, on the device."""
@@ -124,22 +134,28 @@ class TrainContext:
         """(mean cross-entropy, accuracy) of `model` (default: ctx.model) on data[idx]."""
         return evaluate(self.model if model is None else model, self.data, idx)
 
-    def train_submodel(self, model: nn.Module, idx, *, defense: "Defense | None" = None,
+    def train_submodel(self, model: nn.Module, idx, *, defense: Defense | None = None,
                        stream: str = "submodel") -> nn.Module:
         """Train `model` on data[idx] with this recipe (its seed derived by `stream`) and
         `defense` (default: plain cross-entropy); returns the trained module."""
         if self.trainer is None:
-            from crl.errors import CRLError
-
             raise CRLError("this context cannot train sub-models (no trainer); run through fit")
         return self.trainer(model, idx, defense=defense, stream=stream)
+
+
+def only(name: str, ctxs: list[TrainContext]) -> TrainContext:
+    """The one context of a defense that serves one model at a time (batchable = False)."""
+    if len(ctxs) != 1:
+        raise CRLError(f"defense '{name}' trains one model at a time, got {len(ctxs)}; expected "
+                       "the sequential engine for it (batchable = False)")
+    return ctxs[0]
 
 
 class Defense:
     """Base class: plain cross-entropy and no-op hooks. Subclasses override what they need.
 
     `name` is set by the registry; `spec` declares the parameters (resolved into `params`).
-    `batchable`: whether the ensemble engine may train this defense K models at a time.
+    `batchable`: whether the ensemble engine may train this defense K > 1 models at a time.
     """
 
     name: ClassVar[str] = "ce"
@@ -154,21 +170,25 @@ class Defense:
     def check(self, recipe: Recipe, n_train: int) -> None:
         """Checks that depend on the recipe or the data; raise CRLError before any training."""
 
-    def prepare(self, ctx: TrainContext) -> None:
-        """Called once before training."""
+    def prepare(self, ctxs: list[TrainContext]) -> list[Changes]:
+        """Called once before training, one context per model; what it changes per model."""
+        return [Changes() for _ in ctxs]
 
-    def loss(self, ctx: TrainContext, step: Step) -> torch.Tensor:
-        return F.cross_entropy(step.logits, step.y)
+    def loss(self, ctxs: list[TrainContext], step: Step) -> torch.Tensor:
+        """The loss of each model, [K]: mean cross-entropy."""
+        return cross_entropy_per_model(step.logits, step.y)
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
-        """Optimizers of the defense's own parameters; fit zeroes and steps them."""
+        """Optimizers of the defense's own parameters; the loop zeroes and steps them."""
         return []
 
-    def end_epoch(self, ctx: TrainContext, epoch: int) -> EpochEnd:
-        return EpochEnd()
+    def end_epoch(self, ctxs: list[TrainContext], epoch: int) -> list[EpochEnd]:
+        """One EpochEnd per model (its metrics; whether to stop: batchable = False only)."""
+        return [EpochEnd() for _ in ctxs]
 
-    def finish(self, ctx: TrainContext) -> None:
-        """Called once after training."""
+    def finish(self, ctx: TrainContext) -> Changes:
+        """Called once per model after training (fit only); what it changes."""
+        return Changes()
 
     def report(self) -> dict[str, Any]:
         """Fields added to the results row (e.g. DP epsilon)."""
@@ -187,25 +207,6 @@ class Defense:
         indices), e.g. DMP's teacher-only half."""
         return {}
 
-    # --- K models at once (the ensemble engine) --------------------------------------------
-    def batched_prepare(self, ctxs: list[TrainContext]) -> None:
-        """Called once before K models train at once; ctxs[k] is model k's context (its seed
-        and streams; ctx.model is model k as initialised, its trained weights live in the
-        engine's stacked parameters)."""
-
-    def batched_loss(self, steps: Step) -> torch.Tensor:
-        """The loss of each of K models at once, [K], for one `Step` with a leading model axis;
-        model k's entry equals `loss` on its own step."""
-        from crl.errors import CRLError
-
-        raise CRLError(f"defense '{self.name}' has no batched_loss: expected the sequential "
-                       "engine for it (--engine sequential), or a batched_loss and "
-                       "batchable = True")
-
-    def batched_end_epoch(self, ctxs: list[TrainContext], epoch: int) -> list[EpochEnd]:
-        """One EpochEnd per model after an epoch of K models (their metrics; never stop)."""
-        return [EpochEnd() for _ in ctxs]
-
     # --- checkpointing ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -219,9 +220,6 @@ class CrossEntropy(Defense):
     """No defense: ordinary cross-entropy."""
 
     description: ClassVar[str] = "no defense: plain cross-entropy training (the baseline)"
-
-    def batched_loss(self, steps: Step) -> torch.Tensor:
-        return cross_entropy_per_model(steps.logits, steps.y)
 
 
 def cross_entropy_per_model(logits: torch.Tensor, y: torch.Tensor, **options: Any

@@ -35,18 +35,9 @@ class ConfidencePenalty(LogsMeans, Defense):
               help="weight of the entropy bonus"),
     )
 
-    def prepare(self, ctx: TrainContext) -> None:
-        self._reset_means()
-
-    def loss(self, ctx: TrainContext, step: Step) -> torch.Tensor:
-        ce, ent = _ce_and_entropy(step.logits, step.y)
-        self._means.add(l_ce=ce, entropy=ent)
-        return ce - self.params["beta"] * ent
-
-    # --- K models at once ------------------------------------------------------------------
-    def batched_loss(self, steps: Step) -> torch.Tensor:
+    def loss(self, ctxs: list[TrainContext], step: Step) -> torch.Tensor:
         """CE - beta * mean entropy per model: logits [K, B, C] -> [K]."""
-        means = self._batched_means()
-        ce, ent = _ce_and_entropy(steps.logits, steps.y)
+        means = self._means()
+        ce, ent = _ce_and_entropy(step.logits, step.y)
         means.add(l_ce=ce, entropy=ent)
         return ce - self.params["beta"] * ent

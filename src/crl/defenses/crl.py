@@ -18,9 +18,15 @@ import torch
 from torch import nn
 
 from crl.defenses._common import LogsMeans
-from crl.defenses.base import Defense, EpochEnd, Step, TrainContext
+from crl.defenses.base import Changes, Defense, EpochEnd, Step, TrainContext
 from crl.errors import CRLError
-from crl.losses.crl import CENTER_UPDATES, CRLLoss, crl_batched
+from crl.losses.crl import (
+    CENTER_UPDATES,
+    center_optimizer,
+    check_crl_params,
+    crl_batched,
+    initial_centers,
+)
 from crl.losses.relaxloss import LossStats
 from crl.params import Param, ParamSpec
 from crl.registry import DEFENSES
@@ -69,50 +75,47 @@ class CRLDefense(LogsMeans, Defense):
                                "to set it")
         super().__init__(params)
         self.params.update(self.fixed)
-        self.crl_loss: CRLLoss | None = None
+        check_crl_params(**self.params, owner=self.name)
+        self.centers: nn.Parameter | None = None        # [K, C, D]; None when lam == 0
         self.center_optimizer: torch.optim.Optimizer | None = None
-        self.centers: nn.Parameter | None = None        # [K, C, D] when K models train at once
 
-    def prepare(self, ctx: TrainContext) -> None:
-        self.crl_loss = self._new_loss(ctx)
-        self.center_optimizer = (self.crl_loss.make_center_optimizer()
-                                 if self.crl_loss.centers is not None else None)
-        self._reset_means()
+    def prepare(self, ctxs: list[TrainContext]) -> list[Changes]:
+        """Each model's centers drawn from its stream "centers" (lam > 0), stacked [K, C, D],
+        with one optimizer of the centers' kind and settings (elementwise: K optimizers)."""
+        self.centers = self.center_optimizer = None
+        if self.params["lam"] > 0:
+            centers = torch.stack([self._initial_centers(ctx) for ctx in ctxs])
+            self.centers = nn.Parameter(centers.to(ctxs[0].device))
+            self.center_optimizer = center_optimizer(self.centers, self.params["center_update"])
+        return super().prepare(ctxs)
 
-    def _new_loss(self, ctx: TrainContext) -> CRLLoss:
-        """The model's CRLLoss, its centers drawn from its stream "centers" (lam > 0)."""
-        uses_centers = self.params["lam"] > 0
-        if uses_centers and ctx.feat_dim is None:
+    def _initial_centers(self, ctx: TrainContext) -> torch.Tensor:
+        if ctx.feat_dim is None:
             raise CRLError(f"{self.name}: ctx.feat_dim = None; expected a model whose head is an "
                            "nn.Linear (the center term needs its input features)")
-        return CRLLoss(ctx.num_classes, ctx.feat_dim if uses_centers else None,
-                       generator=ctx.stream("centers"), **self.params).to(ctx.device)
+        return initial_centers(ctx.num_classes, ctx.feat_dim, ctx.stream("centers"))
 
-    def _loss_fn(self) -> CRLLoss:
-        if self.crl_loss is None:
-            raise CRLError(f"defense '{self.name}' used before prepare(ctx); call prepare first")
-        return self.crl_loss
-
-    def loss(self, ctx: TrainContext, step: Step) -> torch.Tensor:
-        crl_loss = self._loss_fn()
-        features = step.features if self.params["lam"] > 0 else None
-        value = crl_loss(step.logits, features, step.y, step.epoch)
-        stats = crl_loss.last_stats
-        self._means.add(**{k: stats.get(k) for k in ("l_rce", "l_rcl", "l_lce", "l_ct")})
-        self._means.add_branch("rce", stats.get("rce_branch"))
-        self._means.add_branch("rcl", stats.get("rcl_branch"))
+    def loss(self, ctxs: list[TrainContext], step: Step) -> torch.Tensor:
+        """L = L_rce + lam * L_rcl per model (crl_batched: each model takes its own branch)."""
+        means, stats = self._means(), LossStats()
+        value = crl_batched(step.logits, step.features, step.y, self.centers, step.epoch,
+                            validate=False, stats=stats, **self.params)
+        means.add(**{k: stats.get(k) for k in ("l_rce", "l_rcl", "l_lce", "l_ct")})
+        means.add_branch("rce", stats.code("rce_branch"))
+        means.add_branch("rcl", stats.code("rcl_branch"))
         return value
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
         return [] if self.center_optimizer is None else [self.center_optimizer]
 
-    def end_epoch(self, ctx: TrainContext, epoch: int) -> EpochEnd:
-        """The epoch's means; after epoch 1, a warning when the center term relaxed on every
+    def end_epoch(self, ctxs: list[TrainContext], epoch: int) -> list[EpochEnd]:
+        """Each model's means; after epoch 1, a warning when the center term relaxed on every
         step: alpha_rcl is above the level L_ct starts at, which can drive the features to zero
         (docs/tuning.md)."""
-        means = self._means.pop()
-        self._warn_collapse(epoch, means)
-        return EpochEnd(metrics=means)
+        ends = super().end_epoch(ctxs, epoch)
+        for end in ends:
+            self._warn_collapse(epoch, end.metrics)
+        return ends
 
     def _warn_collapse(self, epoch: int, means: dict[str, float]) -> None:
         if epoch == 1 and self.params["lam"] > 0 and means.get("frac_rcl_relax") == 1.0:
@@ -120,57 +123,24 @@ class CRLDefense(LogsMeans, Defense):
                 f"{self.name}: alpha_rcl={self.params['alpha_rcl']} is above the center loss's "
                 f"first-epoch level (l_ct={means.get('l_ct', float('nan')):.3g}), so the center "
                 "term relaxes from the start and training may collapse; expected alpha_rcl "
-                "below that level", RuntimeWarning, stacklevel=3)
-
-    # --- K models at once ------------------------------------------------------------------
-    def batched_prepare(self, ctxs: list[TrainContext]) -> None:
-        """Each model's centers drawn exactly as `prepare` draws them, stacked [K, C, D], with
-        one optimizer of the centers' kind and settings (elementwise: K optimizers)."""
-        losses = [self._new_loss(ctx) for ctx in ctxs]
-        self.crl_loss, self.center_optimizer, self.centers = None, None, None
-        if losses[0].centers is not None:
-            self.centers = nn.Parameter(torch.stack([loss.centers.detach() for loss in losses]))
-            template = losses[0].make_center_optimizer()
-            self.center_optimizer = type(template)([self.centers], **template.defaults)
-        super().batched_prepare(ctxs)
-
-    def batched_loss(self, steps: Step) -> torch.Tensor:
-        """L = L_rce + lam * L_rcl per model (crl_batched: each model takes its own branch)."""
-        means = self._batched_means()
-        stats = LossStats()
-        value = crl_batched(steps.logits, steps.features, steps.y, self.centers, steps.epoch,
-                            validate=False, stats=stats, **self.params)
-        means.add(**{k: stats.get(k) for k in ("l_rce", "l_rcl", "l_lce", "l_ct")})
-        means.add_branch("rce", stats.code("rce_branch"))
-        means.add_branch("rcl", stats.code("rcl_branch"))
-        return value
-
-    def batched_end_epoch(self, ctxs: list[TrainContext], epoch: int) -> list[EpochEnd]:
-        """Each model's means, with end_epoch's collapse warning per model."""
-        ends = []
-        for means in self._batched_means().pop():
-            self._warn_collapse(epoch, means)
-            ends.append(EpochEnd(metrics=means))
-        return ends
+                "below that level", RuntimeWarning, stacklevel=4)
 
     def state_dict(self) -> dict[str, Any]:
-        centers = None if self.crl_loss is None else self.crl_loss.centers
         return {
-            "centers": None if centers is None else centers.detach().clone(),
+            "centers": None if self.centers is None else self.centers.detach().clone(),
             "center_optimizer": (None if self.center_optimizer is None
                                  else copy.deepcopy(self.center_optimizer.state_dict())),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        centers = self._loss_fn().centers
         saved = state.get("centers")
-        want = None if centers is None else tuple(centers.shape)
+        want = None if self.centers is None else tuple(self.centers.shape)
         got = None if saved is None else tuple(saved.shape)
         if want != got:
             raise CRLError(f"checkpoint has {self.name} centers of shape {got}; expected {want}")
-        if centers is not None:
+        if self.centers is not None:
             with torch.no_grad():
-                centers.copy_(saved.to(centers.device, centers.dtype))
+                self.centers.copy_(saved.to(self.centers.device, self.centers.dtype))
         if self.center_optimizer is not None and state.get("center_optimizer") is not None:
             self.center_optimizer.load_state_dict(state["center_optimizer"])
 

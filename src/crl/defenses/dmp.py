@@ -31,7 +31,7 @@ from crl.defenses._common import (
     held_out_split,
     split_members,
 )
-from crl.defenses.base import Defense, Step, TrainContext
+from crl.defenses.base import Changes, Defense, Step, TrainContext, only
 from crl.errors import CRLError
 from crl.params import Param, ParamSpec
 from crl.recipe import Recipe
@@ -83,15 +83,19 @@ class DMP(LogsMeans, Defense):
         return held_out_split(self.name, "ref_fraction", self.params["ref_fraction"], train_idx,
                               labels, seed)[0]
 
-    def prepare(self, ctx: TrainContext) -> None:
+    def prepare(self, ctxs: list[TrainContext]) -> list[Changes]:
+        """Train the teacher on its part of the members; the student trains on the selected
+        reference samples (the one change)."""
+        ctx = only(self.name, ctxs)
         self.check(ctx.recipe, int(ctx.train_idx.numel()))
         self.teacher_idx, self.ref_pool = split_members(ctx, self.name, "ref_fraction",
                                                         self.params["ref_fraction"])
         # The unprotected teacher: same architecture, same recipe, plain cross-entropy.
         teacher = ctx.train_submodel(self._fresh_copy(ctx), self.teacher_idx, stream="teacher")
         self.teacher = teacher.eval().requires_grad_(False)
-        ctx.train_idx = self.ref_idx = self._select(ctx)
-        self._reset_means()
+        self.ref_idx = self._select(ctx)
+        super().prepare(ctxs)
+        return [Changes(train_idx=self.ref_idx)]
 
     def _fresh_copy(self, ctx: TrainContext) -> nn.Module:
         """A copy of ctx.model re-initialised (each module's reset_parameters, on the CPU) from
@@ -129,11 +133,12 @@ class DMP(LogsMeans, Defense):
             raise CRLError(f"defense '{self.name}' used before prepare(ctx); call prepare first")
         return F.softmax(self.teacher(x).float() / self.params["temperature"], dim=1)
 
-    def loss(self, ctx: TrainContext, step: Step) -> torch.Tensor:
-        soft = self.soft_labels(step.x)
-        value = F.kl_div(F.log_softmax(step.logits, dim=1), soft, reduction="batchmean")
-        self._means.add(l_kl=value)
-        return value
+    def loss(self, ctxs: list[TrainContext], step: Step) -> torch.Tensor:
+        only(self.name, ctxs)
+        soft = self.soft_labels(step.x[0])
+        value = F.kl_div(F.log_softmax(step.logits[0], dim=1), soft, reduction="batchmean")
+        self._means().add(l_kl=value)
+        return value.reshape(1)
 
     def report(self) -> dict[str, Any]:
         return dict(self._report)

@@ -1,10 +1,11 @@
 """DP-SGD (Abadi et al. 2016) through Opacus: per-sample clipping + Gaussian noise, RDP accounting.
 
 prepare() makes the model Opacus-compatible (the registered model transform "opacus_fix":
-BatchNorm -> GroupNorm, in-place activations off), wraps it in a GradSampleModule and fit's SGD
-optimizer in a DPOptimizer, and replaces fit's sampler by true Poisson sampling: every member
-joins each batch independently with probability q = batch_size / n_train, ceil(n_train /
-batch_size) draws an epoch. finish() unwraps the model back to the plain nn.Module.
+BatchNorm -> GroupNorm, in-place activations off) and returns, as its changes, the model wrapped
+in a GradSampleModule, fit's SGD optimizer wrapped in a DPOptimizer, and true Poisson sampling
+in place of fit's sampler: every member joins each batch independently with probability
+q = batch_size / n_train, ceil(n_train / batch_size) draws an epoch. finish() returns the plain
+nn.Module and optimizer.
 
 Variable batch sizes: the GradSampleModule (loss_reduction "mean") undoes the loss's mean over
 the actual batch to get per-sample gradients; the DPOptimizer sums their clipped values, adds
@@ -27,7 +28,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from crl.defenses.base import Defense, EpochEnd, TrainContext
+from crl.defenses.base import Changes, Defense, EpochEnd, TrainContext, only
 from crl.errors import CRLError
 from crl.models.transforms import opacus_compatible
 from crl.params import Param, ParamSpec
@@ -93,8 +94,11 @@ class DPSGD(Defense):
                            "training samples; expected batch_size <= n_train (the Poisson "
                            "sample rate batch_size / n_train must be at most 1)")
 
-    def prepare(self, ctx: TrainContext) -> None:
+    def prepare(self, ctxs: list[TrainContext]) -> list[Changes]:
+        """Opacus's make_private, by hand: the model wrapped for per-sample gradients, the
+        optimizer that clips and adds noise, and the Poisson sampler (the three changes)."""
         GradSampleModule, DPOptimizer = _opacus()
+        ctx = only(self.name, ctxs)
         self.check(ctx.recipe, int(ctx.train_idx.numel()))
         model = opacus_compatible(ctx.model).to(ctx.device)
         self.transforms = ["opacus_fix"] if model is not ctx.model else []
@@ -109,29 +113,32 @@ class DPSGD(Defense):
                                       num_batches=math.ceil(self.n_train / batch))
         self.noise = torch.Generator(device=ctx.device)
         self.noise.manual_seed(seed_for(ctx.seed, self.name, "noise"))
-        ctx.model = GradSampleModule(model, loss_reduction="mean")
-        ctx.optimizer = DPOptimizer(
+        private = DPOptimizer(
             optimizer, noise_multiplier=self.params["noise_multiplier"],
             max_grad_norm=self.params["max_grad_norm"], expected_batch_size=batch,
             loss_reduction="mean", generator=self.noise)
-        ctx.optimizer.attach_step_hook(self._count_step)
-        ctx.sampler = self.sampler
+        private.attach_step_hook(self._count_step)
+        return [Changes(model=GradSampleModule(model, loss_reduction="mean"),
+                        optimizer=private, sampler=self.sampler)]
 
     def _count_step(self, optimizer: Any) -> None:
         self.steps += 1
 
-    def end_epoch(self, ctx: TrainContext, epoch: int) -> EpochEnd:
+    def end_epoch(self, ctxs: list[TrainContext], epoch: int) -> list[EpochEnd]:
         self.batches_drawn += self.sampler.num_batches   # epsilon is computed once, in report()
-        return EpochEnd()
+        return [EpochEnd()]
 
-    def finish(self, ctx: TrainContext) -> None:
+    def finish(self, ctx: TrainContext) -> Changes:
+        """The plain module and optimizer back (the model's gradients cleared)."""
         GradSampleModule, _ = _opacus()
-        if isinstance(ctx.model, GradSampleModule):
-            ctx.model = ctx.model.to_standard_module()
-        if hasattr(ctx.optimizer, "original_optimizer"):
-            ctx.optimizer = ctx.optimizer.original_optimizer
-        for p in ctx.model.parameters():
+        model, optimizer = ctx.model, ctx.optimizer
+        if isinstance(model, GradSampleModule):
+            model = model.to_standard_module()
+        if hasattr(optimizer, "original_optimizer"):
+            optimizer = optimizer.original_optimizer
+        for p in model.parameters():
             p.grad = None
+        return Changes(model=model, optimizer=optimizer)
 
     def epsilon(self, draws: int | None = None) -> float:
         """Epsilon at `delta` after `draws` Poisson draws (default: those made so far)."""

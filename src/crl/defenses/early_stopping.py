@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from crl.defenses._common import held_out_count, held_out_split, split_members
-from crl.defenses.base import Defense, EpochEnd, TrainContext
+from crl.defenses.base import Changes, Defense, EpochEnd, TrainContext, only
 from crl.errors import CRLError
 from crl.params import Param, ParamSpec
 from crl.recipe import Recipe
@@ -73,22 +73,27 @@ class EarlyStopping(Defense):
         return held_out_split(self.name, "val_fraction", self.params["val_fraction"], train_idx,
                               labels, seed)[1]
 
-    def prepare(self, ctx: TrainContext) -> None:
+    def prepare(self, ctxs: list[TrainContext]) -> list[Changes]:
+        """Patience mode: the validation split held out of the members (the one change)."""
+        ctx = only(self.name, ctxs)
         self._reset()
+        train_idx = ctx.train_idx
         if self.by_patience:
-            ctx.train_idx, self.val_idx = split_members(ctx, self.name, "val_fraction",
-                                                        self.params["val_fraction"])
-        self.n_train = int(ctx.train_idx.numel())
+            train_idx, self.val_idx = split_members(ctx, self.name, "val_fraction",
+                                                    self.params["val_fraction"])
+        self.n_train = int(train_idx.numel())
+        return [Changes(train_idx=train_idx if self.by_patience else None)]
 
     def _snapshot(self, ctx: TrainContext) -> None:
         self.best_state = {k: v.detach().clone() for k, v in ctx.model.state_dict().items()}
 
-    def end_epoch(self, ctx: TrainContext, epoch: int) -> EpochEnd:
+    def end_epoch(self, ctxs: list[TrainContext], epoch: int) -> list[EpochEnd]:
+        ctx = only(self.name, ctxs)
         if not self.by_patience:
             if epoch >= self.params["stop_epoch"]:
                 self.best_epoch = self.stopped_epoch = epoch
                 self._snapshot(ctx)
-            return EpochEnd(stop=self.stopped_epoch is not None)
+            return [EpochEnd(stop=self.stopped_epoch is not None)]
         val_loss, val_acc = ctx.evaluate(self.val_idx)
         if val_loss < self.best_loss:
             self.best_loss, self.best_epoch, self.bad_epochs = val_loss, epoch, 0
@@ -97,12 +102,14 @@ class EarlyStopping(Defense):
             self.bad_epochs += 1
         if self.bad_epochs >= self.params["patience"]:
             self.stopped_epoch = epoch
-        return EpochEnd(metrics={"val_loss": val_loss, "val_acc": val_acc},
-                        stop=self.stopped_epoch is not None)
+        return [EpochEnd(metrics={"val_loss": val_loss, "val_acc": val_acc},
+                         stop=self.stopped_epoch is not None)]
 
-    def finish(self, ctx: TrainContext) -> None:
+    def finish(self, ctx: TrainContext) -> Changes:
+        """The best (or the stop) epoch's weights restored into the model."""
         if self.best_state is not None:
             ctx.model.load_state_dict(self.best_state)
+        return Changes()
 
     def report(self) -> dict[str, Any]:
         out: dict[str, Any] = {"mode": "patience" if self.by_patience else "stop_epoch",

@@ -16,7 +16,7 @@ import torch
 
 from crl.data.types import normalize
 from crl.defenses._common import LogsMeans
-from crl.defenses.base import Defense, Step, TrainContext
+from crl.defenses.base import Changes, Defense, Step, TrainContext, only
 from crl.errors import CRLError
 from crl.losses.hamp import hamp_loss, soft_label_confidence
 from crl.models.output_modification import HAMP_OUTPUT, hamp_output, set_reference_scores
@@ -56,22 +56,23 @@ class Hamp(LogsMeans, Defense):
         self._confidence: float | None = None
         self._modified = False
 
-    def prepare(self, ctx: TrainContext) -> None:
-        self._confidence = soft_label_confidence(ctx.num_classes, self.params["gamma"])
-        self._reset_means()
+    def prepare(self, ctxs: list[TrainContext]) -> list[Changes]:
+        self._confidence = soft_label_confidence(only(self.name, ctxs).num_classes,
+                                                 self.params["gamma"])
+        return super().prepare(ctxs)
 
-    def loss(self, ctx: TrainContext, step: Step) -> torch.Tensor:
+    def loss(self, ctxs: list[TrainContext], step: Step) -> torch.Tensor:
         if self._confidence is None:
             raise CRLError(f"defense '{self.name}' used before prepare(ctx); call prepare first")
         value, kl, entropy = hamp_loss(step.logits, step.y, self._confidence,
                                        self.params["alpha"])
-        self._means.add(l_kl=kl, entropy=entropy)
+        self._means().add(l_kl=kl, entropy=entropy)
         return value
 
-    def finish(self, ctx: TrainContext) -> None:
+    def finish(self, ctx: TrainContext) -> Changes:
         """Attach the output modification to the trained model (when modify_output)."""
         if not self.params["modify_output"]:
-            return
+            return Changes()
         generator = ctx.stream("hamp", "random_input")
         pixels = torch.randint(0, 256, (1, *ctx.data.shape), generator=generator,
                                dtype=torch.uint8)
@@ -81,8 +82,10 @@ class Hamp(LogsMeans, Defense):
         with torch.no_grad():
             logits = ctx.model(x)[0]
         ctx.model.train(was_training)
-        set_reference_scores(hamp_output(ctx.model), logits)
+        model = hamp_output(ctx.model)
+        set_reference_scores(model, logits)
         self._modified = True
+        return Changes(model=model)
 
     def report(self) -> dict[str, Any]:
         out: dict[str, Any] = {"hamp_soft_label_confidence": self._confidence}

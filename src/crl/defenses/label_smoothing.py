@@ -4,7 +4,6 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
 from crl.defenses.base import Defense, Step, TrainContext, cross_entropy_per_model
 from crl.params import Param, ParamSpec
@@ -23,9 +22,6 @@ class LabelSmoothing(Defense):
               search=(0.02, 0.5, "log"), help="mass spread uniformly over all classes"),
     )
 
-    def loss(self, ctx: TrainContext, step: Step) -> torch.Tensor:
-        return F.cross_entropy(step.logits, step.y, label_smoothing=self.params["epsilon"])
-
-    def batched_loss(self, steps: Step) -> torch.Tensor:
-        return cross_entropy_per_model(steps.logits, steps.y,
+    def loss(self, ctxs: list[TrainContext], step: Step) -> torch.Tensor:
+        return cross_entropy_per_model(step.logits, step.y,
                                        label_smoothing=self.params["epsilon"])

@@ -1,14 +1,13 @@
 """The original RelaxLoss defense (Chen et al., ICLR 2022; CRL paper Eq. 3; SPEC section 4)."""
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
 from crl.defenses._common import LogsMeans
 from crl.defenses.base import Defense, Step, TrainContext
-from crl.errors import CRLError
-from crl.losses.relaxloss import LossStats, RelaxLoss, relaxloss_batched
+from crl.losses.relaxloss import LossStats, relaxloss_batched
 from crl.params import Param, ParamSpec
 from crl.registry import DEFENSES
 
@@ -33,29 +32,10 @@ class RelaxLossDefense(LogsMeans, Defense):
         Param("upper", 1.0, float, low=0.0, high=1.0, help="cap on p[y] in the soft target"),
     )
 
-    def __init__(self, params: dict[str, Any] | None = None) -> None:
-        super().__init__(params)
-        self.relax_loss: RelaxLoss | None = None
-
-    def prepare(self, ctx: TrainContext) -> None:
-        self.relax_loss = RelaxLoss(ctx.num_classes, **self.params)
-        self._reset_means()
-
-    def loss(self, ctx: TrainContext, step: Step) -> torch.Tensor:
-        if self.relax_loss is None:
-            raise CRLError(f"defense '{self.name}' used before prepare(ctx); call prepare first")
-        value = self.relax_loss(step.logits, step.y, step.epoch)
-        stats = self.relax_loss.last_stats
-        self._means.add(l_ce=stats["l_ce"])
-        self._means.add_branch("ce", stats["branch"])
-        return value
-
-    # --- K models at once ------------------------------------------------------------------
-    def batched_loss(self, steps: Step) -> torch.Tensor:
+    def loss(self, ctxs: list[TrainContext], step: Step) -> torch.Tensor:
         """RelaxLoss per model (relaxloss_batched: each model takes its own branch, Eq. 3)."""
-        means = self._batched_means()
-        stats = LossStats()
-        value = relaxloss_batched(steps.logits, steps.y, self.params["alpha"], steps.epoch,
+        means, stats = self._means(), LossStats()
+        value = relaxloss_batched(step.logits, step.y, self.params["alpha"], step.epoch,
                                   upper=self.params["upper"], validate=False, stats=stats)
         means.add(l_ce=stats["l_ce"])
         means.add_branch("ce", stats.code("branch"))

@@ -30,8 +30,8 @@ __all__ = ["ENGINES", "Engine", "OnDone", "TrainOutput", "TrainRequest", "arithm
 
 def get_engine(name: str, **options: Any) -> Engine:
     """A registered engine by name."""
-    import crl.engine.ensemble  # noqa: F401  (registers 'ensemble' and 'auto')
-    import crl.engine.ray_engine  # noqa: F401  (registers 'ray'; imports ray only when used)
+    import crl.engine.ensemble  # registers 'ensemble' and 'auto'
+    import crl.engine.ray_engine  # registers 'ray' (imports ray only when used)
     import crl.engine.sequential  # noqa: F401  (registers the built-in engines)
 
     return ENGINES.get(name)(**options)

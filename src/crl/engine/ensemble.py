@@ -49,22 +49,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from crl.data.augment import augment_batch
 from crl.data.types import ImageData, normalize
-from crl.defenses.base import Defense, Step, TrainContext, build_defense, default_sampler
+from crl.defenses.base import Changes, Defense, TrainContext, build_defense
 from crl.engine.protocol import ENGINES, OnDone, TrainOutput, TrainRequest, arithmetic_label
 from crl.engine.sequential import initial_model, train_one
-from crl.engine.stacked import (FORMULATIONS, Stack, agrees, build_stack, formulation_for,
-                                trial_step)
+from crl.engine.stacked import FORMULATIONS, Stack, agrees, build_stack, formulation_for, trial_step
 from crl.errors import CRLError
-from crl.evaluation import evaluate
-from crl.models.features import classifier_of
 from crl.models.spec import ModelSpec
 from crl.params import Param, ParamSpec
 from crl.recipe import Recipe
 from crl.registry import DEFENSES
-from crl.seeding import torch_generator
-from crl.train import lr_lambda
+from crl.train import ModelGroup, lr_schedule, train_context, train_epoch
 from crl.utils import resolve_device
 
 MAX_ENSEMBLE = 64               # models per chunk at most (more gains nothing measurable)
@@ -80,9 +75,8 @@ OPTIONS = ParamSpec(
 
 
 def batchable(defense: str) -> bool:
-    """Whether the registered `defense` can train K models at once (batchable, batched_loss)."""
-    cls = DEFENSES.get(defense)
-    return bool(cls.batchable) and cls.batched_loss is not Defense.batched_loss
+    """Whether the registered `defense` can train K models at once."""
+    return bool(DEFENSES.get(defense).batchable)
 
 
 @ENGINES.register("ensemble")
@@ -270,31 +264,25 @@ def _activations(model: nn.Module, spec: ModelSpec) -> int:
     return total
 
 
-@dataclass
-class _Ensemble:
-    """K models training at once: their contexts (own seed, indices, sampler), the stacked
-    formulation, the shared optimizer and schedule, the defense and each model's streams."""
+class _Ensemble(ModelGroup):
+    """K models training at once (crl.train's ModelGroup): their contexts (own seed, indices,
+    sampler), the stacked formulation, the shared optimizer, the defense and each model's
+    streams."""
 
-    run: _Run
-    requests: list[TrainRequest]
-    contexts: list[TrainContext]
-    stack: Stack
-    defense: Defense
-    optimizer: torch.optim.Optimizer
-    shuffles: list[torch.Generator]
-    augments: list[torch.Generator]
-    images: torch.Tensor            # the dataset's uint8 images, resident on the device
-    labels: torch.Tensor
+    def __init__(self, run: _Run, requests: list[TrainRequest], contexts: list[TrainContext],
+                 stack: Stack, defense: Defense, optimizer: torch.optim.Optimizer) -> None:
+        super().__init__(contexts, defense, optimizer,
+                         [req.desc or str(k) for k, req in enumerate(requests)])
+        self.run, self.requests, self.stack = run, requests, stack
 
     @classmethod
     def start(cls, run: _Run, requests: list[TrainRequest], formulation: str) -> _Ensemble:
         """Every model initialised as `train_one` initialises it, stacked; the defense
-        prepared per model (CRLError on what `fit` would refuse)."""
+        prepared for the K models (CRLError on what `fit` would refuse)."""
         recipe, device = run.recipe, resolve_device(run.recipe.device)
         models = [initial_model(run.spec, req.seed).to(device) for req in requests]
-        images = run.data.x.to(device)
-        probe = normalize(images[torch.as_tensor(requests[0].train_idx[:2])], run.data.mean,
-                          run.data.std)
+        probe = normalize(run.data.x[torch.as_tensor(requests[0].train_idx[:2])].to(device),
+                          run.data.mean, run.data.std)
         failure = trial_step(models, formulation, probe, recipe.bf16)
         if failure is not None:
             raise _Mismatch(f"the {formulation} stack of {run.spec.arch} cannot train: "
@@ -308,99 +296,36 @@ class _Ensemble:
                                     weight_decay=recipe.weight_decay)
         defense = build_defense(run.defense, run.params)
         defense.check(recipe, len(requests[0].train_idx))
-        contexts = [_context(run, req, model, optimizer, device, defense)
+        contexts = [_context(run, req, model, optimizer, defense)
                     for req, model in zip(requests, models)]
-        defense.batched_prepare(contexts)
-        return cls(run, requests, contexts, stack, defense, optimizer,
-                   [torch_generator(req.seed, "shuffle") for req in requests],
-                   [torch_generator(req.seed, "augment") for req in requests],
-                   images, run.data.y.to(device))
+        if any(vars(changes) != vars(Changes()) for changes in defense.prepare(contexts)):
+            raise CRLError(f"defense '{defense.name}' changed a model's training set, model, "
+                           "optimizer or sampler while training K models at once; expected "
+                           "batchable = False for such a defense")
+        return cls(run, requests, contexts, stack, defense, optimizer)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.stack(x)
+
+    def module(self, k: int) -> nn.Module:
+        return self.stack.module(k)
+
+    def train_mode(self) -> None:
+        self.stack.train(True)
 
     def train(self, progress: bool) -> list[TrainOutput]:
         """Every epoch of the recipe; the trained models, their histories and reports."""
-        recipe = self.run.recipe
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(recipe.milestones, recipe.gamma))
+        scheduler = lr_schedule(self.optimizer, self.recipe)
         histories: list[list[dict[str, float]]] = [[] for _ in self.requests]
         desc = f"{len(self.requests)} models ({self.stack.formulation})"
-        for epoch in tqdm(range(1, recipe.epochs + 1), desc=desc, disable=not progress,
+        eval_idx = [req.eval_idx for req in self.requests]
+        for epoch in tqdm(range(1, self.recipe.epochs + 1), desc=desc, disable=not progress,
                           leave=False, dynamic_ncols=True):
-            for history, row in zip(histories, self.epoch(epoch)):
+            rows, _ = train_epoch(self, epoch, eval_idx)
+            for history, row in zip(histories, rows):
                 history.append(row)
             scheduler.step()
         return [self.output(k, history) for k, history in enumerate(histories)]
-
-    def epoch(self, epoch: int) -> list[dict[str, float]]:
-        """One epoch of every model; one history row per model, keyed like `fit`'s."""
-        self.stack.train(True)
-        opts = [self.optimizer, *self.defense.optimizers()]
-        loss_sum = correct = 0
-        seen = 0
-        streams = [ctx.sampler.batches(ctx.train_idx, gen)
-                   for ctx, gen in zip(self.contexts, self.shuffles)]
-        for step, parts in enumerate(zip(*streams), start=1):
-            idx = torch.stack(parts)                                   # [K, B]
-            losses, hits = self.step(idx, epoch, step, opts)
-            loss_sum = loss_sum + losses.double() * idx.shape[1]
-            correct = correct + hits.double()
-            seen += idx.shape[1]
-        ends = self.defense.batched_end_epoch(self.contexts, epoch)
-        rows = []
-        for k, (loss, hit, end) in enumerate(zip((loss_sum / seen).tolist(),
-                                                 (correct / seen).tolist(), ends)):
-            if end.stop:
-                raise CRLError(f"defense '{self.defense.name}' stopped model {k} early while "
-                               "training K models at once; expected batchable = False for a "
-                               "defense that stops early")
-            rows.append({"epoch": epoch, "train_loss": loss, "train_acc": hit, **end.metrics,
-                         **self.monitor(k), "lr": self.optimizer.param_groups[0]["lr"]})
-        return rows
-
-    def step(self, idx: torch.Tensor, epoch: int, step: int,
-             opts: list[torch.optim.Optimizer]) -> tuple[torch.Tensor, torch.Tensor]:
-        """One training step of every model: (losses [K], correct predictions [K])."""
-        x, y = self.inputs(idx)
-        for opt in opts:
-            opt.zero_grad(set_to_none=True)
-        device = self.images.device
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16,
-                            enabled=self.run.recipe.bf16):
-            logits, features = self.stack(x)
-        steps = Step(x=x, y=y, idx=idx, logits=logits.float(),
-                     features=features.float() if self.defense.needs_features else None,
-                     epoch=epoch, step=step)
-        losses = self.defense.batched_loss(steps)
-        if not bool(torch.isfinite(losses).all()):
-            k = int((~torch.isfinite(losses)).nonzero()[0])
-            raise CRLError(f"training loss = {losses[k].item()} at epoch {epoch}, step {step} "
-                           f"of model {self.requests[k].desc or k} (defense "
-                           f"'{self.defense.name}'): expected a finite value; lower --lr or "
-                           "check the data")
-        losses.sum().backward()
-        for opt in opts:
-            opt.step()
-        return losses.detach(), (steps.logits.detach().argmax(-1) == y).sum(1)
-
-    def inputs(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Model k's batch at [k]: normalised (and augmented by its own stream) inputs
-        [K, B, C, H, W] and labels [K, B], on the device."""
-        models, batch = idx.shape
-        flat = idx.reshape(-1).to(self.images.device)
-        x = normalize(self.images[flat], self.run.data.mean, self.run.data.std)
-        if self.run.recipe.augment:
-            x = torch.cat([augment_batch(part, gen)
-                           for part, gen in zip(x.split(batch), self.augments)])
-        return x.view(models, batch, *x.shape[1:]), self.labels[flat].view(models, batch)
-
-    def monitor(self, k: int) -> dict[str, float]:
-        """test_loss / test_acc of model k on its request's eval_idx (as `fit` logs them)."""
-        eval_idx = self.requests[k].eval_idx
-        if eval_idx is None or not len(eval_idx):
-            return {}
-        loss, acc = evaluate(self.stack.module(k), self.run.data, eval_idx,
-                             batch_size=max(self.run.recipe.batch_size, 256),
-                             bf16=self.run.recipe.bf16)
-        return {"test_loss": loss, "test_acc": acc}
 
     def output(self, k: int, history: list[dict[str, float]]) -> TrainOutput:
         """Model k as the sequential engine returns it (CPU, eval mode), its report naming
@@ -415,16 +340,10 @@ class _Ensemble:
 
 
 def _context(run: _Run, request: TrainRequest, model: nn.Module,
-             optimizer: torch.optim.Optimizer, device: torch.device,
-             defense: Defense) -> TrainContext:
-    """Model k's context: its own seed (streams), sorted training indices, the default sampler."""
-    feat_dim = classifier_of(model)[1].in_features if defense.needs_features else None
-    train_idx = torch.as_tensor(np.sort(np.asarray(request.train_idx)), dtype=torch.long)
-    if train_idx.numel() == 0:
-        raise CRLError("train_idx is empty: expected at least one training sample")
-    return TrainContext(data=run.data, recipe=replace(run.recipe, seed=request.seed),
-                        model=model, optimizer=optimizer, train_idx=train_idx, device=device,
-                        feat_dim=feat_dim, sampler=default_sampler(run.recipe))
+             optimizer: torch.optim.Optimizer, defense: Defense) -> TrainContext:
+    """Model k's context: its own seed (streams), sorted training indices."""
+    return train_context(run.data, replace(run.recipe, seed=request.seed), model, optimizer,
+                         np.sort(np.asarray(request.train_idx)), defense)
 
 
 # What `auto` runs per (model, device type), from the timings in docs/performance.md

@@ -211,6 +211,23 @@ def crl_batched(logits: torch.Tensor, features: torch.Tensor | None, targets: to
     return l_rce if l_rcl is None else l_rce + hp["lam"] * l_rcl
 
 
+def initial_centers(num_classes: int, feat_dim: int,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """A model's class centers before training: [num_classes, feat_dim] standard normal, drawn
+    from `generator` (on its device) if given."""
+    device = generator.device if generator is not None else None
+    return torch.randn(num_classes, feat_dim, generator=generator, device=device)
+
+
+def center_optimizer(centers: torch.Tensor, center_update: str) -> torch.optim.Optimizer:
+    """The centers' own optimizer (of any shape, e.g. [K, C, D]: elementwise, so one optimizer
+    is K): SGD, lr 0.001 constant ("authors": momentum 0.9, weight decay 5e-4)."""
+    if center_update == "authors":
+        return torch.optim.SGD([centers], lr=CENTER_LR, momentum=AUTHORS_MOMENTUM,
+                               weight_decay=AUTHORS_WEIGHT_DECAY)
+    return torch.optim.SGD([centers], lr=CENTER_LR)
+
+
 # --- one model -------------------------------------------------------------------------------
 class CRLLoss(nn.Module):
     """L = L_rce + lam * L_rcl (Algorithm 1 line 22) with learnable class centers.
@@ -240,9 +257,8 @@ class CRLLoss(nn.Module):
         if self.feat_dim is None:
             self.register_parameter("centers", None)
         else:
-            device = generator.device if generator is not None else None
-            init = torch.randn(self.num_classes, self.feat_dim, generator=generator, device=device)
-            self.centers = nn.Parameter(init)
+            self.centers = nn.Parameter(initial_centers(self.num_classes, self.feat_dim,
+                                                        generator))
         self.last_stats = LossStats()
 
     def _check_feat_dim(self, feat_dim: object) -> int | None:
@@ -262,10 +278,7 @@ class CRLLoss(nn.Module):
         """
         if self.centers is None:
             raise CRLError("this CRLLoss has no centers (feat_dim = None); expected a feat_dim")
-        if self.center_update == "authors":
-            return torch.optim.SGD([self.centers], lr=CENTER_LR, momentum=AUTHORS_MOMENTUM,
-                                   weight_decay=AUTHORS_WEIGHT_DECAY)
-        return torch.optim.SGD([self.centers], lr=CENTER_LR)
+        return center_optimizer(self.centers, self.center_update)
 
     def forward(self, logits: torch.Tensor, features: torch.Tensor | None,
                 targets: torch.Tensor, epoch: int) -> torch.Tensor:

@@ -58,9 +58,10 @@ def soft_labels(y: torch.Tensor, num_classes: int, p: float) -> torch.Tensor:
 
 def hamp_loss(logits: torch.Tensor, y: torch.Tensor, p: float, alpha: float
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, mean KL term, mean entropy) of a batch: logits [B, C], labels [B]."""
+    """(loss, mean KL term, mean entropy) of a batch per model: logits [..., B, C], labels
+    [..., B] -> three [...] tensors (one model: logits [B, C] -> 0-d)."""
     log_q = F.log_softmax(logits.float(), dim=-1)
     target = soft_labels(y, logits.shape[-1], p)
-    kl = F.kl_div(log_q, target, reduction="batchmean")
-    entropy = -(log_q.exp() * log_q).sum(-1).mean()
+    kl = (torch.special.xlogy(target, target) - target * log_q).sum(-1).mean(-1)
+    entropy = -(log_q.exp() * log_q).sum(-1).mean(-1)
     return kl - alpha * entropy, kl, entropy
