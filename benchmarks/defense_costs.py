@@ -21,8 +21,8 @@ from crl.config import DATASET_DEFAULTS
 from crl.data.datasets import load_dataset
 from crl.data.splits import make_pool_split
 from crl.defenses.base import build_defense
+from crl.engine.fit import Recipe, evaluate, fit
 from crl.models import create_model
-from crl.train import Recipe, evaluate, fit
 
 DEFAULT = "ce,label_smoothing,confidence_penalty,early_stopping,advreg,dmp,dpsgd"
 

@@ -64,7 +64,7 @@ def _case(name: str, args: argparse.Namespace):
     from crl.data.datasets import load_dataset
     from crl.data.types import ImageData
     from crl.models.spec import ModelSpec
-    from crl.recipe import Recipe
+    from crl.training.recipe import Recipe
 
     if name == "mlp":
         data = load_dataset("digits")
@@ -191,7 +191,7 @@ def _cifar(args: argparse.Namespace) -> None:
     from crl.data.splits import make_pool_split
     from crl.engine import get_engine
     from crl.models.spec import ModelSpec
-    from crl.recipe import Recipe
+    from crl.training.recipe import Recipe
 
     data = load_dataset(f"imagefolder:{args.cifar}")
     pool = make_pool_split(data.y.numpy(), seed=0).target_pool

@@ -27,7 +27,8 @@ logits on all 1,797 images compared bit for bit.
 
 Each version runs in its own process (both packages are named `crl`): `--impl` selects the one
 this process imports, and the parent compares the logits they write. Pinned: the model's initial
-state dict (built once by the new code after torch.manual_seed(i), i = 0..--inits-1), the training indices (100 digits samples), the shuffle
+state dict (built once by the new code after torch.manual_seed(i), i = 0..--inits-1), the
+training indices (100 digits samples), the shuffle
 (the old loop seeded its one generator with `recipe.seed`; it is given the new "shuffle"
 stream's seed) and CRL's initial centers (the old defense drew them from `recipe.seed`; it is
 given the new "centers" stream's generator).
@@ -44,6 +45,18 @@ from pathlib import Path
 
 SEED = 7
 DEFENSES = ("ce", "crl", "relaxloss")
+
+
+def _module(*names: str):
+    """The first of `names` this process's `crl` has (today's layout first, then the old one's)."""
+    import importlib
+
+    for name in names:
+        try:
+            return importlib.import_module(name)
+        except ModuleNotFoundError:
+            continue
+    raise SystemExit(f"none of {names} in this crl")
 
 
 def _train(impl: str, defense: str, work: Path) -> None:
@@ -66,13 +79,14 @@ def _train(impl: str, defense: str, work: Path) -> None:
     model.load_state_dict(torch.load(init, weights_only=True))
     recipe_args = {"epochs": 60, "batch_size": 32, "lr": 0.05, "device": "cpu"}
     from crl.defenses import build_defense  # both versions have these two
-    from crl.train import fit
+    fit = _module("crl.engine.fit", "crl.train").fit
     if impl == "new":
-        from crl.recipe import Recipe
+        Recipe = _module("crl.training.recipe", "crl.recipe").Recipe
         recipe = Recipe(seed=SEED, **recipe_args)
     else:
-        import crl.losses.crl as old_losses
         from crl.train import Recipe as OldRecipe
+
+        import crl.losses.crl as old_losses
         new_seeds = json.loads(os.environ["CRL_CHECK_SEEDS"])
         recipe = OldRecipe(seed=new_seeds["shuffle"], **recipe_args)
         init_centers = old_losses.CRLLoss.__init__
@@ -164,14 +178,15 @@ def _new_with_old_seeds(defense: str, seed: int) -> tuple[float, float]:
     import numpy as np
     import torch
 
-    from crl import train
     from crl.data.datasets import load_dataset
     from crl.data.splits import make_pool_split
     from crl.defenses import base, build_defense
-    from crl.evaluation import predict_logits
-    from crl.metrics import attack_metrics
     from crl.models import create_model
-    from crl.recipe import Recipe
+
+    train = _module("crl.engine.fit", "crl.train")
+    predict_logits = _module("crl.models.evaluation", "crl.evaluation").predict_logits
+    attack_metrics = _module("crl.attacks.metrics", "crl.metrics").attack_metrics
+    Recipe = _module("crl.training.recipe", "crl.recipe").Recipe
 
     def one_stream(s: int, *_path) -> torch.Generator:   # the old code: one seed, no streams
         return torch.Generator().manual_seed(int(s))
@@ -220,7 +235,8 @@ def _engines(work: Path, defenses: list[str]) -> None:
     from crl.data.types import normalize
     from crl.engine import TrainRequest, get_engine
     from crl.models.spec import ModelSpec
-    from crl.recipe import Recipe
+
+    Recipe = _module("crl.training.recipe", "crl.recipe").Recipe
 
     data = load_dataset("digits")
     rng = np.random.default_rng(0)
@@ -300,7 +316,7 @@ def main(argv: list[str] | None = None) -> None:
                          "commit 64f7cf0 (git worktree add /tmp/crl-old 64f7cf0)")
     if a.old_seeds:
         return _seeds_table(a.old_src, a.old_seeds)
-    from crl.seeding import seed_for
+    seed_for = _module("crl.core.seeding", "crl.seeding").seed_for
     seeds = {"shuffle": seed_for(SEED, "shuffle"), "centers": seed_for(SEED, "centers")}
     new_src = str(Path(__file__).resolve().parents[1] / "src")
     print("| init seed | defense | same data | same params | max |logit difference| | max |logit| "
@@ -358,7 +374,8 @@ def _compare(a: argparse.Namespace, seeds: dict, new_src: str, init_seed: int) -
             print(f"| {init_seed} | {defense} | {same_data} | {old['params'] == new['params']} "
                   f"| {diff:.2e} | {new['logits'].abs().max().item():.1f} | {preds} |")
             if defense == "relaxloss":
-                print(f"  relaxloss trace: {_first_parting(old['trace'], new['trace'], new['params']['alpha'])}")
+                parting = _first_parting(old['trace'], new['trace'], new['params']['alpha'])
+                print(f"  relaxloss trace: {parting}")
             if old["params"] != new["params"]:
                 print(f"  old params {old['params']}\n  new params {new['params']}")
 

@@ -41,10 +41,10 @@ from typing import Any
 
 import yaml
 
+from crl.audit.verdict import strongest
 from crl.config import FIELDS, load_yaml_recipe
-from crl.errors import CRLError
-from crl.utils import atomic_path, write_text_atomic
-from crl.verdict import strongest
+from crl.core.errors import CRLError
+from crl.core.utils import atomic_path, write_text_atomic
 
 KEYS = ("base", "config", "out", "variants", "tiers")
 TIER_KEYS = ("defenses", "from", "nearest", "config")
@@ -281,7 +281,7 @@ def done(recipe: Path, extra: list[str]) -> bool:
     """Whether the run folder of `recipe` holds a complete run of exactly this resolved config
     (its manifest; the options that do not change results, e.g. --resume, aside)."""
     from crl.cli import build_parser, config_from_args
-    from crl.manifest import config_identity
+    from crl.core.manifest import config_identity
     from crl.rundir import found_run
 
     cfg = config_from_args(build_parser().parse_args(command(recipe, extra))).resolved()
@@ -394,7 +394,7 @@ class Point:
 
     def strongest(self, metric: str, attacks: tuple[str, ...] | None = None
                   ) -> tuple[str, Estimate] | None:
-        """The strongest attack by `metric` (crl.verdict.strongest over the attacks' seed
+        """The strongest attack by `metric` (crl.audit.verdict.strongest over the attacks' seed
         means; only `attacks` when given) and its Estimate; None when none has the metric."""
         values = {a: m[metric].value if metric in m else None for a, m in self.metrics.items()
                   if attacks is None or a in attacks}
@@ -475,7 +475,8 @@ def summary_table(points: list[Point]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for p in points:
         params = ", ".join(f"{k} {v}" for k, v in p.params.items()) or "-"
-        cells = [p.name + (" (at chance)" if p.at_chance else ""), p.defense, params, ",".join(map(str, p.seeds)),
+        cells = [p.name + (" (at chance)" if p.at_chance else ""), p.defense, params,
+                 ",".join(map(str, p.seeds)),
                  f"{100 * p.train_acc:.1f}", _fmt(p.test_acc, "acc"),
                  *(f"{p.metrics[a]['auc'].value:.3f}" if "auc" in p.metrics.get(a, {}) else "-"
                    for a in attacks),
@@ -487,7 +488,8 @@ def summary_table(points: list[Point]) -> str:
 SUMMARY_NOTE = (
     "Intervals are 95%: for one seed the run's own (bootstrap over samples for the attacks, "
     "binomial for test accuracy); for several seeds the mean, from the lowest lower to the "
-    "highest upper bound of the seeds' intervals. \"Strongest\" is crl.verdict.strongest over "
+    "highest upper bound of the seeds' intervals. \"Strongest\" is "
+    "crl.audit.verdict.strongest over "
     "the attacks that ran at that point (the points of the second-pass tiers had more).\n")
 
 

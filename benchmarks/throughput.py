@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from crl.core.utils import resolve_device
 from crl.defenses.crl import CRLDefense
 from crl.losses import CRLLoss
 from crl.models import FeatureTap, classifier_of, create_model
-from crl.utils import resolve_device
 
 WARMUP = 5
 NUM_CLASSES = 10

@@ -34,12 +34,12 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from crl.config import DATASET_DEFAULTS
+from crl.core.errors import CRLError
+from crl.core.seeding import seed_for, torch_generator
+from crl.core.utils import torch_save_atomic
 from crl.data import ImageData, load_dataset, make_pool_split, normalize
-from crl.errors import CRLError
-from crl.evaluation import predict_logits
 from crl.models import create_model
-from crl.seeding import seed_for, torch_generator
-from crl.utils import torch_save_atomic
+from crl.models.evaluation import predict_logits
 
 RECIPE = DATASET_DEFAULTS["*"]
 

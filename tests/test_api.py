@@ -11,9 +11,9 @@ import torch
 
 import crl
 from crl.cli import main
-from crl.errors import CRLError
-from crl.integrity import load_verified
-from crl.seeding import seed_for
+from crl.core.errors import CRLError
+from crl.core.integrity import load_verified
+from crl.core.seeding import seed_for
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 ATTACKS = ("loss", "mentr", "gradx", "lira", "rmia")
@@ -270,10 +270,10 @@ def test_crl_training_as_a_model_source_gives_the_rows_of_crl_audit(digits, tmp_
     from dataclasses import replace
 
     from crl.audit import DefenseChoice, ModelCache, ModelFactory
-    from crl.audit.run import recipe_of
+    from crl.audit.pipeline import recipe_of
+    from crl.commands.audit_training import TrainFnSource, audit_source, user_config
     from crl.config import AuditConfig
     from crl.data.types import normalize
-    from crl.external import TrainFnSource, audit_source, user_config
 
     flags = ["--model", "mlp", "--epochs", "2", "--subset", "200", "--seeds", "0", "--quiet",
              "--shadows", "0", "--references", "4", "--engine", "sequential", "--no-cache"]

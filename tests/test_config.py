@@ -21,7 +21,7 @@ from crl.config import (
     set_warnings,
     unused_set_owners,
 )
-from crl.errors import CRLError
+from crl.core.errors import CRLError
 from crl.rundir import LOCK_NAME, RunLock, check_out_dir, clean_stale_tmp
 
 
@@ -193,7 +193,7 @@ def _src_hits(pattern: re.Pattern) -> list[str]:
 
 
 def test_no_config_field_is_read_with_a_default_and_the_bootstrap_default_is_written_once():
-    from crl.params import DEFAULT_BOOTSTRAP
+    from crl.core.params import DEFAULT_BOOTSTRAP
 
     assert _src_hits(GETATTR_DEFAULT) == []
     assert _src_hits(BOOT_LITERAL) == []
@@ -316,7 +316,7 @@ def test_another_process_holding_the_lock_is_named_and_its_death_frees_it(tmp_pa
 KILLED_WRITER = textwrap.dedent("""
     import os, signal, sys
     from pathlib import Path
-    from crl.utils import atomic_path
+    from crl.core.utils import atomic_path
     with atomic_path(Path(sys.argv[1]) / "models" / "results.json") as tmp:
         tmp.write_text("half")
         os.kill(os.getpid(), signal.SIGKILL)

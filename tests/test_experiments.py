@@ -1,6 +1,6 @@
 """The paper's recipes (experiments/): every Table 1 row and every sweep setting parses and
 validates as `crl audit --config` would, its defenses accept the full-size split, and every
-(model, defense) pair they use takes one training step through crl.train.fit on synthetic data
+(model, defense) pair they use takes one training step through crl.engine.fit.fit on synthetic data
 of its dataset's shape. Also the sweep runner end to end (tiny digits) and the benchmark
 scripts' crl flags (a stand-in `crl` records them)."""
 from __future__ import annotations
@@ -18,15 +18,15 @@ import pytest
 import torch
 import yaml
 
-from crl.audit.run import recipe_of, validate_names
+from crl.audit.pipeline import recipe_of, validate_names
 from crl.cli import build_parser, config_from_args
 from crl.config import AuditConfig, load_yaml_recipe
+from crl.core.errors import CRLError
+from crl.core.seeding import torch_generator
 from crl.data.types import ImageData
 from crl.defenses.base import build_defense
-from crl.errors import CRLError
+from crl.engine.fit import fit
 from crl.models.spec import ModelSpec
-from crl.seeding import torch_generator
-from crl.train import fit
 
 ROOT = Path(__file__).resolve().parents[1]
 CNN_RECIPE = ROOT / "experiments" / "cifar10_cnn.yaml"     # the fronts' base, not a Table 1 row

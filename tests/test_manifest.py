@@ -11,8 +11,8 @@ import yaml
 
 import crl
 from crl.cli import main
-from crl.errors import CRLError
-from crl.manifest import MANIFEST, read_manifest
+from crl.core.errors import CRLError
+from crl.core.manifest import MANIFEST, read_manifest
 from crl.report.rebuild import verify_run
 
 QUICK = ["--epochs", "2", "--attacks", "loss", "--shadows", "0", "--seeds", "0", "--subset",

@@ -5,8 +5,7 @@ import pytest
 from scipy.stats import norm
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from crl.errors import CRLError
-from crl.metrics import (
+from crl.attacks.metrics import (
     CI_METRICS,
     _curve_metrics,
     _Side,
@@ -16,6 +15,7 @@ from crl.metrics import (
     pooled_ci,
     roc,
 )
+from crl.core.errors import CRLError
 
 D = 1.0
 TRUTH = {"auc": norm.cdf(D / np.sqrt(2)), "tpr_at_1pct_fpr": norm.cdf(D + norm.ppf(0.01))}

@@ -1,4 +1,4 @@
-"""Known-answer tests of the empirical epsilon lower bounds (crl.privacy_audit)."""
+"""Known-answer tests of the empirical epsilon lower bounds (crl.audit.epsilon)."""
 from __future__ import annotations
 
 import json
@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 from scipy import optimize, stats
 
-from crl.errors import CRLError
-from crl.privacy_audit import (
+from crl.audit.epsilon import (
     canary_epsilon,
     claim_warning,
     clopper_pearson_upper,
@@ -20,6 +19,7 @@ from crl.privacy_audit import (
     one_run_p_value,
     two_point_epsilon,
 )
+from crl.core.errors import CRLError
 
 DELTA = 1e-5
 DRAWS = 200

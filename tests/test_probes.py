@@ -15,9 +15,9 @@ from torch import nn
 
 import crl
 from crl.cli import main
+from crl.core.errors import CRLError
 from crl.data.datasets import load_dataset
 from crl.data.limits import available_memory, check_reference_scores, memory_budget
-from crl.errors import CRLError
 
 
 def _one_line(err) -> str:
@@ -53,7 +53,7 @@ def test_canaries_over_the_budget_are_refused_before_their_images_exist(digits, 
 
 
 def test_a_huge_reference_count_is_refused_before_planning(tmp_path, monkeypatch):
-    from crl.audit.run import prepare
+    from crl.audit.pipeline import prepare
     from crl.config import AuditConfig
 
     monkeypatch.setenv("CRL_MEMORY_BUDGET", "64M")
@@ -99,7 +99,7 @@ def test_archive_members_are_decoded_one_at_a_time(tmp_path):
 
 
 def test_a_model_header_is_checked_before_its_network_is_built(tmp_path, monkeypatch):
-    from crl.integrity import save_verified
+    from crl.core.integrity import save_verified
     from crl.models import ModelSpec, load_model, save_model
     from crl.models.io import MODEL_FORMAT
 

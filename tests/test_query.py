@@ -1,4 +1,4 @@
-"""crl.query: the oracle answers batches, counts queries, and hides what label-only hides."""
+"""crl.models.query: the oracle answers batches, counts queries, and hides what label-only hides."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crl.errors import CRLError
-from crl.query import QueryAccess, QueryOracle
+from crl.core.errors import CRLError
+from crl.models.query import QueryAccess, QueryOracle
 
 MEAN, STD = (0.3,), (0.2,)
 

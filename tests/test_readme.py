@@ -85,7 +85,7 @@ def test_readme_command_parses_and_validates(argv, monkeypatch):
     import crl.defenses  # noqa: F401  (registers the defenses)
     from crl.cli import build_parser, canonical_names, config_from_args
     from crl.config import set_warnings
-    from crl.registry import ATTACKS, DEFENSES
+    from crl.core.registry import ATTACKS, DEFENSES
 
     monkeypatch.chdir(README.parent)              # the README's paths are repository paths
     args = build_parser().parse_args(_on_digits(argv))

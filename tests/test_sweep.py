@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from crl.errors import CRLError
+from crl.core.errors import CRLError
 
 ROOT = Path(__file__).resolve().parents[1]
 

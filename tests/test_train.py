@@ -6,18 +6,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from crl.core.errors import CRLError
+from crl.core.integrity import load_verified
+from crl.core.seeding import torch_generator
 from crl.data.splits import make_pool_split
 from crl.data.types import normalize
 from crl.defenses.base import Changes, Defense, build_defense
-from crl.errors import CRLError
-from crl.evaluation import evaluate
-from crl.integrity import load_verified
+from crl.engine.fit import fit
 from crl.losses import CRLLoss, RelaxLoss
 from crl.models import create_model
+from crl.models.evaluation import evaluate
 from crl.models.features import FeatureTap, classifier_of
-from crl.recipe import Recipe
-from crl.seeding import torch_generator
-from crl.train import fit
+from crl.training.recipe import Recipe
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The verdict (crl.verdict): the one strongest-attack rule, paired changes recomputed
+"""The verdict (crl.audit.verdict): the one strongest-attack rule, paired changes recomputed
 independently, the words chosen by rule from the intervals, and the audit's progress line."""
 import io
 import json
@@ -7,11 +7,17 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from crl.attacks.metrics import attack_metrics
 from crl.audit.outcome import AttackOutcome, Evaluation, TargetOutcome
 from crl.audit.progress import AuditProgress, clock_text
+from crl.audit.verdict import (
+    compute_verdict,
+    console_lines,
+    lowest_resolved_tpr,
+    strongest,
+    words_of,
+)
 from crl.cli import main
-from crl.metrics import attack_metrics
-from crl.verdict import compute_verdict, console_lines, lowest_resolved_tpr, strongest, words_of
 
 N = 400   # members and non-members each
 

@@ -1,7 +1,7 @@
 """crl: Center-based Relaxed Learning against membership inference, and an attack suite."""
 __version__ = "0.1.0"
 
-from crl.errors import CRLError
+from crl.core.errors import CRLError
 
 
 def load_model(path):
@@ -13,7 +13,7 @@ def load_model(path):
     return _load(path)
 
 
-_LAZY = {"audit_training": "crl.external", "attack_signals": "crl.from_logits"}
+_LAZY = {"audit_training": "crl.commands.audit_training", "attack_signals": "crl.audit.from_logits"}
 
 
 def __getattr__(name: str):

@@ -7,7 +7,7 @@ is passed on as typed) so that every bad value, from a flag or a YAML recipe, fa
 one CRLError line from the field's check.
 
 Building the parser, `--help`, `--version` and argument errors (names included, from
-crl.catalog) never import torch: each command imports what it needs when it runs
+crl.core.catalog) never import torch: each command imports what it needs when it runs
 (tests/cli/test_cli_fast.py).
 """
 from __future__ import annotations
@@ -18,8 +18,8 @@ from collections.abc import Callable
 from typing import Any
 
 from crl import __version__
-from crl.catalog import canonical, check_names, list_text
-from crl.errors import CRLError
+from crl.core.catalog import canonical, check_names, list_text
+from crl.core.errors import CRLError
 
 
 def _scalar(kind: type) -> Callable[[str], Any]:
@@ -213,13 +213,13 @@ def _registries() -> list[Any]:
     import crl.data.datasets
     import crl.defenses
     import crl.models  # noqa: F401
-    from crl.registry import ATTACKS, DATASETS, DEFENSES, MODELS
+    from crl.core.registry import ATTACKS, DATASETS, DEFENSES, MODELS
 
     return [DATASETS, MODELS, DEFENSES, ATTACKS]
 
 
 def _check_names(model: str, defenses: list[str], attacks: list[str]) -> None:
-    """Unknown names fail here, from crl.catalog, before the command imports torch (with the
+    """Unknown names fail here, from crl.core.catalog, before the command imports torch (with the
     registry's words; the command checks them again against the registries)."""
     check_names("model", [model])
     check_names("defense", defenses)
@@ -319,13 +319,13 @@ def _train(args: argparse.Namespace) -> None:
     cfg = TrainConfig(**canonical_names({**values, "set": parse_set(args.set)}))
     resolved = cfg.resolved()
     _check_names(resolved.model, [resolved.defense], [])
-    from crl.deploy import run_train
+    from crl.commands.train import run_train
 
     run_train(cfg)
 
 
 def _report(args: argparse.Namespace) -> None:
-    from crl.audit.run import echo_verdict
+    from crl.audit.pipeline import echo_verdict
     from crl.report.rebuild import rebuild_report
 
     print(rebuild_report(args.run))

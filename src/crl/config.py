@@ -9,7 +9,7 @@ config is saved with each run.
     TuneOptions     `crl tune`'s own options (crl.tune.options), beside its AuditConfig
 
 Every field declares its check and its default once, with `option(...)`: the type and range (a
-`crl.params.Param`, so errors read `epochs = 1.5: expected an integer >= 1`), whether it is a
+`crl.core.params.Param`, so errors read `epochs = 1.5: expected an integer >= 1`), whether it is a
 list, its CLI help and flag; the per-dataset defaults are DATASET_DEFAULTS. `.resolved()` checks
 every value before anything is written; `crl.cli` builds each parser from the same declarations
 (`cli_fields(cls)`). Code reads a field as an attribute, never with a fallback default.
@@ -26,10 +26,10 @@ from typing import Any, ClassVar, TypeVar
 
 import yaml
 
-from crl.canary_spec import SPEC_PATTERN as CANARY_PATTERN
-from crl.canary_spec import SPEC_WORDS as CANARY_WORDS
-from crl.errors import CRLError
-from crl.params import DEFAULT_BOOTSTRAP, Param
+from crl.core.canary_spec import SPEC_PATTERN as CANARY_PATTERN
+from crl.core.canary_spec import SPEC_WORDS as CANARY_WORDS
+from crl.core.errors import CRLError
+from crl.core.params import DEFAULT_BOOTSTRAP, Param
 
 ENGINE_NAMES = ("sequential", "ensemble", "auto", "ray")   # crl.engine's registered engines
 DEFAULT_ATTACKS = ["loss", "confidence", "entropy", "mentr", "gradx", "nn", "lira", "rmia"]
@@ -363,7 +363,7 @@ def set_warnings(cfg: RecipeConfig, defenses: Iterable[str] | None = None,
 def _known_names(defenses: Iterable[str] | None,
                  attacks: Iterable[str] | None) -> tuple[list[str], list[str]]:
     if defenses is None or attacks is None:
-        from crl.catalog import NAMES  # the registries' names, without importing torch
+        from crl.core.catalog import NAMES  # the registries' names, without importing torch
 
         defenses = NAMES["defense"] if defenses is None else defenses
         attacks = NAMES["attack"] if attacks is None else attacks

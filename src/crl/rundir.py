@@ -6,7 +6,7 @@ clear what a killed run left half-written, and keep one run per directory.
     run.check()                       read-only: OUT holds no other run (else a one-line error)
     with run.claim():                 RunLock, the check again, --overwrite, clean_stale_tmp
         ... write config.yaml, train, report ...
-        run.finish()                  manifest.json (crl.manifest), written last
+        run.finish()                  manifest.json (crl.core.manifest), written last
 
 A directory holds one run: one command, one config. Another config is refused unless
 --overwrite, which moves the old run aside in one rename and then deletes it.
@@ -31,8 +31,8 @@ from typing import Any
 
 import yaml
 
-from crl.errors import CRLError
-from crl.manifest import (
+from crl.core.errors import CRLError
+from crl.core.manifest import (
     MANIFEST,
     config_identity,
     new_manifest,
@@ -40,7 +40,7 @@ from crl.manifest import (
     run_files,
     write_manifest,
 )
-from crl.utils import write_json_atomic
+from crl.core.utils import write_json_atomic
 
 LOCK_NAME = ".crl-lock"
 
@@ -122,7 +122,7 @@ def _read_pid(fd: int) -> str:
 
 
 def clean_stale_tmp(out: str | os.PathLike) -> list[Path]:
-    """Remove the `.*.tmp` files (crl.utils.atomic_path's temporaries) anywhere under `out`,
+    """Remove the `.*.tmp` files (crl.core.utils.atomic_path's temporaries) anywhere under `out`,
     without following symlinks; returns them. Only while this process holds RunLock(out): any
     other time they may be another process's writes in flight."""
     root = Path(out)
@@ -218,7 +218,7 @@ def first_difference(old: dict[str, Any], new: dict[str, Any],
 
 class RunDir:
     """One command's claim on its run directory: OUT holds one run, written by one command
-    with one config (crl.manifest.config_identity). The same config continues or redoes it;
+    with one config (crl.core.manifest.config_identity). The same config continues or redoes it;
     another config, or another command's run, is refused in one line unless `overwrite`."""
 
     def __init__(self, out: str | os.PathLike, command: str, config: dict[str, Any], *,

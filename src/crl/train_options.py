@@ -1,4 +1,4 @@
-"""`crl train`'s config (crl.deploy runs it): the shared recipe and machine fields of every
+"""`crl train`'s config (crl.commands.train runs it): the shared recipe and machine fields of every
 command (crl.config.RecipeConfig, MachineConfig) plus one --defense, --seed, --test-fraction
 and --out. Kept free of torch so that `crl train --help` and its argument errors answer at once."""
 from __future__ import annotations

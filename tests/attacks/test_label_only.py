@@ -10,12 +10,12 @@ import torch
 
 from crl.attacks import AttackContext, Signals, build_attack
 from crl.attacks.label_only import augmentations, translate
-from crl.errors import CRLError
-from crl.metrics import metrics_with_ci
+from crl.attacks.metrics import metrics_with_ci
+from crl.core.errors import CRLError
+from crl.engine.fit import fit
 from crl.models import create_model
-from crl.query import QueryAccess, QueryOracle
-from crl.recipe import Recipe
-from crl.train import fit
+from crl.models.query import QueryAccess, QueryOracle
+from crl.training.recipe import Recipe
 
 N = 250   # members and non-members each
 
@@ -240,10 +240,10 @@ class HalfScored:
 
 
 def test_metrics_of_a_half_scored_attack_are_those_of_the_scored_half():
+    from crl.attacks.metrics import roc
+    from crl.audit.attacking import run_attack
     from crl.audit.outcome import Evaluation
-    from crl.audit.runner import run_attack
-    from crl.metrics import roc
-    from crl.seeding import seed_for
+    from crl.core.seeding import seed_for
 
     rng = np.random.default_rng(0)
     n = 400

@@ -14,7 +14,7 @@ from crl.attacks.lira import lira_loo, lira_scores
 from crl.attacks.rmia import rmia_loo, rmia_scores
 from crl.attacks.scores import log_prob_true, logit_confidence
 from crl.attacks.signals import Signals
-from crl.errors import CRLError
+from crl.core.errors import CRLError
 
 
 def balanced_member(rng, m: int, n: int) -> np.ndarray:

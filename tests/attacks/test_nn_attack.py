@@ -16,7 +16,7 @@ from crl.attacks.nn_shadow import (
     train_nn_attack,
 )
 from crl.attacks.signals import Signals
-from crl.errors import CRLError
+from crl.core.errors import CRLError
 
 C = 4
 FAST = {"epochs": 15, "patience": 5}

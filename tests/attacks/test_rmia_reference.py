@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 
 from crl.attacks.base import AttackContext, build_attack
+from crl.attacks.metrics import attack_metrics
 from crl.attacks.rmia import A_GRID, rmia_scores
 from crl.attacks.signals import Signals
-from crl.metrics import attack_metrics
 
 DATA = Path(__file__).parent / "data" / "rmia_reference.npz"
 

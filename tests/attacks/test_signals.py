@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from crl.attacks.signals import Signals
-from crl.errors import CRLError
+from crl.core.errors import CRLError
 
 
 def _sig(models=2, n=5, c=3, order=None, seed=0):

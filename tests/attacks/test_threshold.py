@@ -4,6 +4,7 @@ import torch
 from scipy.stats import norm
 
 from crl.attacks.base import REQUIREMENTS, AttackContext, build_attack
+from crl.attacks.metrics import thresholded_balanced_accuracy
 from crl.attacks.signals import Signals
 from crl.attacks.threshold import (
     SCORE_FUNCTIONS,
@@ -14,10 +15,9 @@ from crl.attacks.threshold import (
     mentr_score,
     modified_entropy,
 )
-from crl.errors import CRLError
-from crl.metrics import thresholded_balanced_accuracy
+from crl.core.errors import CRLError
+from crl.core.registry import ATTACKS
 from crl.models.gradients import input_gradient_norms
-from crl.registry import ATTACKS
 
 
 def test_modified_entropy_hand_computed():

@@ -12,9 +12,9 @@ from sklearn.metrics import roc_auc_score
 import crl
 from crl.audit import DefenseChoice, ModelCache, ModelFactory, ModelJob
 from crl.cli import main
+from crl.core.utils import source_hash
 from crl.data.datasets import load_dataset
-from crl.recipe import Recipe
-from crl.utils import source_hash
+from crl.training.recipe import Recipe
 
 TINY = ["--epochs", "3", "--subset", "200", "--seeds", "0", "--quiet", "--shadows", "0"]
 
@@ -239,16 +239,16 @@ def test_saved_outcomes_rebuild_the_same_report(tmp_path, capsys):
 
 @pytest.mark.parametrize("used, expected", [
     ({"references": 1, "shadows": 1, "attacks": {"nn": ["target", "shadows"]}},
-     "per target 1 reference model, 1 shadow model. Models each attack used: nn: the target "
-     "and shadow models"),
+     ("per target 1 reference model, 1 shadow model. Models each attack used: nn: the target "
+      "and shadow models")),
     ({"references": 8, "shadows": 3, "attacks": {"loss": ["target"], "lira": [
         "target", "references"], "mentr": ["target", "references (pooled rows)", "shadows"]}},
-     "per target 8 reference models, 3 shadow models. Models each attack used: loss: the "
-     "target alone; lira: the target and reference models; mentr: the target, reference "
-     "models (pooled rows only) and shadow models"),
+     ("per target 8 reference models, 3 shadow models. Models each attack used: loss: the "
+      "target alone; lira: the target and reference models; mentr: the target, reference "
+      "models (pooled rows only) and shadow models")),
     ({"references": 0, "shadows": 0, "attacks": {"loss": ["target"]}},
-     "per target no reference models, no shadow models. Models each attack used: loss: the "
-     "target alone"),
+     ("per target no reference models, no shadow models. Models each attack used: loss: the "
+      "target alone")),
 ])
 def test_the_report_header_names_the_models_each_attack_used(used, expected):
     from types import SimpleNamespace

@@ -8,22 +8,22 @@ import numpy as np
 import pytest
 import yaml
 
+from crl.attacks.metrics import clustered_metrics_with_ci
 from crl.audit import DefenseChoice, ModelCache, ModelFactory, TrainedModel
-from crl.audit.canaries import exposure_thresholds, exposure_values, subset_metrics
+from crl.audit.canary_metrics import exposure_thresholds, exposure_values, subset_metrics
 from crl.audit.outcome import AttackOutcome, load_outcome
+from crl.audit.pipeline import Audit, canaries_for, evaluation_of
 from crl.audit.plan import canary_halves
-from crl.audit.run import Audit, canaries_for, evaluation_of
-from crl.audit.signals import extract_signals
+from crl.audit.signal_extraction import extract_signals
 from crl.audit.source import image_queries, write_released
-from crl.canary_spec import parse_canaries
 from crl.cli import main
 from crl.config import AuditConfig
+from crl.core.canary_spec import parse_canaries
+from crl.core.errors import CRLError
 from crl.data.canaries import load_canaries
-from crl.errors import CRLError
-from crl.metrics import clustered_metrics_with_ci
 from crl.models.io import load_model_file
 from crl.models.spec import ModelSpec
-from crl.recipe import Recipe
+from crl.training.recipe import Recipe
 
 
 def _audit(digits, canaries="30", seeds=(0, 1), **kw):

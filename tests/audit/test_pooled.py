@@ -13,14 +13,14 @@ from crl.attacks.lira import lira_scores
 from crl.attacks.rmia import rmia_scores
 from crl.attacks.scores import log_prob_true, logit_confidence
 from crl.attacks.signals import Signals
-from crl.audit.canaries import exposure_thresholds, pooled_metrics, pooled_view
+from crl.audit.canary_metrics import exposure_thresholds, pooled_metrics, pooled_view
 from crl.audit.outcome import AttackOutcome, load_outcome
 from crl.cli import main
+from crl.core.errors import CRLError
+from crl.core.seeding import numpy_rng
 from crl.data.splits import stratified_take
 from crl.defenses.base import build_defense
-from crl.errors import CRLError
-from crl.seeding import numpy_rng
-from crl.train import fit
+from crl.engine.fit import fit
 from crl.tune.evaluate import attack_values, check_resolvable
 
 TINY = ["--epochs", "3", "--subset", "200", "--seeds", "0", "--quiet", "--shadows", "0",
@@ -136,7 +136,7 @@ def test_held_out_samples_reach_the_signals_of_every_pool_model(tmp_path, capsys
     ("early_stopping", {}, 1), ("advreg", {}, 1), ("dmp", {}, 0)])
 def test_held_out_is_the_draw_prepare_makes(digits, name, params, part):
     from crl.models.zoo import create_model
-    from crl.recipe import Recipe
+    from crl.training.recipe import Recipe
 
     idx = np.arange(0, 120)
     labels = digits.y.numpy()
@@ -176,7 +176,7 @@ def test_too_few_references_stop_before_training_naming_how_many(tmp_path, capsy
 
 
 def test_dmp_reference_counts_are_checked_against_what_the_student_trains_on(tmp_path, capsys):
-    from crl.audit.run import prepare
+    from crl.audit.pipeline import prepare
     from crl.config import AuditConfig
 
     def check(refs):

@@ -146,7 +146,7 @@ def test_console_script_exit_code(tmp_path):
 
 
 def test_list(capsys):
-    from crl.registry import DEFENSES
+    from crl.core.registry import DEFENSES
 
     code, out, _ = _run(["list"], capsys)
     assert code == 0 and "digits" in out and "ce" in out and "loss" in out
@@ -158,8 +158,8 @@ def test_list(capsys):
 
 def test_list_shows_parameters_and_engine_of_each_component():
     from crl.cli import IMAGEFOLDER_WORDS, list_lines
-    from crl.params import Param, ParamSpec
-    from crl.registry import Registry
+    from crl.core.params import Param, ParamSpec
+    from crl.core.registry import Registry
 
     defenses, attacks, datasets = Registry("defense"), Registry("attack"), Registry("dataset")
     alpha = Param("alpha", 0.5, low=0, search=(0.1, 1.0, "linear"), help="relaxation level")

@@ -1,6 +1,6 @@
 """The CLI answers at once where it needs no model: importing crl.cli, `--help` of every command,
 `--version` and argument errors (unknown flags, bad choices, unknown names) never import torch.
-Names and `crl list`'s text come from crl.catalog, which must hold exactly what the registries
+Names and `crl list`'s text come from crl.core.catalog, which must hold exactly what the registries
 hold."""
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 import crl
-from crl import catalog
-from crl.catalog import NAMES, check_names
-from crl.errors import CRLError
+from crl.core import catalog
+from crl.core.catalog import NAMES, check_names
+from crl.core.errors import CRLError
 
 #: (argv, expected exit code, words expected in stdout + stderr)
 CALLS = [
@@ -78,7 +78,7 @@ def test_the_catalog_lists_exactly_the_registered_names():
 
     for reg in _registries():
         assert NAMES[reg.kind] == tuple(reg.names()), (
-            f"crl.catalog.NAMES[{reg.kind!r}] must be {tuple(reg.names())}")
+            f"crl.core.catalog.NAMES[{reg.kind!r}] must be {tuple(reg.names())}")
 
 
 @pytest.mark.parametrize("kind,name", [("model", "nope"), ("defense", "crll"),
@@ -107,7 +107,7 @@ def test_the_list_catalog_is_what_the_registries_list():
     from crl.cli import list_lines
 
     assert catalog.list_text().split("\n") == list_lines(), (
-        "src/crl/catalog.txt differs from the registries: run `python -m crl.catalog`")
+        "src/crl/core/catalog.txt differs from the registries: run `python -m crl.core.catalog`")
 
 
 def test_the_list_catalog_is_regenerated_from_the_registries(tmp_path, monkeypatch):

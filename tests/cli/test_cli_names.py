@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from crl.cli import build_parser, list_lines, main
-from crl.errors import CRLError
-from crl.registry import Registry
+from crl.core.errors import CRLError
+from crl.core.registry import Registry
 
 
 def _registries():

@@ -129,22 +129,22 @@ def test_crl_train_refuses_an_out_that_is_a_file(tmp_path, capsys):
 
 def test_resume_continues_an_interrupted_crl_train(tmp_path, monkeypatch, capsys):
     """Killed after epoch 2 of 3, `--resume` ends with the weights of an uninterrupted run."""
-    import crl.train
+    import crl.engine.fit
 
     args = ["train", "--epochs", "3", "--quiet", "--no-cache", "--defense", "crl"]
     assert main([*args, "--out", str(tmp_path / "whole")]) == 0
-    save = crl.train._save_checkpoint
+    save = crl.engine.fit._save_checkpoint
 
     def save_then_stop(path, fingerprint, epoch, *rest):
         save(path, fingerprint, epoch, *rest)
         if epoch == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(crl.train, "_save_checkpoint", save_then_stop)
+    monkeypatch.setattr(crl.engine.fit, "_save_checkpoint", save_then_stop)
     cut = tmp_path / "cut"
     assert main([*args, "--out", str(cut)]) == 130
     assert (cut / "checkpoint.pt").is_file() and not (cut / "model.pt").exists()
-    monkeypatch.setattr(crl.train, "_save_checkpoint", save)
+    monkeypatch.setattr(crl.engine.fit, "_save_checkpoint", save)
     assert main([*args, "--resume", "--out", str(cut)]) == 0
     whole_net, _, _ = load_model_file(tmp_path / "whole" / "model.pt")
     cut_net, _, _ = load_model_file(cut / "model.pt")
@@ -159,11 +159,11 @@ def test_resume_continues_an_interrupted_crl_train(tmp_path, monkeypatch, capsys
 def test_crl_train_runs_a_small_model_on_one_cpu_thread(tmp_path, monkeypatch, capsys):
     """A digits MLP's matrices are too small for a thread pool (docs/performance.md): training
     runs on one intra-op thread, and the caller's thread count comes back afterwards."""
-    import crl.deploy
+    import crl.commands.train
 
     seen = []
-    train = crl.deploy._train
-    monkeypatch.setattr(crl.deploy, "_train",
+    train = crl.commands.train._train
+    monkeypatch.setattr(crl.commands.train, "_train",
                         lambda *a: seen.append(torch.get_num_threads()) or train(*a))
     before = torch.get_num_threads()
     torch.set_num_threads(2)

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 import crl.data.imagefolder as imf
+from crl.core.errors import CRLError
 from crl.data import (
     PoolSplit,
     augment_batch,
@@ -30,7 +31,6 @@ from crl.data.archive import SafeArchive, open_archive
 from crl.data.synthetic import main as synthetic_main
 from crl.data.synthetic import make_digit_folder
 from crl.data.types import ImageData, content_digest
-from crl.errors import CRLError
 
 
 @pytest.fixture(autouse=True)

@@ -17,15 +17,15 @@ import torch.nn.functional as F
 from torch import nn
 
 import crl.defenses  # noqa: F401  (registers every defense)
+from crl.core.errors import CRLError
+from crl.core.registry import DEFENSES
 from crl.data.splits import make_pool_split
 from crl.data.types import ImageData, normalize
 from crl.defenses.base import Step, TrainContext, build_defense, default_sampler
-from crl.errors import CRLError
+from crl.engine.fit import fit
 from crl.models import create_model
-from crl.recipe import Recipe
-from crl.registry import DEFENSES
-from crl.sampling import PoissonBatches
-from crl.train import fit
+from crl.training.recipe import Recipe
+from crl.training.sampling import PoissonBatches
 
 NAMES = ["label_smoothing", "confidence_penalty", "early_stopping", "advreg", "dmp", "dpsgd"]
 HELD_OUT = ["early_stopping", "advreg", "dmp"]
@@ -269,7 +269,7 @@ def test_early_stopping_by_patience_restores_best(digits, members, monkeypatch):
 
 
 def test_early_stopping_real_validation_runs(digits, members):
-    from crl.evaluation import evaluate
+    from crl.models.evaluation import evaluate
 
     res, d = run(digits, members[0], "early_stopping", {"patience": 1}, epochs=4)
     assert "val_loss" in res.history[0] and 1 <= len(res.history) <= 4

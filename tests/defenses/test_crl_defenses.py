@@ -9,14 +9,14 @@ import torch
 from torch import nn
 
 import crl.defenses  # noqa: F401  (registers every defense)
+from crl.core.errors import CRLError
+from crl.core.params import Param
+from crl.core.registry import DEFENSES
+from crl.core.seeding import torch_generator
 from crl.data.types import ImageData
 from crl.defenses.base import Changes, Step, TrainContext, build_defense, default_sampler
-from crl.errors import CRLError
 from crl.losses import LossStats, crl_batched
-from crl.params import Param
-from crl.recipe import Recipe
-from crl.registry import DEFENSES
-from crl.seeding import torch_generator
+from crl.training.recipe import Recipe
 
 NAMES = ["crl", "imprelaxloss", "rcl", "relaxloss"]
 N, IN, HID, K = 12, 8, 6, 3
@@ -235,8 +235,8 @@ def test_warns_when_the_center_term_relaxes_from_the_start():
     import warnings
 
     from crl.data.datasets import load_dataset
+    from crl.engine.fit import fit
     from crl.models import create_model
-    from crl.train import fit
 
     data = load_dataset("digits")
     idx = torch.arange(64)

@@ -15,6 +15,7 @@ import crl
 import crl.defenses  # (registers every defense)
 from crl.cli import main
 from crl.defenses.base import Step, build_defense
+from crl.engine.fit import fit
 from crl.losses.hamp import soft_label_confidence
 from crl.models.io import load_model_file
 from crl.models.output_modification import (
@@ -25,8 +26,7 @@ from crl.models.output_modification import (
     set_reference_scores,
 )
 from crl.models.zoo import create_model
-from crl.recipe import Recipe
-from crl.train import fit
+from crl.training.recipe import Recipe
 
 
 def _plain_loss(logits, y, gamma, alpha):

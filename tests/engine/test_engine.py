@@ -26,9 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from crl.attacks.metrics import attack_metrics
 from crl.audit import DefenseChoice, ModelCache, ModelFactory, ModelJob
-from crl.audit.run import engine_options, prepare
+from crl.audit.pipeline import engine_options, prepare
 from crl.config import ENGINE_NAMES, AuditConfig
+from crl.core.errors import CRLError
+from crl.core.integrity import load_verified, save_verified
 from crl.data.datasets import load_dataset
 from crl.data.types import ImageData, normalize
 from crl.defenses.base import build_defense
@@ -36,12 +39,9 @@ from crl.engine import ENGINES, TrainRequest, get_engine
 from crl.engine.ensemble import AutoEngine, EnsembleEngine, batchable, default_ensemble_size
 from crl.engine.sequential import train_one
 from crl.engine.stacked import VmapStack, agrees, ensemble_note, formulation_for
-from crl.errors import CRLError
-from crl.integrity import load_verified, save_verified
-from crl.metrics import attack_metrics
 from crl.models.io import load_model_file
 from crl.models.spec import ModelSpec
-from crl.recipe import Recipe
+from crl.training.recipe import Recipe
 
 BATCHABLE = ["ce", "crl", "imprelaxloss", "rcl", "relaxloss", "label_smoothing",
              "confidence_penalty"]
@@ -184,8 +184,8 @@ def test_a_batchable_defense_that_changes_a_context_is_refused_by_the_ensemble(d
                                                                               monkeypatch):
     """K models share one optimizer and one batch order: a defense whose prepare returns a
     change (here a held-out half) cannot be batched, and the ensemble says so."""
+    from crl.core.registry import DEFENSES
     from crl.defenses.base import Changes, Defense
-    from crl.registry import DEFENSES
 
     class HoldsOut(Defense):
         name = "holds_out"
@@ -604,7 +604,7 @@ def test_the_run_directory_names_the_cache_entries_its_numbers_come_from(tmp_pat
     import hashlib
 
     from crl.attacks.scores import log_prob_true
-    from crl.evaluation import predict_logits
+    from crl.models.evaluation import predict_logits
 
     row, _, _ = _cached_audit(tmp_path, monkeypatch, "sequential", "c", "run")
     released = tmp_path / "run" / "models" / "relaxloss" / "seed0"

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from crl.cli import main
+from crl.core.errors import CRLError
 from crl.engine import TrainRequest, get_engine
-from crl.errors import CRLError
 from crl.models.spec import ModelSpec
-from crl.recipe import Recipe
+from crl.training.recipe import Recipe
 
 TINY = ["--epochs", "2", "--subset", "200", "--seeds", "0", "--quiet", "--shadows", "0",
         "--attacks", "loss,lira", "--references", "4", "--defenses", "ce"]

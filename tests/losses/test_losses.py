@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from crl.errors import CRLError
+from crl.core.errors import CRLError
 from crl.losses import (
     BRANCHES,
     CRLLoss,

@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 import crl
+from crl.core.errors import CRLError
+from crl.core.integrity import save_verified
 from crl.data.types import normalize
-from crl.errors import CRLError
-from crl.integrity import save_verified
 from crl.models import ModelSpec, NormalizedModel, load_model, load_model_file, save_model
 from crl.models.io import MODEL_FORMAT, released_extra
 

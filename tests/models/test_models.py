@@ -3,8 +3,9 @@ import torch
 import torchvision
 from torch import nn
 
+from crl.core.errors import CRLError
+from crl.core.registry import MODELS
 from crl.data.types import ImageData, normalize
-from crl.errors import CRLError
 from crl.models import (
     FeatureTap,
     ModelSpec,
@@ -13,7 +14,6 @@ from crl.models import (
     create_model,
     last_linear,
 )
-from crl.registry import MODELS
 
 # the head each architecture's factory must declare, where the name is stable by construction
 # (Sequential models end in their head, so theirs is the last child)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from crl.cli import main
-from crl.errors import CRLError
+from crl.core.errors import CRLError
 from crl.report.html import render_page
 
 TINY = ["--epochs", "3", "--subset", "200", "--seeds", "0", "--quiet", "--shadows", "0",
@@ -260,7 +260,7 @@ def test_crl_report_rebuilds_the_report_without_training(audited, tmp_path, monk
     def no_training(*args, **kwargs):
         raise AssertionError("crl report trained a model")
 
-    monkeypatch.setattr("crl.train.fit", no_training)
+    monkeypatch.setattr("crl.engine.fit.fit", no_training)
     monkeypatch.setattr("crl.engine.sequential.fit", no_training)
     capsys.readouterr()
     assert main(["report", str(run)]) == 0

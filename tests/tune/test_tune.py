@@ -10,7 +10,7 @@ import optuna
 import pytest
 
 from crl.cli import main
-from crl.errors import CRLError
+from crl.core.errors import CRLError
 from crl.tune.evaluate import POOLED, TARGET, Point, attack_values
 from crl.tune.space import search_space
 from crl.tune.study import STUDY_FILE, STUDY_NAME, first_difference, open_study, recommend

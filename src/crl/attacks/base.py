@@ -1,23 +1,24 @@
 """The Attack interface: every attack is a function of Signals (plus, for Grad-x, gradient norms).
 
-An attack declares its parameters once (`spec`, a crl.params.ParamSpec) and what the signal
+An attack declares its parameters once (`spec`, a crl.core.params.ParamSpec) and what the signal
 stage must extract for it (`requirements()`, from REQUIREMENTS) or may extract to improve it
 (`optional_inputs()`), so the caller never inspects an attack's internals. The caller builds one
 AttackContext per (defense, seed) holding what was asked for and runs each attack on it. An
 attack returns membership scores (higher = member) for the target pool's samples for one or more
-target models; metrics are computed by the caller (crl.metrics).
+target models; metrics are computed by the caller (crl.attacks.metrics).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
 from crl.attacks.signals import Signals
-from crl.errors import CRLError
-from crl.params import ParamSpec
-from crl.registry import ATTACKS
+from crl.core.errors import CRLError
+from crl.core.params import ParamSpec
+from crl.core.registry import ATTACKS
 
 #: What an attack can ask the signal stage for:
 #:   references       reference models trained on random halves of the target pool (ctx.target
@@ -28,7 +29,7 @@ from crl.registry import ATTACKS
 #:   input_gradients  per-sample input-gradient norms (ctx.gradient_scores, and
 #:                    ctx.shadow_gradient_scores when shadows are extracted too)
 #:   oracle           query access to the pool models on inputs the attack builds
-#:                    (ctx.queries, crl.query.QueryAccess; label-only oracles by default)
+#:                    (ctx.queries, crl.models.query.QueryAccess; label-only oracles by default)
 REQUIREMENTS = frozenset({"references", "shadows", "population", "flip", "input_gradients",
                           "oracle"})
 
@@ -45,7 +46,7 @@ class AttackContext:
         trained on (the shadow pool), same model order as `target`; for RMIA.
     gradient_scores: callable(model_index) -> per-sample Grad-x norms on the target pool.
     shadow_gradient_scores: the same for the shadow models on the shadow pool.
-    queries: the target pool's images and an oracle per pool model (crl.query.QueryAccess).
+    queries: the target pool's images and an oracle per pool model (crl.models.query.QueryAccess).
     seed: the run seed; an attack that draws randomness derives its streams from it by name.
     """
 
@@ -56,7 +57,7 @@ class AttackContext:
     population: Signals | None = None
     gradient_scores: Callable[[int], np.ndarray] | None = None
     shadow_gradient_scores: Callable[[int], np.ndarray] | None = None
-    queries: Any = None   # crl.query.QueryAccess (Any: attacks.base stays free of torch)
+    queries: Any = None   # crl.models.query.QueryAccess (Any: attacks.base stays free of torch)
 
 
 @dataclass
@@ -65,7 +66,7 @@ class AttackResult:
 
     scored: which samples the attack scored ([N] bool; None: all). An attack on a sample budget
     (the boundary attacks) scores only some; the others' entries in `scores` mean nothing and
-    never enter a metric (`target_scores` turns them into NaN, crl.metrics leaves NaN out).
+    never enter a metric (`target_scores` turns them into NaN, crl.attacks.metrics leaves NaN out).
     Such an attack gives no leave-one-out scores."""
 
     scores: np.ndarray                       # [N] for model 0

@@ -1,6 +1,6 @@
 """Label-only attacks: the attacker sees only the predicted label of inputs it chooses.
 
-Each queries the pool models through crl.query (ctx.queries, requirement "oracle"), in
+Each queries the pool models through crl.models.query (ctx.queries, requirement "oracle"), in
 label-only mode, so no score here can read a confidence. Scores are for the target (model 0)
 on the target pool, higher = member:
 
@@ -31,11 +31,11 @@ import torch
 from tqdm.auto import tqdm
 
 from crl.attacks.base import Attack, AttackContext, AttackResult
-from crl.errors import CRLError
-from crl.params import Param, ParamSpec
-from crl.query import QueryAccess, QueryOracle
-from crl.registry import ATTACKS
-from crl.seeding import numpy_rng, torch_generator
+from crl.core.errors import CRLError
+from crl.core.params import Param, ParamSpec
+from crl.core.registry import ATTACKS
+from crl.core.seeding import numpy_rng, torch_generator
+from crl.models.query import QueryAccess, QueryOracle
 
 CHUNK = 256   # samples per batch of queries
 

@@ -38,9 +38,9 @@ from scipy.special import log_ndtr
 from crl.attacks.base import Attack, AttackContext, AttackResult, leave_one_out
 from crl.attacks.scores import logit_confidence
 from crl.attacks.signals import Signals
-from crl.errors import CRLError
-from crl.params import Param, ParamSpec
-from crl.registry import ATTACKS
+from crl.core.errors import CRLError
+from crl.core.params import Param, ParamSpec
+from crl.core.registry import ATTACKS
 
 VAR_FLOOR = 1e-8
 

@@ -24,9 +24,9 @@ nn.Sequential (registered and trained: tests check that every parameter tensor c
 epoch is never chosen on the target, and the scores are this attack's own.
 Deterministic given ctx.seed: the held-out split, initialisation, dropout and shuffling draw from
 streams named (ctx.seed, "attack", <name>, "holdout" | "init" | "dropout" | "shuffle")
-(crl.seeding) inside a forked torch RNG, so the global RNG state is left untouched. Training and
-scoring run on one CPU thread (restored afterwards): the MLP is tiny, and the result then does
-not depend on the machine's thread count.
+(crl.core.seeding) inside a forked torch RNG, so the global RNG state is left untouched.
+Training and scoring run on one CPU thread (restored afterwards): the MLP is tiny, and the
+result then does not depend on the machine's thread count.
 """
 from __future__ import annotations
 
@@ -44,10 +44,10 @@ from torch import nn
 from crl.attacks.base import Attack, AttackContext, AttackResult
 from crl.attacks.scores import check_logits
 from crl.attacks.signals import Signals
-from crl.errors import CRLError
-from crl.params import Param, ParamSpec, check_value
-from crl.registry import ATTACKS
-from crl.seeding import numpy_rng, seed_for, torch_generator
+from crl.core.errors import CRLError
+from crl.core.params import Param, ParamSpec, check_value
+from crl.core.registry import ATTACKS
+from crl.core.seeding import numpy_rng, seed_for, torch_generator
 
 NN_SPEC = ParamSpec(
     Param("hidden", "128,64", str, help="hidden layer widths, comma-separated (or a list)"),

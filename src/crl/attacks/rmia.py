@@ -49,9 +49,9 @@ from scipy.special import logsumexp
 from crl.attacks.base import Attack, AttackContext, AttackResult, leave_one_out
 from crl.attacks.scores import log_prob_true
 from crl.attacks.signals import Signals
-from crl.errors import CRLError
-from crl.params import Param, ParamSpec
-from crl.registry import ATTACKS
+from crl.core.errors import CRLError
+from crl.core.params import Param, ParamSpec
+from crl.core.registry import ATTACKS
 
 
 def _cyclic_others(num_models: int, target: int) -> np.ndarray:
@@ -192,7 +192,7 @@ def choose_a(logp: np.ndarray, member: np.ndarray, logp_pop: np.ndarray,
     target, models 2.. are its references (model 0, the audited target, is never used), and the
     a in A_GRID with the highest AUC on model 1's membership wins (the first on ties).
     Returns (a, {"a_auc": {a: AUC}, "a_chosen_on": "model 1 ..."})."""
-    from crl.metrics import attack_metrics
+    from crl.attacks.metrics import attack_metrics
 
     if logp.shape[0] < 3:
         raise CRLError(f"rmia.a = null chooses a on the reference models and needs >= 2 of them "

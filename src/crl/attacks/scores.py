@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.special import logsumexp
 
-from crl.errors import CRLError
+from crl.core.errors import CRLError
 
 
 def check_logits(logits, labels) -> tuple[np.ndarray, np.ndarray]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from crl.errors import CRLError
+from crl.core.errors import CRLError
 
 
 @dataclass

@@ -15,8 +15,8 @@ from sklearn.metrics import roc_curve
 from crl.attacks.base import Attack, AttackContext, AttackResult
 from crl.attacks.scores import check_logits, log_prob_true
 from crl.attacks.signals import Signals
-from crl.errors import CRLError
-from crl.registry import ATTACKS
+from crl.core.errors import CRLError
+from crl.core.registry import ATTACKS
 
 
 def stable_log_probs(logits) -> tuple[np.ndarray, np.ndarray]:
@@ -144,7 +144,7 @@ class ThresholdAttack(Attack):
     """Score = a function of the target's own output; per-class thresholds fitted on shadows.
 
     With shadows, `per_class_thresholds` holds the rule "member iff score >= t[label]" fitted
-    on them; the caller scores it on the target (crl.metrics.thresholded_balanced_accuracy:
+    on them; the caller scores it on the target (crl.attacks.metrics.thresholded_balanced_accuracy:
     the paper's accuracy protocol, reported as shadow_threshold_accuracy)."""
 
     score_name: ClassVar[str] = ""

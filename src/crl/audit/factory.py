@@ -27,17 +27,17 @@ import numpy as np
 from torch import nn
 
 from crl.audit.plan import ModelJob
+from crl.core.errors import CRLError
+from crl.core.integrity import file_digest
+from crl.core.utils import code_hash, jsonable
 from crl.data.types import ImageData
 from crl.defenses.base import build_defense
 from crl.engine import TrainOutput, TrainRequest, get_engine
-from crl.errors import CRLError
-from crl.fingerprints import data_identity, indices_digest
-from crl.integrity import file_digest
+from crl.engine.fit import check_diverged
 from crl.models.io import load_model_file, released_extra, save_model
 from crl.models.spec import ModelSpec
-from crl.recipe import Recipe
-from crl.train import check_diverged
-from crl.utils import code_hash, jsonable
+from crl.training.fingerprints import data_identity, indices_digest
+from crl.training.recipe import Recipe
 
 
 @dataclass
@@ -50,7 +50,7 @@ class TrainedModel:
     groups: dict[str, np.ndarray] = field(default_factory=dict)
     from_cache: bool = False
     cache_entry: dict[str, Any] | None = None   # {"entry", "sha256", "size"} of its cache file
-    queries: Any = None           # crl.query.SampleQueries, set by the model source
+    queries: Any = None           # crl.models.query.SampleQueries, set by the model source
 
 
 class ModelCache:
@@ -102,7 +102,7 @@ STALE_TMP_SECONDS = 30 * 60
 
 
 def remove_stale_tmp(root: Path, max_age: float = STALE_TMP_SECONDS) -> list[Path]:
-    """Remove the `.*.tmp` files (crl.utils.atomic_path's) in the cache folder `root` not
+    """Remove the `.*.tmp` files (crl.core.utils.atomic_path's) in the cache folder `root` not
     modified for `max_age` seconds; returns them. Younger ones may be another process's write."""
     removed = []
     try:
@@ -160,7 +160,7 @@ class ModelFactory:
         return jsonable({
             "code": code_hash(), "data": data_identity(self.data), "spec": self.spec.to_dict(),
             "defense": defense.name, "params": defense.params, "recipe": recipe.weights_key(),
-            "train": indices_digest(np.sort(job.train_idx)), "n_train": int(len(job.train_idx)),
+            "train": indices_digest(np.sort(job.train_idx)), "n_train": len(job.train_idx),
             "arithmetic": arithmetic,
         })
 

@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from crl.errors import CRLError
-from crl.utils import atomic_path
+from crl.core.errors import CRLError
+from crl.core.utils import atomic_path
 
 
 @dataclass
@@ -100,7 +100,7 @@ class TargetOutcome:
     canaries: dict[str, Any] | None = None   # {"n", "kind", "attacks": {name: metrics}}
     exposure: Exposure | None = None
     # what ran: {"trained_by", "references", "shadows", "attacks": {name: [models used]}}
-    # (crl.audit.run.models_used); None in runs written before it was recorded
+    # (crl.audit.pipeline.models_used); None in runs written before it was recorded
     models_used: dict[str, Any] | None = None
 
     @property
@@ -179,9 +179,8 @@ def save_outcome(folder: Path, o: TargetOutcome) -> Path:
     compressed: `crl report` rebuilds the report from these without training."""
     arrays = {**_arrays(o), "meta": np.array(json.dumps(_meta(o), default=_plain_json))}
     path = outcome_path(folder, o.defense, o.seed)
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez_compressed(f, **arrays)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, **arrays)
     return path
 
 

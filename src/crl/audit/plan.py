@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from crl.core.seeding import numpy_rng, seed_for
 from crl.data.splits import PoolSplit, half_split
-from crl.seeding import numpy_rng, seed_for
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ def reference_halves(pool_size: int, count: int, seed: int,
 def canary_halves(n: int, references: int, seed: int) -> np.ndarray:
     """Bool [1 + references, n]: which canaries the target (row 0: each independently with
     probability 1/2, stream 'canary-target', the setting of the one-run epsilon bound,
-    crl.privacy_audit) and each reference model (complementary pairs) train on."""
+    crl.audit.epsilon) and each reference model (complementary pairs) train on."""
     target = numpy_rng(seed, "canary-target").random(n) < 0.5
     return np.vstack([target[None], reference_halves(n, references, seed, "canary-pair")])
 

@@ -1,12 +1,14 @@
 """Stage 2, the model source: where the audit's models come from and how it may query them.
 
-The audit (crl.audit.run.Audit) plans its models (crl.audit.plan), asks a source for them and
+The audit (crl.audit.pipeline.Audit) plans its models (crl.audit.plan), asks a source for them and
 from then on asks each model only through its query interface (`TrainedModel.queries`, a
-crl.query.SampleQueries; label-only attacks get crl.query.QueryAccess). Two sources exist:
+crl.models.query.SampleQueries; label-only attacks get crl.models.query.QueryAccess). Two
+sources exist:
 
     FactorySource   crl's own training (crl.audit.factory.ModelFactory: engines, verified
                     cache), as `crl audit` and `crl tune` use it; models keep their 63-bit seeds
-    TrainFnSource   the caller's `train_fn(x_train, y_train, seed)` (crl.external), as
+    TrainFnSource   the caller's `train_fn(x_train, y_train, seed)`
+                    (crl.commands.audit_training), as
                     `crl.audit_training` uses it; seeds handed to user code fit in 32 bits
 
 Everything after the source (signals, attacks, pooled rows, canaries, the epsilon bound, the
@@ -24,10 +26,10 @@ from crl.attacks.base import AttackContext
 from crl.audit.factory import ModelFactory, TrainedModel
 from crl.audit.outcome import Evaluation
 from crl.audit.plan import DefenseChoice, ModelJob
+from crl.core.utils import write_json_atomic
 from crl.data.types import ImageData, normalize
-from crl.query import QueryAccess, SampleQueries
-from crl.train import write_metrics
-from crl.utils import write_json_atomic
+from crl.engine.fit import write_metrics
+from crl.models.query import QueryAccess, SampleQueries
 
 
 def image_queries(model: Any, data: ImageData) -> SampleQueries:
@@ -109,7 +111,7 @@ class ModelSource:
     def query_access(self, pool_models: list[TrainedModel], pool: np.ndarray,
                      shadow_models: list[TrainedModel], shadow_pool: np.ndarray, *,
                      progress: bool) -> QueryAccess:
-        from crl.errors import CRLError
+        from crl.core.errors import CRLError
 
         raise CRLError("attacks that query models on inputs they build (requirement 'oracle') "
                        "need crl's own image models: expected them with crl audit")

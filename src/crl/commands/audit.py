@@ -1,4 +1,4 @@
-"""`crl audit`: the audit's stages and run directory (crl.audit.run.run_audit) with its report
+"""`crl audit`: the audit's stages and run directory (crl.audit.pipeline.run_audit) with its report
 (crl.report.write_report, looked up when the command runs)."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from crl import report
-from crl.audit.run import run_audit
+from crl.audit.pipeline import run_audit
 from crl.config import AuditConfig
 
 

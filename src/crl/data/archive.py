@@ -22,8 +22,8 @@ import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from crl.core.errors import CRLError
 from crl.data.limits import check_member_size, check_memory
-from crl.errors import CRLError
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 

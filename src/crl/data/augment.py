@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from crl.errors import CRLError
+from crl.core.errors import CRLError
 
 
 def _check_batch(x: torch.Tensor, what: str) -> None:

@@ -38,8 +38,8 @@ from pathlib import Path
 
 import torch
 
+from crl.core.utils import cache_dir, torch_save_atomic
 from crl.data.types import ImageData, content_digest
-from crl.utils import cache_dir, torch_save_atomic
 
 CACHE_FORMAT = 2   # 2: entries record the source's train/test boundary
 _CHUNK = 1 << 20

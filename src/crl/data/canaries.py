@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from crl.canary_spec import KINDS
+from crl.core.canary_spec import KINDS
+from crl.core.errors import CRLError
+from crl.core.seeding import numpy_rng
+from crl.core.utils import atomic_path, write_json_atomic
 from crl.data.limits import check_memory
 from crl.data.types import ImageData
-from crl.errors import CRLError
-from crl.seeding import numpy_rng
-from crl.utils import atomic_path, write_json_atomic
 
 
 @dataclass(frozen=True)

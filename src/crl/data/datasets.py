@@ -3,7 +3,7 @@
 Samples come train first, then test; `ImageData.train_size` records the boundary of sources
 that have one (torchvision's train/test files, imagefolder's train/ and test/ folders).
 
-Built-in names live in `crl.registry.DATASETS`; `imagefolder:PATH` loads a folder or a tar
+Built-in names live in `crl.core.registry.DATASETS`; `imagefolder:PATH` loads a folder or a tar
 archive laid out as `train/<class>/*` and `test/<class>/*` (optionally inside one top-level
 folder; crl.data.imagefolder). Decoded data is cached and verified by crl.data.cache; every
 loaded ImageData carries its content hash (crl.data.types.content_digest).
@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from crl.core.errors import CRLError
+from crl.core.registry import DATASETS
+from crl.core.utils import cache_dir
 from crl.data.cache import cache_path, cached, file_signature
 from crl.data.imagefolder import IMAGEFOLDER_PREFIX, load_imagefolder
 from crl.data.types import ImageData, channel_stats
-from crl.errors import CRLError
-from crl.registry import DATASETS
-from crl.utils import cache_dir
 
 __all__ = ["DATASET_NAMES", "IMAGEFOLDER_PREFIX", "load_dataset", "load_imagefolder"]
 

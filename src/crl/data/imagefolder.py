@@ -23,11 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from crl.core.errors import CRLError
 from crl.data.archive import ARCHIVE_SUFFIXES, is_archive, open_archive
 from crl.data.cache import cache_path, cached, file_sha256, file_signature
 from crl.data.limits import check_decoded_size, check_member_size, max_member_bytes
 from crl.data.types import ImageData, channel_stats
-from crl.errors import CRLError
 
 IMAGEFOLDER_PREFIX = "imagefolder:"
 _GRAY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}

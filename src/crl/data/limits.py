@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import re
 
-from crl.errors import CRLError
+from crl.core.errors import CRLError
 
 MEMBER_ENV = "CRL_MAX_MEMBER_BYTES"
 DECODED_ENV = "CRL_MAX_DECODED_BYTES"

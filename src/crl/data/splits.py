@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from crl.core.errors import CRLError
+from crl.core.seeding import numpy_rng
 from crl.data.types import ImageData
-from crl.errors import CRLError
-from crl.seeding import numpy_rng
 
 MIN_SPLIT_SIZE = 4
 OWN_TEST_FRACTION = 0.2                  # held out when a dataset has no test split of its own

@@ -30,10 +30,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from crl.errors import CRLError
-from crl.params import check_value
-from crl.seeding import numpy_rng
-from crl.utils import atomic_path
+from crl.core.errors import CRLError
+from crl.core.params import check_value
+from crl.core.seeding import numpy_rng
+from crl.core.utils import atomic_path
 
 NUM_CLASSES = 10
 FORMATS = {"png": "PNG", "bmp": "BMP", "jpg": "JPEG"}

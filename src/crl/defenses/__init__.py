@@ -20,4 +20,5 @@ from crl.defenses.base import (
     build_defense,
 )
 
-__all__ = ["Changes", "CrossEntropy", "Defense", "EpochEnd", "Step", "TrainContext", "build_defense"]
+__all__ = ["Changes", "CrossEntropy", "Defense", "EpochEnd", "Step", "TrainContext",
+           "build_defense"]

@@ -8,11 +8,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from crl.core.errors import CRLError
+from crl.core.seeding import numpy_rng
 from crl.data.splits import stratified_take
 from crl.defenses.base import Changes, EpochEnd, TrainContext
-from crl.errors import CRLError
 from crl.losses import BRANCHES
-from crl.seeding import numpy_rng
 
 
 def held_out_count(owner: str, param: str, fraction: float, n: int) -> int:

@@ -20,6 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from crl.core.errors import CRLError
+from crl.core.params import Param, ParamSpec
+from crl.core.registry import DEFENSES
 from crl.defenses._common import (
     LogsMeans,
     global_rng_from,
@@ -28,10 +31,7 @@ from crl.defenses._common import (
     split_members,
 )
 from crl.defenses.base import Changes, Defense, Step, TrainContext, only
-from crl.errors import CRLError
-from crl.params import Param, ParamSpec
-from crl.recipe import Recipe
-from crl.registry import DEFENSES
+from crl.training.recipe import Recipe
 
 
 class InferenceModel(nn.Module):

@@ -3,7 +3,7 @@
 One formulation for K >= 1 models: every hook sees the models it serves as a leading model axis
 (tensors) or a list (contexts). `fit` trains one model (K = 1); the ensemble engine trains K at
 once (crl.engine.ensemble) for a defense with `batchable = True`. Both run the same epoch
-(crl.train.train_epoch), which calls, in order:
+(crl.engine.fit.train_epoch), which calls, in order:
 
     defense.check(recipe, n_train)             before anything trains (config-time checks)
     changes = defense.prepare(ctxs)            once, one context per model (its own seed); one
@@ -49,14 +49,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from crl.core.errors import CRLError
+from crl.core.params import ParamSpec
+from crl.core.registry import DEFENSES
+from crl.core.seeding import torch_generator
 from crl.data.types import ImageData
-from crl.errors import CRLError
-from crl.evaluation import evaluate, predict_logits
-from crl.params import ParamSpec
-from crl.recipe import Recipe
-from crl.registry import DEFENSES
-from crl.sampling import BatchSampler, ShuffledBatches
-from crl.seeding import torch_generator
+from crl.models.evaluation import evaluate, predict_logits
+from crl.training.recipe import Recipe
+from crl.training.sampling import BatchSampler, ShuffledBatches
 
 
 @dataclass

@@ -6,10 +6,10 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from crl.core.params import Param, ParamSpec
+from crl.core.registry import DEFENSES
 from crl.defenses._common import LogsMeans
 from crl.defenses.base import Defense, Step, TrainContext
-from crl.params import Param, ParamSpec
-from crl.registry import DEFENSES
 
 
 def _ce_and_entropy(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,9 +17,11 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from crl.core.errors import CRLError
+from crl.core.params import Param, ParamSpec
+from crl.core.registry import DEFENSES
 from crl.defenses._common import LogsMeans
 from crl.defenses.base import Changes, Defense, EpochEnd, Step, TrainContext
-from crl.errors import CRLError
 from crl.losses.crl import (
     CENTER_UPDATES,
     center_optimizer,
@@ -28,8 +30,6 @@ from crl.losses.crl import (
     initial_centers,
 )
 from crl.losses.relaxloss import LossStats
-from crl.params import Param, ParamSpec
-from crl.registry import DEFENSES
 
 
 def _weight(name: str, default: float, search: tuple[float, float, str], help: str) -> Param:

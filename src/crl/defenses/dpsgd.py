@@ -28,14 +28,14 @@ from typing import Any, ClassVar
 
 import torch
 
+from crl.core.errors import CRLError
+from crl.core.params import Param, ParamSpec
+from crl.core.registry import DEFENSES
+from crl.core.seeding import seed_for
 from crl.defenses.base import Changes, Defense, EpochEnd, TrainContext, only
-from crl.errors import CRLError
 from crl.models.transforms import opacus_compatible
-from crl.params import Param, ParamSpec
-from crl.recipe import Recipe
-from crl.registry import DEFENSES
-from crl.sampling import PoissonBatches
-from crl.seeding import seed_for
+from crl.training.recipe import Recipe
+from crl.training.sampling import PoissonBatches
 
 
 def _opacus():

@@ -12,12 +12,12 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from crl.core.errors import CRLError
+from crl.core.params import Param, ParamSpec
+from crl.core.registry import DEFENSES
 from crl.defenses._common import held_out_count, held_out_split, split_members
 from crl.defenses.base import Changes, Defense, EpochEnd, TrainContext, only
-from crl.errors import CRLError
-from crl.params import Param, ParamSpec
-from crl.recipe import Recipe
-from crl.registry import DEFENSES
+from crl.training.recipe import Recipe
 
 
 @DEFENSES.register("early_stopping")

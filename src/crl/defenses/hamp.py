@@ -14,14 +14,14 @@ from typing import Any, ClassVar
 
 import torch
 
+from crl.core.errors import CRLError
+from crl.core.params import Param, ParamSpec
+from crl.core.registry import DEFENSES
 from crl.data.types import normalize
 from crl.defenses._common import LogsMeans
 from crl.defenses.base import Changes, Defense, Step, TrainContext, only
-from crl.errors import CRLError
 from crl.losses.hamp import hamp_loss, soft_label_confidence
 from crl.models.output_modification import HAMP_OUTPUT, hamp_output, set_reference_scores
-from crl.params import Param, ParamSpec
-from crl.registry import DEFENSES
 
 OUTPUT_NOTE = ("outputs modified at query time: every answer is a random input's scores "
                "rearranged to the model's class ranking (labels unchanged)")

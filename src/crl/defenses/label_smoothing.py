@@ -5,9 +5,9 @@ from typing import ClassVar
 
 import torch
 
+from crl.core.params import Param, ParamSpec
+from crl.core.registry import DEFENSES
 from crl.defenses.base import Defense, Step, TrainContext, cross_entropy_per_model
-from crl.params import Param, ParamSpec
-from crl.registry import DEFENSES
 
 
 @DEFENSES.register("label_smoothing")

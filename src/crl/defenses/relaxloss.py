@@ -5,11 +5,11 @@ from typing import ClassVar
 
 import torch
 
+from crl.core.params import Param, ParamSpec
+from crl.core.registry import DEFENSES
 from crl.defenses._common import LogsMeans
 from crl.defenses.base import Defense, Step, TrainContext
 from crl.losses.relaxloss import LossStats, relaxloss_batched
-from crl.params import Param, ParamSpec
-from crl.registry import DEFENSES
 
 
 @DEFENSES.register("relaxloss")

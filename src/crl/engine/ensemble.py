@@ -49,18 +49,18 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from crl.core.errors import CRLError
+from crl.core.params import Param, ParamSpec
+from crl.core.registry import DEFENSES
+from crl.core.utils import resolve_device
 from crl.data.types import ImageData, normalize
 from crl.defenses.base import Changes, Defense, TrainContext, build_defense
+from crl.engine.fit import ModelGroup, lr_schedule, train_context, train_epoch
 from crl.engine.protocol import ENGINES, OnDone, TrainOutput, TrainRequest, arithmetic_label
 from crl.engine.sequential import initial_model, train_one
 from crl.engine.stacked import FORMULATIONS, Stack, agrees, build_stack, formulation_for, trial_step
-from crl.errors import CRLError
 from crl.models.spec import ModelSpec
-from crl.params import Param, ParamSpec
-from crl.recipe import Recipe
-from crl.registry import DEFENSES
-from crl.train import ModelGroup, lr_schedule, train_context, train_epoch
-from crl.utils import resolve_device
+from crl.training.recipe import Recipe
 
 MAX_ENSEMBLE = 64               # models per chunk at most (more gains nothing measurable)
 CPU_BUDGET = 2 * 2**30          # bytes a chunk may hold on the CPU
@@ -265,7 +265,7 @@ def _activations(model: nn.Module, spec: ModelSpec) -> int:
 
 
 class _Ensemble(ModelGroup):
-    """K models training at once (crl.train's ModelGroup): their contexts (own seed, indices,
+    """K models training at once (crl.engine.fit's ModelGroup): their contexts (own seed, indices,
     sampler), the stacked formulation, the shared optimizer, the defense and each model's
     streams."""
 

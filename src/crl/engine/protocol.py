@@ -11,10 +11,10 @@ from typing import Any, Protocol
 import numpy as np
 from torch import nn
 
+from crl.core.registry import Registry
 from crl.data.types import ImageData
 from crl.models.spec import ModelSpec
-from crl.recipe import Recipe
-from crl.registry import Registry
+from crl.training.recipe import Recipe
 
 ENGINES: Registry = Registry("engine")
 
@@ -51,7 +51,7 @@ def arithmetic_label(formulation: str, recipe: Recipe) -> str:
     and the device class the recipe resolves to on this machine ('cpu', 'cuda', ...)."""
     import torch
 
-    from crl.utils import resolve_device
+    from crl.core.utils import resolve_device
 
     device = resolve_device() if recipe.device == "auto" else torch.device(recipe.device)
     return f"{formulation}/{device.type}"

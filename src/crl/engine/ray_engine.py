@@ -33,13 +33,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from crl.core.errors import CRLError
+from crl.core.params import Param, ParamSpec
+from crl.core.utils import code_hash, jsonable
 from crl.data.types import ImageData
 from crl.engine.protocol import ENGINES, Engine, OnDone, TrainOutput, TrainRequest, arithmetic_label
-from crl.errors import CRLError
 from crl.models.spec import ModelSpec
-from crl.params import Param, ParamSpec
-from crl.recipe import Recipe
-from crl.utils import code_hash, jsonable
+from crl.training.recipe import Recipe
 
 RAY_MISSING = "engine 'ray' needs ray: pip install 'crl[ray]'"
 

@@ -9,14 +9,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from crl.core.seeding import seed_for
+from crl.core.utils import jsonable
 from crl.data.types import ImageData
 from crl.defenses.base import build_defense
+from crl.engine.fit import fit
 from crl.engine.protocol import ENGINES, OnDone, TrainOutput, TrainRequest, arithmetic_label
 from crl.models.spec import ModelSpec
-from crl.recipe import Recipe
-from crl.seeding import seed_for
-from crl.train import fit
-from crl.utils import jsonable
+from crl.training.recipe import Recipe
 
 
 def initial_model(spec: ModelSpec, seed: int) -> nn.Module:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from crl.errors import CRLError
+from crl.core.errors import CRLError
 from crl.models.features import classifier_of
 
 FORMULATIONS = ("baddbmm", "vmap")

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crl.errors import CRLError
+from crl.core.errors import CRLError
 from crl.losses.relaxloss import (
     LossStats,
     check_batch,

@@ -20,7 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from crl.errors import CRLError
+from crl.core.errors import CRLError
 
 
 def label_entropy(p: float, num_classes: int) -> float:

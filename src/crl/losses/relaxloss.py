@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crl.errors import CRLError
-from crl.params import check_value
+from crl.core.errors import CRLError
+from crl.core.params import check_value
 
 # Branch names reported by the losses' diagnostics; a branch code is an index into BRANCHES.
 EVEN, FIT, RELAX = "even", "fit", "relax"

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crl.errors import CRLError
+from crl.core.errors import CRLError
 from crl.models.spec import ModelSpec, NormalizedModel
 
 _LUMA = (0.299, 0.587, 0.114)

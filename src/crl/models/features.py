@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from crl.errors import CRLError
+from crl.core.errors import CRLError
 
 
 def last_linear(model: nn.Module) -> tuple[str, nn.Linear]:

@@ -7,8 +7,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from crl.errors import CRLError
-from crl.evaluation import eval_batches
+from crl.core.errors import CRLError
+from crl.models.evaluation import eval_batches
 
 
 def input_gradient_norms(model, data, idx, *, batch_size: int = 256) -> np.ndarray:

@@ -1,6 +1,6 @@
 """Model files: a checksummed header (the ModelSpec) plus weights, loaded with weights_only=True.
 
-    save_model(path, net, spec, extra={...})   # written atomically by crl.integrity.save_verified
+    save_model(path, net, spec, extra={...})   # atomic: crl.core.integrity.save_verified
     net, spec, extra = load_model_file(path)   # the raw network (expects normalised inputs)
     model = load_model(path)                   # NormalizedModel: takes images in [0, 1]
     model.predict(images)                      # labels and class names from PIL/numpy images
@@ -23,9 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from crl.core.errors import CRLError
+from crl.core.integrity import load_verified, save_verified
 from crl.data.limits import check_memory
-from crl.errors import CRLError
-from crl.integrity import load_verified, save_verified
 from crl.models.deployed import DeployedModel
 from crl.models.spec import ModelSpec, NormalizedModel
 

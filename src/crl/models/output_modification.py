@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from crl.errors import CRLError
+from crl.core.errors import CRLError
 from crl.models.features import classifier_of
 from crl.models.transforms import MODEL_TRANSFORMS
 

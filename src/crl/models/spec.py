@@ -15,13 +15,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from crl.errors import CRLError
+from crl.core.errors import CRLError
+from crl.core.params import Param
+from crl.core.registry import MODELS
 from crl.models import output_modification  # noqa: F401  (registers 'hamp_output')
 from crl.models.features import FeatureTap, classifier_of
 from crl.models.transforms import MODEL_TRANSFORMS, apply_transforms
 from crl.models.zoo import create_model
-from crl.params import Param
-from crl.registry import MODELS
 
 FIELDS = ("arch", "in_channels", "image_size", "num_classes", "mean", "std", "transforms")
 

@@ -6,8 +6,8 @@ from collections.abc import Callable
 
 from torch import nn
 
-from crl.errors import CRLError
-from crl.registry import Registry
+from crl.core.errors import CRLError
+from crl.core.registry import Registry
 
 MODEL_TRANSFORMS: Registry = Registry("model transform")
 

@@ -15,8 +15,8 @@ import torchvision
 from torch import nn
 from torchvision.models.googlenet import BasicConv2d
 
-from crl.errors import CRLError
-from crl.registry import MODELS
+from crl.core.errors import CRLError
+from crl.core.registry import MODELS
 
 
 def create_model(name: str, in_channels: int, image_size: int, num_classes: int) -> nn.Module:

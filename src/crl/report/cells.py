@@ -22,5 +22,5 @@ def metric_cell(m: dict, metric: str) -> str:
     if m.get(metric) is None:
         return "n/a"
     lo, hi = m.get(f"{metric}_ci") or (None, None)
-    return f"{format_metric(m[metric], metric)} [{format_metric(lo, metric)}, " \
-           f"{format_metric(hi, metric)}]"
+    return (f"{format_metric(m[metric], metric)} [{format_metric(lo, metric)}, "
+            f"{format_metric(hi, metric)}]")

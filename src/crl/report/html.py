@@ -21,8 +21,8 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from crl.errors import CRLError
-from crl.utils import write_text_atomic
+from crl.core.errors import CRLError
+from crl.core.utils import write_text_atomic
 
 IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",
                ".gif": "image/gif", ".svg": "image/svg+xml", ".webp": "image/webp"}

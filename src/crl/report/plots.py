@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
-from crl.audit.canaries import pooled_view
+from crl.attacks.metrics import roc
+from crl.audit.canary_metrics import pooled_view
 from crl.audit.outcome import TargetOutcome
-from crl.metrics import roc
-from crl.utils import atomic_path
+from crl.core.utils import atomic_path
 
 FONT_PT, DPI, FIG_WIDTH = 11, 100, 5.0
 
@@ -100,7 +100,8 @@ def _population_curves(o: TargetOutcome) -> list[tuple[str, np.ndarray, np.ndarr
 
 
 def _canary_curves(o: TargetOutcome) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """Every attack on the canaries, pooled leave-one-out where it can be (crl.audit.canaries)."""
+    """Every attack on the canaries, pooled leave-one-out where it can be
+    (crl.audit.canary_metrics)."""
     curves = []
     for name, a in o.attacks.items():
         s, m = pooled_view(a, o.model_member, o.model_held_out)

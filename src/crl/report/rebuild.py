@@ -1,6 +1,6 @@
 """`crl report RUN`: report.md, report.html, figures/, vulnerability/ and results.json of a
 finished audit run, rebuilt without training from its config.yaml and the per-target outcomes
-in RUN/scores/, after checking the run against its manifest.json (crl.manifest): a missing or
+in RUN/scores/, after checking the run against its manifest.json (crl.core.manifest): a missing or
 changed file, a scores file the run did not write, a foreign config.yaml or an unfinished run
 is refused in one line; the report's own files (REPORT_FILES) are rewritten whatever they hold,
 and the manifest updated for them. A run written before manifests existed is rendered with a
@@ -15,8 +15,8 @@ import yaml
 
 from crl.audit.outcome import TargetOutcome, load_outcome, outcome_path
 from crl.config import AuditConfig, load_yaml_recipe
-from crl.errors import CRLError
-from crl.manifest import (
+from crl.core.errors import CRLError
+from crl.core.manifest import (
     MANIFEST,
     config_identity,
     config_sha256,
@@ -123,9 +123,9 @@ def _outcome(run: Path, path: Path, defense: str, seed: int) -> TargetOutcome:
 def rebuild_report(run: str | Path) -> str:
     """Rewrite the run's report files and results.json from its saved outcomes, then update
     the manifest's entries of the files rewritten; returns the AUC table."""
+    from crl.core.utils import write_json_atomic
     from crl.report.tables import write_report
     from crl.rundir import RunLock, clean_stale_tmp
-    from crl.utils import write_json_atomic
 
     run = Path(run)
     cfg, outcomes = load_run(run)

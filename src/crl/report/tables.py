@@ -8,14 +8,14 @@ from pathlib import Path
 
 import numpy as np
 
+from crl.attacks.metrics import paired_difference_over_seeds, pooled_ci
 from crl.audit.outcome import TargetOutcome
-from crl.errors import CRLError
-from crl.metrics import paired_difference_over_seeds, pooled_ci
+from crl.core.errors import CRLError
+from crl.core.utils import write_text_atomic
 from crl.report.cells import format_metric as _fmt
 from crl.report.cells import metric_cell
 from crl.report.cells import percent_scale as _pct
 from crl.report.worst_case import most_exposed_summary, worst_case_table
-from crl.utils import write_text_atomic
 
 METRICS = {"auc": "Attack AUC (the paper's Table 1 layout)",
            "tpr_at_1pct_fpr": "TPR at 1% FPR (%)", "tpr_at_0.1pct_fpr": "TPR at 0.1% FPR (%)"}
@@ -440,7 +440,7 @@ def _eps(v: float | None) -> str:
 
 
 def epsilon_section(outcomes: list[TargetOutcome]) -> list[str]:
-    """report.md's "Empirical epsilon" section (--canaries; crl.privacy_audit): per target,
+    """report.md's "Empirical epsilon" section (--canaries; crl.audit.epsilon): per target,
     the one-run bound with its ceiling, the two-point bound over the reference models, and
     the DP accountant's epsilon where the defense has one; empty without canaries."""
     rows = [(o, o.canaries["epsilon_lower_bound"]) for o in outcomes

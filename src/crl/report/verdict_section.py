@@ -1,13 +1,13 @@
-"""The verdict in the report: verdict.json (crl.verdict's data), the report's first section and
-the strongest attacks' table."""
+"""The verdict in the report: verdict.json (crl.audit.verdict's data), the report's first
+section and the strongest attacks' table."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
 from crl.audit.outcome import TargetOutcome
-from crl.utils import write_json_atomic
-from crl.verdict import METRIC_NAMES, compute_verdict, console_lines
+from crl.audit.verdict import METRIC_NAMES, compute_verdict, console_lines
+from crl.core.utils import write_json_atomic
 
 
 def write_verdict(out: Path, outcomes: list[TargetOutcome], n_boot: int) -> dict[str, Any]:

@@ -1,12 +1,12 @@
 """report.md's "Worst case" table (--canaries): every attack on the canaries vs on the population,
-both pooled leave-one-out over all models and over seeds (crl.audit.canaries)."""
+both pooled leave-one-out over all models and over seeds (crl.audit.canary_metrics)."""
 from __future__ import annotations
 
 from collections import defaultdict
 
 import numpy as np
 
-from crl.audit.canaries import pooled_metrics, pooled_view
+from crl.audit.canary_metrics import pooled_metrics, pooled_view
 from crl.audit.outcome import TargetOutcome
 from crl.report.cells import metric_cell
 

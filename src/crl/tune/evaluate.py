@@ -2,8 +2,9 @@
 
 The objective of a setting is its strongest attack: the highest, over the attacks, of the
 attack's metric averaged over seeds. The metric is read from the target models' own scores
-when one target resolves it (an FPR level of at least 1 / its non-members, crl.metrics); where
-it does not (e.g. TPR at 0.1% FPR with 100 non-members), from the pooled leave-one-out scores
+when one target resolves it (an FPR level of at least 1 / its non-members,
+crl.attacks.metrics); where it does not (e.g. TPR at 0.1% FPR with 100 non-members), from the
+pooled leave-one-out scores
 over the target and every reference model, for the attacks that have them. An attack left out
 of the objective (no leave-one-out row, or one that does not resolve the level) is named with
 the reason in the Point's `dropped`, which the trial record keeps. Pooled rows hold only models
@@ -18,13 +19,13 @@ from typing import Any
 
 import numpy as np
 
+from crl.attacks.metrics import LOW_FPRS, cluster_replicates, percentile_interval, pooled_ci
 from crl.audit import Audit, DefenseChoice, TargetOutcome
-from crl.audit.canaries import pooled_view
+from crl.audit.canary_metrics import pooled_view
+from crl.audit.verdict import strongest
+from crl.core.errors import CRLError
+from crl.core.seeding import numpy_rng
 from crl.data.splits import PoolSplit
-from crl.errors import CRLError
-from crl.metrics import LOW_FPRS, cluster_replicates, percentile_interval, pooled_ci
-from crl.seeding import numpy_rng
-from crl.verdict import strongest
 
 TARGET, POOLED = "target", "leave-one-out"
 

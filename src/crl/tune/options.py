@@ -12,9 +12,9 @@ import itertools
 from dataclasses import dataclass, replace
 
 from crl.config import AuditConfig, FieldSpec, field_specs, option, set_warnings
-from crl.errors import CRLError
+from crl.core.errors import CRLError
 
-#: --objective -> the attack metric it minimises (crl.metrics keys)
+#: --objective -> the attack metric it minimises (crl.attacks.metrics keys)
 OBJECTIVES = {"auc": "auc", "tpr@1": "tpr_at_1pct_fpr", "tpr@0.1": "tpr_at_0.1pct_fpr"}
 _NAME = r"[^,\s]+"
 #: `crl tune`'s run directory when neither --out nor the YAML recipe names one

@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from crl.core.utils import atomic_path, write_json_atomic, write_text_atomic
 from crl.tune.evaluate import POOLED, Point
 from crl.tune.study import format_params
-from crl.utils import atomic_path, write_json_atomic, write_text_atomic
 
 METRIC_WORDS = {"auc": "AUC", "tpr_at_1pct_fpr": "TPR at 1% FPR (%)",
                 "tpr_at_0.1pct_fpr": "TPR at 0.1% FPR (%)"}
@@ -211,10 +211,10 @@ def _acc_interval(p: Point, row: ConfirmRow) -> str:
 
 
 def _change(c: dict[str, Any] | None) -> str:
-    """The paired change of the strongest attack against CE (crl.verdict's words)."""
+    """The paired change of the strongest attack against CE (crl.audit.verdict's words)."""
     if c is None:
         return "-"
-    from crl.verdict import change_text
+    from crl.audit.verdict import change_text
 
     return change_text(c)
 

@@ -1,6 +1,6 @@
 """`run_tune`: the whole `crl tune` command.
 
-1. Check everything before any training: both stages' configs (crl.audit.run.prepare), the
+1. Check everything before any training: both stages' configs (crl.audit.pipeline.prepare), the
    search space, and that the objective's FPR level is resolvable.
 2. In the locked run directory, continue the study until --trials trials count; each trial
    audits DefenseChoice(defense, sampled parameters) on every search seed (Audit.audit_one;
@@ -8,8 +8,8 @@
 3. Audit CE, the defense at its defaults and every --compare defense on the search seeds
    (reference points), take the most private trial within --max-accuracy-drop of CE's test
    accuracy, and re-run it, CE and the defaults on fresh seeds with the confirm attacks (test
-   accuracy with its interval; changes against CE paired, by crl.verdict's functions).
-4. Write tune.json, tune.md and pareto.png, then manifest.json (crl.manifest; the setup is
+   accuracy with its interval; changes against CE paired, by crl.audit.verdict's functions).
+4. Write tune.json, tune.md and pareto.png, then manifest.json (crl.core.manifest; the setup is
    the run's config: another setup in OUT is refused unless --overwrite), and print the
    outcome: "recommended" only when the trial beats CE beyond noise (crl.tune.output.status),
    else "no setting beats ce within the budget" and why.
@@ -28,12 +28,20 @@ import optuna
 from optuna.trial import TrialState
 
 from crl.audit import Audit, DefenseChoice
-from crl.audit.run import prepare
+from crl.audit.pipeline import prepare
+from crl.audit.verdict import (
+    accuracy_text,
+    change_text,
+    paired_accuracy_change,
+    strongest_change,
+    wrap,
+)
 from crl.config import AuditConfig
+from crl.core.seeding import numpy_rng, seed_for
+from crl.core.utils import code_version
 from crl.data.splits import PoolSplit
 from crl.defenses.base import build_defense
 from crl.rundir import RunDir
-from crl.seeding import numpy_rng, seed_for
 from crl.tune.evaluate import Point, check_resolvable, evaluate_setting, objective_interval
 from crl.tune.options import OBJECTIVES, TuneOptions, stage_configs
 from crl.tune.output import RECOMMENDED, ConfirmRow, TuneResult, fmt, status, write_outputs
@@ -48,8 +56,6 @@ from crl.tune.study import (
     setup_of,
     study_seconds,
 )
-from crl.utils import code_version
-from crl.verdict import accuracy_text, change_text, paired_accuracy_change, strongest_change, wrap
 
 
 def run_tune(cfg: AuditConfig, opts: TuneOptions, *, command: str = "",

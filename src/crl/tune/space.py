@@ -8,9 +8,9 @@ from typing import Any
 from optuna.distributions import BaseDistribution, FloatDistribution, IntDistribution
 
 import crl.defenses  # noqa: F401  (registers the defenses)
-from crl.errors import CRLError
-from crl.params import Param
-from crl.registry import DEFENSES
+from crl.core.errors import CRLError
+from crl.core.params import Param
+from crl.core.registry import DEFENSES
 
 
 def distribution(p: Param) -> BaseDistribution:

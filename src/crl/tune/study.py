@@ -26,13 +26,13 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from crl.audit import Audit, DefenseChoice
 from crl.config import FIELD_SPECS, AuditConfig
+from crl.core.errors import CRLError
+from crl.core.seeding import numpy_rng
 from crl.data.splits import PoolSplit
 from crl.data.types import ImageData
-from crl.errors import CRLError
-from crl.fingerprints import data_identity
 from crl.rundir import first_difference as config_difference
 from crl.rundir import flatten_config
-from crl.seeding import numpy_rng
+from crl.training.fingerprints import data_identity
 from crl.tune.evaluate import Point, evaluate_setting
 from crl.tune.options import TuneOptions
 

@@ -76,7 +76,7 @@ def resolve_device(device: str = "auto") -> torch.device:
     """'auto' -> CUDA when present, else CPU; anything else is passed to torch.device."""
     import torch
 
-    from crl.errors import CRLError
+    from crl.core.errors import CRLError
 
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

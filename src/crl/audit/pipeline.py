@@ -4,35 +4,36 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import yaml
 
-import crl.attacks  # noqa: F401  (registers attacks)
+import crl.attacks  # registers attacks
 import crl.defenses  # noqa: F401  (registers defenses)
 from crl.attacks.base import Attack, AttackContext, build_attack
-from crl.audit.canaries import exposure_of, subset_metrics
+from crl.audit.attacking import run_attacks
+from crl.audit.canary_metrics import exposure_of, subset_metrics
+from crl.audit.epsilon import canary_epsilon, epsilon_attack_name
 from crl.audit.factory import ModelCache, ModelFactory, TrainedModel
 from crl.audit.outcome import AttackOutcome, Evaluation, TargetOutcome, save_outcome
 from crl.audit.plan import DefenseChoice, ModelJob, models_needed, plan_models, planned_membership
 from crl.audit.progress import AuditProgress
-from crl.audit.runner import run_attacks
-from crl.audit.signals import extract_signals, target_pool_of
+from crl.audit.signal_extraction import extract_signals, target_pool_of
 from crl.audit.source import FactorySource, ModelSource
-from crl.canary_spec import parse_canaries
 from crl.config import AuditConfig, set_warnings
+from crl.core.canary_spec import parse_canaries
+from crl.core.errors import CRLError
+from crl.core.seeding import seed_for
+from crl.core.utils import cache_dir, code_version, write_json_atomic, write_text_atomic
 from crl.data.canaries import CanarySet, make_canaries, save_canaries, with_canaries
 from crl.data.splits import PoolSplit, make_pool_split
 from crl.data.types import ImageData
 from crl.defenses.base import build_defense
-from crl.errors import CRLError
 from crl.models.zoo import MODELS
-from crl.privacy_audit import canary_epsilon, epsilon_attack_name
-from crl.recipe import Recipe
-from crl.seeding import seed_for
-from crl.utils import cache_dir, code_version, write_json_atomic, write_text_atomic
+from crl.training.recipe import Recipe
 
 
 def recipe_of(cfg: AuditConfig) -> Recipe:
@@ -303,15 +304,16 @@ class Audit:
     def canary_row(self, attacks: dict, member: np.ndarray, ev: Evaluation, seed: int,
                    n_boot: int, held: np.ndarray | None = None,
                    claimed_epsilon: float | None = None) -> dict[str, Any] | None:
-        """{"n", "kind", "attacks": {name: metrics on the canaries alone}} (crl.audit.canaries),
-        and "epsilon_lower_bound" (crl.privacy_audit.canary_epsilon) when its attack ran."""
+        """{"n", "kind", "attacks": {name: metrics on the canaries alone}}
+        (crl.audit.canary_metrics), and "epsilon_lower_bound" (crl.audit.epsilon.canary_epsilon)
+        when its attack ran."""
         if self.canaries is None:
             return None
         metrics = subset_metrics(attacks, member, ev.sample_idx, ev.canary, n_boot=n_boot,
                                  seed=seed, held_out=held)
         row = {"n": self.canaries.n, "kind": self.canaries.kind, "attacks": metrics}
         name = epsilon_attack_name(self.cfg.epsilon_attack, list(attacks))
-        if name is not None:   # crl.privacy_audit; docs/attacks.md "Empirical epsilon"
+        if name is not None:   # crl.audit.epsilon; docs/attacks.md "Empirical epsilon"
             # canaries the target's defense held out of training are neither in nor out
             a, c = attacks[name], ev.canary if held is None else ev.canary & ~held[0]
             row["epsilon_lower_bound"] = canary_epsilon(
@@ -333,7 +335,7 @@ def split_of(labels: np.ndarray, seed: int, subset: int | None) -> PoolSplit:
 def canaries_for(cfg: AuditConfig, data: ImageData) -> tuple[ImageData, CanarySet | None]:
     """With --canaries: the dataset followed by its canaries, which (when mislabeled) copy
     samples outside every seed's target and shadow pools; else (data, None). Data with its own
-    `with_canaries` (the caller's, crl.external.UserData) joins them itself."""
+    `with_canaries` (the caller's, crl.commands.audit_training.UserData) joins them itself."""
     if not cfg.canaries:
         return data, None
     n, kind = parse_canaries(cfg.canaries)
@@ -341,7 +343,8 @@ def canaries_for(cfg: AuditConfig, data: ImageData) -> tuple[ImageData, CanarySe
     used = [np.concatenate([s.target_pool, s.shadow_pool])
             for s in (split_of(labels, seed, cfg.subset) for seed in cfg.seeds)]
     canaries = make_canaries(data, n, kind, np.concatenate(used))
-    join = getattr(data, "with_canaries", None)   # data of the caller's own (crl.external)
+    # data of the caller's own (crl.commands.audit_training) joins its canaries itself
+    join = getattr(data, "with_canaries", None)
     return (with_canaries(data, canaries) if join is None else join(canaries)), canaries
 
 
@@ -393,10 +396,10 @@ def check_attack_models(name: str, attack: Attack, references: int, shadows: int
 def prepare(cfg: AuditConfig) -> tuple[AuditConfig, Audit, dict[int, PoolSplit]]:
     """Every check that can fail, before anything is written: config, names, data, splits,
     the defenses' recipe checks, the device."""
+    from crl.core.utils import resolve_device
     from crl.data.datasets import load_dataset
     from crl.data.limits import check_reference_scores
     from crl.rundir import check_out_dir
-    from crl.utils import resolve_device
 
     cfg = cfg.resolved()
     check_out_dir(cfg.out)
@@ -500,7 +503,7 @@ def echo_verdict(out: Path, echo: Callable[[str], None] = print) -> None:
     """The verdict that write_report put in out/verdict.json, lines of <= 100 characters."""
     import json
 
-    from crl.verdict import console_lines
+    from crl.audit.verdict import console_lines
 
     for line in console_lines(json.loads((Path(out) / "verdict.json").read_text())):
         echo(line)

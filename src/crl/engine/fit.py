@@ -22,18 +22,18 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from crl.core.errors import CRLError
+from crl.core.integrity import load_verified, save_verified
+from crl.core.seeding import seed_for, torch_generator
+from crl.core.utils import resolve_device, write_text_atomic
 from crl.data.augment import augment_batch
 from crl.data.types import ImageData, normalize
 from crl.defenses.base import Defense, EpochEnd, Step, SubTrainer, TrainContext, default_sampler
 from crl.engine.protocol import arithmetic_label
-from crl.errors import CRLError
-from crl.evaluation import evaluate, predict_logits
-from crl.fingerprints import architecture_digest, data_identity, indices_digest
-from crl.integrity import load_verified, save_verified
+from crl.models.evaluation import evaluate, predict_logits
 from crl.models.features import FeatureTap, classifier_of
-from crl.recipe import Recipe
-from crl.seeding import seed_for, torch_generator
-from crl.utils import resolve_device, write_text_atomic
+from crl.training.fingerprints import architecture_digest, data_identity, indices_digest
+from crl.training.recipe import Recipe
 
 CHECKPOINT_FORMAT = "crl-checkpoint-3"   # 3: a defense's per-model state has a model axis
 

@@ -28,9 +28,9 @@ import numpy as np
 from scipy.sparse import csr_matrix
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from crl.errors import CRLError
-from crl.params import DEFAULT_BOOTSTRAP, check_value
-from crl.seeding import numpy_rng
+from crl.core.errors import CRLError
+from crl.core.params import DEFAULT_BOOTSTRAP, check_value
+from crl.core.seeding import numpy_rng
 
 LOW_FPRS = {"tpr_at_1pct_fpr": 0.01, "tpr_at_0.1pct_fpr": 0.001, "tpr_at_0.01pct_fpr": 0.0001}
 #: the metrics that get intervals (metrics_with_ci) and may be pooled or compared

@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from crl.errors import CRLError
+from crl.core.errors import CRLError
 
 #: What the number is, written beside it in results.json and the report.
 ONE_RUN_MEANING = ("a lower bound at {level:g}% that holds for the randomised canaries of this "

@@ -6,13 +6,13 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from crl.errors import CRLError
+from crl.core.errors import CRLError
 
 
 @dataclass
 class Recipe:
     """How to train. `seed` is the model's own seed: its named streams (init, shuffle,
-    augmentation, a defense's draws) are derived from it with `crl.seeding.seed_for`."""
+    augmentation, a defense's draws) are derived from it with `crl.core.seeding.seed_for`."""
 
     epochs: int = 30
     batch_size: int = 128

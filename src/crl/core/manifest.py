@@ -2,7 +2,8 @@
 the run and checksums every file in it.
 
     {"format": "crl-manifest-1", "state": "running" | "complete", "command": "audit",
-     "config": {...}, "config_sha256": "...", "derived": [...], "code": crl.utils.code_version(),
+     "config": {...}, "config_sha256": "...", "derived": [...],
+     "code": crl.core.utils.code_version(),
      "files": {"scores/ce_seed0.npz": {"sha256": "...", "size": 1234}, ...}}
 
 A command marks the directory "running" (no files) before it writes anything else, and writes
@@ -10,7 +11,7 @@ the complete manifest last, atomically: a killed run is never taken for a finish
 `config` is the command's config without the options that do not change what the run computes
 (OPERATIONAL: where it runs, whether it resumes, progress bars); `derived` names config keys the
 run fills in itself (the caller's model class, for crl.audit_training). Untracked: the lock
-(.crl-lock), the manifest itself and `.*.tmp` temporaries (crl.utils.atomic_path).
+(.crl-lock), the manifest itself and `.*.tmp` temporaries (crl.core.utils.atomic_path).
 """
 from __future__ import annotations
 
@@ -24,9 +25,9 @@ from typing import Any
 
 import yaml
 
-from crl.errors import CRLError
-from crl.integrity import file_digest
-from crl.utils import code_version, write_json_atomic
+from crl.core.errors import CRLError
+from crl.core.integrity import file_digest
+from crl.core.utils import code_version, write_json_atomic
 
 MANIFEST = "manifest.json"
 FORMAT = "crl-manifest-1"

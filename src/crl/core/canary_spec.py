@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from crl.errors import CRLError
+from crl.core.errors import CRLError
 
 KINDS = ("mislabeled", "noise")
 SPEC_PATTERN = r"([2-9]|[1-9]\d+)(:(" + "|".join(KINDS) + r"))?"

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from crl.errors import CRLError
-from crl.utils import torch_save_atomic
+from crl.core.errors import CRLError
+from crl.core.utils import torch_save_atomic
 
 FORMAT = "crl-verified-1"
 

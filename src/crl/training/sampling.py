@@ -10,7 +10,7 @@ from typing import Protocol
 
 import torch
 
-from crl.errors import CRLError
+from crl.core.errors import CRLError
 
 
 class BatchSampler(Protocol):

@@ -1,5 +1,6 @@
 """Stage 3, signals: what the attacks declared they need, asked of the trained models through
-their query interface (`TrainedModel.queries`, crl.query.SampleQueries, set by the model source).
+their query interface (`TrainedModel.queries`, crl.models.query.SampleQueries, set by the
+model source).
 
     logits of the target and reference models on the target pool   (always; with --canaries,
                                                                     the canaries join the pool)
@@ -16,16 +17,17 @@ model (Signals.held_out), as for the target's own evaluation.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
 from crl.attacks.base import AttackContext
 from crl.attacks.signals import Signals
 from crl.audit.factory import TrainedModel
+from crl.core.errors import CRLError
 from crl.data.splits import PoolSplit
-from crl.errors import CRLError
-from crl.query import QueryAccess
+from crl.models.query import QueryAccess
 
 
 def held_out_matrix(handed: list[np.ndarray], models: list[TrainedModel],

@@ -3,7 +3,7 @@
 Pooled leave-one-out: each pool model (the target and every reference model) in turn is the
 target, scored against the others (the attacks' `loo_scores`), and its (score, membership)
 pairs on the samples asked for are pooled over the models. Only models trained with the
-target's defense are pooled (crl.audit.runner), and a pair of a model and a sample it held out
+target's defense are pooled (crl.audit.attacking), and a pair of a model and a sample it held out
 of training is left out (its score is NaN in `pooled_view`). An attack without leave-one-out
 scores (the NN attack, Grad-x), or whose reference models trained without the target's defense,
 is scored on the target alone: `pooled` is false and `models` is 1.
@@ -26,11 +26,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from crl.attacks.metrics import LOW_FPRS, clustered_metrics_with_ci
 from crl.audit.outcome import AttackOutcome, Exposure
+from crl.audit.verdict import strongest
+from crl.core.seeding import seed_for
 from crl.data.types import ImageData
-from crl.metrics import LOW_FPRS, clustered_metrics_with_ci
-from crl.seeding import seed_for
-from crl.verdict import strongest
 
 EXPOSURE_FPR = 0.001
 TOP_EXPOSED = 16

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crl.errors import CRLError
-from crl.evaluation import device_of, eval_mode
+from crl.core.errors import CRLError
+from crl.models.evaluation import device_of, eval_mode
 from crl.models.gradients import batch_gradient_norms
 
 DEFAULT_BATCH = 512

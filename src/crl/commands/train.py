@@ -13,7 +13,7 @@ evaluated on the test split. OUT then holds
     split.json      the train and test indices used and where the boundary came from
     members.json    the indices the model trained on (a defense may hold some out)
     result.json     train and test accuracy (and the chance-level warning, if any)
-    manifest.json   the command, the config's hash and every file's sha256 (crl.manifest)
+    manifest.json   the command, the config's hash and every file's sha256 (crl.core.manifest)
 
 with the audit's guarantees: every option checked before anything is written (the field checks
 and per-dataset defaults every command's config shares, crl.config), atomic writes, OUT locked
@@ -34,20 +34,26 @@ import torch
 import yaml
 
 from crl.audit.factory import ModelCache, ModelFactory, TrainedModel
+from crl.audit.pipeline import chance_warning, recipe_of
 from crl.audit.plan import DefenseChoice, ModelJob
-from crl.audit.run import chance_warning, recipe_of
 from crl.config import set_warnings
+from crl.core.errors import CRLError
+from crl.core.seeding import numpy_rng, seed_for
+from crl.core.utils import (
+    cache_dir,
+    code_version,
+    resolve_device,
+    write_json_atomic,
+    write_text_atomic,
+)
 from crl.data.splits import own_split, stratified_take
 from crl.data.types import ImageData
 from crl.defenses.base import build_defense
-from crl.errors import CRLError
-from crl.evaluation import evaluate
+from crl.engine.fit import write_metrics
+from crl.models.evaluation import evaluate
 from crl.models.zoo import MODELS
 from crl.rundir import RunDir
-from crl.seeding import numpy_rng, seed_for
-from crl.train import write_metrics
 from crl.train_options import TrainConfig
-from crl.utils import cache_dir, code_version, resolve_device, write_json_atomic, write_text_atomic
 
 
 @dataclass

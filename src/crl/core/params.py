@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from crl.errors import CRLError
+from crl.core.errors import CRLError
 
-#: bootstrap resamples behind every 95% interval: `--bootstrap`'s default and crl.metrics'
+#: bootstrap resamples behind every 95% interval: `--bootstrap`'s default and crl.attacks.metrics'
 DEFAULT_BOOTSTRAP = 200
 
 

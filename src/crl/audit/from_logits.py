@@ -18,10 +18,10 @@ import torch
 import crl.attacks  # noqa: F401  (registers attacks)
 from crl.attacks.base import Attack, AttackContext, build_attack
 from crl.attacks.signals import Signals
+from crl.audit.attacking import run_attacks
 from crl.audit.outcome import Evaluation
-from crl.audit.runner import run_attacks
-from crl.errors import CRLError
-from crl.params import DEFAULT_BOOTSTRAP
+from crl.core.errors import CRLError
+from crl.core.params import DEFAULT_BOOTSTRAP
 
 #: What the caller of attack_signals can supply: reference models (the models axis) and
 #: population logits; the rest (flip, shadows, input_gradients) needs the models themselves.
@@ -135,7 +135,7 @@ def attack_signals(logits: Any, labels: Any, member: Any, *,
     """{attack: metrics} of model 0 (AUC, TPR at low FPR, 95% bootstrap intervals, the
     leave-one-out metrics over every model where the attack provides them): the rows of
     `crl audit`'s results.json. `params` maps an attack to its parameters; `seed` is the run
-    seed the bootstrap streams derive from (crl.seeding)."""
+    seed the bootstrap streams derive from (crl.core.seeding)."""
     z = check_logit_array(logits, "logits")
     m, n, c = z.shape
     target = Signals(z, check_member(member, (m, n)), check_labels(labels, "labels", n, c),

@@ -1,11 +1,11 @@
 """Stage 4, the attack runner: every attack on the signals, scored on the evaluated samples
 (with bootstrap intervals), on extra groups, and pooled leave-one-out over all models (on the
-pool without its canaries; canaries are scored by crl.audit.canaries).
+pool without its canaries; canaries are scored by crl.audit.canary_metrics).
 
 The leave-one-out row pools only models trained with the target's defense: when the reference
 models are not (`--shadow-defense none`), the row is null and `loo_skipped` says why. Pairs of
 a model and a sample it held out of training are left out. Its intervals resample samples
-(crl.audit.canaries.pooled_metrics), and its TPR levels stop at 1 / (distinct non-member
+(crl.audit.canary_metrics.pooled_metrics), and its TPR levels stop at 1 / (distinct non-member
 samples)."""
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ import time
 import numpy as np
 
 from crl.attacks.base import Attack, AttackContext
-from crl.audit.canaries import pooled_metrics
+from crl.attacks.metrics import attack_metrics, metrics_with_ci, thresholded_balanced_accuracy
+from crl.audit.canary_metrics import pooled_metrics
 from crl.audit.outcome import AttackOutcome, Evaluation
-from crl.errors import CRLError
-from crl.metrics import attack_metrics, metrics_with_ci, thresholded_balanced_accuracy
-from crl.seeding import seed_for
+from crl.core.errors import CRLError
+from crl.core.seeding import seed_for
 
 
 def _plain(extra: dict) -> dict:

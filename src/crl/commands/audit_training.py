@@ -2,10 +2,10 @@
 
 `train_fn(x_train, y_train, seed) -> nn.Module` is the caller's; `x` and `y` are their data as
 tensors. This module is a thin adapter: a model source (`TrainFnSource`, crl.audit.source) that
-calls train_fn for every planned model, and a query wrapper (crl.query.SampleQueries) that
+calls train_fn for every planned model, and a query wrapper (crl.models.query.SampleQueries) that
 asks the returned module model(x) on the caller's own inputs. Everything else is `crl audit`'s
 code: the pool split, the plan, the signals, the attacks, pooled rows, canaries and the epsilon
-bound (crl.audit.run.Audit), the run directory and the report. The seed handed to train_fn is
+bound (crl.audit.pipeline.Audit), the run directory and the report. The seed handed to train_fn is
 the planned model's seed cut to 32 bits (`user_seed`), so np.random.seed(seed) takes it.
 
 Run directory (with `out`): what crl audit writes (config.yaml, version.json, splits/,
@@ -31,16 +31,16 @@ from torch import nn
 from crl.attacks.base import AttackContext
 from crl.audit.factory import TrainedModel
 from crl.audit.outcome import Evaluation, TargetOutcome
+from crl.audit.pipeline import Audit, audit_targets, write_inputs, write_results
 from crl.audit.plan import DefenseChoice, ModelJob
-from crl.audit.run import Audit, audit_targets, write_inputs, write_results
 from crl.audit.source import ModelSource, members_of
 from crl.config import DEFAULT_ATTACKS, AuditConfig, split_names
-from crl.errors import CRLError
-from crl.integrity import save_verified
-from crl.params import DEFAULT_BOOTSTRAP
-from crl.query import SampleQueries, describe
+from crl.core.errors import CRLError
+from crl.core.integrity import save_verified
+from crl.core.params import DEFAULT_BOOTSTRAP
+from crl.core.utils import atomic_path, write_json_atomic
+from crl.models.query import SampleQueries, describe
 from crl.rundir import RunDir
-from crl.utils import atomic_path, write_json_atomic
 
 USER = "user"    # the "defense" (and data set) of the caller's models: rows, report, run dir
 TrainFn = Callable[[torch.Tensor, torch.Tensor, int], nn.Module]
@@ -230,8 +230,8 @@ def check_arguments(train_fn: Any, batch_size: Any, claimed_epsilon: Any) -> Non
 def prepare_user_audit(cfg: AuditConfig, data: UserData,
                        source: Callable[[UserData], ModelSource]) -> Audit:
     """Every check that can fail before training: names and counts, canaries, the data."""
-    from crl.audit.run import check_attack_models
-    from crl.from_logits import build_attacks
+    from crl.audit.from_logits import build_attacks
+    from crl.audit.pipeline import check_attack_models
 
     for name, attack in build_attacks(cfg.attacks, cfg.set, "audit_training").items():
         check_attack_models(name, attack, cfg.references, cfg.shadows)
@@ -246,8 +246,8 @@ def prepare_user_audit(cfg: AuditConfig, data: UserData,
 def print_user_verdict(outcomes: list[TargetOutcome], folder: Path | None, n_boot: int) -> None:
     """The verdict as `crl audit` prints it: from verdict.json with a run directory, else
     computed (one training audited: no verdict, with the reason)."""
-    from crl.audit.run import echo_verdict
-    from crl.verdict import compute_verdict, console_lines
+    from crl.audit.pipeline import echo_verdict
+    from crl.audit.verdict import compute_verdict, console_lines
 
     if folder is not None:
         echo_verdict(folder)

@@ -3,7 +3,7 @@
 Each entry has a one-line description with its citation (`crl list` prints it): a class's
 `description` ClassVar, or the `description` given to `register` (functions). Lookups accept
 any capitalisation of a name when exactly one registered name matches it (`CRL`, `LiRA`); an
-unknown name gets the closest registered names as a suggestion (difflib). crl.catalog lists the
+unknown name gets the closest registered names as a suggestion (difflib). crl.core.catalog lists the
 registered names without importing the modules that register them (the CLI checks names there).
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import difflib
 from collections.abc import Callable, Iterable
 from typing import Generic, TypeVar
 
-from crl.errors import CRLError
+from crl.core.errors import CRLError
 
 T = TypeVar("T")
 

@@ -1,5 +1,5 @@
 """Fingerprints: short digests that say which data, which training indices and which
-architecture a model or checkpoint belongs to (the checkpoint's fingerprint in crl.train, the
+architecture a model or checkpoint belongs to (the checkpoint's fingerprint in crl.engine.fit, the
 model cache's key in crl.audit.factory, a study's setup in crl.tune.study)."""
 from __future__ import annotations
 

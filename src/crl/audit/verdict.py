@@ -3,8 +3,9 @@ listed) on the same splits and seeds, computed from the outcomes, never written 
 
 For each defense: the change in test accuracy and the change of the strongest attack, each with
 a 95% paired-bootstrap interval over samples (seeds averaged, as
-`crl.metrics.paired_difference_over_seeds`). "The strongest attack" (`strongest`) is the attack
-with the highest value of a metric, over every attack that ran; it is taken twice: by AUC, and
+`crl.attacks.metrics.paired_difference_over_seeds`). "The strongest attack" (`strongest`) is
+the attack with the highest value of a metric, over every attack that ran; it is taken twice: by
+AUC, and
 by TPR at the lowest FPR level every target resolves (`lowest_resolved_tpr`). It is chosen on
 each side: the change is (strongest on the defense) minus (strongest on the baseline), the two
 sides paired over the samples they share.
@@ -26,8 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from crl.metrics import LOW_FPRS, paired_difference_over_seeds
-from crl.seeding import numpy_rng
+from crl.attacks.metrics import LOW_FPRS, paired_difference_over_seeds
+from crl.core.seeding import numpy_rng
 
 if TYPE_CHECKING:
     from crl.audit.outcome import TargetOutcome

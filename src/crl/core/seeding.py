@@ -13,7 +13,7 @@ import hashlib
 import numpy as np
 import torch
 
-from crl.errors import CRLError
+from crl.core.errors import CRLError
 
 
 def _key(part: str | int) -> int:

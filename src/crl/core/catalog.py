@@ -3,18 +3,19 @@ import torch): the CLI spells and checks names from NAMES before a command impor
 heavy, so `crl audit --model nope` answers at once, and `crl list` prints catalog.txt, the list
 of every component with its description, parameters and engine notes.
 
-The registries (crl.registry) stay the truth: tests/cli/test_cli_fast.py holds NAMES and catalog.txt
-equal to them. A newly registered component adds its name to NAMES; any change of a name,
-description, parameter or engine note regenerates catalog.txt with `python -m crl.catalog`.
+The registries (crl.core.registry) stay the truth: tests/cli/test_cli_fast.py holds NAMES and
+catalog.txt equal to them. A newly registered component adds its name to NAMES; any change of
+a name, description, parameter or engine note regenerates catalog.txt with
+`python -m crl.core.catalog`.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from crl.registry import canonical_among, unknown_name
+from crl.core.registry import canonical_among, unknown_name
 
-#: `crl list`'s text, generated from the live registries by `python -m crl.catalog`
+#: `crl list`'s text, generated from the live registries by `python -m crl.core.catalog`
 LIST_FILE = Path(__file__).with_name("catalog.txt")
 
 NAMES: dict[str, tuple[str, ...]] = {
@@ -28,7 +29,7 @@ NAMES: dict[str, tuple[str, ...]] = {
 
 
 def canonical(kind: str, name: Any) -> Any:
-    """The registered `kind` name that `name` means (crl.registry.Registry.canonical)."""
+    """The registered `kind` name that `name` means (crl.core.registry.Registry.canonical)."""
     return canonical_among(name, NAMES[kind])
 
 
@@ -48,7 +49,7 @@ def list_text() -> str:
 def write_list_file() -> None:
     """Regenerate catalog.txt from the live registries (crl.cli.list_lines; imports torch)."""
     from crl.cli import list_lines
-    from crl.utils import write_text_atomic
+    from crl.core.utils import write_text_atomic
 
     write_text_atomic(LIST_FILE, "\n".join(list_lines()) + "\n")
 
