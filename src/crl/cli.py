@@ -76,9 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--set", action="append", default=[], metavar="NAME.PARAM=VALUE",
                    help="defense/attack hyper-parameter, e.g. crl.alpha_rce=0.5 (repeatable)")
 
-    sub.add_parser("list", help="list the registered datasets, models, defenses and attacks, "
-                                "each with a one-line description and citation, and every "
-                                "defense's and attack's parameters")
+    listing = sub.add_parser("list", help="list the registered datasets, models, defenses and "
+                                          "attacks, each with a one-line description and "
+                                          "citation, and every defense's and attack's parameters")
+    listing.add_argument("--write-catalog", action="store_true",
+                         help="developers: regenerate src/crl/core/catalog.txt (what `crl list` "
+                              "prints) from the live registries (imports torch)")
     _add_tune_parser(sub)
     _add_train_parser(sub)
     _add_report_parser(sub)
@@ -174,6 +177,15 @@ def list_lines(registries: list[Any] | None = None) -> list[str]:
 IMAGEFOLDER = "imagefolder:PATH"
 IMAGEFOLDER_WORDS = ("your own images: PATH/train/<class>/ and PATH/test/<class>/, or train/ "
                      "alone (crl train: --test-fraction)")
+
+
+def write_catalog() -> None:
+    """Regenerate catalog.txt (crl.core.catalog.LIST_FILE) from the live registries."""
+    from crl.core import catalog
+    from crl.core.utils import write_text_atomic
+
+    write_text_atomic(catalog.LIST_FILE, "\n".join(list_lines()) + "\n")
+    print(f"wrote {catalog.LIST_FILE}")
 
 
 def _described(head: str, description: str) -> list[str]:
@@ -336,7 +348,9 @@ def _report(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "list":
+        if args.command == "list" and args.write_catalog:
+            write_catalog()
+        elif args.command == "list":
             print(list_text())
         elif args.command == "audit":
             _audit(args)

@@ -107,12 +107,12 @@ def test_the_list_catalog_is_what_the_registries_list():
     from crl.cli import list_lines
 
     assert catalog.list_text().split("\n") == list_lines(), (
-        "src/crl/core/catalog.txt differs from the registries: run `python -m crl.core.catalog`")
+        "src/crl/core/catalog.txt differs from the registries: run `crl list --write-catalog`")
 
 
 def test_the_list_catalog_is_regenerated_from_the_registries(tmp_path, monkeypatch):
-    from crl.cli import list_lines
+    from crl.cli import list_lines, main
 
     monkeypatch.setattr(catalog, "LIST_FILE", tmp_path / "catalog.txt")
-    catalog.write_list_file()
+    assert main(["list", "--write-catalog"]) == 0
     assert catalog.list_text().split("\n") == list_lines()

@@ -6,7 +6,7 @@ of every component with its description, parameters and engine notes.
 The registries (crl.core.registry) stay the truth: tests/cli/test_cli_fast.py holds NAMES and
 catalog.txt equal to them. A newly registered component adds its name to NAMES; any change of
 a name, description, parameter or engine note regenerates catalog.txt with
-`python -m crl.core.catalog`.
+`crl list --write-catalog` (crl.cli.write_catalog).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Any
 
 from crl.core.registry import canonical_among, unknown_name
 
-#: `crl list`'s text, generated from the live registries by `python -m crl.core.catalog`
+#: `crl list`'s text, generated from the live registries by `crl list --write-catalog`
 LIST_FILE = Path(__file__).with_name("catalog.txt")
 
 NAMES: dict[str, tuple[str, ...]] = {
@@ -44,15 +44,3 @@ def check_names(kind: str, names: list[Any]) -> None:
 def list_text() -> str:
     """`crl list`'s text (catalog.txt), read without importing torch."""
     return LIST_FILE.read_text(encoding="utf-8").rstrip("\n")
-
-
-def write_list_file() -> None:
-    """Regenerate catalog.txt from the live registries (crl.cli.list_lines; imports torch)."""
-    from crl.cli import list_lines
-    from crl.core.utils import write_text_atomic
-
-    write_text_atomic(LIST_FILE, "\n".join(list_lines()) + "\n")
-
-
-if __name__ == "__main__":
-    write_list_file()
