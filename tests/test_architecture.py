@@ -247,3 +247,16 @@ def test_the_checks_catch_a_violation(bad, check):
 def test_a_cycle_is_found():
     assert _cycles({"a", "b", "c"}, {("a", "b"), ("b", "c"), ("c", "a")}) == [["a", "b", "c"]]
     assert _cycles({"a", "b"}, {("a", "b")}) == []
+
+
+def test_no_function_in_src_is_over_50_lines():
+    """Small functions (the project's standard): every def in src/crl spans at most 50 lines,
+    decorators excluded, docstring included."""
+    long = []
+    for module, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                span = node.end_lineno - node.lineno + 1
+                if span > 50:
+                    long.append(f"{module}.{node.name}: {span} lines")
+    assert long == []

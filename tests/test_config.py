@@ -198,7 +198,8 @@ def test_no_config_field_is_read_with_a_default_and_the_bootstrap_default_is_wri
     assert _src_hits(GETATTR_DEFAULT) == []
     assert _src_hits(BOOT_LITERAL) == []
     assert _src_hits(re.compile(r"DEFAULT_BOOTSTRAP\s*=")) == [
-        f"params.py:{_line_of('params.py', 'DEFAULT_BOOTSTRAP =')}: DEFAULT_BOOTSTRAP = 200"]
+        (f"core/params.py:{_line_of('core/params.py', 'DEFAULT_BOOTSTRAP =')}: "
+         "DEFAULT_BOOTSTRAP = 200")]
     assert FIELD_SPECS["bootstrap"].default == DEFAULT_BOOTSTRAP
     assert f"(default {DEFAULT_BOOTSTRAP})" in FIELD_SPECS["bootstrap"].help
 

@@ -6,24 +6,33 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from crl.config import DATASET_DEFAULTS, MachineConfig, RecipeConfig
 from crl.core.errors import CRLError
+
+#: a Recipe's defaults are the commands' (crl.config declares each once): the recipe of every
+#: dataset but digits, and the config fields' own defaults
+_DATASET = DATASET_DEFAULTS["*"]
+_FIELD = {f.name: f.default for cls in (RecipeConfig, MachineConfig)
+          for f in dataclasses.fields(cls)}
 
 
 @dataclass
 class Recipe:
     """How to train. `seed` is the model's own seed: its named streams (init, shuffle,
-    augmentation, a defense's draws) are derived from it with `crl.core.seeding.seed_for`."""
+    augmentation, a defense's draws) are derived from it with `crl.core.seeding.seed_for`.
+    Unlike the commands' default recipe, a bare Recipe trains at a constant lr (milestones
+    belong to their epoch count)."""
 
-    epochs: int = 30
-    batch_size: int = 128
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    epochs: int = _DATASET["epochs"]
+    batch_size: int = _DATASET["batch_size"]
+    lr: float = _DATASET["lr"]
+    momentum: float = _FIELD["momentum"]
+    weight_decay: float = _FIELD["weight_decay"]
     milestones: tuple[int, ...] = ()
     gamma: float = 0.1
     augment: bool = False
     seed: int = 0
-    device: str = "auto"
+    device: str = _FIELD["device"]
     bf16: bool = False
     channels_last: bool = False
 
