@@ -6,17 +6,16 @@ scripts' crl flags (a stand-in `crl` records them)."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from benchmark_scripts import load_benchmark
 
 from crl.audit.pipeline import recipe_of, validate_names
 from crl.cli import build_parser, config_from_args
@@ -51,16 +50,7 @@ PAPER_ATTACKS = ["nn", "entropy", "mentr", "gradx", "lira", "rmia"]
 SLOW_MODELS = {"densenet121", "googlenet"}
 
 
-def _load_runner():
-    spec = importlib.util.spec_from_file_location("crl_sweep_runner",
-                                                  ROOT / "benchmarks" / "sweep.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module             # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-sweep_runner = _load_runner()
+sweep_runner = load_benchmark("sweep")
 SWEEPS = [sweep_runner.load_sweep(p) for p in SWEEP_FILES]
 
 

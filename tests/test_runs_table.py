@@ -1,19 +1,14 @@
 """benchmarks/runs_table.py: the tables docs quote are read from results.json unchanged."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from benchmark_scripts import load_benchmark
 
 from crl.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("crl_runs_table",
-                                              ROOT / "benchmarks" / "runs_table.py")
-runs_table = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(runs_table)
+runs_table = load_benchmark("runs_table")
 
 
 def test_tables_quote_results_json(tmp_path, capsys):

@@ -3,29 +3,19 @@ second pass, summary.png/summary.md/answer.md), the choice of the settings neare
 accuracy from synthetic results, and the answer's words on synthetic result tables."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from benchmark_scripts import load_benchmark
 
 from crl.core.errors import CRLError
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_runner():
-    spec = importlib.util.spec_from_file_location("crl_sweep_runner",
-                                                  ROOT / "benchmarks" / "sweep.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module             # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-sweep = _load_runner()
+sweep = load_benchmark("sweep")
 FRONTS = ROOT / "experiments" / "sweeps" / "fronts_cifar10_cnn.yaml"
 
 
