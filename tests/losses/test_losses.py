@@ -334,16 +334,6 @@ def bad_inputs():
     }
 
 
-BAD = bad_inputs()
-
-
-@pytest.mark.parametrize("case", sorted(BAD))
-def test_bad_inputs_raise_crlerror(case):
-    with pytest.raises(CRLError) as info:
-        BAD[case]()
-    assert "\n" not in str(info.value) and "expected" in str(info.value)
-
-
 def test_hyper_parameters_are_keyword_only():
     with pytest.raises(TypeError):
         CRLLoss(C, D, 0.5, 1.0, 0.05, 0.1, 0.1)  # type: ignore[misc]
@@ -597,11 +587,12 @@ def bad_batched_inputs():
     }
 
 
-BAD_BATCHED = bad_batched_inputs()
+#: every bad input of the single-model losses and of the K-model formulations ("batched ...")
+BAD = {**bad_inputs(), **{f"batched {k}": v for k, v in bad_batched_inputs().items()}}
 
 
-@pytest.mark.parametrize("case", sorted(BAD_BATCHED))
-def test_bad_batched_inputs_raise_crlerror(case):
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_inputs_raise_crlerror(case):
     with pytest.raises(CRLError) as info:
-        BAD_BATCHED[case]()
+        BAD[case]()
     assert "\n" not in str(info.value) and "expected" in str(info.value)
