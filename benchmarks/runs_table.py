@@ -14,6 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from crl.report.cells import metric_cell
+
 
 def rows(runs: list[Path]) -> list[dict[str, Any]]:
     """Every target row of every run's results.json, in the order given."""
@@ -26,15 +28,6 @@ def rows(runs: list[Path]) -> list[dict[str, Any]]:
     return out
 
 
-def cell(m: dict[str, Any] | None, metric: str, scale: float, digits: int) -> str:
-    """'value [lo, hi]' of one metric (n/a when the pool cannot resolve it)."""
-    if m is None or m.get(metric) is None:
-        return "n/a"
-    lo, hi = m.get(f"{metric}_ci") or (None, None)
-    value = f"{scale * m[metric]:.{digits}f}"
-    return value if lo is None else f"{value} [{scale * lo:.{digits}f}, {scale * hi:.{digits}f}]"
-
-
 def attack_table(targets: list[dict[str, Any]], attacks: list[str]) -> str:
     """One line per target: accuracies, then AUC and TPR at 1% FPR of each attack."""
     head = ["defense", "seed", "train %", "test %"]
@@ -45,8 +38,8 @@ def attack_table(targets: list[dict[str, Any]], attacks: list[str]) -> str:
         cells = [r["defense"], str(r["seed"]), f"{100 * r['train_acc']:.1f}",
                  f"{100 * r['test_acc']:.1f}"]
         for a in attacks:
-            m = r["attacks"].get(a)
-            cells += [cell(m, "auc", 1.0, 3), cell(m, "tpr_at_1pct_fpr", 100.0, 1)]
+            m = r["attacks"].get(a, {})
+            cells += [metric_cell(m, "auc"), metric_cell(m, "tpr_at_1pct_fpr")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
