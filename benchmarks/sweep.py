@@ -55,7 +55,8 @@ FAMILIES = {                    # attack family -> its attacks (crl list)
     "threshold": ("loss", "confidence", "entropy", "mentr", "gradx"),
     "NN": ("nn",),
     "LiRA/RMIA": ("lira", "lira_offline", "rmia"),
-    "label-only": ("gap", "augment", "boundary", "boundary_whitebox"),
+    "label-only": ("gap", "augment", "boundary"),
+    "white-box boundary (an upper bound, not label-only)": ("boundary_whitebox",),
 }
 
 

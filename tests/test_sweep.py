@@ -150,6 +150,16 @@ def test_answer_says_within_noise_when_intervals_overlap():
     assert "no point has this attack family" in text.split("## LiRA/RMIA")[1]
 
 
+def test_the_white_box_boundary_is_not_counted_as_label_only():
+    points = [_point("ce-0", 0.700, {"boundary": (0.70, 0.01), "boundary_whitebox": (0.90, 0.01)}),
+              _point("crl-0", 0.697, {"boundary": (0.65, 0.01),
+                                      "boundary_whitebox": (0.88, 0.01)})]
+    text = sweep.answer_text(points, "synthetic")
+    label_only = text.split("## label-only")[1].split("## white-box boundary")[0]
+    assert "boundary AUC 0.650" in label_only and "0.880" not in label_only
+    assert "boundary_whitebox AUC 0.880" in text.split("## white-box boundary")[1]
+
+
 def test_seed_intervals_span_the_seeds():
     rows = [_row("crl", 0.60, {"loss": (0.60, 0.01)}, seed=0),
             _row("crl", 0.64, {"loss": (0.64, 0.01)}, seed=1)]
