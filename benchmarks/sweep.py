@@ -573,63 +573,87 @@ def compare_words(lean: Leak, other: Leak, metric: str) -> str:
             f"(difference {d}, intervals overlap)")
 
 
-def nearest_leaks(points: list[Point], accuracy: float, metric: str,
-                  attacks: tuple[str, ...] | None) -> list[Leak]:
-    """Per defense, its point nearest `accuracy` among those the attacks ran on."""
-    out = []
-    for defense in dict.fromkeys(p.defense for p in points):
-        leaks = [lk for p in points if p.defense == defense
-                 and (lk := _leak(p, metric, attacks)) is not None]
-        if leaks:
-            out.append(min(leaks, key=lambda lk: abs(lk[0].test_acc.value - accuracy)))
+def within_match(accuracy_gap: float) -> bool:
+    """Whether a test-accuracy gap (a fraction) is at most MATCH_POINTS points (rounded to
+    1e-9 points, so that 0.705 - 0.695 counts as the 1 point it is)."""
+    return round(100 * accuracy_gap, 9) <= MATCH_POINTS
+
+
+def front_leak(leaks: list[Leak], accuracy: float) -> Leak:
+    """A front's point at `accuracy`: its least leaky point whose test accuracy is at least
+    `accuracy` less MATCH_POINTS points (a more accurate point that leaks less dominates);
+    when none comes that close, its most accurate point."""
+    reach = [lk for lk in leaks if within_match(accuracy - lk[0].test_acc.value)]
+    if not reach:
+        return max(leaks, key=lambda lk: lk[0].test_acc.value)
+    return min(reach, key=lambda lk: lk[2].value)
+
+
+def front_leaks(points: list[Point], metric: str,
+                attacks: tuple[str, ...] | None) -> dict[str, list[Leak]]:
+    """Per defense, the leaks of its points the attacks ran on."""
+    out: dict[str, list[Leak]] = {}
+    for p in points:
+        if (lk := _leak(p, metric, attacks)) is not None:
+            out.setdefault(p.defense, []).append(lk)
     return out
+
+
+def fronts_at(points: list[Point], accuracy: float, metric: str,
+                  attacks: tuple[str, ...] | None) -> list[Leak]:
+    """Per defense, its front's point at `accuracy` (`front_leak`)."""
+    return [front_leak(leaks, accuracy)
+            for leaks in front_leaks(points, metric, attacks).values()]
 
 
 def at_ce_accuracy(points: list[Point], ce: Point, metric: str,
                    attacks: tuple[str, ...] | None) -> list[str]:
-    """Which defense leaks least at CE's test accuracy (within MATCH_POINTS points), or at each
-    front's point nearest it when fewer than two defenses come that close."""
-    near = nearest_leaks(points, ce.test_acc.value, metric, attacks)
+    """Which defense leaks least at CE's test accuracy: each front's least leaky point within
+    MATCH_POINTS points of it or above, or, when fewer than two defenses come that close, each
+    front's most accurate point."""
+    near = fronts_at(points, ce.test_acc.value, metric, attacks)
     if not near:
         return ["no point has this attack family"]
     close = [lk for lk in near
-             if abs(lk[0].test_acc.value - ce.test_acc.value) * 100 <= MATCH_POINTS]
+             if within_match(ce.test_acc.value - lk[0].test_acc.value)]
     matched = len(close) >= 2
     pool = sorted(close if matched else near, key=lambda lk: lk[2].value)
-    where = (f"within {MATCH_POINTS:g} point of CE's test accuracy ({_acc(ce)})"
+    where = (f"within {MATCH_POINTS:g} point of CE's test accuracy ({_acc(ce)}) or above, "
+             "each front's least leaky point"
              if matched else
              f"no two defenses within {MATCH_POINTS:g} point of CE's test accuracy "
-             f"({_acc(ce)}); at each front's point nearest it")
+             f"({_acc(ce)}); at each front's most accurate point")
     lines = [f"{where}, the least leaky is {pool[0][0].defense}, {_leak_text(pool[0], metric)}"]
     if len(pool) >= 2:
         gap = 100 * abs(pool[0][0].test_acc.value - pool[1][0].test_acc.value)
         lines.append(f"next: {pool[1][0].defense}, {_leak_text(pool[1], metric)}: "
                      f"{compare_words(pool[0], pool[1], metric)}"
-                     + ("" if gap <= MATCH_POINTS else
+                     + ("" if within_match(gap / 100) else
                         f"; their test accuracies differ by {gap:.1f} points"))
-    lines.append("each front's point nearest CE's accuracy: " +
+    lines.append("each front's point at CE's accuracy: " +
                  "; ".join(f"{lk[0].defense} {_leak_text(lk, metric)}" for lk in near))
     return lines
 
 
 def matched_pairs(points: list[Point], focus: str, metric: str,
                   attacks: tuple[str, ...] | None) -> list[str]:
-    """`focus` (e.g. crl) against each other defense at the pair of points, one per front,
-    with the closest test accuracies: matched when within MATCH_POINTS points."""
+    """`focus` (e.g. crl) against each other defense where both fronts reach: at the highest
+    test accuracy both reach, each front's least leaky point at or above it less MATCH_POINTS
+    points (`front_leak`); matched when the two points lie within MATCH_POINTS points."""
+    fronts = front_leaks(points, metric, attacks)
+    ours = fronts.get(focus)
     lines = []
-    ours = [lk for p in points if p.defense == focus and (lk := _leak(p, metric, attacks))]
-    for defense in dict.fromkeys(p.defense for p in points if p.defense != focus):
-        theirs = [lk for p in points if p.defense == defense
-                  and (lk := _leak(p, metric, attacks))]
-        if not ours or not theirs:
+    for defense, theirs in fronts.items():
+        if defense == focus or not ours:
             continue
-        a, b = min(((a, b) for a in ours for b in theirs),
-                   key=lambda ab: abs(ab[0][0].test_acc.value - ab[1][0].test_acc.value))
+        level = min(max(lk[0].test_acc.value for lk in side) for side in (ours, theirs))
+        a, b = front_leak(ours, level), front_leak(theirs, level)
         gap = 100 * abs(a[0].test_acc.value - b[0].test_acc.value)
         lean, other = (a, b) if a[2].value <= b[2].value else (b, a)
-        head = ("matched" if gap <= MATCH_POINTS else
-                f"not matched (nearest points {gap:.1f} points of test accuracy apart)")
-        lines.append(f"{focus} vs {defense}, {head}: {_leak_text(a, metric)} against "
+        head = ("matched" if within_match(gap / 100) else
+                f"not matched ({gap:.1f} points of test accuracy apart)")
+        lines.append(f"{focus} vs {defense}, {head}, at {100 * level:.1f}% (the highest test "
+                     f"accuracy both fronts reach): {_leak_text(a, metric)} against "
                      f"{_leak_text(b, metric)}: {compare_words(lean, other, metric)}")
     return lines
 
@@ -640,7 +664,7 @@ def crl_at_ce(points: list[Point], ce: Point) -> list[str]:
     crl = [p for p in points if p.defense == "crl"]
     if not crl:
         return ["no CRL setting has results"]
-    reach = [p for p in crl if 100 * (ce.test_acc.value - p.test_acc.value) <= MATCH_POINTS]
+    reach = [p for p in crl if within_match(ce.test_acc.value - p.test_acc.value)]
     lines = []
     if reach:
         lines.append(f"yes: {', '.join(f'{p.name} ({_acc(p)})' for p in reach)} within "
@@ -670,7 +694,9 @@ def answer_text(points: list[Point], title: str) -> str:
     out = [f"# The matched-accuracy answer: {title}", "",
            f"Generated by benchmarks/sweep.py from the results.json files of the sweep. CE's "
            f"test accuracy: {_acc(ce)} ({ce.name}, seeds {', '.join(map(str, ce.seeds))}). "
-           f"Matched: test accuracies within {MATCH_POINTS:g} point. \"Within noise\": the two "
+           f"Matched: test accuracies within {MATCH_POINTS:g} point. A front at an accuracy is "
+           f"its least leaky point at or above that accuracy less {MATCH_POINTS:g} point (a "
+           "more accurate point that leaks less dominates). \"Within noise\": the two "
            "95% intervals overlap. Each line names the setting, its test accuracy, the "
            "strongest attack of the family there and its value. " + SUMMARY_NOTE, "",
            "## Does a CRL setting reach CE's accuracy?", ""]

@@ -129,7 +129,8 @@ def test_answer_names_the_leaner_defense_when_intervals_are_apart():
               _point("relaxloss-0", 0.702, {"loss": (0.70, 0.01), "nn": (0.66, 0.01)})]
     text = sweep.answer_text(points, "synthetic")
     threshold = text.split("## threshold")[1].split("## NN")[0]
-    assert "within 1 point of CE's test accuracy (70.0%), the least leaky is crl" in threshold
+    assert ("within 1 point of CE's test accuracy (70.0%) or above, each front's least leaky "
+            "point, the least leaky is crl") in threshold
     assert "crl leaks less than relaxloss by 0.100 (intervals apart)" in threshold
     nn = text.split("## NN")[1].split("## LiRA")[0]
     assert "crl leaks less than relaxloss by 0.040 (intervals apart)" in nn
@@ -148,6 +149,25 @@ def test_answer_says_within_noise_when_intervals_overlap():
     assert "crl vs relaxloss, matched" in threshold          # 64.0% vs 64.5%
     assert "no: the most accurate CRL setting, crl-0, reaches 64.0%, 6.0 points below" in text
     assert "no point has this attack family" in text.split("## LiRA/RMIA")[1]
+
+
+def test_fronts_compare_their_least_leaky_points_at_matched_accuracy():
+    """A front's barely-defended point nearest CE's accuracy must not stand for the front when a
+    more private point of it is as accurate; fronts compare where both reach."""
+    points = [_point("ce-0", 0.700, {"loss": (0.80, 0.005)}),
+              _point("crl-0", 0.699, {"loss": (0.79, 0.005)}),      # nearest CE, barely relaxed
+              _point("crl-1", 0.705, {"loss": (0.65, 0.005)}),      # as accurate, more private
+              _point("crl-2", 0.600, {"loss": (0.55, 0.005)}),
+              _point("hamp-0", 0.695, {"loss": (0.70, 0.005)}),
+              _point("relaxloss-0", 0.640, {"loss": (0.70, 0.005)}),
+              _point("relaxloss-1", 0.600, {"loss": (0.60, 0.005)})]
+    threshold = sweep.answer_text(points, "synthetic").split("## threshold")[1].split("## NN")[0]
+    assert "the least leaky is crl, crl-1 (70.5% test): loss AUC 0.650" in threshold
+    assert "next: hamp, hamp-0 (69.5% test)" in threshold
+    # relaxloss reaches 64.0% at most: CRL's least leaky point at or above 63% is crl-1
+    assert ("crl vs relaxloss, not matched (6.5 points of test accuracy apart), at 64.0% (the "
+            "highest test accuracy both fronts reach): crl-1 (70.5% test)") in threshold
+    assert "crl vs hamp, matched, at 69.5%" in threshold and "crl-1 (70.5% test)" in threshold
 
 
 def test_the_white_box_boundary_is_not_counted_as_label_only():
