@@ -600,7 +600,7 @@ def front_leaks(points: list[Point], metric: str,
 
 
 def fronts_at(points: list[Point], accuracy: float, metric: str,
-                  attacks: tuple[str, ...] | None) -> list[Leak]:
+              attacks: tuple[str, ...] | None) -> list[Leak]:
     """Per defense, its front's point at `accuracy` (`front_leak`)."""
     return [front_leak(leaks, accuracy)
             for leaks in front_leaks(points, metric, attacks).values()]
