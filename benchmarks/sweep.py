@@ -589,8 +589,8 @@ def front_leak(leaks: list[Leak], accuracy: float) -> Leak:
     return min(reach, key=lambda lk: lk[2].value)
 
 
-def front_leaks(points: list[Point], metric: str,
-                attacks: tuple[str, ...] | None) -> dict[str, list[Leak]]:
+def leaks_by_defense(points: list[Point], metric: str,
+                     attacks: tuple[str, ...] | None) -> dict[str, list[Leak]]:
     """Per defense, the leaks of its points the attacks ran on."""
     out: dict[str, list[Leak]] = {}
     for p in points:
@@ -599,19 +599,13 @@ def front_leaks(points: list[Point], metric: str,
     return out
 
 
-def fronts_at(points: list[Point], accuracy: float, metric: str,
-              attacks: tuple[str, ...] | None) -> list[Leak]:
-    """Per defense, its front's point at `accuracy` (`front_leak`)."""
-    return [front_leak(leaks, accuracy)
-            for leaks in front_leaks(points, metric, attacks).values()]
-
-
 def at_ce_accuracy(points: list[Point], ce: Point, metric: str,
                    attacks: tuple[str, ...] | None) -> list[str]:
     """Which defense leaks least at CE's test accuracy: each front's least leaky point within
     MATCH_POINTS points of it or above, or, when fewer than two defenses come that close, each
     front's most accurate point."""
-    near = fronts_at(points, ce.test_acc.value, metric, attacks)
+    near = [front_leak(leaks, ce.test_acc.value)
+            for leaks in leaks_by_defense(points, metric, attacks).values()]
     if not near:
         return ["no point has this attack family"]
     close = [lk for lk in near
@@ -625,11 +619,11 @@ def at_ce_accuracy(points: list[Point], ce: Point, metric: str,
              f"({_acc(ce)}); at each front's most accurate point")
     lines = [f"{where}, the least leaky is {pool[0][0].defense}, {_leak_text(pool[0], metric)}"]
     if len(pool) >= 2:
-        gap = 100 * abs(pool[0][0].test_acc.value - pool[1][0].test_acc.value)
+        gap = abs(pool[0][0].test_acc.value - pool[1][0].test_acc.value)
         lines.append(f"next: {pool[1][0].defense}, {_leak_text(pool[1], metric)}: "
                      f"{compare_words(pool[0], pool[1], metric)}"
-                     + ("" if within_match(gap / 100) else
-                        f"; their test accuracies differ by {gap:.1f} points"))
+                     + ("" if within_match(gap) else
+                        f"; their test accuracies differ by {100 * gap:.1f} points"))
     lines.append("each front's point at CE's accuracy: " +
                  "; ".join(f"{lk[0].defense} {_leak_text(lk, metric)}" for lk in near))
     return lines
@@ -640,7 +634,7 @@ def matched_pairs(points: list[Point], focus: str, metric: str,
     """`focus` (e.g. crl) against each other defense where both fronts reach: at the highest
     test accuracy both reach, each front's least leaky point at or above it less MATCH_POINTS
     points (`front_leak`); matched when the two points lie within MATCH_POINTS points."""
-    fronts = front_leaks(points, metric, attacks)
+    fronts = leaks_by_defense(points, metric, attacks)
     ours = fronts.get(focus)
     lines = []
     for defense, theirs in fronts.items():
@@ -648,10 +642,10 @@ def matched_pairs(points: list[Point], focus: str, metric: str,
             continue
         level = min(max(lk[0].test_acc.value for lk in side) for side in (ours, theirs))
         a, b = front_leak(ours, level), front_leak(theirs, level)
-        gap = 100 * abs(a[0].test_acc.value - b[0].test_acc.value)
+        gap = abs(a[0].test_acc.value - b[0].test_acc.value)
         lean, other = (a, b) if a[2].value <= b[2].value else (b, a)
-        head = ("matched" if within_match(gap / 100) else
-                f"not matched ({gap:.1f} points of test accuracy apart)")
+        head = ("matched" if within_match(gap) else
+                f"not matched ({100 * gap:.1f} points of test accuracy apart)")
         lines.append(f"{focus} vs {defense}, {head}, at {100 * level:.1f}% (the highest test "
                      f"accuracy both fronts reach): {_leak_text(a, metric)} against "
                      f"{_leak_text(b, metric)}: {compare_words(lean, other, metric)}")
