@@ -3,7 +3,7 @@ inference (training, defenses, attacks and the audit all use it)."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -30,16 +30,24 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
-def eval_batches(model: nn.Module, data: ImageData, idx, batch_size: int = 512
-                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (dataset indices, normalised inputs on the model's device) with the model in eval
-    mode; its train/eval mode is restored afterwards."""
+def index_batches(model: nn.Module, idx, batch_size: int,
+                  inputs: Callable[[torch.Tensor, torch.device], torch.Tensor]
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (sample indices, inputs(indices, the model's device)) in batches of `batch_size`,
+    with the model in eval mode; its train/eval mode is restored afterwards."""
     idx = torch.as_tensor(np.asarray(idx), dtype=torch.long)
     device = device_of(model)
     with eval_mode(model):
         for start in range(0, idx.numel(), batch_size):
             b = idx[start:start + batch_size]
-            yield b, normalize(data.x[b].to(device), data.mean, data.std)
+            yield b, inputs(b, device)
+
+
+def eval_batches(model: nn.Module, data: ImageData, idx, batch_size: int = 512
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """index_batches over crl's images of `data`, normalised."""
+    return index_batches(model, idx, batch_size,
+                         lambda b, device: normalize(data.x[b].to(device), data.mean, data.std))
 
 
 @torch.no_grad()

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from crl.core.errors import CRLError
-from crl.models.evaluation import device_of, eval_mode
+from crl.models.evaluation import device_of, eval_mode, index_batches
 from crl.models.gradients import batch_gradient_norms
 
 DEFAULT_BATCH = 512
@@ -56,12 +56,7 @@ class SampleQueries:
         self.num_classes, self.batch_size = num_classes, batch_size
 
     def _batches(self, idx, batch_size: int):
-        idx = torch.as_tensor(np.asarray(idx), dtype=torch.long)
-        device = device_of(self.model)
-        with eval_mode(self.model):
-            for start in range(0, idx.numel(), batch_size):
-                b = idx[start:start + batch_size]
-                yield b, self.inputs(b, device)
+        return index_batches(self.model, idx, batch_size, self.inputs)
 
     @torch.no_grad()
     def logit_tensor(self, idx, flip: bool = False) -> torch.Tensor:
