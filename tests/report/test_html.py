@@ -150,6 +150,30 @@ def test_the_report_opens_with_the_verdict_then_what_shows_it_then_the_full_tabl
     assert isinstance(json.loads((audited / "results.json").read_text()), list)
 
 
+def test_a_one_seed_report_quotes_the_intervals_results_json_holds(audited):
+    """With one seed per defense, the report's attack tables show the run's own bootstrap
+    interval (results.json), not a second draw whose endpoints differ in the last digit."""
+    from crl.report.cells import metric_cell
+    from crl.report.tables import METRICS
+
+    md = (audited / "report.md").read_text()
+    rows = {}
+    for metric in ("auc", "tpr_at_1pct_fpr"):
+        for line in md.split(f"## {METRICS[metric]}", 1)[1].split("\n## ", 1)[0].splitlines():
+            if line.startswith(("| ce |", "| crl |")):
+                rows.setdefault((metric, line.split("|")[1].strip()), []).append(line)
+    checked = 0
+    for target in json.loads((audited / "results.json").read_text()):
+        for attack, m in target["attacks"].items():
+            for metric in ("auc", "tpr_at_1pct_fpr"):
+                if m.get(f"{metric}_ci"):
+                    cell = f"| {metric_cell(m, metric)} |"
+                    assert any(cell in r for r in rows[(metric, target["defense"])]), (
+                        attack, metric, cell)
+                    checked += 1
+    assert checked >= 10
+
+
 def test_the_audit_writes_report_html_with_its_tables_figures_config_and_version(audited):
     page = (audited / "report.html").read_text()
     md = (audited / "report.md").read_text()

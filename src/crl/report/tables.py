@@ -34,6 +34,10 @@ def _mean_std(values: list[float]) -> str:
 
 
 def _interval_cell(group: list[TargetOutcome], attack: str, metric: str, n_boot: int) -> str:
+    """`metric` of `attack` with its 95% interval: one seed, the interval the run computed
+    (results.json); several, the mean over seeds with a bootstrap over seeds and samples."""
+    if len(group) == 1:
+        return metric_cell(group[0].attacks[attack].metrics, metric)
     if any(o.attacks[attack].metrics.get(metric) is None for o in group):
         return "n/a"
     samples = [(o.evaluated(o.attacks[attack].scores), o.is_member) for o in group]
