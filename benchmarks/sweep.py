@@ -48,6 +48,7 @@ from crl.core.utils import atomic_path, write_text_atomic
 
 KEYS = ("base", "config", "out", "variants", "tiers")
 TIER_KEYS = ("defenses", "from", "nearest", "config")
+MARKERS = "osD^vPX<>p"             # one marker per defense in the figure (CE: a star)
 Z95 = 1.959964                  # two-sided 95% normal quantile (accuracy intervals)
 MATCH_POINTS = 1.0              # "matched accuracy": within this many points of test accuracy
 METRICS = {"auc": "AUC", "tpr_at_1pct_fpr": "TPR at 1% FPR"}
@@ -504,10 +505,11 @@ def plot_fronts(path: Path, points: list[Point]) -> None:
     import matplotlib.pyplot as plt
 
     first = {a for fam in ("threshold", "NN") for a in FAMILIES[fam]}
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), sharey=True)
+    defenses = list(dict.fromkeys(p.defense for p in points))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5.2), sharey=True)
     for ax, metric in zip(axes, METRICS):
         scale = 1.0 if metric == "auc" else 100.0
-        for defense in dict.fromkeys(p.defense for p in points):
+        for k, defense in enumerate(defenses):
             pts = [(p, best[1]) for p in points if p.defense == defense
                    and (best := p.strongest(metric)) is not None]
             if not pts:
@@ -519,8 +521,11 @@ def plot_fronts(path: Path, points: list[Point]) -> None:
             yerr = [[100 * (p.test_acc.value - p.test_acc.lo) for p, _ in pts],
                     [100 * (p.test_acc.hi - p.test_acc.value) for p, _ in pts]]
             ce = defense == "ce"
-            line = ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, marker="*" if ce else "o",
-                               markersize=12 if ce else 5, capsize=2, label=defense)
+            line = ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, capsize=2, label=defense,
+                               marker="*" if ce else MARKERS[k % len(MARKERS)],
+                               markersize=12 if ce else 5, color=f"C{k % 10}",
+                               linewidth=2.2 if defense == "crl" else 1.0,
+                               linestyle="-" if k < 10 else "--")
             ringed = [(x, y) for (p, _), x, y in zip(pts, xs, ys) if set(p.metrics) - first]
             if ringed:
                 ax.scatter(*zip(*ringed), s=110, facecolors="none",
@@ -529,9 +534,11 @@ def plot_fronts(path: Path, points: list[Point]) -> None:
         ax.set_xlabel(f"strongest attack's {METRICS[metric]}{unit} (lower is more private)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("test accuracy (%)")
-    axes[0].legend(fontsize=8, loc="best")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=min(len(labels), 6),
+               frameon=False)
     fig.suptitle("privacy-utility fronts (ring: RMIA / label-only attacks also ran)", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.05 + 0.04 * ((len(labels) - 1) // 6), 1, 1))
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
