@@ -51,6 +51,7 @@ TIER_KEYS = ("defenses", "from", "nearest", "config")
 MARKERS = "osD^vPX<>p"             # one marker per defense in the figure (CE: a star)
 Z95 = 1.959964                  # two-sided 95% normal quantile (accuracy intervals)
 MATCH_POINTS = 1.0              # "matched accuracy": within this many points of test accuracy
+ANY = "any attack that ran at every point compared"
 METRICS = {"auc": "AUC", "tpr_at_1pct_fpr": "TPR at 1% FPR"}
 FAMILIES = {                    # attack family -> its attacks (crl list)
     "threshold": ("loss", "confidence", "entropy", "mentr", "gradx"),
@@ -492,7 +493,9 @@ SUMMARY_NOTE = (
     "binomial for test accuracy); for several seeds the mean, from the lowest lower to the "
     "highest upper bound of the seeds' intervals. \"Strongest\" is "
     "crl.audit.verdict.strongest over "
-    "the attacks that ran at that point (the points of the second-pass tiers had more).\n")
+    "the attacks that ran at that point (the points of the second-pass tiers had more); two "
+    "points are compared on the attacks that ran at both. An attack that ran on fewer of a "
+    "point's seeds (second-pass tiers: seed 0) is the mean over those seeds.\n")
 
 
 def plot_fronts(path: Path, points: list[Point]) -> None:
@@ -596,12 +599,23 @@ def front_leak(leaks: list[Leak], accuracy: float) -> Leak:
     return min(reach, key=lambda lk: lk[2].value)
 
 
+def shared_attacks(points: list[Point], attacks: tuple[str, ...] | None) -> tuple[str, ...]:
+    """The attacks (of `attacks`, or any) that ran at every one of `points` that ran any of
+    them: two points are compared on the same attacks, never one point's strongest of more
+    attacks against another's of fewer."""
+    ran = [set(p.metrics) & set(attacks or p.metrics) for p in points]
+    ran = [r for r in ran if r]
+    return tuple(sorted(set.intersection(*ran))) if ran else ()
+
+
 def leaks_by_defense(points: list[Point], metric: str,
                      attacks: tuple[str, ...] | None) -> dict[str, list[Leak]]:
-    """Per defense, the leaks of its points the attacks ran on."""
+    """Per defense, the leaks of its points the attacks ran on, each over the attacks that ran
+    at all of them (`shared_attacks`)."""
+    common = shared_attacks(points, attacks)
     out: dict[str, list[Leak]] = {}
     for p in points:
-        if (lk := _leak(p, metric, attacks)) is not None:
+        if common and (lk := _leak(p, metric, common)) is not None:
             out.setdefault(p.defense, []).append(lk)
     return out
 
@@ -641,11 +655,12 @@ def matched_pairs(points: list[Point], focus: str, metric: str,
     """`focus` (e.g. crl) against each other defense where both fronts reach: at the highest
     test accuracy both reach, each front's least leaky point at or above it less MATCH_POINTS
     points (`front_leak`); matched when the two points lie within MATCH_POINTS points."""
-    fronts = leaks_by_defense(points, metric, attacks)
-    ours = fronts.get(focus)
     lines = []
-    for defense, theirs in fronts.items():
-        if defense == focus or not ours:
+    for defense in dict.fromkeys(p.defense for p in points if p.defense != focus):
+        pair = leaks_by_defense([p for p in points if p.defense in (focus, defense)],
+                                metric, attacks)
+        ours, theirs = pair.get(focus), pair.get(defense)
+        if not ours or not theirs:
             continue
         level = min(max(lk[0].test_acc.value for lk in side) for side in (ours, theirs))
         a, b = front_leak(ours, level), front_leak(theirs, level)
@@ -661,7 +676,7 @@ def matched_pairs(points: list[Point], focus: str, metric: str,
 
 def crl_at_ce(points: list[Point], ce: Point) -> list[str]:
     """Whether a CRL setting reaches CE's test accuracy (within MATCH_POINTS points, or above),
-    and what it leaks there (the strongest of every attack that ran), against CE."""
+    and what it leaks there against CE (the strongest of the attacks that ran at both)."""
     crl = [p for p in points if p.defense == "crl"]
     if not crl:
         return ["no CRL setting has results"]
@@ -678,7 +693,8 @@ def crl_at_ce(points: list[Point], ce: Point) -> list[str]:
         reach = [best]
     for p in reach:
         for metric, label in METRICS.items():
-            ours, base = _leak(p, metric, None), _leak(ce, metric, None)
+            both = shared_attacks([p, ce], None)
+            ours, base = _leak(p, metric, both), _leak(ce, metric, both)
             if ours and base:
                 lean, other = (ours, base) if ours[2].value <= base[2].value else (base, ours)
                 lines.append(f"there, {label}: {_leak_text(ours, metric)} against CE "
@@ -702,7 +718,7 @@ def answer_text(points: list[Point], title: str) -> str:
            "strongest attack of the family there and its value. " + SUMMARY_NOTE, "",
            "## Does a CRL setting reach CE's accuracy?", ""]
     out += [f"- {line}" for line in crl_at_ce(points, ce)]
-    families: dict[str, tuple[str, ...] | None] = {**FAMILIES, "any attack": None}
+    families: dict[str, tuple[str, ...] | None] = {**FAMILIES, ANY: None}
     for family, attacks in families.items():
         out += ["", f"## {family}" + (f" ({', '.join(attacks)})" if attacks else ""), ""]
         for metric, label in METRICS.items():

@@ -181,6 +181,23 @@ def test_the_white_box_boundary_is_not_counted_as_label_only():
     assert "boundary_whitebox AUC 0.880" in text.split("## white-box boundary")[1]
 
 
+def test_points_are_compared_on_the_attacks_both_ran():
+    """RMIA ran at CE's point only (a second-pass tier): CRL's point must not be set against
+    CE's RMIA with its own weaker attacks, in the CRL-at-CE lines or in "any attack"."""
+    points = [_point("ce-0", 0.700, {"loss": (0.80, 0.01), "rmia": (0.95, 0.01)}),
+              _point("crl-0", 0.698, {"loss": (0.70, 0.01)}),
+              _point("crl-1", 0.690, {"loss": (0.60, 0.01), "rmia": (0.90, 0.01)})]
+    text = sweep.answer_text(points, "synthetic")
+    reach = text.split("## Does a CRL")[1].split("## threshold")[0]
+    assert ("crl-0 (69.8% test): loss AUC 0.700 [0.690, 0.710] against CE ce-0 (70.0% test): "
+            "loss AUC 0.800") in reach
+    assert ("crl-1 (69.0% test): rmia AUC 0.900 [0.890, 0.910] against CE ce-0 (70.0% test): "
+            "rmia AUC 0.950") in reach
+    anything = text.split(f"## {sweep.ANY}")[1]
+    assert "rmia" not in anything and "ce-0 (70.0% test): loss AUC 0.800" in anything
+    assert "crl-1 (69.0% test): rmia AUC 0.900" in text.split("## LiRA/RMIA")[1]
+
+
 def test_seed_intervals_span_the_seeds():
     rows = [_row("crl", 0.60, {"loss": (0.60, 0.01)}, seed=0),
             _row("crl", 0.64, {"loss": (0.64, 0.01)}, seed=1)]
