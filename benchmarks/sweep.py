@@ -501,20 +501,23 @@ SUMMARY_NOTE = (
 def plot_fronts(path: Path, points: list[Point]) -> None:
     """Fig. 4: test accuracy against the strongest attack's AUC (left) and TPR at 1% FPR
     (right), each point with its intervals, one line per defense in the sweep's order of its
-    settings, CE as a star; a ring marks points where second-pass attacks also ran."""
+    settings, CE as a star. The lines use the first-pass attacks (threshold and NN, run at
+    every point, so every point is measured alike); where second-pass attacks (RMIA,
+    label-only) also ran, a ring joined by a dotted line marks the strongest counting them.
+    A point whose target is at chance is left out (summary.md and answer.md name it)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    first = {a for fam in ("threshold", "NN") for a in FAMILIES[fam]}
+    first = tuple(a for fam in ("threshold", "NN") for a in FAMILIES[fam])
     defenses = list(dict.fromkeys(p.defense for p in points))
     fig, axes = plt.subplots(1, 2, figsize=(11, 5.2), sharey=True)
     for ax, metric in zip(axes, METRICS):
         scale = 1.0 if metric == "auc" else 100.0
         for k, defense in enumerate(defenses):
-            pts = [(p, best[1]) for p in points if p.defense == defense
-                   and (best := p.strongest(metric)) is not None]
+            pts = [(p, best[1]) for p in points if p.defense == defense and not p.at_chance
+                   and (best := p.strongest(metric, first)) is not None]
             if not pts:
                 continue
             xs = [scale * b.value for _, b in pts]
@@ -524,24 +527,31 @@ def plot_fronts(path: Path, points: list[Point]) -> None:
             yerr = [[100 * (p.test_acc.value - p.test_acc.lo) for p, _ in pts],
                     [100 * (p.test_acc.hi - p.test_acc.value) for p, _ in pts]]
             ce = defense == "ce"
-            line = ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, capsize=2, label=defense,
-                               marker="*" if ce else MARKERS[k % len(MARKERS)],
-                               markersize=12 if ce else 5, color=f"C{k % 10}",
-                               linewidth=2.2 if defense == "crl" else 1.0,
-                               linestyle="-" if k < 10 else "--")
-            ringed = [(x, y) for (p, _), x, y in zip(pts, xs, ys) if set(p.metrics) - first]
-            if ringed:
-                ax.scatter(*zip(*ringed), s=110, facecolors="none",
-                           edgecolors=line[0].get_color(), linewidths=1.2)
+            colour = f"C{k % 10}"
+            ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, capsize=2, label=defense,
+                        marker="*" if ce else MARKERS[k % len(MARKERS)],
+                        markersize=12 if ce else 5, color=colour,
+                        linewidth=2.2 if defense == "crl" else 1.0,
+                        linestyle="-" if k < 10 else "--")
+            for (p, _), x, y in zip(pts, xs, ys):
+                if set(p.metrics) - set(first) and (every := p.strongest(metric)) is not None:
+                    ring = scale * every[1].value
+                    ax.plot([x, ring], [y, y], linestyle=":", linewidth=1, color=colour)
+                    ax.scatter([ring], [y], s=110, facecolors="none", edgecolors=colour,
+                               linewidths=1.2)
         unit = "" if metric == "auc" else " (%)"
         ax.set_xlabel(f"strongest attack's {METRICS[metric]}{unit} (lower is more private)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("test accuracy (%)")
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=min(len(labels), 6),
-               frameon=False)
-    fig.suptitle("privacy-utility fronts (ring: RMIA / label-only attacks also ran)", fontsize=9)
-    fig.tight_layout(rect=(0, 0.05 + 0.04 * ((len(labels) - 1) // 6), 1, 1))
+    if labels:
+        fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=min(len(labels), 6),
+                   frameon=False)
+    fig.suptitle("privacy-utility fronts: strongest threshold or NN attack (run at every point)\n"
+                 "ring: strongest counting RMIA / label-only attacks where they also ran; "
+                 "targets at chance left out",
+                 fontsize=9)
+    fig.tight_layout(rect=(0, 0.05 + 0.04 * (max(len(labels) - 1, 0) // 6), 1, 1))
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
