@@ -581,8 +581,10 @@ def _diff(d: float, metric: str) -> str:
     return f"{d:.3f}" if metric == "auc" else f"{100 * d:.1f} points"
 
 
-def compare_words(lean: Leak, other: Leak, metric: str) -> str:
-    """How `lean` (the lower value) compares with `other`: by how much, within noise or not."""
+def compare_words(a: Leak, b: Leak, metric: str) -> str:
+    """How the leaner of `a` and `b` (the lower value; `a` on a tie) compares with the other:
+    by how much, within noise or not."""
+    lean, other = (a, b) if a[2].value <= b[2].value else (b, a)
     d = _diff(other[2].value - lean[2].value, metric)
     if lean[2].apart(other[2]):
         return f"{lean[0].defense} leaks less than {other[0].defense} by {d} (intervals apart)"
@@ -675,12 +677,11 @@ def matched_pairs(points: list[Point], focus: str, metric: str,
         level = min(max(lk[0].test_acc.value for lk in side) for side in (ours, theirs))
         a, b = front_leak(ours, level), front_leak(theirs, level)
         gap = abs(a[0].test_acc.value - b[0].test_acc.value)
-        lean, other = (a, b) if a[2].value <= b[2].value else (b, a)
         head = ("matched" if within_match(gap) else
                 f"not matched ({100 * gap:.1f} points of test accuracy apart)")
         lines.append(f"{focus} vs {defense}, {head}, at {100 * level:.1f}% (the highest test "
                      f"accuracy both fronts reach): {_leak_text(a, metric)} against "
-                     f"{_leak_text(b, metric)}: {compare_words(lean, other, metric)}")
+                     f"{_leak_text(b, metric)}: {compare_words(a, b, metric)}")
     return lines
 
 
@@ -702,13 +703,12 @@ def crl_at_ce(points: list[Point], ce: Point) -> list[str]:
                      f"CE's {_acc(ce)}")
         reach = [best]
     for p in reach:
+        both = shared_attacks([p, ce], None)
         for metric, label in METRICS.items():
-            both = shared_attacks([p, ce], None)
             ours, base = _leak(p, metric, both), _leak(ce, metric, both)
             if ours and base:
-                lean, other = (ours, base) if ours[2].value <= base[2].value else (base, ours)
                 lines.append(f"there, {label}: {_leak_text(ours, metric)} against CE "
-                             f"{_leak_text(base, metric)}: {compare_words(lean, other, metric)}")
+                             f"{_leak_text(base, metric)}: {compare_words(ours, base, metric)}")
     return lines
 
 
